@@ -1,0 +1,31 @@
+# fedhft: `make demo` and `make test` are the two commands a newcomer needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing fedhft and its extras into $(VENV) (torch==2.13.0 CPU) ..."
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,edge,server,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(PY) -m fedhft.demo --out demo-out
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/ort_memory.py
+
+lint: install
+	$(VENV)/bin/ruff check fedhft tests bench
+
+clean:
+	rm -rf demo-out .pytest_cache build *.egg-info

@@ -1,0 +1,406 @@
+"""The LEGEND planner: LoRA depth, per-layer ranks, targets and upload mask for one device, from a cost model.
+
+LEGEND puts LoRA on the layers nearest the output, with higher ranks there: backward stops at the lowest
+adapted layer, so depth sets the activation memory and the backward compute. FedHFT adds a mask: a device
+uploads only a share of the rows of each ΔW = B·A, set by its resource level.
+
+All functions here are pure; the numbers come from `ModelShape`, a `DeviceProfile` and `CostModel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from fedhft.device_profiles import profile as _profile
+from fedhft.device_profiles.profile import DeviceProfile
+from fedhft.errors import FedHFTError
+
+# Canonical names of the adaptable linear modules of one transformer encoder layer.
+MODULE_KINDS: tuple[str, ...] = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+# Target sets the planner may choose, smallest first (LoRA's classic q/v first).
+TARGET_LADDER: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),
+    ("query", "key", "value", "attn_out"),
+    MODULE_KINDS,
+)
+RANK_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+MASK_RATIO_BY_LEVEL: dict[str, float] = {"low": 0.25, "mid": 0.5, "high": 1.0}
+MB = 2**20
+
+
+class PlanError(FedHFTError):
+    """No plan fits the device."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about an encoder and the training batch."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    vocab_size: int
+    max_positions: int
+    num_labels: int
+    seq_len: int
+    batch_size: int
+
+    def module_dims(self, kind: str) -> tuple[int, int]:
+        """(in_features, out_features) of one adaptable module kind."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"ffn_in": (h, i), "ffn_out": (i, h)}.get(kind, (h, h))
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in (self.module_dims(k) for k in MODULE_KINDS))
+
+    @property
+    def embedding_params(self) -> int:
+        return (self.vocab_size + self.max_positions + 2) * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        """Approximate parameter count (linear weights + embeddings + biases and norms)."""
+        small = self.num_layers * (4 * self.hidden_size + self.intermediate_size + 5 * self.hidden_size)
+        return self.num_layers * self.layer_linear_params + self.embedding_params + small
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Coefficients of the memory and compute model (calibrated by bench/calibrate_planner.py)."""
+
+    # Resident memory of the runtime itself (interpreter, numpy, the runtime's libraries and sessions) before
+    # any tensor: measured torch-free on x86_64 (bench/ort_memory.py); ExecuTorch's is an estimate.
+    runtime_overhead_mb: dict[str, float] = field(default_factory=lambda: {"ort": 75.0, "executorch": 60.0})
+    # fp32 values kept for backward per token per adapted layer, in units of hidden_size and
+    # intermediate_size, plus (batch, heads, T, T) attention maps: fitted to ORT's measured peaks
+    # (MiniLM-L6, batch 8, seq 128: ~49 MB per adapted layer).
+    act_hidden_per_token: float = 12.0
+    act_intermediate_per_token: float = 2.5
+    act_attention_maps: float = 2.5
+    # Working set of the forward through one frozen layer (freed after it), as a share of one layer's above.
+    transient_factor: float = 0.45
+    # Fraction of the profile's sustained GFLOP/s a training step reaches.
+    efficiency: float = 0.6
+    bytes_per_upload_value: int = 2  # fp16 on the wire
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    rank: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a plan costs on its device; memory in MB, time in seconds, traffic in bytes."""
+
+    memory_mb: float
+    base_weights_mb: float
+    kept_weights_mb: float
+    activations_mb: float
+    adapter_state_mb: float
+    runtime_mb: float
+    step_gflop: float
+    step_seconds: float
+    upload_bytes: int
+    upload_seconds: float
+    download_bytes: int
+    download_seconds: float
+    adapter_params: int
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """One device's LoRA plan: which top layers carry adapters, their ranks, targets and upload mask."""
+
+    profile: str
+    runtime: str
+    num_layers: int
+    layers: tuple[LayerPlan, ...]  # adapted layers, lowest first
+    max_rank: int  # the federation's global maximum rank per module
+    mask_ratio: float  # share of ΔW rows uploaded per round
+    lora_alpha: float
+    batch_size: int
+    seq_len: int
+    int8_base: bool
+    memory_budget_mb: float
+    estimate: CostEstimate
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def lowest_layer(self) -> int:
+        return self.layers[0].layer
+
+    def rank_of(self, layer: int) -> int:
+        for lp in self.layers:
+            if lp.layer == layer:
+                return lp.rank
+        return 0
+
+    def modules(self) -> list[tuple[str, int, str, int]]:
+        """(module name, layer, kind, rank) of every adapted module, lowest layer first."""
+        return [(f"layers.{lp.layer}.{k}", lp.layer, k, lp.rank) for lp in self.layers for k in lp.targets]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [
+            {"layer": lp.layer, "rank": lp.rank, "targets": list(lp.targets)} for lp in self.layers
+        ]
+        d["depth"] = self.depth
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraPlan:
+        layers = tuple(LayerPlan(int(x["layer"]), int(x["rank"]), tuple(x["targets"])) for x in d["layers"])
+        est = CostEstimate(**d["estimate"])
+        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate"}
+        kw = {k: d[k] for k in keys}
+        return cls(layers=layers, estimate=est, **kw)
+
+
+def rank_schedule(depth: int, top_rank: int) -> list[int]:
+    """Ranks of the adapted layers, lowest first: the top rank halves every two layers down (min 1)."""
+    ranks = [max(1, top_rank >> (j // 2)) for j in range(depth)]
+    return list(reversed(ranks))
+
+
+def make_layers(
+    shape: ModelShape, depth: int, top_rank: int, targets: tuple[str, ...]
+) -> tuple[LayerPlan, ...]:
+    first = shape.num_layers - depth
+    ranks = rank_schedule(depth, top_rank)
+    return tuple(LayerPlan(first + j, ranks[j], targets) for j in range(depth))
+
+
+def adapter_params(shape: ModelShape, layers: tuple[LayerPlan, ...]) -> int:
+    """Trainable parameters: LoRA factors plus the classifier head."""
+    n = shape.num_labels * (shape.hidden_size + 1)
+    for lp in layers:
+        for k in lp.targets:
+            fin, fout = shape.module_dims(k)
+            n += lp.rank * (fin + fout)
+    return n
+
+
+def upload_bytes(
+    shape: ModelShape, layers: tuple[LayerPlan, ...], mask_ratio: float, value_bytes: int
+) -> int:
+    """Bytes of one masked update: A in full, the kept rows of B with their indices, and the head."""
+    n = shape.num_labels * (shape.hidden_size + 1) * value_bytes
+    for lp in layers:
+        for k in lp.targets:
+            fin, fout = shape.module_dims(k)
+            rows = max(1, math.ceil(mask_ratio * fout))
+            n += (lp.rank * fin + rows * lp.rank) * value_bytes + rows * 4
+    return n
+
+
+def download_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], value_bytes: int = 4) -> int:
+    """Bytes of the device's model: dense factors at its own ranks plus the head."""
+    n = shape.num_labels * (shape.hidden_size + 1) * value_bytes
+    for lp in layers:
+        for k in lp.targets:
+            fin, fout = shape.module_dims(k)
+            n += lp.rank * (fin + fout) * value_bytes
+    return n
+
+
+def base_weight_bytes(shape: ModelShape, int8: bool) -> float:
+    """Frozen base: linear weights and the word embedding in int8 (+ fp32 row scales), the rest fp32."""
+    linear = shape.num_layers * shape.layer_linear_params
+    small = shape.total_params - linear - shape.vocab_size * shape.hidden_size
+    if not int8:
+        return 4.0 * shape.total_params
+    scales = (
+        shape.num_layers * sum(o for _, o in (shape.module_dims(k) for k in MODULE_KINDS)) + shape.vocab_size
+    )
+    return float(linear + shape.vocab_size * shape.hidden_size + 4 * scales + 4 * small)
+
+
+def layer_forward_flop(shape: ModelShape) -> float:
+    tokens = shape.batch_size * shape.seq_len
+    attn = 2 * 2 * shape.batch_size * shape.seq_len * shape.seq_len * shape.hidden_size
+    return 2.0 * tokens * shape.layer_linear_params + attn
+
+
+def activation_bytes_per_layer(shape: ModelShape, cm: CostModel) -> float:
+    tokens = shape.batch_size * shape.seq_len
+    per_token = (
+        cm.act_hidden_per_token * shape.hidden_size + cm.act_intermediate_per_token * shape.intermediate_size
+    )
+    maps = cm.act_attention_maps * shape.batch_size * shape.num_heads * shape.seq_len**2
+    return 4.0 * (tokens * per_token + maps)
+
+
+def estimate(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    layers: tuple[LayerPlan, ...],
+    mask_ratio: float,
+    int8: bool,
+    runtime: str,
+    cm: CostModel | None = None,
+    full_finetune: bool = False,
+) -> CostEstimate:
+    """Memory, compute and traffic of training `layers` on `profile` (full_finetune: every weight trains)."""
+    cm = cm or CostModel()
+    depth = shape.num_layers if full_finetune else len(layers)
+    base = base_weight_bytes(shape, int8 and not full_finetune)
+    # Weights of adapted layers are needed again in backward: int8 ones are dequantized then (one layer at
+    # a time), fp32 ones are the stored weights already counted in `base`.
+    kept = 4.0 * shape.layer_linear_params if int8 and depth else 0.0
+    act = depth * activation_bytes_per_layer(shape, cm)
+    transient = cm.transient_factor * activation_bytes_per_layer(shape, cm)
+    if full_finetune:
+        params = shape.total_params + shape.num_labels * (shape.hidden_size + 1)
+    else:
+        params = adapter_params(shape, layers)
+    state = 4.0 * params * 4  # weights, gradients, AdamW first and second moments
+    if full_finetune:
+        state -= 4.0 * shape.total_params  # the weights themselves are in `base`
+    runtime_mb = cm.runtime_overhead_mb.get(runtime, max(cm.runtime_overhead_mb.values()))
+    memory_mb = (base + kept + act + transient + state) / MB + runtime_mb
+    fwd = shape.num_layers * layer_forward_flop(shape)
+    # Backward through an adapted layer costs about one forward (input gradients; frozen weights need no
+    # weight gradients), twice that when its weights train; LoRA factors add little.
+    bwd = depth * layer_forward_flop(shape) * (2.0 if full_finetune else 1.0)
+    lora = 6.0 * shape.batch_size * shape.seq_len * params if not full_finetune else 0.0
+    gflop = (fwd + bwd + lora) / 1e9
+    step_s = gflop / (profile.fp32_gflops * cm.efficiency)
+    if full_finetune:
+        up = int(4 * (shape.total_params + shape.num_labels * (shape.hidden_size + 1)))
+        down = up
+    else:
+        up = upload_bytes(shape, layers, mask_ratio, cm.bytes_per_upload_value)
+        down = download_bytes(shape, layers)
+    return CostEstimate(
+        memory_mb=round(memory_mb, 1),
+        base_weights_mb=round(base / MB, 1),
+        kept_weights_mb=round(kept / MB, 1),
+        activations_mb=round((act + transient) / MB, 1),
+        adapter_state_mb=round(state / MB, 2),
+        runtime_mb=runtime_mb,
+        step_gflop=round(gflop, 2),
+        step_seconds=round(step_s, 3),
+        upload_bytes=int(up),
+        upload_seconds=round(up * 8 / (profile.uplink_mbps * 1e6), 3),
+        download_bytes=int(down),
+        download_seconds=round(down * 8 / (profile.downlink_mbps * 1e6), 3),
+        adapter_params=int(params),
+    )
+
+
+def _fits(est: CostEstimate, profile: DeviceProfile) -> bool:
+    return (
+        est.memory_mb <= profile.memory_budget_mb
+        and est.step_seconds <= profile.target_step_seconds
+        and est.upload_seconds <= profile.target_upload_seconds
+    )
+
+
+def plan_lora(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    *,
+    max_rank: int = 16,
+    int8: bool = True,
+    runtime: str | None = None,
+    lora_alpha: float = 16.0,
+    fixed_depth: int | None = None,
+    cm: CostModel | None = None,
+) -> LoraPlan:
+    """Pick the plan with the most adapter capacity that fits the profile's memory, step and upload targets.
+
+    Candidates: depth 1..L (top layers), a target set from TARGET_LADDER, a top rank from RANK_CHOICES up to
+    `max_rank` (ranks halve every two layers down). Capacity = trainable adapter parameters; ties go to the
+    cheaper plan in memory. Raises PlanError when even depth 1, rank 1, q/v does not fit memory.
+    `fixed_depth` forces one depth (the `--no-planner` ablation).
+    """
+    cm = cm or CostModel()
+    runtime = runtime or profile.default_runtime
+    mask_ratio = MASK_RATIO_BY_LEVEL[_profile.resource_level(profile)]
+    depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
+    if fixed_depth is not None and not 1 <= fixed_depth <= shape.num_layers:
+        raise PlanError(f"depth {fixed_depth} is outside 1..{shape.num_layers}")
+    best: tuple[tuple[float, float], tuple[LayerPlan, ...], CostEstimate] | None = None
+    for depth in depths:
+        for targets in TARGET_LADDER:
+            for top in (r for r in RANK_CHOICES if r <= max_rank):
+                layers = make_layers(shape, depth, top, targets)
+                est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
+                if not _fits(est, profile):
+                    continue
+                key = (est.adapter_params, -est.memory_mb)
+                if best is None or key > best[0]:
+                    best = (key, layers, est)
+    if best is None:
+        smallest = estimate(
+            shape, profile, make_layers(shape, 1, 1, TARGET_LADDER[0]), mask_ratio, int8, runtime, cm
+        )
+        raise PlanError(
+            f"no LoRA plan fits profile {profile.name}: even depth 1, rank 1 needs "
+            f"{smallest.memory_mb:.0f} MB (budget {profile.memory_budget_mb:.0f} MB), "
+            f"{smallest.step_seconds:.2f} s/step (target {profile.target_step_seconds} s), "
+            f"{smallest.upload_seconds:.2f} s upload (target {profile.target_upload_seconds} s)"
+        )
+    _, layers, est = best
+    return LoraPlan(
+        profile=profile.name,
+        runtime=runtime,
+        num_layers=shape.num_layers,
+        layers=layers,
+        max_rank=max_rank,
+        mask_ratio=mask_ratio,
+        lora_alpha=lora_alpha,
+        batch_size=shape.batch_size,
+        seq_len=shape.seq_len,
+        int8_base=int8,
+        memory_budget_mb=profile.memory_budget_mb,
+        estimate=est,
+    )
+
+
+def uniform_plan(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    *,
+    rank: int,
+    depth: int,
+    targets: tuple[str, ...] = ("query", "value"),
+    int8: bool = False,
+    runtime: str | None = None,
+    lora_alpha: float = 16.0,
+    max_rank: int = 16,
+    cm: CostModel | None = None,
+) -> LoraPlan:
+    """A fixed plan (same rank on the top `depth` layers), for baselines such as homogeneous LoRA."""
+    runtime = runtime or profile.default_runtime
+    layers = tuple(LayerPlan(shape.num_layers - depth + j, rank, targets) for j in range(depth))
+    mask_ratio = 1.0
+    est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
+    return LoraPlan(
+        profile.name,
+        runtime,
+        shape.num_layers,
+        layers,
+        max(max_rank, rank),
+        mask_ratio,
+        lora_alpha,
+        shape.batch_size,
+        shape.seq_len,
+        int8,
+        profile.memory_budget_mb,
+        est,
+    )
+
+
+def with_estimate(plan: LoraPlan, est: CostEstimate) -> LoraPlan:
+    return replace(plan, estimate=est)

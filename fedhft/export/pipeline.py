@@ -1,0 +1,219 @@
+"""`fedhft export`: plan, build, compile and describe one training package per device profile.
+
+Each profile directory is built in a temporary sibling and renamed into place, so an interrupted or failed
+export never leaves a half-written artifact directory behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedhft.device_profiles.planner import MODULE_KINDS, LoraPlan, plan_lora
+from fedhft.device_profiles.profile import DeviceProfile
+from fedhft.errors import FedHFTError
+from fedhft.export.model import (
+    PACKAGED_MODEL,
+    TrainableTensorInfo,
+    build_training_model,
+    load_encoder,
+    model_shape,
+    packaged_model_dir,
+    resolve_model_dir,
+    weights_sha256,
+)
+from fedhft.protocol.manifest import (
+    SCHEMA_VERSION,
+    AdaptableModule,
+    ArtifactFile,
+    Manifest,
+    TrainableTensor,
+    sha256_file,
+    write_manifest,
+)
+
+FORMATS = ("ort",)
+log = logging.getLogger(__name__)
+
+
+class ExportError(FedHFTError):
+    """The export cannot proceed."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    num_labels: int = 2
+    max_seq_len: int = 128
+    int8: bool = True
+    seed: int = 0
+    max_rank: int = 16
+    lora_alpha: float = 16.0
+    fixed_depth: int | None = None  # the --no-planner ablation: same depth for every device
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    profile: str
+    directory: Path
+    plan: LoraPlan
+    artifact_bytes: dict[str, int]
+    seconds: float
+
+
+def _copy_tokenizer(model_dir: Path, dest: Path) -> str:
+    src = model_dir / "tokenizer.json"
+    if src.is_file():
+        shutil.copyfile(src, dest / "tokenizer.json")
+        return "tokenizer.json"
+    try:  # a slow-tokenizer-only model: let transformers convert it once, here on the workstation
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, use_fast=True)
+        tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
+        return "tokenizer.json"
+    except Exception as e:
+        raise ExportError(f"{model_dir}: no tokenizer.json and no convertible tokenizer ({e})") from e
+
+
+def _global_adapter(
+    num_layers: int, dims: Callable[[str], tuple[int, int]], max_rank: int
+) -> list[AdaptableModule]:
+    return [
+        AdaptableModule(f"layers.{i}.{k}", i, k, dims(k)[0], dims(k)[1], max_rank)
+        for i in range(num_layers)
+        for k in MODULE_KINDS
+    ]
+
+
+def _trainable(infos: list[TrainableTensorInfo]) -> list[TrainableTensor]:
+    return [TrainableTensor(i.name, i.graph_name, tuple(i.shape), i.module, i.factor, i.rank) for i in infos]
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".fedhft-probe-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise ExportError(f"output directory {out} is not writable: {e.strerror or e}") from e
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Swap `tmp` into `final` (replacing an earlier export of the same profile)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{int(time.time() * 1e6)}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_profile(
+    model: str | Path | None,
+    profile: DeviceProfile,
+    out: Path,
+    formats: tuple[str, ...] = FORMATS,
+    opts: ExportOptions | None = None,
+    *,
+    plan: LoraPlan | None = None,
+    full_finetune: bool = False,
+    name: str | None = None,
+) -> ExportResult:
+    """Export one profile's training package into `out/<name or profile>`.
+
+    `plan` replaces the planner's choice (baselines, benchmarks); `full_finetune` trains every weight in fp32.
+    """
+    from fedhft.export.ort_artifacts import export_onnx, generate_ort_artifacts
+
+    opts = opts or ExportOptions()
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ExportError(f"unknown export format(s) {bad}; choose from {list(FORMATS)}")
+    if opts.num_labels < 2:
+        raise ExportError(f"--num-labels must be >= 2, got {opts.num_labels}")
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(model)
+    _check_out_dir(out)
+    encoder = load_encoder(model_dir)
+    max_pos = encoder.config.max_position_embeddings
+    if not 1 <= opts.max_seq_len <= max_pos:
+        raise ExportError(f"--max-seq-len {opts.max_seq_len} is outside 1..{max_pos} (the model's positions)")
+    shape = model_shape(encoder, opts.num_labels, opts.max_seq_len, profile.batch_size)
+    runtime = "ort" if "ort" in profile.runtimes else profile.default_runtime
+    if plan is None:
+        plan = plan_lora(
+            shape,
+            profile,
+            max_rank=opts.max_rank,
+            int8=opts.int8,
+            runtime=runtime,
+            lora_alpha=opts.lora_alpha,
+            fixed_depth=opts.fixed_depth,
+        )
+    model_t, infos = build_training_model(
+        encoder, plan, opts.num_labels, int8=opts.int8, seed=opts.seed, full_finetune=full_finetune
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))
+    try:
+        artifacts: dict[str, dict[str, ArtifactFile]] = {}
+        if "ort" in formats:
+            ort_dir = tmp / "ort"
+            ort_dir.mkdir()
+            onnx_path = tmp / "model.onnx"
+            onnx_model = export_onnx(model_t, onnx_path)
+            paths = generate_ort_artifacts(onnx_model, infos, ort_dir)
+            onnx_path.unlink()
+            artifacts["ort"] = {
+                role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
+                for role, p in paths.items()
+            }
+        tokenizer = _copy_tokenizer(model_dir, tmp)
+        base_name = PACKAGED_MODEL if model_dir == packaged_model_dir() else model_dir.name
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            base_model=base_name,
+            base_model_sha256=weights_sha256(model_dir),
+            profile=profile.to_dict(),
+            plan=plan.to_dict(),
+            num_labels=opts.num_labels,
+            max_seq_len=opts.max_seq_len,
+            tokenizer=tokenizer,
+            inputs=["input_ids", "attention_mask", "labels"],
+            outputs=["loss", "logits"],
+            quantization={
+                "base": "int8" if opts.int8 and not full_finetune else "fp32",
+                "linear": "symmetric int8, one fp32 scale per output channel",
+                "word_embeddings": "symmetric int8, one fp32 scale per token row (dequantized on gather)",
+                "other": "fp32 (position/type embeddings, biases, layer norms)",
+            },
+            lora={
+                "alpha": opts.lora_alpha,
+                "scaling": "alpha / rank",
+                "mask_ratio": plan.mask_ratio,
+                "mask": "upload the rows of dW = B·A with the largest L2 norms",
+            },
+            trainable=_trainable(infos),
+            global_adapter=_global_adapter(shape.num_layers, shape.module_dims, opts.max_rank),
+            head_shapes={
+                "head.weight": (opts.num_labels, shape.hidden_size),
+                "head.bias": (opts.num_labels,),
+            },
+            artifacts=artifacts,
+            extra={"seed": opts.seed, "exported_at": time.time()},
+        )
+        manifest.validate("export")
+        write_manifest(manifest, tmp)
+        final = out / (name or profile.name)
+        tmp.chmod(0o755)
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {fmt: sum(a.bytes for a in files.values()) for fmt, files in artifacts.items()}
+    return ExportResult(name or profile.name, final, plan, sizes, time.perf_counter() - t0)

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random BERT built from a config, and its exported training package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PROFILE = """
+name = "tiny-test"
+description = "test device"
+arch = "x86_64"
+ram_mb = 2048
+train_memory_fraction = 0.5
+fp32_gflops = 50.0
+uplink_mbps = 20.0
+downlink_mbps = 50.0
+runtimes = ["ort"]
+default_runtime = "ort"
+target_step_seconds = 5.0
+target_upload_seconds = 10.0
+batch_size = 8
+sources = ["test fixture"]
+"""
+
+
+def run_torchfree(code: str, timeout: float = 600) -> dict:
+    """Run `code` in a fresh interpreter where torch/transformers/optimum/executorch cannot be imported.
+
+    The code must print one JSON object as its last stdout line.
+    """
+    prelude = "from fedhft.edge_runtime.torchfree import block_heavy_imports\nblock_heavy_imports()\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from fedhft.export.model import packaged_model_dir
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "vocab.txt"):
+        shutil.copyfile(packaged_model_dir() / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("profiles") / "tiny-test.toml"
+    p.write_text(TINY_PROFILE)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_export(
+    tiny_model_dir: Path, tiny_profile_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model exported (ORT, int8 base) for the tiny test profile; returns the profile dir."""
+    from fedhft.device_profiles.profile import load_profile
+    from fedhft.export.pipeline import ExportOptions, export_profile
+
+    out = tmp_path_factory.mktemp("export")
+    res = export_profile(
+        tiny_model_dir, load_profile(tiny_profile_path), out, opts=ExportOptions(num_labels=3, max_seq_len=32)
+    )
+    return res.directory
