@@ -92,3 +92,15 @@ def tiny_export(
         tiny_model_dir, load_profile(tiny_profile_path), out, opts=ExportOptions(num_labels=3, max_seq_len=32)
     )
     return res.directory
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):  # noqa: ANN201
+    """A fresh Mosquitto on 127.0.0.1:<free port>, stopped by PID after the test."""
+    from mqtt_broker import Mosquitto
+
+    broker = Mosquitto(tmp_path / "broker").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
