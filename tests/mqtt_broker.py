@@ -44,14 +44,15 @@ class Mosquitto:
             "persistence false\n"
             "message_size_limit 0\n"
             "max_inflight_messages 100\n"
-            "max_queued_messages 10000\n"
-            + self.extra_config
+            "max_queued_messages 10000\n" + self.extra_config
         )
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         exe = mosquitto_path()
         if exe is None:
-            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
+            raise RuntimeError(
+                "mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
@@ -62,7 +63,9 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_torchfree
+
 from fedhft.datasets import load_bbc_news
 from fedhft.device_profiles.profile import load_profile
 from fedhft.edge_runtime.stepbench import measure_in_subprocess
