@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing fedhft and its extras into $(VENV) (torch==2.13.0 CPU) ..."
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,edge,server,dev]'
+	$(PY) -m pip install -qq --disable-pip-version-check -e '.[export,edge,server,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

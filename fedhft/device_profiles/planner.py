@@ -77,10 +77,10 @@ class CostModel:
     runtime_overhead_mb: dict[str, float] = field(default_factory=lambda: {"ort": 75.0, "executorch": 60.0})
     # fp32 values kept for backward per token per adapted layer, in units of hidden_size and
     # intermediate_size, plus (batch, heads, T, T) attention maps: fitted to ORT's measured peaks
-    # (MiniLM-L6, batch 8, seq 128: ~49 MB per adapted layer).
-    act_hidden_per_token: float = 12.0
-    act_intermediate_per_token: float = 2.5
-    act_attention_maps: float = 2.5
+    # (MiniLM-L6, batch 8, seq 128: ~37-45 MB per adapted layer).
+    act_hidden_per_token: float = 10.0
+    act_intermediate_per_token: float = 2.2
+    act_attention_maps: float = 2.0
     # Working set of the forward through one frozen layer (freed after it), as a share of one layer's above.
     transient_factor: float = 0.45
     # Fraction of the profile's sustained GFLOP/s a training step reaches.
@@ -151,9 +151,7 @@ class LoraPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["layers"] = [
-            {"layer": lp.layer, "rank": lp.rank, "targets": list(lp.targets)} for lp in self.layers
-        ]
+        d["layers"] = [{"layer": lp.layer, "rank": lp.rank, "targets": list(lp.targets)} for lp in self.layers]
         d["depth"] = self.depth
         return d
 
@@ -172,9 +170,7 @@ def rank_schedule(depth: int, top_rank: int) -> list[int]:
     return list(reversed(ranks))
 
 
-def make_layers(
-    shape: ModelShape, depth: int, top_rank: int, targets: tuple[str, ...]
-) -> tuple[LayerPlan, ...]:
+def make_layers(shape: ModelShape, depth: int, top_rank: int, targets: tuple[str, ...]) -> tuple[LayerPlan, ...]:
     first = shape.num_layers - depth
     ranks = rank_schedule(depth, top_rank)
     return tuple(LayerPlan(first + j, ranks[j], targets) for j in range(depth))
@@ -190,9 +186,7 @@ def adapter_params(shape: ModelShape, layers: tuple[LayerPlan, ...]) -> int:
     return n
 
 
-def upload_bytes(
-    shape: ModelShape, layers: tuple[LayerPlan, ...], mask_ratio: float, value_bytes: int
-) -> int:
+def upload_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], mask_ratio: float, value_bytes: int) -> int:
     """Bytes of one masked update: A in full, the kept rows of B with their indices, and the head."""
     n = shape.num_labels * (shape.hidden_size + 1) * value_bytes
     for lp in layers:
@@ -219,9 +213,7 @@ def base_weight_bytes(shape: ModelShape, int8: bool) -> float:
     small = shape.total_params - linear - shape.vocab_size * shape.hidden_size
     if not int8:
         return 4.0 * shape.total_params
-    scales = (
-        shape.num_layers * sum(o for _, o in (shape.module_dims(k) for k in MODULE_KINDS)) + shape.vocab_size
-    )
+    scales = shape.num_layers * sum(o for _, o in (shape.module_dims(k) for k in MODULE_KINDS)) + shape.vocab_size
     return float(linear + shape.vocab_size * shape.hidden_size + 4 * scales + 4 * small)
 
 
@@ -233,9 +225,7 @@ def layer_forward_flop(shape: ModelShape) -> float:
 
 def activation_bytes_per_layer(shape: ModelShape, cm: CostModel) -> float:
     tokens = shape.batch_size * shape.seq_len
-    per_token = (
-        cm.act_hidden_per_token * shape.hidden_size + cm.act_intermediate_per_token * shape.intermediate_size
-    )
+    per_token = cm.act_hidden_per_token * shape.hidden_size + cm.act_intermediate_per_token * shape.intermediate_size
     maps = cm.act_attention_maps * shape.batch_size * shape.num_heads * shape.seq_len**2
     return 4.0 * (tokens * per_token + maps)
 
@@ -342,9 +332,7 @@ def plan_lora(
                 if best is None or key > best[0]:
                     best = (key, layers, est)
     if best is None:
-        smallest = estimate(
-            shape, profile, make_layers(shape, 1, 1, TARGET_LADDER[0]), mask_ratio, int8, runtime, cm
-        )
+        smallest = estimate(shape, profile, make_layers(shape, 1, 1, TARGET_LADDER[0]), mask_ratio, int8, runtime, cm)
         raise PlanError(
             f"no LoRA plan fits profile {profile.name}: even depth 1, rank 1 needs "
             f"{smallest.memory_mb:.0f} MB (budget {profile.memory_budget_mb:.0f} MB), "

@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from fedhft.export.model import SequenceClassifier, TrainableTensorInfo
+from fedhft.export.ort_graph_passes import recompute_dequantized_weights
 
 OPSET = 14
 MAX_IR_VERSION = 10
@@ -88,7 +89,7 @@ def generate_ort_artifacts(
     onnx_model: onnx.ModelProto,
     trainable: list[TrainableTensorInfo],
     out_dir: Path,
-    learning_rate_note: str = "",
+    recompute_dequant: bool = True,
 ) -> dict[str, Path]:
     """Write training/eval/optimizer models and the checkpoint into `out_dir`; return role -> path."""
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
@@ -118,6 +119,13 @@ def generate_ort_artifacts(
     for role, p in paths.items():
         if not p.is_file():
             raise RuntimeError(f"ORT did not write the {role} artifact")
+    if recompute_dequant:
+        training = onnx.load(str(paths["training_model"]))
+        n = recompute_dequantized_weights(training)
+        if n:
+            onnx.save(training, str(paths["training_model"]))
+        log.info("recomputed dequantized weights in backward", extra={"fields": {"consumers": n}})
+    for p in paths.values():
         if p.suffix == ".onnx":
             clamp_ir_version(p)
     return paths

@@ -80,9 +80,7 @@ def _copy_tokenizer(model_dir: Path, dest: Path) -> str:
         raise ExportError(f"{model_dir}: no tokenizer.json and no convertible tokenizer ({e})") from e
 
 
-def _global_adapter(
-    num_layers: int, dims: Callable[[str], tuple[int, int]], max_rank: int
-) -> list[AdaptableModule]:
+def _global_adapter(num_layers: int, dims: Callable[[str], tuple[int, int]], max_rank: int) -> list[AdaptableModule]:
     return [
         AdaptableModule(f"layers.{i}.{k}", i, k, dims(k)[0], dims(k)[1], max_rank)
         for i in range(num_layers)
@@ -205,7 +203,7 @@ def export_profile(
                 "head.bias": (opts.num_labels,),
             },
             artifacts=artifacts,
-            extra={"seed": opts.seed, "exported_at": time.time()},
+            extra={"seed": opts.seed, "exported_at": time.time(), "model_dir": str(model_dir)},
         )
         manifest.validate("export")
         write_manifest(manifest, tmp)
