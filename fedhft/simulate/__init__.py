@@ -1,0 +1,1 @@
+"""`fedhft simulate`: the whole system on one machine (export, broker, server, many edge runtimes)."""
