@@ -36,9 +36,10 @@ def run(profile_dir: Path, batch: int, seq: int, steps: int, threads: int | None
 
     block_heavy_imports()  # measure what a device without torch would see
     start_rss = _rss_mb()
-    from fedhft.edge_runtime.ort_backend import OrtTrainer
+    from fedhft.edge_runtime.ort_backend import OrtTrainer, import_training_api
 
-    imported_rss = _rss_mb()
+    import_training_api()
+    imported_rss = _rss_mb()  # the interpreter, numpy and ONNX Runtime's libraries: the runtime's own footprint
     trainer = OrtTrainer(profile_dir, threads=threads)
     loaded_rss = _rss_mb()
     rng = np.random.default_rng(seed)
