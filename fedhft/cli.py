@@ -1,4 +1,4 @@
-"""The `fedhft` command line: export, plan, profiles (edge, server, broker and simulate join as they land)."""
+"""The `fedhft` command line: profiles, plan, export, edge (server, broker and simulate join as they land)."""
 
 from __future__ import annotations
 
@@ -185,6 +185,22 @@ def export(
             f"{e.step_seconds:.2f} s/step, upload {e.upload_bytes / 1e3:.0f} kB | {sizes} | "
             f"{r.directory} ({r.seconds:.0f} s)"
         )
+
+
+# ---- edge --------------------------------------------------------------------------------------------------
+@main.group()
+def edge() -> None:
+    """The device side: local training and the federated client (torch-free with the ORT backend)."""
+
+
+def _register_edge() -> None:
+    from fedhft.edge_runtime.cli_edge import run_command, train_command
+
+    edge.add_command(train_command)
+    edge.add_command(run_command)
+
+
+_register_edge()
 
 
 if __name__ == "__main__":

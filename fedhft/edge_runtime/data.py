@@ -90,8 +90,7 @@ def _read_jsonl(p: Path, text_column: str, label_column: str) -> tuple[list[str]
                     raise DataError(f"{p}:{number}: {text_column!r} must be a string, got {type(text).__name__}")
                 if isinstance(label, bool) or not isinstance(label, (int, str)):
                     raise DataError(
-                        f"{p}:{number}: {label_column!r} must be a string or an integer, "
-                        f"got {type(label).__name__}"
+                        f"{p}:{number}: {label_column!r} must be a string or an integer, got {type(label).__name__}"
                     )
                 texts.append(text)
                 raw.append(label)

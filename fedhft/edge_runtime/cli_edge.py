@@ -1,0 +1,278 @@
+"""Device commands: `fedhft edge train` (offline, one device) and `fedhft edge run` (federated, over MQTT).
+
+Both are plain click commands; fedhft.cli mounts them. ``python -m fedhft.edge_runtime.cli_edge [-v]
+train|run ...`` runs them without the main CLI (handy on a device, and for the tests).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from fedhft.errors import FedHFTError
+from fedhft.protocol.codec import ENCODINGS
+
+ARTIFACTS_HELP = "Profile directory written by `fedhft export` (holds manifest.json)."
+DATA_HELP = "Labelled local data: .csv/.tsv with a header, or .jsonl objects."
+LABELS_HELP = "Comma-separated label names in id order (so every client maps names to the same ids)."
+
+
+def _label_names(labels: str | None) -> tuple[str, ...] | None:
+    return None if labels is None else tuple(x.strip() for x in labels.split(",") if x.strip())
+
+
+@click.command("train")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), required=True, help=ARTIFACTS_HELP)
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help=DATA_HELP)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Train this many batches instead of --epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the plan's batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--labels", default=None, help=LABELS_HELP)
+@click.option("--eval-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-train-seconds", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option(
+    "--save-adapter",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the trained adapter here in the peft LoRA format (+ head.safetensors).",
+)
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+def train_command(
+    artifacts: Path,
+    data: Path,
+    epochs: int,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float,
+    text_column: str,
+    label_column: str,
+    labels: str | None,
+    eval_fraction: float,
+    seed: int,
+    max_train_seconds: float | None,
+    save_adapter: Path | None,
+    backend: str,
+) -> None:
+    """Fine-tune the adapter on local data, without a server: loss and accuracy before and after."""
+    from fedhft.edge_runtime.adapter_io import save_peft_adapter
+    from fedhft.edge_runtime.data import check_num_labels, load_labelled_file, split_holdout, steps_per_epoch
+    from fedhft.edge_runtime.local_train import evaluate, open_trainer, train_local
+    from fedhft.edge_runtime.tokenize import TextEncoder
+    from fedhft.protocol.manifest import load_manifest
+
+    manifest = load_manifest(artifacts)
+    texts, ids, names = load_labelled_file(data, text_column, label_column, _label_names(labels))
+    check_num_labels(ids, names, manifest.num_labels, str(data))
+    train_idx, eval_idx = split_holdout(len(texts), eval_fraction, seed)
+    train_texts, train_labels = [texts[i] for i in train_idx], ids[train_idx]
+    eval_texts, eval_labels = [texts[i] for i in eval_idx], ids[eval_idx]
+    batch = batch_size or int(manifest.plan.get("batch_size", 8))
+    total = steps or epochs * steps_per_epoch(len(train_texts), batch)
+    trainer = open_trainer(backend, artifacts, manifest, learning_rate=lr)
+    encoder = TextEncoder.for_manifest(manifest, artifacts)
+    click.echo(
+        f"{manifest.profile_name}: {len(train_texts)} train / {len(eval_texts)} eval examples, "
+        f"{len(names)} labels, batch {batch}, {total} steps",
+        err=True,
+    )
+    before = evaluate(trainer, encoder, eval_texts, eval_labels) if eval_texts else None
+    if before is not None:
+        click.echo(f"eval before: loss {before.loss:.4f} accuracy {before.accuracy:.4f}", err=True)
+    with click.progressbar(length=total, label="training", file=sys.stderr) as bar:
+        report = train_local(
+            trainer,
+            encoder,
+            train_texts,
+            train_labels,
+            steps=steps,
+            epochs=None if steps else epochs,
+            batch_size=batch,
+            seed=seed,
+            max_seconds=max_train_seconds,
+            progress=lambda _done, _total, _loss: bar.update(1),
+        )
+    after = evaluate(trainer, encoder, eval_texts, eval_labels) if eval_texts else None
+    line = (
+        f"trained {report.steps} steps ({report.samples} samples) in {report.seconds:.1f} s: "
+        f"train loss {report.loss:.4f} accuracy {report.accuracy:.4f}"
+    )
+    if after is not None and before is not None:
+        line += (
+            f"; eval loss {before.loss:.4f} -> {after.loss:.4f}, "
+            f"accuracy {before.accuracy:.4f} -> {after.accuracy:.4f} (n={after.samples})"
+        )
+    if save_adapter is not None:
+        save_peft_adapter(save_adapter, manifest, trainer.get_parameters())
+        line += f"; adapter saved to {save_adapter}"
+    click.echo(line)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` (the client then finishes its step and exits cleanly)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@click.command("run")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), required=True, help=ARTIFACTS_HELP)
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True, help=DATA_HELP)
+@click.option("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+@click.option("--task", required=True, help="Federated task id (topic level).")
+@click.option("--client-id", required=True, help="This device's id (topic level; unique per task).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Durable state: checkpoint, seq counter, last good model, outbox.",
+)
+@click.option(
+    "--server-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The server's Ed25519 public key (64 hex characters); models not signed by it are refused.",
+)
+@click.option("--username", default=None)
+@click.option("--password", default=None, envvar="FEDHFT_MQTT_PASSWORD", help="Or FEDHFT_MQTT_PASSWORD.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA file: connect with TLS.")
+@click.option("--local-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=0), default=0, show_default=True, help="0 = forever.")
+@click.option("--max-train-seconds", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--encoding", type=click.Choice(list(ENCODINGS)), default="fp16", show_default=True)
+@click.option("--outbox-limit", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--battery-min-percent",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="Postpone training while the battery (/sys/class/power_supply) is below this level.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the plan's batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--labels", default=None, help=LABELS_HELP)
+@click.option("--cluster", type=click.IntRange(min=0), default=None, help="Initial cluster to take models from.")
+@click.option(
+    "--ack-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Publish an update again when the server has not acked it this many seconds after the broker took it.",
+)
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+def run_command(
+    artifacts: Path,
+    data: Path,
+    broker: str,
+    task: str,
+    client_id: str,
+    state_dir: Path,
+    server_key: Path,
+    username: str | None,
+    password: str | None,
+    tls_ca: str | None,
+    local_steps: int,
+    rounds: int,
+    max_train_seconds: float | None,
+    encoding: str,
+    outbox_limit: int,
+    battery_min_percent: float | None,
+    batch_size: int | None,
+    lr: float,
+    seed: int,
+    text_column: str,
+    label_column: str,
+    labels: str | None,
+    cluster: int | None,
+    ack_timeout: float,
+    backend: str,
+) -> None:
+    """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
+    from fedhft.edge_runtime.client import ClientConfig, EdgeClient
+
+    cfg = ClientConfig(
+        artifacts=artifacts,
+        data=data,
+        broker=broker,
+        task=task,
+        client_id=client_id,
+        state_dir=state_dir,
+        server_key=server_key,
+        username=username,
+        password=password,
+        tls_ca=tls_ca,
+        local_steps=local_steps,
+        rounds=rounds,
+        max_train_seconds=max_train_seconds,
+        encoding=encoding,
+        outbox_limit=outbox_limit,
+        battery_min_percent=battery_min_percent,
+        batch_size=batch_size,
+        learning_rate=lr,
+        seed=seed,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=_label_names(labels),
+        cluster=cluster,
+        backend=backend,
+        ack_timeout=ack_timeout,
+    )
+    stop = threading.Event()
+    client = EdgeClient(cfg)
+    with _stop_on_signals(stop):
+        summary = client.run(stop)
+    click.echo(
+        f"{client_id}: {summary.rounds_trained} round(s) trained, {len(summary.acked)} update(s) acked, "
+        f"model version {summary.model_version}, {len(client.outbox)} queued"
+    )
+
+
+class _EdgeGroup(click.Group):
+    """Turns a FedHFTError into one `error: ...` line and exit status 1 (like the main CLI)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FedHFTError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+def standalone_group() -> click.Group:
+    """A small group of both commands for ``python -m fedhft.edge_runtime.cli_edge`` (not the main CLI)."""
+
+    @click.group(cls=_EdgeGroup)
+    @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+    def edge(verbose: int) -> None:
+        """fedhft edge commands."""
+        from fedhft.logs import setup_logging
+
+        setup_logging(verbose)
+
+    edge.add_command(train_command)
+    edge.add_command(run_command)
+    return edge
+
+
+if __name__ == "__main__":
+    standalone_group()()
