@@ -35,8 +35,31 @@ def ort_memory(d: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"ORT_MEMORY": ort_memory}
-FILES = {"ORT_MEMORY": "ort_memory.json"}
+def wire_bytes(d: dict) -> str:
+    full = d["full_finetune_fedavg"]["bytes_fp32"]
+    r8 = d["lora_r8_qv_all_layers_dense_fp32"]["encoded_bytes"]
+    lines = [
+        f"Bytes on the wire per update ({d['model']}; encoded by `fedhft.protocol`, zlib-compressed), against FedAvg "
+        f"of full fine-tuning ({full / 1e6:.1f} MB fp32) and homogeneous LoRA r=8 on q,v of all layers "
+        f"({r8 / 1e3:.1f} kB encoded fp32). ΔW err = relative error of the rebuilt B·A.",
+        "",
+        "| profile | mask | depth | ranks | fp32 kB | fp16 kB | int8 kB | full ÷ fp16 | LoRA-r8 ÷ fp16 | ΔW err fp16 | "
+        "ΔW err int8 |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["profiles"]:
+        lines.append(
+            f"| {r['profile']} | {r['mask_ratio']} | {r['depth']} | {','.join(map(str, r['ranks']))} | "
+            f"{r['bytes_fp32'] / 1e3:.1f} | {r['bytes_fp16'] / 1e3:.1f} | {r['bytes_int8'] / 1e3:.1f} | "
+            f"{r['full_over_fp16']}x | {r['lora_r8_over_fp16']}x | {r['delta_rel_err_fp16']:.1e} | "
+            f"{r['delta_rel_err_int8']:.1e} |"
+        )
+    lines += ["", "Command: `python bench/wire_bytes.py`. fp16 is the default encoding (`fedhft edge run --encoding`)."]
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"ORT_MEMORY": ort_memory, "WIRE_BYTES": wire_bytes}
+FILES = {"ORT_MEMORY": "ort_memory.json", "WIRE_BYTES": "wire_bytes.json"}
 
 
 def render(readme: str) -> str:

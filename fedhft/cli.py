@@ -43,8 +43,7 @@ def profiles_list() -> None:
     from fedhft.device_profiles.profile import list_profiles, resource_level
 
     click.echo(
-        f"{'name':22} {'arch':8} {'RAM MB':>7} {'budget':>7} {'GFLOP/s':>8} {'up/down Mbit/s':>15} "
-        f"{'level':6} runtimes"
+        f"{'name':22} {'arch':8} {'RAM MB':>7} {'budget':>7} {'GFLOP/s':>8} {'up/down Mbit/s':>15} {'level':6} runtimes"
     )
     for p in list_profiles():
         click.echo(
@@ -95,6 +94,7 @@ def _shape_from_config(model: str | None, num_labels: int, seq_len: int, batch: 
 @click.option("--runtime", type=click.Choice(["ort", "executorch"]), default=None)
 @click.option("--fp32-base", is_flag=True, help="Plan for an fp32 base instead of int8.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--min-compression", default=500.0, show_default=True, help="Upload budget (0: none); see export.")
 def plan(
     model: str | None,
     profile_name: str,
@@ -103,6 +103,7 @@ def plan(
     runtime: str | None,
     fp32_base: bool,
     as_json: bool,
+    min_compression: float,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.planner import plan_lora
@@ -110,14 +111,13 @@ def plan(
 
     prof = load_profile(profile_name)
     shape = _shape_from_config(model, num_labels, max_seq_len, prof.batch_size)
-    p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime)
+    p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime, min_compression=min_compression or None)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
     e = p.estimate
     click.echo(
-        f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, "
-        f"{shape.num_layers} layers)"
+        f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, {shape.num_layers} layers)"
     )
     click.echo(
         f"depth {p.depth}: layers {p.layers[0].layer}..{p.layers[-1].layer}, ranks "
@@ -134,9 +134,7 @@ def plan(
 # ---- export ----------------------------------------------------------------------
 @main.command()
 @click.option("--model", default=None, help="Local Hugging Face model directory (default: packaged MiniLM).")
-@click.option(
-    "--profile", "profiles_arg", required=True, help="Profile names or TOML paths, comma-separated."
-)
+@click.option("--profile", "profiles_arg", required=True, help="Profile names or TOML paths, comma-separated.")
 @click.option("--format", "fmt", type=click.Choice(["ort", "all"]), default="ort", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--num-labels", default=2, show_default=True)
@@ -145,6 +143,12 @@ def plan(
 @click.option("--max-rank", default=16, show_default=True, help="The federation's global maximum LoRA rank.")
 @click.option("--depth", type=int, default=None, help="Force one LoRA depth for every profile (ablation).")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--min-compression",
+    default=500.0,
+    show_default=True,
+    help="Upload budget: a device's adapter is at least this many times smaller than the full model (0: none).",
+)
 def export(
     model: str | None,
     profiles_arg: str,
@@ -156,6 +160,7 @@ def export(
     max_rank: int,
     depth: int | None,
     seed: int,
+    min_compression: float,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
     from fedhft.device_profiles.profile import load_profile
@@ -173,6 +178,7 @@ def export(
         seed=seed,
         max_rank=max_rank,
         fixed_depth=depth,
+        min_compression=min_compression or None,
     )
     for i, prof in enumerate(profs, 1):
         click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)

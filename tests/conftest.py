@@ -80,16 +80,17 @@ def tiny_profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_export(
-    tiny_model_dir: Path, tiny_profile_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def tiny_export(tiny_model_dir: Path, tiny_profile_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model exported (ORT, int8 base) for the tiny test profile; returns the profile dir."""
     from fedhft.device_profiles.profile import load_profile
     from fedhft.export.pipeline import ExportOptions, export_profile
 
     out = tmp_path_factory.mktemp("export")
     res = export_profile(
-        tiny_model_dir, load_profile(tiny_profile_path), out, opts=ExportOptions(num_labels=3, max_seq_len=32)
+        tiny_model_dir,
+        load_profile(tiny_profile_path),
+        out,
+        opts=ExportOptions(num_labels=3, max_seq_len=32, min_compression=None),
     )
     return res.directory
 

@@ -33,8 +33,9 @@ MINILM = ModelShape(
 BASE = load_profile("rpi4-4gb")
 
 
-def capacity(plan: LoraPlan) -> int:
-    return plan.estimate.adapter_params
+def capacity(plan: LoraPlan) -> tuple[int, int]:
+    """What the planner maximizes: depth first, then trainable adapter parameters."""
+    return plan.depth, plan.estimate.adapter_params
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -45,9 +46,7 @@ def capacity(plan: LoraPlan) -> int:
     step=st.floats(2, 20),
     layers=st.integers(2, 12),
 )
-def test_more_memory_never_gives_a_smaller_plan(
-    ram: int, extra: int, gflops: float, step: float, layers: int
-) -> None:
+def test_more_memory_never_gives_a_smaller_plan(ram: int, extra: int, gflops: float, step: float, layers: int) -> None:
     shape = dataclasses.replace(MINILM, num_layers=layers)
     small = dataclasses.replace(BASE, ram_mb=ram, fp32_gflops=gflops, target_step_seconds=step)
     big = dataclasses.replace(small, ram_mb=ram + extra)
@@ -65,9 +64,7 @@ def test_shipped_plans_fit_and_ranks_grow_toward_the_output(profile) -> None:  #
     ranks = [lp.rank for lp in plan.layers]
     assert ranks == sorted(ranks), ranks
     layers = [lp.layer for lp in plan.layers]
-    assert layers == list(range(MINILM.num_layers - plan.depth, MINILM.num_layers)), (
-        "LoRA sits on the top layers"
-    )
+    assert layers == list(range(MINILM.num_layers - plan.depth, MINILM.num_layers)), "LoRA sits on the top layers"
     e = plan.estimate
     assert e.memory_mb <= profile.memory_budget_mb
     assert e.step_seconds <= profile.target_step_seconds
@@ -81,6 +78,17 @@ def test_slower_devices_get_shallower_plans() -> None:
     assert depths["rpi4-4gb"] < depths["laptop-x86-16gb"]
     assert depths["phone-lowend-3gb"] <= depths["rpi5-8gb"]
     assert len(set(depths.values())) >= 3, depths
+
+
+def test_upload_budget_bounds_every_adapter() -> None:
+    full_bytes = 4 * MINILM.total_params
+    for profile in list_profiles():
+        plan = plan_lora(MINILM, profile)
+        dense = upload_bytes(MINILM, plan.layers, 1.0, 2)
+        assert dense * 500 <= full_bytes, profile.name
+        assert plan.estimate.upload_bytes <= dense
+    unbounded = plan_lora(MINILM, BASE, min_compression=None)
+    assert capacity(unbounded) >= capacity(plan_lora(MINILM, BASE))
 
 
 def test_no_plan_fits_names_the_problem() -> None:

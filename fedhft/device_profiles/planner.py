@@ -28,6 +28,8 @@ TARGET_LADDER: tuple[tuple[str, ...], ...] = (
 RANK_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 MASK_RATIO_BY_LEVEL: dict[str, float] = {"low": 0.25, "mid": 0.5, "high": 1.0}
 MB = 2**20
+# Default communication budget: an update is >= 500x smaller than the fp32 full model (FedAvg full fine-tuning).
+DEFAULT_MIN_COMPRESSION = 500.0
 
 
 class PlanError(FedHFTError):
@@ -305,14 +307,20 @@ def plan_lora(
     runtime: str | None = None,
     lora_alpha: float = 16.0,
     fixed_depth: int | None = None,
+    min_compression: float | None = DEFAULT_MIN_COMPRESSION,
     cm: CostModel | None = None,
 ) -> LoraPlan:
-    """Pick the plan with the most adapter capacity that fits the profile's memory, step and upload targets.
+    """Pick the deepest plan, then the one with the most adapter parameters, that fits the profile's memory,
+    step time and upload targets and the federation's upload budget (LEGEND: depth buys the most accuracy, and
+    backward cost grows with it; ranks then grow toward the output).
 
     Candidates: depth 1..L (top layers), a target set from TARGET_LADDER, a top rank from RANK_CHOICES up to
-    `max_rank` (ranks halve every two layers down). Capacity = trainable adapter parameters; ties go to the
-    cheaper plan in memory. Raises PlanError when even depth 1, rank 1, q/v does not fit memory.
-    `fixed_depth` forces one depth (the `--no-planner` ablation).
+    `max_rank` (ranks halve every two layers down); ties go to the cheaper plan in memory. Raises PlanError
+    when even depth 1, rank 1, q/v does not fit.
+    `fixed_depth` forces one depth (the `--no-planner` ablation). `min_compression` is the federation's
+    communication budget: the device's whole adapter (unmasked) must be at least that many times smaller than
+    the fp32 full model (FedAvg of full fine-tuning), so every device trains an adapter of about the same size
+    and weaker devices upload less of it (their mask); None lifts it.
     """
     cm = cm or CostModel()
     runtime = runtime or profile.default_runtime
@@ -320,15 +328,17 @@ def plan_lora(
     depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
     if fixed_depth is not None and not 1 <= fixed_depth <= shape.num_layers:
         raise PlanError(f"depth {fixed_depth} is outside 1..{shape.num_layers}")
-    best: tuple[tuple[float, float], tuple[LayerPlan, ...], CostEstimate] | None = None
+    max_upload = 4.0 * shape.total_params / min_compression if min_compression else math.inf
+    best: tuple[tuple[float, ...], tuple[LayerPlan, ...], CostEstimate] | None = None
     for depth in depths:
         for targets in TARGET_LADDER:
             for top in (r for r in RANK_CHOICES if r <= max_rank):
                 layers = make_layers(shape, depth, top, targets)
                 est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
-                if not _fits(est, profile):
+                dense_upload = upload_bytes(shape, layers, 1.0, cm.bytes_per_upload_value)
+                if not _fits(est, profile) or dense_upload > max_upload:
                     continue
-                key = (est.adapter_params, -est.memory_mb)
+                key = (depth, est.adapter_params, -est.memory_mb)
                 if best is None or key > best[0]:
                     best = (key, layers, est)
     if best is None:
@@ -337,7 +347,8 @@ def plan_lora(
             f"no LoRA plan fits profile {profile.name}: even depth 1, rank 1 needs "
             f"{smallest.memory_mb:.0f} MB (budget {profile.memory_budget_mb:.0f} MB), "
             f"{smallest.step_seconds:.2f} s/step (target {profile.target_step_seconds} s), "
-            f"{smallest.upload_seconds:.2f} s upload (target {profile.target_upload_seconds} s)"
+            f"{smallest.upload_seconds:.2f} s upload (target {profile.target_upload_seconds} s), "
+            f"{smallest.upload_bytes / 1e3:.0f} kB upload (budget {max_upload / 1e3:.0f} kB)"
         )
     _, layers, est = best
     return LoraPlan(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhft.device_profiles.planner import MODULE_KINDS, LoraPlan, plan_lora
+from fedhft.device_profiles.planner import DEFAULT_MIN_COMPRESSION, MODULE_KINDS, LoraPlan, plan_lora
 from fedhft.device_profiles.profile import DeviceProfile
 from fedhft.errors import FedHFTError
 from fedhft.export.model import (
@@ -54,6 +54,7 @@ class ExportOptions:
     max_rank: int = 16
     lora_alpha: float = 16.0
     fixed_depth: int | None = None  # the --no-planner ablation: same depth for every device
+    min_compression: float | None = DEFAULT_MIN_COMPRESSION  # upload budget: full model bytes / this
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ def export_profile(
             runtime=runtime,
             lora_alpha=opts.lora_alpha,
             fixed_depth=opts.fixed_depth,
+            min_compression=opts.min_compression,
         )
     model_t, infos = build_training_model(
         encoder, plan, opts.num_labels, int8=opts.int8, seed=opts.seed, full_finetune=full_finetune
