@@ -209,5 +209,130 @@ def _register_edge() -> None:
 _register_edge()
 
 
+# ---- server and broker -------------------------------------------------------------------------------------
+@main.group()
+def server() -> None:
+    """The broker-side aggregation server (torch-free)."""
+
+
+@main.group()
+def broker() -> None:
+    """An embedded MQTT broker for one machine, and production Mosquitto configuration."""
+
+
+def _register_server() -> None:
+    from fedhft.broker_server.cli_server import broker_config_command, broker_run_command, server_run_command
+
+    server.add_command(server_run_command)
+    broker.add_command(broker_run_command)
+    broker.add_command(broker_config_command)
+
+
+_register_server()
+
+
+# ---- simulate and report -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--clients", type=int, required=True, help="Number of edge runtimes.")
+@click.option("--profiles", "profiles_arg", required=True, help="P1:n1,P2:n2,... (counts sum to --clients).")
+@click.option("--dataset", default="bbc-news", show_default=True, help="A registered data set or a CSV/JSONL file.")
+@click.option("--alpha", default=0.3, show_default=True, help="Dirichlet label-skew (smaller: more non-IID).")
+@click.option("--rounds", default=5, show_default=True, help="Local rounds per client.")
+@click.option("--minutes", type=float, default=None, help="Stop after this many minutes.")
+@click.option(
+    "--method",
+    "methods",
+    default="fedhft",
+    show_default=True,
+    help="Comma-separated: fedhft, fedavg-lora, hetlora, flexlora (one run each, same split and seed).",
+)
+@click.option("--no-clustering", is_flag=True, help="fedhft ablation: one cluster.")
+@click.option("--no-planner", is_flag=True, help="fedhft ablation: every device gets the same depth.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--broker", default=None, help="Use this broker instead of starting one (mqtt://HOST:PORT).")
+@click.option("--target-accuracy", type=float, default=None)
+@click.option("--model", default=None, help="Local model directory (default: the packaged MiniLM).")
+@click.option("--local-steps", default=10, show_default=True)
+@click.option("--max-seq-len", default=64, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--time-scale", default=0.02, show_default=True, help="Real seconds slept per simulated second.")
+@click.option("--clusters", default=2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def simulate(
+    clients: int,
+    profiles_arg: str,
+    dataset: str,
+    alpha: float,
+    rounds: int,
+    minutes: float | None,
+    methods: str,
+    no_clustering: bool,
+    no_planner: bool,
+    out: Path,
+    broker: str | None,
+    target_accuracy: float | None,
+    model: str | None,
+    local_steps: int,
+    max_seq_len: int,
+    lr: float,
+    time_scale: float,
+    clusters: int,
+    seed: int,
+) -> None:
+    """The whole system on one machine: export, broker, server, N edge runtimes, evaluation, report."""
+    from fedhft.simulate.methods import method_spec
+    from fedhft.simulate.report import load_report, table, write_report
+    from fedhft.simulate.runner import SimConfig, parse_profile_mix, run
+
+    mix = parse_profile_mix(profiles_arg)
+    specs = [method_spec(m.strip(), no_clustering, no_planner) for m in methods.split(",") if m.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for spec in specs:
+        cfg = SimConfig(
+            clients=clients,
+            profiles=mix,
+            dataset=dataset,
+            alpha=alpha,
+            rounds=rounds,
+            method=spec,
+            out=out,
+            model=model,
+            broker=broker,
+            target_accuracy=target_accuracy,
+            minutes=minutes,
+            seed=seed,
+            local_steps=local_steps,
+            max_seq_len=max_seq_len,
+            learning_rate=lr,
+            time_scale=time_scale,
+            clusters=clusters,
+        )
+        results.append(run(cfg, progress=lambda line: click.echo(line, err=True)))
+    config = {
+        "clients": clients,
+        "profiles": mix,
+        "dataset": dataset,
+        "alpha": alpha,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "max_seq_len": max_seq_len,
+        "seed": seed,
+        "time_scale": time_scale,
+    }
+    path = write_report(out, results, config)
+    click.echo(table(load_report(path)))
+    click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, path_type=Path))
+def report(out: Path) -> None:
+    """Print the comparison table of a simulation's report.json."""
+    from fedhft.simulate.report import load_report, table
+
+    click.echo(table(load_report(out)))
+
+
 if __name__ == "__main__":
     main()

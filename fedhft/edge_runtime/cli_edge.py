@@ -180,6 +180,25 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     help="Publish an update again when the server has not acked it this many seconds after the broker took it.",
 )
 @click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option(
+    "--eval-data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local test split: the received model's accuracy on it goes into each update's metrics.",
+)
+@click.option(
+    "--mask-ratio",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Override the manifest's upload mask (1.0: every row, as unmasked baselines do).",
+)
+@click.option(
+    "--sim-time-scale",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Simulation: sleep this x the profile's simulated round time (0: off).",
+)
 def run_command(
     artifacts: Path,
     data: Path,
@@ -206,6 +225,9 @@ def run_command(
     cluster: int | None,
     ack_timeout: float,
     backend: str,
+    eval_data: Path | None,
+    mask_ratio: float | None,
+    sim_time_scale: float,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
     from fedhft.edge_runtime.client import ClientConfig, EdgeClient
@@ -236,6 +258,9 @@ def run_command(
         cluster=cluster,
         backend=backend,
         ack_timeout=ack_timeout,
+        eval_data=eval_data,
+        mask_ratio=mask_ratio,
+        sim_time_scale=sim_time_scale,
     )
     stop = threading.Event()
     client = EdgeClient(cfg)

@@ -15,6 +15,7 @@ state, publishing) happens here, in the thread that calls ``EdgeClient.run``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from fedhft.edge_runtime.data import check_num_labels, load_labelled_file
-from fedhft.edge_runtime.local_train import TrainReport, open_trainer, train_local
+from fedhft.edge_runtime.local_train import TrainReport, evaluate, open_trainer, train_local
 from fedhft.edge_runtime.masking import AdapterMismatch, AdapterSpec, build_update_tensors, model_to_params
 from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink, parse_broker_url
 from fedhft.edge_runtime.outbox import Outbox
+from fedhft.edge_runtime.sim_clock import SimClock
 from fedhft.edge_runtime.state import StateStore
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
@@ -99,6 +101,9 @@ class ClientConfig:
     ack_timeout: float = 300.0  # republish an update the broker took but the server never acked
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    eval_data: Path | None = None  # local test split: the received model's accuracy goes into update metrics
+    mask_ratio: float | None = None  # override the manifest's upload mask (baselines upload every row)
+    sim_time_scale: float = 0.0  # simulation: sleep this x the profile's simulated round duration
 
 
 @dataclass
@@ -155,6 +160,17 @@ class EdgeClient:
         self.manifest = load_manifest(cfg.artifacts)
         self.manifest_sha256 = sha256_file(Path(cfg.artifacts) / MANIFEST_NAME)
         self.spec = AdapterSpec.from_manifest(self.manifest)
+        if cfg.mask_ratio is not None:
+            if not 0 < cfg.mask_ratio <= 1:
+                raise ClientError(f"--mask-ratio must be in (0, 1], got {cfg.mask_ratio}")
+            self.spec = dataclasses.replace(self.spec, mask_ratio=cfg.mask_ratio)
+        self.eval_texts: list[str] = []
+        self.eval_labels = np.zeros(0, dtype=np.int64)
+        if cfg.eval_data is not None:
+            self.eval_texts, self.eval_labels, _ = load_labelled_file(
+                cfg.eval_data, cfg.text_column, cfg.label_column, cfg.label_names
+            )
+        self.sim_clock = SimClock.from_manifest(self.manifest) if cfg.sim_time_scale > 0 else None
         self.texts, self.labels, names = load_labelled_file(
             cfg.data, cfg.text_column, cfg.label_column, cfg.label_names
         )
@@ -265,7 +281,12 @@ class EdgeClient:
                     pass
                 self._drain_events()
                 self._check_ack_timeouts()
-                if self.state.needs_training() and self.model is not None and self._battery_ok():
+                if (
+                    self.state.needs_training()
+                    and self.model is not None
+                    and not self._rounds_reached()
+                    and self._battery_ok()
+                ):
                     self._train_round(self.model)
         finally:
             self._link.stop()
@@ -273,8 +294,11 @@ class EdgeClient:
             self.store.close()
         return self.summary
 
+    def _rounds_reached(self) -> bool:
+        return bool(self.cfg.rounds) and self.summary.rounds_trained >= self.cfg.rounds
+
     def _done(self) -> bool:
-        return bool(self.cfg.rounds) and self.summary.rounds_trained >= self.cfg.rounds and not len(self.outbox)
+        return self._rounds_reached() and not len(self.outbox)
 
     def _drain_events(self) -> None:
         while True:
@@ -303,7 +327,7 @@ class EdgeClient:
             self.cfg.client_id,
             self.manifest.profile_name,
             self.manifest_sha256,
-            dict(self.manifest.plan),
+            dict(self.manifest.plan, mask_ratio=self.spec.mask_ratio),
             time.time(),
         )
         self._link.publish(hello_topic(self.cfg.task, self.cfg.client_id), encode_hello(hello), retain=True)
@@ -383,6 +407,11 @@ class EdgeClient:
         cfg, version = self.cfg, model.version
         self.trainer.set_parameters(self._params_of(model))
         start = self.trainer.get_parameters()
+        t_round = time.monotonic()
+        extra: dict[str, float] = {}
+        if len(self.eval_texts):
+            before = evaluate(self.trainer, self.encoder, self.eval_texts, self.eval_labels)
+            extra |= {"eval_accuracy": before.accuracy, "eval_loss": before.loss}
         event(log, "training started", version=version, steps=cfg.local_steps, seq=self.state.next_seq)
         report = train_local(
             self.trainer,
@@ -401,6 +430,9 @@ class EdgeClient:
         params = self.trainer.get_parameters()
         seq = self.state.next_seq
         try:
+            tensors = build_update_tensors(self.spec, params, start)
+            if self.sim_clock is not None:
+                extra |= self.sim_clock.round(model, report.steps, tensors, self.cfg.sim_time_scale, t_round)
             msg = UpdateMessage(
                 task=cfg.task,
                 client_id=cfg.client_id,
@@ -408,11 +440,16 @@ class EdgeClient:
                 base_version=version,
                 num_samples=max(1, report.samples),
                 loss=report.loss,
-                metrics={"train_accuracy": report.accuracy, "train_seconds": report.seconds, "steps": report.steps},
+                metrics={
+                    "train_accuracy": report.accuracy,
+                    "train_seconds": report.seconds,
+                    "steps": report.steps,
+                    **extra,
+                },
                 profile=self.manifest.profile_name,
                 manifest_sha256=self.manifest_sha256,
                 created_at=time.time(),
-                tensors=build_update_tensors(self.spec, params, start),
+                tensors=tensors,
             )
             payload = encode_update(msg, cfg.encoding)
         except (ProtocolError, AdapterMismatch, BackendError) as e:

@@ -1,0 +1,230 @@
+"""Click commands of the server side: `fedhft server run`, `fedhft broker run`, `fedhft broker config`.
+
+The main CLI registers ``server_run_command``, ``broker_run_command`` and ``broker_config_command``;
+``python -m fedhft.broker_server.cli_server server-run|broker-run|broker-config ...`` runs them directly.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from fedhft.errors import FedHFTError
+
+
+def _clusters(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a positive integer or 'auto', got {value!r}") from exc
+    if k < 1:
+        raise click.BadParameter(f"must be >= 1, got {k}")
+    return k
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@click.command("run")
+@click.option("--broker", required=True, help="mqtt://HOST:PORT (or mqtts://HOST:PORT for TLS).")
+@click.option("--task", required=True, help="Task id: the topic tree fedhft/v1/<task>/...")
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True, help="State directory.")
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="manifest.json (or its profile directory) of any exported profile: the global adapter spec.",
+)
+@click.option("--clusters", default="1", show_default=True, help="Number of clusters K, or 'auto' (BIC).")
+@click.option("--max-clusters", default=8, show_default=True, help="Largest K tried with --clusters auto.")
+@click.option("--buffer-size", default=8, show_default=True, help="Aggregate when M updates are pending ...")
+@click.option("--window-seconds", default=30.0, show_default=True, help="... or W s after the oldest arrived.")
+@click.option("--staleness-exponent", default=0.5, show_default=True, help="Weight (1 + tau) ** -a.")
+@click.option("--max-staleness", default=10, show_default=True, help="Reject updates older than V versions.")
+@click.option("--clip-norm", type=float, default=None, help="Scale down updates whose ΔW L2 norm exceeds C.")
+@click.option("--warmup-aggregations", default=2, show_default=True, help="Aggregations before clustering.")
+@click.option("--recluster-every", default=5, show_default=True, help="Re-estimate memberships every N.")
+@click.option("--hysteresis", default=0.1, show_default=True, help="Membership margin needed to switch.")
+@click.option("--server-lr", default=1.0, show_default=True, help="Server mixing rate eta of FedBuff.")
+@click.option("--group", default="fedhft-server", show_default=True, help="Shared-subscription group.")
+@click.option("--client-id", default=None, help="MQTT client id (default fedhft-server-<task>-<group>).")
+@click.option("--username", default=None, help="Broker user name.")
+@click.option("--password", default=None, envvar="FEDHFT_MQTT_PASSWORD", help="Broker password (or env).")
+@click.option("--tls-ca", type=click.Path(path_type=Path, exists=True), default=None, help="CA file for TLS.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port.")
+@click.option("--keep-versions", default=2, show_default=True, help="Cluster-state versions kept on disk.")
+@click.option("--model-encoding", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--decode-threads", type=int, default=None, help="Threads decoding updates (default min(4, CPUs)).")
+@click.option("--seed", default=0, show_default=True)
+def server_run_command(
+    broker: str,
+    task: str,
+    state_dir: Path,
+    manifest: Path,
+    clusters: str,
+    max_clusters: int,
+    buffer_size: int,
+    window_seconds: float,
+    staleness_exponent: float,
+    max_staleness: int,
+    clip_norm: float | None,
+    warmup_aggregations: int,
+    recluster_every: int,
+    hysteresis: float,
+    server_lr: float,
+    group: str,
+    client_id: str | None,
+    username: str | None,
+    password: str | None,
+    tls_ca: Path | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    keep_versions: int,
+    model_encoding: str,
+    decode_threads: int | None,
+    seed: int,
+) -> None:
+    """Run the federated server: validate and durably store updates, aggregate (FedBuff), publish models."""
+    from fedhft.broker_server.federation import FederationConfig
+    from fedhft.broker_server.service import Server, ServerConfig
+
+    fed = FederationConfig(
+        buffer_size=buffer_size,
+        window_seconds=window_seconds,
+        staleness_exponent=staleness_exponent,
+        max_staleness=max_staleness,
+        clusters=_clusters(clusters),
+        max_clusters=max_clusters,
+        warmup_aggregations=warmup_aggregations,
+        recluster_every=recluster_every,
+        hysteresis=hysteresis,
+        server_lr=server_lr,
+        seed=seed,
+    )
+    config = ServerConfig(
+        broker=broker,
+        task=task,
+        state_dir=state_dir,
+        manifest=manifest,
+        federation=fed,
+        clip_norm=clip_norm,
+        group=group,
+        client_id=client_id,
+        username=username,
+        password=password,
+        tls_ca=tls_ca,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        keep_versions=keep_versions,
+        model_encoding=model_encoding,
+        **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
+    )
+    stop = _stop_on_signals()
+    server = Server(config)
+    click.echo(
+        f"fedhft server: task {task}, state {state_dir}, version {server.federation.version}, "
+        f"public key {state_dir / 'server_key.pub'}",
+        err=True,
+    )
+    server.run(stop)
+
+
+@click.command("run")
+@click.option("--port", default=1883, show_default=True, help="TCP port (0: pick a free one).")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--backend", type=click.Choice(["auto", "mosquitto", "iotcore"]), default="auto", show_default=True)
+def broker_run_command(port: int, bind: str, backend: str) -> None:
+    """Run an embedded MQTT v5 broker (anonymous; for demos and tests on one machine) until Ctrl+C."""
+    from fedhft.broker_server.broker import EmbeddedBroker
+
+    stop = _stop_on_signals()
+    broker = EmbeddedBroker(port=port, bind=bind, backend=backend).start()
+    try:
+        click.echo(f"fedhft broker ({broker.chosen}) listening on {broker.url}", err=True)
+        if bind not in ("127.0.0.1", "localhost", "::1"):
+            click.echo("warning: this broker allows anonymous access; use `fedhft broker config`", err=True)
+        broker.wait(stop)
+    finally:
+        broker.stop()
+
+
+@click.command("config")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write into.")
+@click.option("--task", required=True)
+@click.option("--server-user", required=True, help="User name of the server identity.")
+@click.option("--client", "clients", multiple=True, help="A client id (repeat); it is also its user name.")
+@click.option("--port", default=8883, show_default=True)
+@click.option("--bind", default=None, help="Listener address (default: all).")
+@click.option("--cafile", default="/etc/mosquitto/certs/ca.crt", show_default=True)
+@click.option("--certfile", default="/etc/mosquitto/certs/server.crt", show_default=True)
+@click.option("--keyfile", default="/etc/mosquitto/certs/server.key", show_default=True)
+@click.option("--data-dir", default="/var/lib/mosquitto/", show_default=True, help="Mosquitto persistence.")
+@click.option("--no-tls", is_flag=True, help="Plain listener (testing on a private network only).")
+def broker_config_command(
+    out: Path,
+    task: str,
+    server_user: str,
+    clients: tuple[str, ...],
+    port: int,
+    bind: str | None,
+    cafile: str,
+    certfile: str,
+    keyfile: str,
+    data_dir: str,
+    no_tls: bool,
+) -> None:
+    """Write a production Mosquitto config: TLS listener, password file, per-client ACL, credentials."""
+    from fedhft.broker_server.broker import TlsFiles, write_production_config
+
+    tls = None if no_tls else TlsFiles(cafile, certfile, keyfile)
+    cfg = write_production_config(
+        out.resolve(), task, server_user, list(clients), port=port, bind=bind, tls=tls, data_dir=data_dir
+    )
+    click.echo(f"wrote {cfg.conf}, {cfg.passwd}, {cfg.acl}")
+    click.echo(f"credentials (mode 0600): {cfg.credentials}")
+    click.echo(f"run: mosquitto -c {cfg.conf}")
+
+
+class _LocalGroup(click.Group):
+    """`python -m fedhft.broker_server.cli_server`: a FedHFTError becomes one `error: ...` line, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FedHFTError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _local_group() -> click.Group:
+    from fedhft.logs import setup_logging
+
+    @click.group(cls=_LocalGroup)
+    @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+    def group(verbose: int) -> None:
+        """fedhft server-side commands."""
+        setup_logging(verbose)
+
+    group.add_command(server_run_command, "server-run")
+    group.add_command(broker_run_command, "broker-run")
+    group.add_command(broker_config_command, "broker-config")
+    return group
+
+
+if __name__ == "__main__":
+    _local_group()()

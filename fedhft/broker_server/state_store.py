@@ -1,0 +1,641 @@
+"""Crash-safe server state in ``--state DIR``: SQLite (WAL, synchronous=FULL) plus atomically written tensor files.
+
+Layout::
+
+    DIR/lock                      fcntl.flock'ed by the running server; holds its PID
+    DIR/state.sqlite3             tables meta, clients, updates, versions (+ -wal / -shm)
+    DIR/server_key.pem            Ed25519 signing key (0600), generated on first start
+    DIR/server_key.pub            its public key, 64 hex characters, for provisioning devices
+    DIR/updates/batch-<uuid>.safetensors  one group commit: tensor '<i>' = update i's payload as received (uint8)
+    DIR/states/v<version>/cluster-<k>.safetensors   per-cluster ΔW ("dw/<module>") and head ("head/<key>"), float64
+
+An update is stored as the payload it arrived in (the wire encoding is half the size of decoded float32
+and the exact record of what the client sent), as a uint8 tensor of a safetensors file (no pickle); the
+row's ``clip_scale`` says how its ΔW was scaled, and a restart decodes it again with the protocol's
+decoder. Row ``tensor_file`` is ``<batch file>#<i>``: one file, hence one fsync, per group commit.
+
+Durability rules: a tensor file is written to a temp name, fsynced, renamed, and its folder fsynced
+*before* the SQLite transaction that references it commits; an update is acknowledged only after that
+commit. A version's state files are written the same way into ``states/v<version>`` before the transaction
+that inserts the version row and marks its updates aggregated (one transaction: an update is never
+aggregated twice). On open, anything no committed row needs is removed: temp files, tensor files of
+uncommitted inserts or of already aggregated updates, state folders newer than the last committed version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+from safetensors import safe_open
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.errors import FedHFTError
+from fedhft.protocol import generate_keypair, load_private_key, save_private_key, save_public_key
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.sqlite3"
+LOCK_NAME = "lock"
+KEY_NAME = "server_key.pem"
+PUB_NAME = "server_key.pub"
+UPDATES_DIR = "updates"
+STATES_DIR = "states"
+TENSOR_SUFFIX = ".safetensors"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    plan_json TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT -1,
+    membership_json TEXT,
+    head BLOB,
+    registered_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    received_at REAL NOT NULL,
+    tensor_file TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected')),  -- rejected: dropped at a flush
+    reason TEXT NOT NULL DEFAULT '',
+    clip_scale REAL NOT NULL DEFAULT 1.0,
+    aggregated_version INTEGER,
+    UNIQUE (client_id, seq)
+);
+CREATE INDEX IF NOT EXISTS updates_by_status ON updates (status);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    state_dir TEXT NOT NULL,
+    state_files TEXT NOT NULL,
+    num_updates INTEGER NOT NULL,
+    clusters INTEGER NOT NULL
+);
+"""
+
+
+class StateError(FedHFTError):
+    """The state directory cannot be used (locked, corrupt, another task's, unwritable)."""
+
+
+class StateLocked(StateError):
+    """Another server holds the state directory's lock."""
+
+
+class StorageFull(StateError):
+    """The disk is full: nothing was stored (and nothing is acknowledged)."""
+
+
+@dataclass
+class ClientRow:
+    """A registered client as stored."""
+
+    client_id: str
+    profile: str
+    manifest_sha256: str
+    plan: dict[str, Any]
+    last_seq: int
+    membership: list[float] | None
+    head: dict[str, np.ndarray] | None
+
+
+@dataclass
+class StagedUpdate:
+    """An accepted update about to be stored: the payload as received, and its decoded (clipped) tensors.
+
+    The payload is what is stored; ``clip_scale`` says how its ΔW is scaled when it is decoded again.
+    """
+
+    client_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    loss: float
+    received_at: float
+    clip_scale: float
+    payload: bytes
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass
+class StoredUpdate:
+    """An update row with its tensor file (status pending unless said otherwise)."""
+
+    id: int
+    client_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    loss: float
+    received_at: float
+    tensor_file: str | None
+    clip_scale: float
+
+
+@dataclass
+class VersionRecord:
+    """One committed model version."""
+
+    version: int
+    created_at: float
+    state_dir: str
+    state_files: list[str]
+    num_updates: int
+    clusters: int
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a directory so renames inside it are durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes | Sequence[bytes], sync_dir: bool = True) -> None:
+    """Write ``data`` (or its chunks, in order) to ``path`` via temp file + fsync + rename (+ folder fsync)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def safetensors_bytes_chunks(blobs: Sequence[bytes], metadata: Mapping[str, str]) -> list[bytes]:
+    """A safetensors file holding ``blobs[i]`` as uint8 tensor ``"i"``, as chunks to write in order (the
+    blobs themselves are not copied)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for i, blob in enumerate(blobs):
+        header[str(i)] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [len(text).to_bytes(8, "little"), text, *blobs]
+
+
+def head_to_blob(head: Mapping[str, np.ndarray]) -> bytes:
+    return bytes(st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}))
+
+
+def head_from_blob(blob: bytes | None) -> dict[str, np.ndarray] | None:
+    if not blob:
+        return None
+    return {k: v.astype(np.float64) for k, v in st_load(bytes(blob)).items()}
+
+
+def state_to_bytes(state: ClusterState) -> bytes:
+    tensors = {f"dw/{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in state.modules.items()}
+    tensors.update({f"head/{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in state.head.items()})
+    return bytes(st_save(tensors, metadata={"format": "fedhft-cluster-state-1"}))
+
+
+def state_from_bytes(data: bytes) -> ClusterState:
+    tensors = st_load(data)
+    return ClusterState(
+        modules={k[3:]: v for k, v in tensors.items() if k.startswith("dw/")},
+        head={k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
+    )
+
+
+def _split_ref(ref: str) -> tuple[str, int]:
+    """``<file>#<index>`` -> (file, index); a plain file name is index 0."""
+    name, _, index = ref.partition("#")
+    return name, int(index or 0)
+
+
+class StateStore:
+    """The server's durable state; one instance per process holds ``DIR/lock`` until :meth:`close`."""
+
+    def __init__(self, directory: str | os.PathLike[str], task: str, spec_fingerprint: str) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / UPDATES_DIR).mkdir(exist_ok=True)
+            (self.dir / STATES_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"state dir {self.dir}: cannot create it ({exc.strerror or exc})") from exc
+        self._lock_fd = self._acquire_lock()
+        try:
+            self.db = sqlite3.connect(self.dir / DB_NAME, isolation_level=None, timeout=30.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self._check_meta(task, spec_fingerprint)
+            self.recover()
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise StateError(f"state dir {self.dir}: database error ({exc})") from exc
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # ---- lock ---------------------------------------------------------------------------------------
+    def _acquire_lock(self) -> int:
+        path = self.dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StateLocked(
+                f"state dir {self.dir} is in use by another fedhft server (PID {holder}); stop it or "
+                "choose another --state"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Close the database and release the lock (idempotent)."""
+        with contextlib.suppress(sqlite3.Error, AttributeError):
+            self.db.close()
+        self._release_lock()
+
+    # ---- meta ---------------------------------------------------------------------------------------
+    def _check_meta(self, task: str, fingerprint: str) -> None:
+        meta = self.meta()
+        if not meta:
+            with self.transaction():
+                for key, value in (
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("task", task),
+                    ("spec_fingerprint", fingerprint),
+                    ("created_at", repr(time.time())),
+                    ("aggregations", "0"),
+                    ("last_cluster_round", "-1"),
+                ):
+                    self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StateError(f"state dir {self.dir}: schema {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        if meta.get("task") != task:
+            raise StateError(f"state dir {self.dir} belongs to task {meta.get('task')!r}, not {task!r}")
+        if meta.get("spec_fingerprint") != fingerprint:
+            raise StateError(
+                f"state dir {self.dir} was created for another global adapter (manifest); use a fresh --state"
+            )
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception (re-raised; disk full -> StorageFull)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._storage_error(exc, "begin a transaction") from exc
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise self._storage_error(exc, "commit") from exc
+            raise
+
+    def _storage_error(self, exc: BaseException, what: str) -> StateError:
+        if _is_disk_full(exc):
+            return StorageFull(f"state dir {self.dir}: disk full, could not {what} ({exc}); nothing was stored")
+        return StateError(f"state dir {self.dir}: could not {what} ({exc})")
+
+    # ---- signing key ----------------------------------------------------------------------------------
+    def signing_key(self):  # noqa: ANN201 - Ed25519PrivateKey
+        """The server's Ed25519 key: loaded from DIR/server_key.pem, generated (with .pub) on first start."""
+        key_path, pub_path = self.dir / KEY_NAME, self.dir / PUB_NAME
+        if key_path.exists():
+            key = load_private_key(key_path)
+        else:
+            key, _ = generate_keypair()
+            save_private_key(key_path, key)
+        if not pub_path.exists():
+            save_public_key(pub_path, key.public_key())
+        return key
+
+    # ---- clients ----------------------------------------------------------------------------------------
+    def load_clients(self) -> dict[str, ClientRow]:
+        rows = self.db.execute(
+            "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
+        ).fetchall()
+        return {
+            r[0]: ClientRow(
+                client_id=r[0],
+                profile=r[1],
+                manifest_sha256=r[2],
+                plan=json.loads(r[3]),
+                last_seq=int(r[4]),
+                membership=json.loads(r[5]) if r[5] else None,
+                head=head_from_blob(r[6]),
+            )
+            for r in rows
+        }
+
+    def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
+        """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET profile=excluded.profile, "
+                "manifest_sha256=excluded.manifest_sha256, plan_json=excluded.plan_json, "
+                "updated_at=excluded.updated_at",
+                (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
+            )
+
+    # ---- updates ----------------------------------------------------------------------------------------
+    def update_status(self, client_id: str, seq: int) -> str | None:
+        row = self.db.execute("SELECT status FROM updates WHERE client_id = ? AND seq = ?", (client_id, seq)).fetchone()
+        return None if row is None else str(row[0])
+
+    def commit_updates(
+        self,
+        accepted: Sequence[StagedUpdate],
+        heads: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> list[StoredUpdate]:
+        """Store a batch durably (group commit): ONE tensor file for the batch (fsynced, renamed, folder
+        fsynced), then one transaction. Each row references ``<file>#<index>``.
+
+        Raises StorageFull / StateError with nothing stored: a written file is removed again.
+        """
+        folder = self.dir / UPDATES_DIR
+        name = f"batch-{uuid.uuid4().hex}{TENSOR_SUFFIX}"
+        path = folder / name
+        written = False
+        try:
+            if accepted:
+                data = safetensors_bytes_chunks(
+                    [update.payload for update in accepted], {"format": "fedhft-update-payloads-1"}
+                )
+                written = True
+                write_file_durably(path, data)
+            stored: list[StoredUpdate] = []
+            with self.transaction() as db:
+                for i, update in enumerate(accepted):
+                    ref = f"{name}#{i}"
+                    cur = db.execute(
+                        "INSERT INTO updates (client_id, seq, base_version, num_samples, loss, received_at, "
+                        "tensor_file, status, clip_scale) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                        (
+                            update.client_id,
+                            update.seq,
+                            update.base_version,
+                            update.num_samples,
+                            update.loss,
+                            update.received_at,
+                            ref,
+                            update.clip_scale,
+                        ),
+                    )
+                    db.execute(
+                        "UPDATE clients SET last_seq = MAX(last_seq, ?) WHERE client_id = ?",
+                        (update.seq, update.client_id),
+                    )
+                    stored.append(
+                        StoredUpdate(
+                            id=int(cur.lastrowid or 0),
+                            client_id=update.client_id,
+                            seq=update.seq,
+                            base_version=update.base_version,
+                            num_samples=update.num_samples,
+                            loss=update.loss,
+                            received_at=update.received_at,
+                            tensor_file=ref,
+                            clip_scale=update.clip_scale,
+                        )
+                    )
+                for client_id, head in (heads or {}).items():
+                    db.execute("UPDATE clients SET head = ? WHERE client_id = ?", (head_to_blob(head), client_id))
+            return stored
+        except BaseException as exc:
+            if written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise self._storage_error(exc, "store updates") from exc
+            raise
+
+    def load_pending(self) -> list[StoredUpdate]:
+        rows = self.db.execute(
+            "SELECT id, client_id, seq, base_version, num_samples, loss, received_at, tensor_file, clip_scale "
+            "FROM updates WHERE status = 'pending' ORDER BY id"
+        ).fetchall()
+        return [StoredUpdate(*r) for r in rows]
+
+    def load_payload(self, update: StoredUpdate) -> bytes:
+        """The stored payload of one update, read without loading the rest of its batch file."""
+        if update.tensor_file is None:
+            raise StateError(f"update {update.client_id}/{update.seq} has no tensor file")
+        name, index = _split_ref(update.tensor_file)
+        path = self.dir / UPDATES_DIR / name
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                return fh.get_tensor(str(index)).tobytes()
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise StateError(f"{path}: cannot read stored update ({exc})") from exc
+
+    def mark_rejected(self, ids: Sequence[int], reason: str) -> None:
+        """Move pending updates to rejected (e.g. too stale when their turn came) and drop their files."""
+        if not ids:
+            return
+        files = self._files_of(ids)
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE updates SET status = 'rejected', reason = ? WHERE id = ? AND status = 'pending'",
+                [(reason, i) for i in ids],
+            )
+        self._remove_update_files(files)
+
+    def _files_of(self, ids: Sequence[int]) -> set[str]:
+        out = set()
+        for i in ids:
+            row = self.db.execute("SELECT tensor_file FROM updates WHERE id = ?", (i,)).fetchone()
+            if row and row[0]:
+                out.add(_split_ref(str(row[0]))[0])
+        return out
+
+    def _pending_files(self) -> set[str]:
+        rows = self.db.execute("SELECT tensor_file FROM updates WHERE status = 'pending'").fetchall()
+        return {_split_ref(str(r[0]))[0] for r in rows if r[0]}
+
+    def _remove_update_files(self, names: set[str]) -> None:
+        """Delete batch files no pending update references any more."""
+        for name in names - self._pending_files():
+            with contextlib.suppress(OSError):
+                (self.dir / UPDATES_DIR / name).unlink()
+
+    # ---- versions -----------------------------------------------------------------------------------------
+    def latest_version(self) -> VersionRecord | None:
+        row = self.db.execute(
+            "SELECT version, created_at, state_dir, state_files, num_updates, clusters FROM versions "
+            "ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return VersionRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def versions(self) -> list[VersionRecord]:
+        rows = self.db.execute(
+            "SELECT version, created_at, state_dir, state_files, num_updates, clusters FROM versions ORDER BY version"
+        ).fetchall()
+        return [VersionRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+    def load_states(self, record: VersionRecord) -> list[ClusterState]:
+        folder = self.dir / STATES_DIR / record.state_dir
+        try:
+            return [state_from_bytes((folder / name).read_bytes()) for name in record.state_files]
+        except OSError as exc:
+            raise StateError(f"{folder}: cannot read the state of version {record.version} ({exc})") from exc
+
+    def commit_version(
+        self,
+        version: int,
+        states: Sequence[ClusterState],
+        aggregated_ids: Sequence[int],
+        memberships: Mapping[str, Sequence[float]],
+        meta: Mapping[str, str],
+        dropped: Mapping[int, str] | None = None,
+        keep_versions: int = 2,
+    ) -> VersionRecord:
+        """Write the new cluster states, then in ONE transaction: insert the version, mark its updates
+        aggregated (and ``dropped`` ones rejected), store memberships and meta. Then prune old files."""
+        latest = self.latest_version()
+        if latest is not None and version <= latest.version:
+            raise StateError(f"version {version} is not newer than the committed version {latest.version}")
+        state_dir = f"v{version:08d}"
+        root = self.dir / STATES_DIR
+        final = root / state_dir
+        tmp = root / f".{state_dir}.{uuid.uuid4().hex[:8]}.tmp"
+        files = [f"cluster-{c}{TENSOR_SUFFIX}" for c in range(len(states))]
+        try:
+            tmp.mkdir()
+            for name, state in zip(files, states, strict=True):
+                write_file_durably(tmp / name, state_to_bytes(state), sync_dir=False)
+            fsync_dir(tmp)
+            if final.exists():  # left by a crash before its commit: it was never a committed version
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._storage_error(exc, f"write the state of version {version}") from exc
+        stale_files = self._files_of(list(aggregated_ids) + list(dropped or {}))
+        record = VersionRecord(version, time.time(), state_dir, files, len(aggregated_ids), len(states))
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO versions (version, created_at, state_dir, state_files, num_updates, clusters) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (version, record.created_at, state_dir, json.dumps(files), len(aggregated_ids), len(states)),
+                )
+                db.executemany(
+                    "UPDATE updates SET status = 'aggregated', aggregated_version = ? WHERE id = ? "
+                    "AND status = 'pending'",
+                    [(version, i) for i in aggregated_ids],
+                )
+                db.executemany(
+                    "UPDATE updates SET status = 'rejected', reason = ? WHERE id = ? AND status = 'pending'",
+                    [(reason, i) for i, reason in (dropped or {}).items()],
+                )
+                db.executemany(
+                    "UPDATE clients SET membership_json = ? WHERE client_id = ?",
+                    [(json.dumps([float(x) for x in p]), cid) for cid, p in memberships.items()],
+                )
+                for key, value in meta.items():
+                    db.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value),
+                    )
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        self._remove_update_files(stale_files)
+        self.prune_states(keep_versions)
+        return record
+
+    def prune_states(self, keep_versions: int) -> None:
+        """Remove state folders of all but the newest ``keep_versions`` committed versions."""
+        keep = {v.state_dir for v in self.versions()[-max(1, keep_versions) :]}
+        for path in (self.dir / STATES_DIR).iterdir():
+            if path.name.startswith("v") and path.name not in keep and self._committed_dir(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _committed_dir(self, name: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM versions WHERE state_dir = ?", (name,)).fetchone()
+        return row is not None
+
+    # ---- recovery ---------------------------------------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """Remove everything no committed row needs; return counts of what was removed."""
+        removed = {"temp_files": 0, "orphan_updates": 0, "orphan_states": 0}
+        needed = self._pending_files()
+        for path in (self.dir / UPDATES_DIR).iterdir():
+            if path.name.endswith(".tmp"):
+                removed["temp_files"] += 1
+                path.unlink(missing_ok=True)
+            elif path.name not in needed:
+                removed["orphan_updates"] += 1
+                path.unlink(missing_ok=True)
+        committed = {r[0] for r in self.db.execute("SELECT state_dir FROM versions").fetchall()}
+        for path in (self.dir / STATES_DIR).iterdir():
+            if path.name not in committed:
+                removed["orphan_states" if path.name.startswith("v") else "temp_files"] += 1
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in self.dir.glob(".*.tmp"):
+            removed["temp_files"] += 1
+            path.unlink(missing_ok=True)
+        return removed

@@ -1,0 +1,330 @@
+"""What the server accepts: the global adapter spec, each client's plan, and the checks on one update.
+
+Pure functions and small dataclasses (numpy + the protocol codec; no I/O). For an update on the topic of a
+registered client the service runs :func:`decode_checked` (full decode against that client's planned
+shapes, with the reason for a rejection as a metric label) and :func:`clip_update` (L2 norm of the rebuilt
+ΔW rows); when there is nothing decoded to read the seq from (unknown client, undecodable tensors) it
+falls back to :func:`peek_update_header`, so even such a payload is answered on the right ack topic with
+the right seq. Then, in arrival order: registration, seq (replays), :func:`check_version`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedhft.broker_server.aggregation import ClientUpdate, MaskedFactors
+from fedhft.errors import FedHFTError
+from fedhft.protocol import (
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    BadIndices,
+    MessageTooLarge,
+    Misaddressed,
+    MissingTensor,
+    NonFiniteTensor,
+    ProtocolError,
+    ShapeMismatch,
+    UnknownTensor,
+    UnsupportedVersion,
+    UpdateMessage,
+    decode_update,
+)
+from fedhft.protocol.manifest import Manifest
+from fedhft.protocol.topics import id_problem
+
+# Rejection reasons (also the `reason` label of fedhft_updates_total).
+UNKNOWN_CLIENT = "unknown_client"
+MALFORMED = "malformed"
+WRONG_SHAPE = "wrong_shape"
+NON_FINITE = "non_finite"
+TOO_LARGE = "too_large"
+MISADDRESSED = "misaddressed"
+UNSUPPORTED = "unsupported_version"
+MANIFEST_MISMATCH = "manifest_mismatch"
+OLD_SEQ = "old_seq"
+STALE = "stale"
+FUTURE_VERSION = "future_version"
+REPLAY = "replay"  # reason of a "duplicate" ack
+
+HEADER_SLACK_BYTES = 256 * 1024  # JSON header, metrics and envelope on top of the fp32 tensor bytes
+PEEK_LIMIT = 1 << 20  # at most this much of a body is inflated to read an update's header
+
+
+class PlanRejected(FedHFTError):
+    """A hello whose plan does not fit the federation's global adapter."""
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adaptable module of the global adapter."""
+
+    name: str
+    in_features: int
+    out_features: int
+    max_rank: int
+
+
+@dataclass(frozen=True)
+class GlobalSpec:
+    """The federation's global adapter: every adaptable module, the head shapes and the LoRA alpha."""
+
+    modules: dict[str, ModuleSpec]
+    head_shapes: dict[str, tuple[int, ...]]
+    num_labels: int
+    lora_alpha: float
+    base_model_sha256: str
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> GlobalSpec:
+        """The spec of any profile's manifest (all profiles of one export share it)."""
+        modules = {
+            m.name: ModuleSpec(m.name, int(m.in_features), int(m.out_features), int(m.max_rank))
+            for m in manifest.global_adapter
+        }
+        return cls(
+            modules=modules,
+            head_shapes={k: tuple(int(d) for d in v) for k, v in manifest.head_shapes.items()},
+            num_labels=int(manifest.num_labels),
+            lora_alpha=float(manifest.lora.get("alpha", 16.0)),
+            base_model_sha256=str(manifest.base_model_sha256),
+        )
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.max_rank for m in self.modules.values()), default=1)
+
+    def fingerprint(self) -> str:
+        """sha256 of the spec's canonical JSON: a state dir only serves the spec it was created for."""
+        doc = {
+            "modules": {n: [m.in_features, m.out_features, m.max_rank] for n, m in sorted(self.modules.items())},
+            "head_shapes": {k: list(v) for k, v in sorted(self.head_shapes.items())},
+            "base_model_sha256": self.base_model_sha256,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What a client registered: its rank per adapted module and its upload mask ratio."""
+
+    ranks: dict[str, int]
+    mask_ratio: float
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any], spec: GlobalSpec) -> ClientPlan:
+        """Module ranks from a plan's ``layers`` ({layer, rank, targets}) or an explicit ``ranks`` map.
+
+        Raises PlanRejected naming the problem when a module is unknown or a rank is outside 1..max_rank.
+        """
+        ranks: dict[str, int] = {}
+        try:
+            if "ranks" in plan:
+                ranks = {str(k): int(v) for k, v in dict(plan["ranks"]).items()}
+            else:
+                for lp in plan["layers"]:
+                    for kind in lp["targets"]:
+                        ranks[f"layers.{int(lp['layer'])}.{kind}"] = int(lp["rank"])
+            mask_ratio = float(plan.get("mask_ratio", 1.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanRejected(f"plan is not a LoRA plan with layers/ranks ({exc!s:.200})") from exc
+        if not ranks:
+            raise PlanRejected("plan adapts no module")
+        for name, r in ranks.items():
+            module = spec.modules.get(name)
+            if module is None:
+                raise PlanRejected(f"plan adapts module {name[:80]!r}, which is not in the global adapter")
+            if not 1 <= r <= module.max_rank:
+                raise PlanRejected(f"plan gives module {name!r} rank {r}, outside 1..{module.max_rank}")
+        if not (math.isfinite(mask_ratio) and 0 < mask_ratio <= 1):
+            raise PlanRejected(f"plan mask_ratio must lie in (0, 1], got {mask_ratio}")
+        return cls(ranks=dict(sorted(ranks.items())), mask_ratio=mask_ratio)
+
+    def update_shapes(self, spec: GlobalSpec) -> dict[str, tuple[int | None, ...]]:
+        """Expected update tensors: ``<m>.A`` (r, in), ``<m>.B_rows`` (k, r), ``<m>.rows`` (k,), the head."""
+        shapes: dict[str, tuple[int | None, ...]] = {}
+        for name, r in self.ranks.items():
+            m = spec.modules[name]
+            shapes[f"{name}.A"] = (r, m.in_features)
+            shapes[f"{name}.B_rows"] = (None, r)
+            shapes[f"{name}.rows"] = (None,)
+        shapes.update(spec.head_shapes)
+        return shapes
+
+    def out_features(self, spec: GlobalSpec) -> dict[str, int]:
+        return {name: spec.modules[name].out_features for name in self.ranks}
+
+    def max_update_bytes(self, spec: GlobalSpec) -> int:
+        """Upper bound of an honest update: every row sent, in fp32, plus header slack."""
+        values = sum(math.prod(s) for s in spec.head_shapes.values())
+        for name, r in self.ranks.items():
+            m = spec.modules[name]
+            values += r * m.in_features + m.out_features * r + m.out_features
+        return 4 * values + HEADER_SLACK_BYTES
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """The addressing fields of an update, read without decoding its tensors."""
+
+    task: str
+    client_id: str
+    seq: int
+
+
+def peek_update_header(payload: bytes) -> UpdateHeader | None:
+    """task, client_id and seq of an update envelope, or None when they cannot be read.
+
+    Reads the documented envelope (16-byte header, zlib body) and the safetensors JSON header at the
+    start of the body, inflating at most PEEK_LIMIT bytes, so it is cheap even for an oversized payload.
+    Nothing here is trusted: the full decode checks everything again.
+    """
+    try:
+        if len(payload) < 16 or bytes(payload[:4]) != b"FHFT" or payload[5] != 1:
+            return None
+        flags = payload[6]
+        (body_len,) = struct.unpack_from("<I", payload, 8)
+        body = memoryview(payload)[16 : 16 + body_len]
+        if flags & 0x01:
+            inflater = zlib.decompressobj()
+            out = b""
+            for start in range(0, len(body), 16384):  # inflate chunk by chunk, only as far as the header
+                out += inflater.decompress(body[start : start + 16384], PEEK_LIMIT + 8 - len(out))
+                if len(out) >= 8 and len(out) >= 8 + struct.unpack_from("<Q", out)[0]:
+                    break
+                if len(out) >= PEEK_LIMIT + 8:
+                    return None
+            (header_len,) = struct.unpack_from("<Q", out)
+            text = out[8 : 8 + header_len]
+        else:
+            (header_len,) = struct.unpack_from("<Q", body)
+            if header_len > PEEK_LIMIT:
+                return None
+            text = bytes(body[8 : 8 + header_len])
+        meta = json.loads(text)["__metadata__"]["fedhft"]
+        header = json.loads(meta)["header"]
+        task, client_id, seq = header["task"], header["client_id"], header["seq"]
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, zlib.error, RecursionError):
+        return None
+    if id_problem(task) or id_problem(client_id):
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+        return None
+    return UpdateHeader(task=task, client_id=client_id, seq=seq)
+
+
+def reason_for(exc: ProtocolError) -> str:
+    """The rejection reason (a metric label) for a decode error."""
+    if isinstance(exc, NonFiniteTensor):
+        return NON_FINITE
+    if isinstance(exc, (ShapeMismatch, UnknownTensor, MissingTensor, BadIndices)):
+        return WRONG_SHAPE
+    if isinstance(exc, MessageTooLarge):
+        return TOO_LARGE
+    if isinstance(exc, Misaddressed):
+        return MISADDRESSED
+    if isinstance(exc, UnsupportedVersion):
+        return UNSUPPORTED
+    return MALFORMED
+
+
+class UpdateRejected(FedHFTError):
+    """An update the server refuses; ``reason`` is its metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_checked(payload: bytes, spec: GlobalSpec, plan: ClientPlan, task: str, client_id: str) -> UpdateMessage:
+    """Decode ``payload`` against the client's planned shapes; UpdateRejected with the reason otherwise."""
+    limit = plan.max_update_bytes(spec)
+    if len(payload) > limit:
+        raise UpdateRejected(TOO_LARGE, f"payload of {len(payload)} bytes is over this client's {limit}")
+    try:
+        return decode_update(
+            payload,
+            plan.update_shapes(spec),
+            max_bytes=limit,
+            out_features=plan.out_features(spec),
+            expected_task=task,
+            expected_client_id=client_id,
+        )
+    except ProtocolError as exc:
+        raise UpdateRejected(reason_for(exc), str(exc)) from exc
+
+
+def check_version(base_version: int, current: int, max_staleness: int) -> None:
+    """UpdateRejected unless current - max_staleness <= base_version <= current."""
+    if base_version > current:
+        raise UpdateRejected(FUTURE_VERSION, f"base_version {base_version} is newer than version {current}")
+    if current - base_version > max_staleness:
+        raise UpdateRejected(
+            STALE, f"base_version {base_version} is older than {current} - max_staleness {max_staleness}"
+        )
+
+
+def module_names(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The adapted modules of an update's tensors (names ending in .A)."""
+    return sorted(name[:-2] for name in tensors if name.endswith(".A"))
+
+
+def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of every rebuilt ΔW row, B_rows @ A, over all modules.
+
+    Uses ||B A||_F^2 = sum((B^T B) * (A A^T)), which costs r x r products instead of the k x in rows.
+    """
+    total = 0.0
+    for name in module_names(tensors):
+        a = np.asarray(tensors[f"{name}.A"], dtype=np.float32)
+        b = np.asarray(tensors[f"{name}.B_rows"], dtype=np.float32)
+        total += float(np.sum((b.T @ b).astype(np.float64) * (a @ a.T).astype(np.float64)))
+    return math.sqrt(max(total, 0.0))
+
+
+def scale_update(tensors: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """The update with every ΔW scaled by ``scale`` (B_rows scaled; A and the head untouched)."""
+    out = dict(tensors)
+    if scale != 1.0:
+        for name in module_names(tensors):
+            out[f"{name}.B_rows"] = (np.asarray(tensors[f"{name}.B_rows"], np.float64) * scale).astype(np.float32)
+    return out
+
+
+def clip_update(tensors: dict[str, np.ndarray], clip_norm: float | None) -> tuple[dict[str, np.ndarray], float]:
+    """(tensors, scale): ΔW scaled by clip_norm / norm when its L2 norm exceeds clip_norm, else as is."""
+    if clip_norm is None or clip_norm <= 0:
+        return tensors, 1.0
+    norm = delta_norm(tensors)
+    if norm <= clip_norm:
+        return tensors, 1.0
+    scale = clip_norm / norm
+    return scale_update(tensors, scale), scale
+
+
+def to_client_update(
+    client_id: str, num_samples: int, base_version: int, tensors: Mapping[str, np.ndarray], spec: GlobalSpec
+) -> ClientUpdate:
+    """The aggregation input of one update's tensors (wire factors: ΔW[rows] = B_rows @ A exactly)."""
+    modules = {
+        name: MaskedFactors(
+            A=tensors[f"{name}.A"],
+            B_rows=tensors[f"{name}.B_rows"],
+            rows=tensors[f"{name}.rows"],
+            out_features=spec.modules[name].out_features,
+        )
+        for name in module_names(tensors)
+    }
+    head = {k: tensors[k] for k in (HEAD_WEIGHT, HEAD_BIAS) if k in tensors}
+    return ClientUpdate(
+        client_id=client_id, num_samples=num_samples, base_version=base_version, modules=modules, head=head
+    )

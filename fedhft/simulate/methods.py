@@ -1,0 +1,45 @@
+"""The methods `fedhft simulate` compares: how each plans devices, and how its server aggregates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedhft.errors import FedHFTError
+
+
+class MethodError(FedHFTError):
+    """Unknown method or option."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    planner: str  # "legend" (per-device plan) | "uniform" (one LoRA plan for all) | "fixed-depth"
+    mask: bool  # upload the FedHFT masked slice (else every row)
+    synchronous: bool  # wait for every client (a round) instead of buffered async aggregation
+    aggregator: str  # server aggregation: "fedhft" (ΔW + SVD) | "fedavg" | "hetlora" | "flexlora"
+    clustering: bool
+    server_args: tuple[str, ...] = field(default_factory=tuple)
+    uniform_rank: int = 8
+    uniform_targets: tuple[str, ...] = ("query", "value")
+
+
+METHODS: dict[str, MethodSpec] = {
+    "fedhft": MethodSpec("fedhft", "legend", True, False, "fedhft", True),
+    "fedhft-no-clustering": MethodSpec("fedhft-no-clustering", "legend", True, False, "fedhft", False),
+    "fedhft-no-planner": MethodSpec("fedhft-no-planner", "fixed-depth", True, False, "fedhft", True),
+    "fedavg-lora": MethodSpec("fedavg-lora", "uniform", False, True, "fedavg", False),
+    "hetlora": MethodSpec("hetlora", "legend", False, True, "hetlora", False),
+    "flexlora": MethodSpec("flexlora", "legend", False, True, "flexlora", False),
+}
+
+
+def method_spec(name: str, no_clustering: bool = False, no_planner: bool = False) -> MethodSpec:
+    key = name
+    if name == "fedhft" and no_clustering:
+        key = "fedhft-no-clustering"
+    elif name == "fedhft" and no_planner:
+        key = "fedhft-no-planner"
+    if key not in METHODS:
+        raise MethodError(f"unknown method '{name}'; choose from {sorted(METHODS)}")
+    return METHODS[key]

@@ -1,0 +1,80 @@
+"""Independent byte accounting: a plain MQTT subscriber on the task's whole topic tree."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+
+from fedhft.edge_runtime.mqtt_link import parse_broker_url
+from fedhft.protocol import ProtocolError, decode_update
+from fedhft.protocol.topics import PREFIX
+
+
+@dataclass
+class TrafficCounter:
+    """Counts messages and payload bytes per topic kind (update, model, hello, ack) as the broker delivers them."""
+
+    broker: str
+    task: str
+    bytes_by_kind: Counter = field(default_factory=Counter)
+    messages_by_kind: Counter = field(default_factory=Counter)
+    updates: list[dict] = field(default_factory=list)  # header of every update seen (duplicates included)
+    _client: mqtt.Client | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, timeout: float = 10.0) -> TrafficCounter:
+        addr = parse_broker_url(self.broker)
+        c = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"fedhft-traffic-{self.task}",
+            protocol=mqtt.MQTTv5,
+        )
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *_a, **_k: self._ready.set()
+        c.connect(addr.host, addr.port)
+        c.loop_start()
+        c.subscribe(f"{PREFIX}/{self.task}/#", qos=1)
+        self._client = c
+        if not self._ready.wait(timeout):
+            raise TimeoutError("traffic counter could not subscribe")
+        return self
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        kind = parts[3] if len(parts) > 3 else "other"
+        if kind == "model" and len(parts) > 4:
+            kind = f"model/{parts[4]}"  # model/client (what a device downloads) or model/cluster
+        with self._lock:
+            self.bytes_by_kind[kind] += len(msg.payload)
+            self.messages_by_kind[kind] += 1
+        if kind == "update":
+            try:
+                u = decode_update(bytes(msg.payload))
+            except ProtocolError:
+                return
+            with self._lock:
+                self.updates.append(
+                    {
+                        "client": u.client_id,
+                        "seq": u.seq,
+                        "base_version": u.base_version,
+                        "bytes": len(msg.payload),
+                        "profile": u.profile,
+                        "loss": u.loss,
+                        **{k: float(v) for k, v in u.metrics.items()},
+                    }
+                )
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {"bytes": dict(self.bytes_by_kind), "messages": dict(self.messages_by_kind)}
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.loop_stop()
+            self._client.disconnect()
+            self._client = None

@@ -1,0 +1,249 @@
+"""Helpers of the server tests: synthetic masked updates, an MQTT test hub, a server subprocess."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from fedhft.broker_server.metrics import parse_metrics
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec, ModuleSpec
+from fedhft.protocol import (
+    AckMessage,
+    HelloMessage,
+    UpdateMessage,
+    decode_ack,
+    encode_hello,
+    encode_update,
+    hello_topic,
+    update_topic,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "ab" * 32
+
+
+def small_spec(
+    num_layers: int = 2, hidden: int = 12, inter: int = 20, labels: int = 3, max_rank: int = 8
+) -> GlobalSpec:
+    """A GlobalSpec for pure tests: query/value/ffn_in per layer."""
+    modules = {}
+    for i in range(num_layers):
+        for kind, (fin, fout) in {
+            "query": (hidden, hidden),
+            "value": (hidden, hidden),
+            "ffn_in": (hidden, inter),
+        }.items():
+            name = f"layers.{i}.{kind}"
+            modules[name] = ModuleSpec(name, fin, fout, max_rank)
+    return GlobalSpec(
+        modules=modules,
+        head_shapes={"head.weight": (labels, hidden), "head.bias": (labels,)},
+        num_labels=labels,
+        lora_alpha=16.0,
+        base_model_sha256="00" * 32,
+    )
+
+
+def plan_dict(layers: list[int], rank: int, targets: list[str], mask_ratio: float = 0.5) -> dict[str, Any]:
+    """A LEGEND-style plan dict as devices send it in hellos."""
+    return {
+        "layers": [{"layer": i, "rank": rank, "targets": list(targets)} for i in layers],
+        "mask_ratio": mask_ratio,
+        "lora_alpha": 16.0,
+    }
+
+
+def update_tensors(
+    rng: np.random.Generator,
+    spec: GlobalSpec,
+    plan: ClientPlan,
+    scale: float = 0.1,
+    head: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Random masked wire tensors of exactly the plan's shapes (rows = the mask ratio's share)."""
+    out: dict[str, np.ndarray] = {}
+    for name, r in plan.ranks.items():
+        m = spec.modules[name]
+        k = max(1, math.ceil(plan.mask_ratio * m.out_features))
+        rows = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
+        out[f"{name}.A"] = (scale * rng.standard_normal((r, m.in_features))).astype(np.float32)
+        out[f"{name}.B_rows"] = (scale * rng.standard_normal((k, r))).astype(np.float32)
+        out[f"{name}.rows"] = rows
+    if head is None:
+        head = {k: scale * rng.standard_normal(s) for k, s in spec.head_shapes.items()}
+    out.update({k: np.asarray(v, dtype=np.float32) for k, v in head.items()})
+    return out
+
+
+def update_message(
+    task: str,
+    client_id: str,
+    seq: int,
+    tensors: dict[str, np.ndarray],
+    base_version: int = 0,
+    num_samples: int = 10,
+    sha: str = SHA,
+    profile: str = "tiny-test",
+) -> UpdateMessage:
+    return UpdateMessage(task, client_id, seq, base_version, num_samples, 0.5, {}, profile, sha, time.time(), tensors)
+
+
+def encode_unchecked(msg: UpdateMessage) -> bytes:
+    """Encode an update WITHOUT the encoder's checks (to build NaN payloads a real client never sends)."""
+    from fedhft.protocol import codec
+
+    header = {name: getattr(msg, name) for name in codec.UPDATE_FIELDS}
+    tensors = {k: (v.astype(np.int32) if k.endswith(".rows") else v.astype(np.float32)) for k, v in msg.tensors.items()}
+    stored, encodings = codec._encode_tensors(tensors, "fp32")
+    return codec._wrap(codec.KIND_UPDATE, codec._pack_body(header, stored, encodings))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` s (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Hub:
+    """One test MQTT client: publishes for every synthetic device, collects every ack and model."""
+
+    def __init__(self, port: int, task: str) -> None:
+        self.task = task
+        self.lock = threading.Lock()
+        self.acks: dict[tuple[str, int], list[AckMessage]] = {}
+        self.models: dict[str, list[bytes]] = {}
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"test-hub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(100)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(f"fedhft/v1/{task}/ack/+", 1), (f"fedhft/v1/{task}/model/#", 1)])
+        assert subscribed.wait(10), "hub did not get its SUBACK"
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            if "/ack/" in msg.topic:
+                ack = decode_ack(msg.payload, expected_task=self.task)
+                self.acks.setdefault((ack.client_id, ack.seq), []).append(ack)
+            else:
+                self.models.setdefault(msg.topic, []).append(bytes(msg.payload))
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def hello(self, client_id: str, plan: Mapping[str, Any], sha: str = SHA, profile: str = "tiny-test") -> None:
+        msg = HelloMessage(self.task, client_id, profile, sha, dict(plan), time.time())
+        self.publish(hello_topic(self.task, client_id), encode_hello(msg))
+
+    def update(self, msg: UpdateMessage, encoding: str = "fp32") -> None:
+        self.publish(update_topic(self.task, msg.client_id), encode_update(msg, encoding))
+
+    def ack_status(self, client_id: str, seq: int) -> str | None:
+        with self.lock:
+            acks = self.acks.get((client_id, seq))
+            return acks[-1].status if acks else None
+
+    def latest_model(self, target: str) -> bytes | None:
+        with self.lock:
+            got = self.models.get(f"fedhft/v1/{self.task}/model/{target}")
+            return got[-1] if got else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def free_port() -> int:
+    from mqtt_broker import free_port as fp
+
+    return fp()
+
+
+class ServerProcess:
+    """`python -m fedhft.broker_server.cli_server server-run ...` as a child; stderr goes to a log file."""
+
+    def __init__(self, broker_url: str, task: str, state: Path, manifest: Path, *extra: str) -> None:
+        self.metrics_port = free_port()
+        self.args = [
+            sys.executable,
+            "-m",
+            "fedhft.broker_server.cli_server",
+            "-v",
+            "server-run",
+            "--broker",
+            broker_url,
+            "--task",
+            task,
+            "--state",
+            str(state),
+            "--manifest",
+            str(manifest),
+            "--metrics-port",
+            str(self.metrics_port),
+            *extra,
+        ]
+        self.log = state.parent / f"server-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> ServerProcess:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if wait_ready:
+            ok = wait_until(lambda: self.proc.poll() is not None or self.metric("fedhft_ready") == 1.0, timeout)
+            assert ok and self.proc.poll() is None, f"server not ready: {self.log_text()[-3000:]}"
+        return self
+
+    def scrape(self) -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return parse_metrics(r.read().decode())
+        except OSError:
+            return {}
+
+    def metric(self, key: str) -> float | None:
+        return self.scrape().get(key)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode

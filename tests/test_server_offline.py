@@ -1,0 +1,213 @@
+"""The server's message handling without a broker: verdicts, replays, durability order, restart, disk full."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import SHA, encode_unchecked, update_message, update_tensors
+
+from fedhft.broker_server import state_store
+from fedhft.broker_server.federation import FederationConfig
+from fedhft.broker_server.service import Inbound, Server, ServerConfig
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
+from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
+from fedhft.protocol.manifest import load_manifest
+
+TASK = "offline"
+Ack = tuple[str, int, str, str]
+
+
+@pytest.fixture
+def make_server(tiny_export: Path, tmp_path: Path) -> Iterator[Callable[..., tuple[Server, list[Ack]]]]:
+    servers: list[Server] = []
+
+    def make(clip_norm: float | None = None, **fed: object) -> tuple[Server, list[Ack]]:
+        config = ServerConfig(
+            broker="mqtt://127.0.0.1:1",
+            task=TASK,
+            state_dir=tmp_path / "state",
+            manifest=tiny_export,
+            federation=FederationConfig(**{"buffer_size": 100, "window_seconds": 1e6, **fed}),
+            clip_norm=clip_norm,
+        )
+        server = Server(config)
+        acks: list[Ack] = []
+        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        servers.append(server)
+        return server, acks
+
+    yield make
+    for s in servers:
+        s.shutdown()
+
+
+@pytest.fixture
+def tiny(tiny_export: Path) -> tuple[GlobalSpec, dict, ClientPlan]:
+    manifest = load_manifest(tiny_export)
+    spec = GlobalSpec.from_manifest(manifest)
+    return spec, dict(manifest.plan), ClientPlan.from_plan(manifest.plan, spec)
+
+
+def hello(cid: str, plan: dict) -> Inbound:
+    payload = encode_hello(HelloMessage(TASK, cid, "tiny-test", SHA, plan, time.time()))
+    return Inbound(hello_topic(TASK, cid), payload, 0, 0, time.time())
+
+
+def upd(cid: str, payload: bytes, topic_client: str | None = None) -> Inbound:
+    return Inbound(update_topic(TASK, topic_client or cid), payload, 0, 0, time.time())
+
+
+def good(tiny: tuple, cid: str, seq: int, rng: np.random.Generator, base: int = 0, **kw: object) -> bytes:
+    spec, _, plan = tiny
+    return encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan), base_version=base, **kw))
+
+
+def statuses(server: Server) -> list[tuple]:
+    return server.store.db.execute("SELECT client_id, seq, status FROM updates ORDER BY id").fetchall()
+
+
+def test_replays_get_duplicate_acks_and_are_aggregated_once(make_server: Callable, tiny: tuple) -> None:
+    rng = np.random.default_rng(0)
+    server, acks = make_server()
+    server.handle_batch([hello("a", tiny[1])])
+    p1 = good(tiny, "a", 1, rng)
+    p2 = good(tiny, "a", 2, rng)
+    server.handle_batch([upd("a", p1)])
+    server.handle_batch([upd("a", p1), upd("a", good(tiny, "a", 0, rng)), upd("a", p2), upd("a", p2)])
+    assert [a[1:3] for a in acks] == [
+        (1, "accepted"),
+        (1, "duplicate"),
+        (0, "rejected"),
+        (2, "accepted"),
+        (2, "duplicate"),
+    ]
+    assert acks[2][3].startswith("old_seq")
+    assert statuses(server) == [("a", 1, "pending"), ("a", 2, "pending")]
+    assert server.aggregate_and_publish()
+    assert server.federation.version == 1
+    assert statuses(server) == [("a", 1, "aggregated"), ("a", 2, "aggregated")]
+    server.handle_batch([upd("a", p1)])
+    assert acks[-1][1:3] == (1, "duplicate") and not server.federation.pending
+    server.handle_batch([upd("ghost", good(tiny, "ghost", 1, rng))])
+    assert acks[-1][1:4] == (1, "rejected", "unknown_client: no hello from this client")
+    versions = server.store.db.execute("SELECT version, num_updates FROM versions").fetchall()
+    assert versions == [(1, 2)]
+    m = server.metrics
+    assert m.get("fedhft_updates_total", {"status": "duplicate", "reason": "replay"}) == 3
+    assert m.get("fedhft_updates_total", {"status": "accepted", "reason": ""}) == 2
+
+
+def test_restart_resumes_pending_updates_seqs_and_versions(make_server: Callable, tiny: tuple) -> None:
+    rng = np.random.default_rng(1)
+    server, acks = make_server()
+    server.handle_batch([hello("a", tiny[1]), hello("b", tiny[1])])
+    server.handle_batch([upd("a", good(tiny, "a", s, rng)) for s in (1, 2)] + [upd("b", good(tiny, "b", 1, rng))])
+    server.aggregate_and_publish()
+    p3 = good(tiny, "a", 3, rng, base=1)
+    server.handle_batch([upd("a", p3)])
+    state_before = server.federation.states[0].copy()
+    m0 = next(iter(tiny[2].ranks))
+    server.shutdown()  # as after kill -9: nothing is flushed on the way out
+
+    server, acks = make_server()
+    assert server.federation.version == 1 and [p.seq for p in server.federation.pending] == [3]
+    np.testing.assert_array_equal(server.federation.states[0].modules[m0], state_before.modules[m0])
+    server.handle_batch([upd("a", p3), upd("a", good(tiny, "a", 4, rng, base=1))])
+    assert [a[1:3] for a in acks] == [(3, "duplicate"), (4, "accepted")]
+    server.aggregate_and_publish()
+    rows = server.store.db.execute("SELECT version, num_updates FROM versions ORDER BY version").fetchall()
+    assert rows == [(1, 3), (2, 2)]
+    aggregated = server.store.db.execute("SELECT COUNT(*) FROM updates WHERE status = 'aggregated'").fetchone()[0]
+    assert aggregated == sum(n for _, n in rows)
+
+
+def test_an_update_is_acked_only_after_it_is_durable(
+    make_server: Callable, tiny: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(2)
+    server, acks = make_server()
+    server.handle_batch([hello("a", tiny[1])])
+    real = os.fsync
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_store.os, "fsync", full)
+    p1 = good(tiny, "a", 1, rng)
+    server.handle_batch([upd("a", p1)])
+    assert acks == [] and statuses(server) == [] and not server.federation.pending
+    assert server.metrics.get("fedhft_updates_total", {"status": "error", "reason": "disk_full"}) == 1
+    monkeypatch.setattr(state_store.os, "fsync", real)
+    server.handle_batch([upd("a", p1)])  # the device retries after its ack timeout
+    assert acks == [("a", 1, "accepted", "")]
+
+
+def test_bad_updates_are_rejected_with_their_reason(make_server: Callable, tiny: tuple) -> None:
+    spec, plan_json, plan = tiny
+    rng = np.random.default_rng(3)
+    server, acks = make_server(max_staleness=2)
+    server.handle_batch([hello("a", plan_json)])
+    nan = update_tensors(rng, spec, plan)
+    m0, r0 = next(iter(plan.ranks.items()))
+    nan[f"{m0}.A"][0, 0] = np.nan
+    wrong = update_tensors(rng, spec, plan)
+    wrong[f"{m0}.A"] = wrong[f"{m0}.A"][: r0 - 1]  # one rank short of the plan
+    wrong[f"{m0}.B_rows"] = wrong[f"{m0}.B_rows"][:, : r0 - 1]
+    big = update_tensors(rng, spec, plan) | {
+        "layers.9.query.A": np.zeros((16, 40000), np.float32),
+        "layers.9.query.B_rows": np.zeros((1, 16), np.float32),
+        "layers.9.query.rows": np.zeros(1, np.int32),
+    }
+    cases = {
+        1: ("non_finite", encode_unchecked(update_message(TASK, "a", 1, nan))),
+        2: ("wrong_shape", encode_update(update_message(TASK, "a", 2, wrong))),
+        3: ("too_large", encode_update(update_message(TASK, "a", 3, big), "fp32")),
+        4: ("manifest_mismatch", good(tiny, "a", 4, rng, sha="cd" * 32)),
+        5: ("future_version", good(tiny, "a", 5, rng, base=7)),
+    }
+    server.handle_batch([upd("a", payload) for _, payload in cases.values()])
+    server.handle_batch([upd("b", good(tiny, "b", 6, rng), topic_client="a")])  # b's update on a's topic
+    server.handle_batch([upd("a", b"FHFT garbage")])  # cannot be read: counted, not acked
+    got = {seq: (status, reason.split(":")[0]) for _, seq, status, reason in acks}
+    assert got == {seq: ("rejected", reason) for seq, (reason, _) in cases.items()} | {6: ("rejected", "misaddressed")}
+    assert statuses(server) == [] and not server.federation.pending
+    for reason in ("non_finite", "wrong_shape", "too_large", "manifest_mismatch", "misaddressed", "malformed"):
+        assert server.metrics.get("fedhft_updates_total", {"status": "rejected", "reason": reason}) == 1
+    server.handle_batch([upd("a", good(tiny, "a", 1, rng))])  # a fixed resend of a rejected seq is fine
+    assert acks[-1][1:3] == (1, "accepted")
+
+
+def test_stale_updates_are_rejected(make_server: Callable, tiny: tuple) -> None:
+    rng = np.random.default_rng(4)
+    server, acks = make_server(max_staleness=1, buffer_size=1)
+    server.handle_batch([hello("a", tiny[1])])
+    for seq in (1, 2, 3):
+        server.handle_batch([upd("a", good(tiny, "a", seq, rng, base=server.federation.version))])
+        server.aggregate_and_publish()
+    server.handle_batch([upd("a", good(tiny, "a", 4, rng, base=1))])
+    assert server.federation.version == 3 and acks[-1][2:] == ("rejected", acks[-1][3])
+    assert acks[-1][3].startswith("stale")
+
+
+def test_oversized_norms_are_clipped_and_counted(make_server: Callable, tiny: tuple) -> None:
+    spec, _, plan = tiny
+    rng = np.random.default_rng(5)
+    server, acks = make_server(clip_norm=0.5)
+    server.handle_batch([hello("a", tiny[1])])
+    tensors = update_tensors(rng, spec, plan, scale=1.0)
+    assert delta_norm(tensors) > 0.5
+    server.handle_batch([upd("a", encode_update(update_message(TASK, "a", 1, tensors), "fp32"))])
+    assert acks == [("a", 1, "accepted", "")]
+    assert server.metrics.get("fedhft_updates_clipped_total") == 1
+    (stored,) = server.store.load_pending()
+    assert stored.clip_scale < 1
+    assert delta_norm(server.federation.pending[0].tensors) == pytest.approx(0.5, rel=1e-4)
+    server.shutdown()
+    server, _ = make_server(clip_norm=0.5)  # after a restart the stored payload is clipped the same way
+    assert delta_norm(server.federation.pending[0].tensors) == pytest.approx(0.5, rel=1e-4)

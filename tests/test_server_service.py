@@ -1,0 +1,260 @@
+"""The server as a subprocess on a real Mosquitto: models, lock, kill -9 recovery, rejects, clustering."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import (
+    ROOT,
+    Hub,
+    ServerProcess,
+    encode_unchecked,
+    plan_dict,
+    update_message,
+    update_tensors,
+    wait_until,
+)
+
+from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
+from fedhft.broker_server.clustering import adjusted_rand_index
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
+from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
+from fedhft.protocol.manifest import load_manifest
+
+TASK = "svc"
+
+
+@pytest.fixture
+def env(mosquitto, tiny_export: Path, tmp_path: Path):  # noqa: ANN001, ANN201
+    """(hub, spec, manifest plan, start(*args) -> ServerProcess); stops every server and the hub."""
+    manifest = load_manifest(tiny_export)
+    spec = GlobalSpec.from_manifest(manifest)
+    hub = Hub(mosquitto.port, TASK)
+    servers: list[ServerProcess] = []
+
+    def start(*extra: str, state: Path | None = None, wait_ready: bool = True) -> ServerProcess:
+        proc = ServerProcess(mosquitto.url, TASK, state or tmp_path / "state", tiny_export, *extra)
+        servers.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    try:
+        yield hub, spec, dict(manifest.plan), start
+    finally:
+        for s in servers:
+            s.stop()
+        hub.close()
+
+
+def version_of(hub: Hub, target: str) -> int | None:
+    payload = hub.latest_model(target)
+    return None if payload is None else decode_model(payload).version
+
+
+def db_rows(state: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(state / "state.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(env, tmp_path: Path) -> None:  # noqa: ANN001
+    hub, spec, tiny_plan, start = env
+    server = start("--buffer-size", "4", "--window-seconds", "60")
+    plans = {
+        "full": tiny_plan,
+        "r8": plan_dict([1], 8, ["query", "value"], 0.5),
+        "r4": plan_dict([0, 1], 4, ["query", "key", "value", "attn_out"], 0.25),
+        "r2": plan_dict([1], 2, ["ffn_in", "ffn_out"], 1.0),
+    }
+    cplans = {cid: ClientPlan.from_plan(p, spec) for cid, p in plans.items()}
+    for cid, plan in plans.items():
+        hub.hello(cid, plan)
+    key = load_public_key(tmp_path / "state" / "server_key.pub")
+    assert wait_until(lambda: all(version_of(hub, f"client/{c}") == 0 for c in plans), 10)
+    for cid, plan in cplans.items():  # version 0 on registration: ΔW = 0 (B = 0, trainable A), no head yet
+        msg = decode_model(hub.latest_model(f"client/{cid}"), verify_key=key, expected_target=f"client/{cid}")
+        assert all(not msg.tensors[f"{n}.B"].any() and msg.tensors[f"{n}.A"].any() for n in plan.ranks)
+        assert "head.weight" not in msg.tensors
+    rng = np.random.default_rng(0)
+    sent = {cid: update_tensors(rng, spec, cplans[cid]) for cid in plans}
+    for cid, tensors in sent.items():
+        hub.update(update_message(TASK, cid, 1, tensors))
+    assert wait_until(lambda: all(version_of(hub, f"client/{c}") == 1 for c in plans), 15), server.log_text()[-3000:]
+    assert all(hub.ack_status(c, 1) == "accepted" for c in plans)
+    updates = [to_client_update(cid, 10, 0, t, spec) for cid, t in sent.items()]
+    (expected,) = aggregate_buffer([ClusterState({}, {})], updates, 0, 0.5)
+    for cid, plan in cplans.items():
+        msg = decode_model(
+            hub.latest_model(f"client/{cid}"), verify_key=key, expected_task=TASK, expected_target=f"client/{cid}"
+        )
+        assert msg.version == 1
+        want = {f"{n}.A": (r, spec.modules[n].in_features) for n, r in plan.ranks.items()}
+        want |= {f"{n}.B": (spec.modules[n].out_features, r) for n, r in plan.ranks.items()}
+        want |= dict(spec.head_shapes)
+        assert {k: v.shape for k, v in msg.tensors.items()} == want
+        for name, r in plan.ranks.items():
+            u, s, vt = np.linalg.svd(expected.modules[name])
+            got = msg.tensors[f"{name}.B"].astype(np.float64) @ msg.tensors[f"{name}.A"]
+            np.testing.assert_allclose(got, (u[:, :r] * s[:r]) @ vt[:r], atol=1e-4)
+    cluster = decode_model(hub.latest_model("cluster/0"), verify_key=key, expected_target="cluster/0")
+    assert cluster.version == 1
+    for name in cplans["r8"].ranks:  # cluster models carry every module at the global max rank R
+        assert cluster.tensors[f"{name}.A"].shape == (spec.modules[name].max_rank, spec.modules[name].in_features)
+    with pytest.raises(BadSignature):
+        decode_model(hub.latest_model("cluster/0"), verify_key=generate_keypair()[1])
+    for cid in plans:  # second round from version 1: versions only grow
+        hub.update(update_message(TASK, cid, 2, update_tensors(rng, spec, cplans[cid]), base_version=1))
+    assert wait_until(lambda: server.metric("fedhft_model_version") == 2.0, 15)
+    assert wait_until(lambda: version_of(hub, "client/r2") == 2, 10)
+    seen = [decode_model(p).version for p in hub.models[f"fedhft/v1/{TASK}/model/client/r2"]]
+    assert seen == sorted(seen) and sorted(set(seen)) == [0, 1, 2]
+    assert server.stop() == 0
+    stored = db_rows(tmp_path / "state", "SELECT client_id, seq, status FROM updates")
+    assert sorted(stored) == sorted((c, s, "aggregated") for c in plans for s in (1, 2))
+
+
+def test_a_second_server_on_the_same_state_refuses(env, tmp_path: Path, tiny_export: Path, mosquitto) -> None:  # noqa: ANN001
+    _, _, _, start = env
+    first = start()
+    args = [
+        sys.executable, "-m", "fedhft.broker_server.cli_server", "server-run", "--broker", mosquitto.url,
+        "--task", TASK, "--state", str(tmp_path / "state"), "--manifest", str(tiny_export),
+    ]  # fmt: skip
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False
+    )
+    assert out.returncode == 1
+    assert f"PID {first.proc.pid}" in out.stderr and "in use by another fedhft server" in out.stderr
+    assert first.proc.poll() is None and first.metric("fedhft_ready") == 1.0
+
+
+def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice(env, tmp_path: Path) -> None:  # noqa: ANN001
+    hub, spec, tiny_plan, start = env
+    extra = ("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
+    server = start(*extra)
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    clients = [f"dev{i}" for i in range(8)]
+    for cid in clients:
+        hub.hello(cid, tiny_plan)
+    rng = np.random.default_rng(1)
+    payloads = {
+        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
+        for seq in range(1, 21)
+        for cid in clients
+    }
+    topic = f"fedhft/v1/{TASK}/update/"
+    infos = [hub.client.publish(topic + cid, p, qos=1) for (cid, _), p in payloads.items()]  # one burst
+    assert wait_until(lambda: sum(hub.ack_status(*k) == "accepted" for k in payloads) >= 20, 10, interval=0.005)
+    server.kill9()  # mid-burst: updates queued, half-stored or half-aggregated; the rest still reach the broker
+    for info in infos:
+        info.wait_for_publish(10)
+    acked_before_kill = {k for k in payloads if hub.ack_status(*k) == "accepted"}
+    assert 20 <= len(acked_before_kill) < len(payloads)
+    server = start(*extra)
+    for _ in range(3):  # devices resend what was never acknowledged (bounded rounds)
+        missing = [k for k in payloads if hub.ack_status(*k) not in ("accepted", "duplicate")]
+        if not missing:
+            break
+        wait_until(lambda m=missing: all(hub.ack_status(*k) for k in m), 3)
+        for k in missing:
+            if hub.ack_status(*k) is None:
+                hub.publish(topic + k[0], payloads[k])
+    assert wait_until(lambda: all(hub.ack_status(*k) in ("accepted", "duplicate") for k in payloads), 15)
+    assert wait_until(lambda: server.metric("fedhft_pending_updates") in (0.0, 1.0, 2.0, 3.0), 10)  # < M wait
+    assert server.stop() == 0
+    state = tmp_path / "state"
+    rows = {(c, s): st for c, s, st in db_rows(state, "SELECT client_id, seq, status FROM updates")}
+    assert set(rows) == set(payloads)  # every update stored exactly once (UNIQUE(client, seq))
+    assert all(rows[k] in ("pending", "aggregated") for k in acked_before_kill)
+    versions = db_rows(state, "SELECT version, num_updates FROM versions ORDER BY version")
+    assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
+    aggregated = sum(1 for st in rows.values() if st == "aggregated")
+    assert aggregated == sum(n for _, n in versions)  # no update counted in two versions
+    assert aggregated + sum(1 for st in rows.values() if st == "pending") == len(payloads)
+    for topic_name, got in hub.models.items():
+        seen = [decode_model(p).version for p in got]
+        assert seen == sorted(seen), topic_name
+
+
+def test_bad_updates_are_rejected_counted_and_leave_the_model_alone(env) -> None:  # noqa: ANN001
+    hub, spec, tiny_plan, start = env
+    server = start("--buffer-size", "2", "--window-seconds", "60", "--clip-norm", "100")
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    for cid in ("a", "b"):
+        hub.hello(cid, tiny_plan)
+    rng = np.random.default_rng(2)
+    for cid in ("a", "b"):
+        hub.update(update_message(TASK, cid, 1, update_tensors(rng, spec, plan)))
+    assert wait_until(lambda: version_of(hub, "client/a") == 1, 15), server.log_text()[-2000:]
+    model_before = hub.latest_model("client/a")
+    nan = update_tensors(rng, spec, plan)
+    first, last = sorted(plan.ranks)[0], sorted(plan.ranks)[-1]
+    nan[f"{first}.B_rows"][0, 0] = np.inf
+    wrong = update_tensors(rng, spec, plan)
+    del wrong[f"{last}.A"], wrong[f"{last}.B_rows"], wrong[f"{last}.rows"]  # a planned module is missing
+    huge = update_tensors(rng, spec, plan) | {
+        "layers.7.query.A": rng.standard_normal((16, 60000)).astype(np.float32),
+        "layers.7.query.B_rows": np.zeros((1, 16), np.float32),
+        "layers.7.query.rows": np.zeros(1, np.int32),
+    }
+    hub.publish(f"fedhft/v1/{TASK}/update/a", encode_unchecked(update_message(TASK, "a", 2, nan)))
+    hub.update(update_message(TASK, "a", 3, wrong))
+    hub.update(update_message(TASK, "a", 4, huge), "fp16")
+    hub.update(update_message(TASK, "ghost", 1, update_tensors(rng, spec, plan)))
+    hub.update(update_message(TASK, "a", 1, update_tensors(rng, spec, plan)))  # replays seq 1
+    expected = {
+        ("a", 2): "rejected",
+        ("a", 3): "rejected",
+        ("a", 4): "rejected",
+        ("ghost", 1): "rejected",
+    }
+    assert wait_until(lambda: all(hub.ack_status(*k) == v for k, v in expected.items()), 15)
+    assert wait_until(lambda: len(hub.acks.get(("a", 1), [])) == 2, 10)
+    assert hub.acks[("a", 1)][-1].status == "duplicate"
+    metrics = server.scrape()
+    for reason in ("non_finite", "wrong_shape", "too_large", "unknown_client"):
+        assert metrics[f'fedhft_updates_total{{reason="{reason}",status="rejected"}}'] == 1.0, reason
+    assert metrics['fedhft_updates_total{reason="replay",status="duplicate"}'] == 1.0
+    assert metrics['fedhft_updates_total{reason="",status="accepted"}'] == 2.0
+    assert metrics["fedhft_model_version"] == 1.0 and metrics["fedhft_pending_updates"] == 0.0
+    assert metrics["fedhft_aggregation_seconds_count"] == 1.0
+    assert hub.latest_model("client/a") == model_before
+    seen = [decode_model(p).version for p in hub.models[f"fedhft/v1/{TASK}/model/client/a"]]
+    assert seen == sorted(seen) and seen[-1] == 1  # no version after the good round
+
+
+def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
+    hub, spec, _, start = env
+    n, k = 9, 3
+    server = start(
+        "--buffer-size", str(n), "--window-seconds", "60", "--clusters", str(k),
+        "--warmup-aggregations", "1", "--recluster-every", "1",
+    )  # fmt: skip
+    plan = plan_dict([1], 2, ["query"], 0.5)
+    cplan = ClientPlan.from_plan(plan, spec)
+    rng = np.random.default_rng(3)
+    centers = [{key: rng.standard_normal(s) for key, s in spec.head_shapes.items()} for _ in range(k)]
+    labels = [i % k for i in range(n)]
+    for i in range(n):
+        hub.hello(f"c{i}", plan)
+    for version in (0, 1):
+        for i, g in enumerate(labels):
+            head = {key: v + 0.05 * rng.standard_normal(v.shape) for key, v in centers[g].items()}
+            tensors = update_tensors(rng, spec, cplan, head=head)
+            hub.update(update_message(TASK, f"c{i}", version + 1, tensors, base_version=version))
+        assert wait_until(lambda v=version: server.metric("fedhft_model_version") == v + 1.0, 20)
+    assert wait_until(lambda: all(hub.latest_model(f"cluster/{c}") for c in range(k)), 10)
+    assert wait_until(lambda: all(decode_model(hub.latest_model(f"client/c{i}")).version == 2 for i in range(n)), 10)
+    models = [decode_model(hub.latest_model(f"client/c{i}")) for i in range(n)]
+    found = [int(m.meta["cluster"]) for m in models]
+    assert adjusted_rand_index(labels, found) == 1.0
+    for m, g in zip(models, labels, strict=True):
+        np.testing.assert_allclose(m.tensors["head.weight"], centers[g]["head.weight"], atol=0.1)
+    metrics = server.scrape()
+    assert metrics["fedhft_clusters"] == 3.0
+    assert sorted(metrics[f'fedhft_clients{{cluster="{c}"}}'] for c in range(k)) == [3.0, 3.0, 3.0]
+    assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))

@@ -1,0 +1,156 @@
+"""The state directory: lock, group commit, crash recovery, disk full, atomic versions."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import plan_dict, small_spec, update_message, update_tensors
+
+from fedhft.broker_server import state_store
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.broker_server.state_store import StagedUpdate, StateError, StateLocked, StateStore, StorageFull
+from fedhft.broker_server.validation import ClientPlan
+from fedhft.protocol import encode_update
+
+SPEC = small_spec()
+PLAN = plan_dict([1], 2, ["query", "value"])
+
+
+def staged(cid: str, seq: int, rng: np.random.Generator) -> StagedUpdate:
+    tensors = update_tensors(rng, SPEC, ClientPlan.from_plan(PLAN, SPEC))
+    payload = encode_update(update_message("task", cid, seq, tensors), "fp32")
+    return StagedUpdate(cid, seq, 0, 10, 0.5, 1000.0 + seq, 1.0, payload, tensors)
+
+
+def open_store(path: Path) -> StateStore:
+    return StateStore(path, "task", SPEC.fingerprint())
+
+
+def rows(store: StateStore) -> list[tuple]:
+    return store.db.execute("SELECT client_id, seq, status FROM updates ORDER BY id").fetchall()
+
+
+def test_second_open_refuses_naming_the_pid(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        with pytest.raises(StateLocked, match=f"PID {os.getpid()}"):
+            open_store(tmp_path)
+    finally:
+        store.close()
+    open_store(tmp_path).close()  # released on close
+
+
+def test_state_dir_of_another_task_is_refused(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    with pytest.raises(StateError, match="belongs to task 'task'"):
+        StateStore(tmp_path, "other", SPEC.fingerprint())
+
+
+def test_wal_and_full_sync(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
+
+
+def test_group_commit_stores_tensors_and_recovery_removes_orphans(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    store = open_store(tmp_path)
+    store.upsert_client("a", "p", "ab" * 32, PLAN)
+    batch = [staged("a", 1, rng), staged("a", 2, rng)]
+    stored = store.commit_updates(batch, {"a": {"head.weight": np.ones((3, 12)), "head.bias": np.zeros(3)}})
+    assert [s.seq for s in stored] == [1, 2]
+    for s, b in zip(stored, batch, strict=True):
+        assert store.load_payload(s) == b.payload  # stored exactly as received
+    assert store.load_clients()["a"].last_seq == 2
+    assert store.load_clients()["a"].head["head.weight"].shape == (3, 12)
+    store.close()
+    # what a kill -9 can leave behind: a file of an uncommitted insert, temp files, an uncommitted state dir
+    (tmp_path / "updates" / "deadbeef.safetensors").write_bytes(b"x")
+    (tmp_path / "updates" / ".x.safetensors.1234.tmp").write_bytes(b"x")
+    (tmp_path / "states" / "v00000007").mkdir()
+    store = open_store(tmp_path)
+    try:
+        batch_files = {s.tensor_file.split("#")[0] for s in stored}
+        assert len(batch_files) == 1  # one file (one fsync) per group commit
+        assert {p.name for p in (tmp_path / "updates").iterdir()} == batch_files
+        assert not (tmp_path / "states" / "v00000007").exists()
+        assert [p.seq for p in store.load_pending()] == [1, 2]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_disk_full_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    rng = np.random.default_rng(1)
+    store = open_store(tmp_path)
+    store.upsert_client("a", "p", "ab" * 32, PLAN)
+    calls = {"n": 0}
+    real = getattr(os, where)
+
+    def failing(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the batch file hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(state_store.os, where, failing)
+    with pytest.raises(StorageFull, match="disk full"):
+        store.commit_updates([staged("a", 1, rng), staged("a", 2, rng)])
+    monkeypatch.setattr(state_store.os, where, real)
+    try:
+        assert rows(store) == []
+        assert list((tmp_path / "updates").iterdir()) == []
+        assert store.load_clients()["a"].last_seq == -1
+        store.commit_updates([staged("a", 1, rng)])  # space is back: the retry works
+        assert rows(store) == [("a", 1, "pending")]
+    finally:
+        store.close()
+
+
+def test_version_commit_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    store = open_store(tmp_path)
+    store.upsert_client("a", "p", "ab" * 32, PLAN)
+    (s1,) = store.commit_updates([staged("a", 1, rng)])
+    state = ClusterState(modules={"layers.1.query": rng.standard_normal((12, 12))}, head={"head.bias": np.ones(3)})
+
+    def failing_tx():  # noqa: ANN202
+        raise StorageFull("disk full (simulated)")
+
+    real_tx = store.transaction
+    monkeypatch.setattr(store, "transaction", failing_tx)
+    with pytest.raises(StorageFull):
+        store.commit_version(1, [state], [s1.id], {"a": [1.0]}, {"aggregations": "1"})
+    monkeypatch.setattr(store, "transaction", real_tx)
+    assert store.latest_version() is None and rows(store) == [("a", 1, "pending")]
+    assert list((tmp_path / "states").iterdir()) == []
+    record = store.commit_version(1, [state], [s1.id], {"a": [1.0]}, {"aggregations": "1"})
+    assert record.version == 1 and rows(store) == [("a", 1, "aggregated")]
+    assert list((tmp_path / "updates").iterdir()) == []  # aggregated tensors are no longer needed
+    (loaded,) = store.load_states(record)
+    np.testing.assert_array_equal(loaded.modules["layers.1.query"], state.modules["layers.1.query"])
+    with pytest.raises(StateError, match="not newer"):
+        store.commit_version(1, [state], [], {}, {})
+    for v in (2, 3, 4):
+        store.commit_version(v, [state], [], {}, {}, keep_versions=2)
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["v00000003", "v00000004"]
+    store.close()
+
+
+def test_server_modules_import_without_torch() -> None:
+    from conftest import run_torchfree
+
+    code = (
+        "import json, sys\n"
+        "import fedhft.broker_server.service, fedhft.broker_server.cli_server, fedhft.broker_server.broker\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum', 'executorch')]\n"
+        "print(json.dumps({'heavy': heavy}))\n"
+    )
+    assert run_torchfree(code, timeout=120) == {"heavy": []}
