@@ -58,8 +58,34 @@ def wire_bytes(d: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"ORT_MEMORY": ort_memory, "WIRE_BYTES": wire_bytes}
-FILES = {"ORT_MEMORY": "ort_memory.json", "WIRE_BYTES": "wire_bytes.json"}
+def server_ingest(d: dict) -> str:
+    lines = [
+        f"One server process through Mosquitto on loopback, {d['profile']} updates of {d['model']}; pass-through = a "
+        "plain subscriber on the same broker, same payloads, same run (median of 3).",
+        "",
+        "| payload | bytes | pass-through /s | server ingest /s | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in d["ingest"]:
+        lines.append(
+            f"| {r['payload']} | {r['payload_bytes']} | {r['passthrough_per_s']} | {r['ingest_per_s']} | "
+            f"{r['ratio']} |"
+        )
+    lines += ["", "| buffered updates | rank | aggregate ms | persist ms | models ms |", "|---:|---:|---:|---:|---:|"]
+    for r in d["aggregation_vs_updates"] + d["aggregation_vs_rank"]:
+        lines.append(
+            f"| {r['updates']} | {r['rank']} | {r['aggregate_ms']} | {r['persist_ms']} | {r['models_ms']} |"
+        )
+    lines += ["", "Command: `python bench/server_ingest.py`. *models* = factor, encode and sign every client's model."]
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "ORT_MEMORY": ort_memory,
+    "WIRE_BYTES": wire_bytes,
+    "SERVER_INGEST": server_ingest,
+}
+FILES = {"ORT_MEMORY": "ort_memory.json", "WIRE_BYTES": "wire_bytes.json", "SERVER_INGEST": "server_ingest.json"}
 
 
 def render(readme: str) -> str:
