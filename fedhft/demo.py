@@ -1,6 +1,5 @@
-"""`make demo`: export the packaged MiniLM for every shipped profile, then train one package torch-free.
-
-(The end-to-end federated simulation replaces this demo once `fedhft simulate` lands.)
+"""`make demo`: export the packaged MiniLM for every shipped profile, train one package torch-free, then run a
+small federation (`fedhft simulate`: broker, server and four edge runtimes on BBC News) and print its report.
 """
 
 from __future__ import annotations
@@ -55,12 +54,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--train-profile", default="laptop-x86-16gb")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--skip-simulation", action="store_true")
     a = ap.parse_args()
     from fedhft.device_profiles.profile import shipped_profile_names
 
     names = shipped_profile_names()
     art = a.out / "artifacts"
-    print(f"== 1/2 exporting the packaged MiniLM for {len(names)} profiles into {art}", flush=True)
+    print(f"== 1/3 exporting the packaged MiniLM for {len(names)} profiles into {art}", flush=True)
     t = time.perf_counter()
     cmd = [
         sys.executable,
@@ -79,7 +79,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     print(f"   done in {time.perf_counter() - t:.0f} s", flush=True)
     pdir = art / a.train_profile
-    print(f"== 2/2 training {pdir} for {a.steps} steps on BBC News, torch-free (ONNX Runtime)", flush=True)
+    print(f"== 2/3 training {pdir} for {a.steps} steps on BBC News, torch-free (ONNX Runtime)", flush=True)
     out = subprocess.run(
         [sys.executable, "-c", TRAIN_SCRIPT, str(pdir), str(a.steps)],
         check=True,
@@ -92,10 +92,7 @@ def main() -> None:
         f"   held-out accuracy {res['acc_before']:.2f} -> {res['acc_after']:.2f} "
         f"(64 articles, 5 topics; torch loaded: {res['torch_loaded']})"
     )
-    print(
-        f"== made: {', '.join(sorted(p.name for p in art.iterdir() if not p.name.startswith('.')))} "
-        f"under {art}"
-    )
+    print(f"== made: {', '.join(sorted(p.name for p in art.iterdir() if not p.name.startswith('.')))} under {art}")
 
 
 if __name__ == "__main__":

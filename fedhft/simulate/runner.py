@@ -57,7 +57,9 @@ class SimConfig:
     learning_rate: float = 2e-3
     time_scale: float = 0.0
     clusters: int = 2
-    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", ".fedhft-cache")))
+    cache_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
+    )
 
 
 def parse_profile_mix(text: str) -> dict[str, int]:
