@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections import Counter
 from pathlib import Path
@@ -58,18 +59,49 @@ class Sniffer:
 
 
 @pytest.mark.slow
-def test_simulate_tiny_end_to_end(tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path, mosquitto,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_simulate_tiny_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path, mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
     monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
     data = _dataset(tmp_path / "data.jsonl")
     sniffer = Sniffer(mosquitto.port)
     try:
-        r = CliRunner().invoke(main, [
-            "simulate", "--clients", "3", "--profiles", f"{tiny_profile_path}:3", "--dataset", str(data),
-            "--alpha", "1.0", "--rounds", "3", "--local-steps", "8", "--max-seq-len", "16", "--lr", "0.01",
-            "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--broker", mosquitto.url,
-            "--time-scale", "0", "--minutes", "4", "--target-accuracy", "0.5", "--clusters", "1",
-        ])
+        r = CliRunner().invoke(
+            main,
+            [
+                "simulate",
+                "--clients",
+                "3",
+                "--profiles",
+                f"{tiny_profile_path}:3",
+                "--dataset",
+                str(data),
+                "--alpha",
+                "1.0",
+                "--rounds",
+                "3",
+                "--local-steps",
+                "8",
+                "--max-seq-len",
+                "16",
+                "--lr",
+                "0.01",
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--broker",
+                mosquitto.url,
+                "--time-scale",
+                "0",
+                "--minutes",
+                "4",
+                "--target-accuracy",
+                "0.5",
+                "--clusters",
+                "1",
+            ],
+        )
     finally:
         sniffer.stop()
     assert r.exit_code == 0, r.output
@@ -83,3 +115,32 @@ def test_simulate_tiny_end_to_end(tmp_path: Path, tiny_model_dir: Path, tiny_pro
     assert res["bytes_up_per_client_round"] > 0 and res["bytes_down"] > 0
     out = CliRunner().invoke(main, ["report", str(tmp_path / "out")])
     assert out.exit_code == 0 and "fedhft" in out.output
+
+
+@pytest.mark.slow
+def test_simulate_baselines_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path, mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
+    data = _dataset(tmp_path / "data.jsonl", n=200)
+    args = "simulate --clients 2 --alpha 1.0 --rounds 2 --local-steps 4 --max-seq-len 16 --lr 0.01 --time-scale 0"
+    args += " --minutes 2 --method fedavg-lora,flexlora"
+    paths = ["--profiles", f"{tiny_profile_path}:2", "--dataset", str(data), "--model", str(tiny_model_dir)]
+    paths += ["--out", str(tmp_path / "out"), "--broker", mosquitto.url]
+    r = CliRunner().invoke(main, args.split() + paths)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    by_method = {res["method"]: res for res in report["methods"]}
+    assert sorted(by_method) == ["fedavg-lora", "flexlora"]
+    for name, aggregator in (("fedavg-lora", "fedavg"), ("flexlora", "flexlora")):
+        res = by_method[name]
+        assert res["updates"] > 0, res
+        assert res["accuracy_curve"] and 0.0 <= res["final_global_accuracy"] <= 1.0, res["accuracy_curve"]
+        db = sqlite3.connect(tmp_path / "out" / name / "server" / "state.sqlite3")
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            statuses = dict(db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall())
+        finally:
+            db.close()
+        assert meta["aggregator"] == aggregator  # the server ran the method's aggregator
+        assert statuses.get("aggregated", 0) > 0 and "rejected" not in statuses, statuses  # dense uploads

@@ -15,6 +15,8 @@ import click
 
 from fedhft.errors import FedHFTError
 
+AGGREGATOR_CHOICES = ("fedhft", "fedavg", "hetlora", "flexlora")  # = factor_aggregation.AGGREGATORS (light import)
+
 
 def _clusters(value: str) -> int | None:
     if value == "auto":
@@ -60,6 +62,15 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--recluster-every", default=5, show_default=True, help="Re-estimate memberships every N.")
 @click.option("--hysteresis", default=0.1, show_default=True, help="Membership margin needed to switch.")
 @click.option("--server-lr", default=1.0, show_default=True, help="Server mixing rate eta of FedBuff.")
+@click.option(
+    "--aggregator",
+    type=click.Choice(AGGREGATOR_CHOICES),
+    default="fedhft",
+    show_default=True,
+    help="fedhft: masked ΔW + SVD with clustering. Baselines (dense updates only, --clusters 1): flexlora "
+    "(ΔW mean + SVD per client rank), fedavg (FedAvg of LoRA factors A, B), hetlora (zero-padded factors "
+    "weighted by samples x ||B A||, truncated per client rank).",
+)
 @click.option("--group", default="fedhft-server", show_default=True, help="Shared-subscription group.")
 @click.option("--client-id", default=None, help="MQTT client id (default fedhft-server-<task>-<group>).")
 @click.option("--username", default=None, help="Broker user name.")
@@ -87,6 +98,7 @@ def server_run_command(
     recluster_every: int,
     hysteresis: float,
     server_lr: float,
+    aggregator: str,
     group: str,
     client_id: str | None,
     username: str | None,
@@ -115,6 +127,7 @@ def server_run_command(
         hysteresis=hysteresis,
         server_lr=server_lr,
         seed=seed,
+        aggregator=aggregator,
     )
     config = ServerConfig(
         broker=broker,

@@ -28,6 +28,12 @@ singular value, so the first r components are the best rank-r approximation). Co
 singular value would be dead on the device (A row and B column both zero get zero gradients), so their
 A rows are re-drawn at LoRA's initial scale, orthogonal to the live rows, with B columns left zero:
 B·A is unchanged.
+
+Aggregators (``FederationConfig.aggregator``): ``fedhft`` is all of the above. The baselines run
+without clustering and take dense updates only (a masked one is rejected, or dropped at a flush, with
+reason ``masked``): ``flexlora`` is the ΔW path above fed dense uploads (FlexLoRA: the sample-weighted
+mean of B_k·A_k, SVD to each client's rank); ``fedavg`` and ``hetlora`` keep LoRA factors instead of ΔW
+(:mod:`fedhft.broker_server.factor_aggregation`, same persisted state type).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -56,7 +63,14 @@ from fedhft.broker_server.clustering import (
     signature,
     update_memberships,
 )
-from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, to_client_update
+from fedhft.broker_server.factor_aggregation import (
+    AGGREGATORS,
+    FACTOR_AGGREGATORS,
+    MASKED,
+    FactorAggregator,
+    masked_modules,
+)
+from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected, to_client_update
 from fedhft.errors import FedHFTError
 from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT
 
@@ -85,6 +99,7 @@ class FederationConfig:
     seed: int = 0
     randomized_min_dim: int = 128  # modules with min(out, in) >= this use randomized SVD
     pca_dims: int = 8
+    aggregator: str = "fedhft"  # fedhft | fedavg | hetlora | flexlora (see the module docstring)
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,12 +121,21 @@ class FederationConfig:
             problems.append(f"hysteresis must lie in [0, 1], got {self.hysteresis}")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             problems.append(f"server lr must be > 0, got {self.server_lr}")
+        if self.aggregator not in AGGREGATORS:
+            problems.append(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        elif self.dense_only and self.clustering:
+            problems.append(f"aggregator {self.aggregator} runs without clustering; use clusters 1")
         if problems:
             raise FederationError("; ".join(problems))
 
     @property
     def clustering(self) -> bool:
         return self.clusters is None or self.clusters > 1
+
+    @property
+    def dense_only(self) -> bool:
+        """Baselines aggregate dense uploads (every row) only."""
+        return self.aggregator != "fedhft"
 
 
 @dataclass
@@ -291,6 +315,9 @@ class Federation:
         self.pending: list[PendingUpdate] = []
         self._mix_cache: dict[bytes, ClusterState] = {}
         self._svd_cache: dict[tuple[bytes, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.factor: FactorAggregator | None = None  # set for the factor-space baselines
+        if config.aggregator in FACTOR_AGGREGATORS:
+            self.factor = FactorAggregator(config.aggregator, spec, partial(module_seed, config.seed))
 
     # ---- registry ---------------------------------------------------------------------------------------
     @property
@@ -303,6 +330,15 @@ class Federation:
     def set_head(self, client_id: str, head: Mapping[str, np.ndarray]) -> None:
         """The client's latest head (the source of its clustering signature)."""
         self.heads[client_id] = {k: np.asarray(v, dtype=np.float64) for k, v in head.items()}
+
+    def check_update(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """UpdateRejected (reason ``masked``) when a baseline aggregator gets an update without every row."""
+        masked = masked_modules(tensors, self.spec) if self.config.dense_only else []
+        if masked:
+            detail = (
+                f"aggregator {self.config.aggregator} takes dense updates (mask ratio 1.0); {masked[0]!r} is masked"
+            )
+            raise UpdateRejected(MASKED, detail)
 
     def add_pending(self, pending: PendingUpdate) -> None:
         self.pending.append(pending)
@@ -352,6 +388,8 @@ class Federation:
             tau = self.version - p.base_version
             if tau < 0 or tau > cfg.max_staleness:
                 dropped[p.id] = STALE
+            elif cfg.dense_only and masked_modules(p.tensors, self.spec):  # stored under another aggregator
+                dropped[p.id] = MASKED
             else:
                 keep.append(p)
         if not keep:
@@ -370,10 +408,15 @@ class Federation:
         memberships = None
         if self.num_clusters > 1:
             memberships = {u.client_id: self.membership_of(u.client_id) for u in updates}
-        states = aggregate_buffer(
-            self.states, updates, self.version, cfg.staleness_exponent, memberships, cfg.server_lr
-        )
-        states = align_state_keys(states, self.spec)
+        if self.factor is not None:
+            states = [
+                self.factor.aggregate(self.states[0], updates, self.version, cfg.staleness_exponent, cfg.server_lr)
+            ]
+        else:
+            states = aggregate_buffer(
+                self.states, updates, self.version, cfg.staleness_exponent, memberships, cfg.server_lr
+            )
+            states = align_state_keys(states, self.spec)
         aggregations = self.aggregations + 1
         all_memberships = dict(self.memberships)
         last_round, reclustered = self.last_cluster_round, False
@@ -461,6 +504,10 @@ class Federation:
         return aligned
 
     # ---- models -----------------------------------------------------------------------------------------
+    def _module_names(self, state: ClusterState) -> list[str]:
+        """The modules a state holds (someone has sent)."""
+        return self.factor.module_names(state) if self.factor is not None else sorted(state.modules)
+
     def _mixture(self, p: np.ndarray) -> ClusterState:
         key = p.tobytes()
         if key not in self._mix_cache:
@@ -476,7 +523,8 @@ class Federation:
         key = (p.tobytes(), name)
         if key not in self._svd_cache:
             m = self.spec.modules[name]
-            dw = self._mixture(p).modules.get(name)
+            state = self._mixture(p)
+            dw = self.factor.delta(state, name) if self.factor is not None else state.modules.get(name)
             if dw is None:
                 dw = np.zeros((m.out_features, m.in_features))
             method = svd_method(dw.shape, m.max_rank, self.config.randomized_min_dim)
@@ -488,8 +536,11 @@ class Federation:
     def _factors(self, p: np.ndarray, ranks: Mapping[str, int]) -> dict[str, np.ndarray]:
         tensors: dict[str, np.ndarray] = {}
         for name, r in ranks.items():
-            u, s, vt = self._svd(p, name)
-            b, a = split_factors(u, s, vt, int(r), module_seed(self.config.seed + self.version, name))
+            if self.factor is not None:  # the first r components of the global factors
+                b, a = self.factor.client_factors(self._mixture(p), name, int(r))
+            else:
+                u, s, vt = self._svd(p, name)
+                b, a = split_factors(u, s, vt, int(r), module_seed(self.config.seed + self.version, name))
             tensors[f"{name}.A"] = a.astype(np.float32)
             tensors[f"{name}.B"] = b.astype(np.float32)
         head = self._mixture(p).head
@@ -504,7 +555,9 @@ class Federation:
         k = self.num_clusters
         for c, state in enumerate(self.states):
             ranks = {
-                name: self.spec.modules[name].max_rank for name in sorted(state.modules) if name in self.spec.modules
+                name: self.spec.modules[name].max_rank
+                for name in self._module_names(state)
+                if name in self.spec.modules
             }
             meta: dict[str, float | int | str] = {"kind": "cluster", "cluster": c, "clusters": k}
             tensors = self._factors(np.eye(k)[c], ranks)
@@ -539,7 +592,7 @@ class Federation:
         k = self.num_clusters
         for c, state in enumerate(self.states):
             ratios = []
-            for name in sorted(state.modules):
+            for name in self._module_names(state):
                 spec_m = self.spec.modules.get(name)
                 if spec_m is None or name not in low or low[name] >= spec_m.max_rank:
                     continue

@@ -42,7 +42,6 @@ from fedhft.broker_server.validation import (
     MISADDRESSED,
     OLD_SEQ,
     REPLAY,
-    STALE,
     UNKNOWN_CLIENT,
     ClientPlan,
     GlobalSpec,
@@ -253,6 +252,12 @@ class Server:
         """Rebuild registry and coordinator from the store (after its crash recovery)."""
         meta = self.store.meta()
         latest = self.store.latest_version()
+        stored_aggregator, aggregator = meta.get("aggregator", "fedhft"), self.config.federation.aggregator
+        if latest and stored_aggregator != aggregator:
+            raise ServiceError(
+                f"state dir {self.config.state_dir} holds --aggregator {stored_aggregator} state, not {aggregator}; "
+                "pass the same --aggregator or use a fresh --state"
+            )
         states = self.store.load_states(latest) if latest else None
         rows = self.store.load_clients()
         federation = Federation(
@@ -526,8 +531,12 @@ class Server:
                 if update.manifest_sha256 != info.manifest_sha256:
                     prep.error = UpdateRejected(MANIFEST_MISMATCH, "update names another manifest than its hello")
                 else:
-                    prep.update = update
-                    prep.tensors, prep.scale = clip_update(update.tensors, self.config.clip_norm)
+                    try:
+                        self.federation.check_update(update.tensors)  # dense-only aggregators refuse masks
+                        prep.update = update
+                        prep.tensors, prep.scale = clip_update(update.tensors, self.config.clip_norm)
+                    except UpdateRejected as exc:
+                        prep.error = exc
                 return prep
         prep.header = peek_update_header(msg.payload)
         return prep
@@ -643,14 +652,19 @@ class Server:
         result = self.federation.aggregate()
         try:
             if not result.aggregated_ids:
-                self.store.mark_rejected(list(result.dropped), STALE)
+                for reason in sorted(set(result.dropped.values())):
+                    self.store.mark_rejected([i for i, r in result.dropped.items() if r == reason], reason)
             else:
                 self.store.commit_version(
                     result.version,
                     result.states,
                     result.aggregated_ids,
                     {cid: list(map(float, p)) for cid, p in result.memberships.items()},
-                    {"aggregations": str(result.aggregations), "last_cluster_round": str(result.last_cluster_round)},
+                    {
+                        "aggregations": str(result.aggregations),
+                        "last_cluster_round": str(result.last_cluster_round),
+                        "aggregator": self.config.federation.aggregator,
+                    },
                     dropped=result.dropped,
                     keep_versions=self.config.keep_versions,
                 )
@@ -659,8 +673,8 @@ class Server:
             event(log, "could not commit an aggregation; will retry", logging.ERROR, error=exc)
             return False
         self.federation.apply(result)
-        for _ in result.dropped:
-            self.metrics.inc("fedhft_updates_total", {"status": "dropped", "reason": STALE})
+        for reason in result.dropped.values():
+            self.metrics.inc("fedhft_updates_total", {"status": "dropped", "reason": reason})
         if not result.aggregated_ids:
             self._refresh_gauges()
             return True

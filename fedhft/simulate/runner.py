@@ -233,6 +233,8 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             "0" if m.synchronous else "0.5",
             "--seed",
             str(cfg.seed),
+            "--aggregator",
+            m.aggregator,
             *m.server_args,
         ]
         server = subprocess.Popen(server_cmd, stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
