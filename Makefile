@@ -23,6 +23,10 @@ test: install
 
 bench: install
 	$(PY) bench/ort_memory.py
+	$(PY) bench/wire_bytes.py
+	$(PY) bench/server_ingest.py
+	$(PY) bench/simulate_compare.py
+	$(PY) bench/render_readme.py
 
 lint: install
 	$(VENV)/bin/ruff check fedhft tests bench

@@ -68,15 +68,46 @@ def server_ingest(d: dict) -> str:
     ]
     for r in d["ingest"]:
         lines.append(
-            f"| {r['payload']} | {r['payload_bytes']} | {r['passthrough_per_s']} | {r['ingest_per_s']} | "
-            f"{r['ratio']} |"
+            f"| {r['payload']} | {r['payload_bytes']} | {r['passthrough_per_s']} | {r['ingest_per_s']} | {r['ratio']} |"
         )
     lines += ["", "| buffered updates | rank | aggregate ms | persist ms | models ms |", "|---:|---:|---:|---:|---:|"]
     for r in d["aggregation_vs_updates"] + d["aggregation_vs_rank"]:
-        lines.append(
-            f"| {r['updates']} | {r['rank']} | {r['aggregate_ms']} | {r['persist_ms']} | {r['models_ms']} |"
-        )
+        lines.append(f"| {r['updates']} | {r['rank']} | {r['aggregate_ms']} | {r['persist_ms']} | {r['models_ms']} |")
     lines += ["", "Command: `python bench/server_ingest.py`. *models* = factor, encode and sign every client's model."]
+    return "\n".join(lines)
+
+
+def simulate(d: dict) -> str:
+    c = d["config"]
+    lines = [
+        f"`fedhft simulate` on BBC News, {c['clients']} devices "
+        f"({', '.join(f'{k} x{v}' for k, v in c['profiles'].items())}),"
+        f" Dirichlet alpha {c['alpha']}, {c['rounds']} rounds of {c['local_steps']} local steps per device, seq "
+        f"{c['max_seq_len']}, seed {c['seed']}; every method in the same run, same split and seeds.",
+        "",
+        "| method | global acc | personalized acc | up kB / client-round | down kB / client-round | updates | "
+        "simulated s to target | upload MB to target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v: object, spec: str = ".3f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in d["methods"]:
+        to_target = r["bytes_up_to_target"]
+        lines.append(
+            f"| {r['method']} | {f(r['final_global_accuracy'])} | {f(r['mean_personalized_accuracy'])} | "
+            f"{r['bytes_up_per_client_round'] / 1e3:.1f} | {r['bytes_down_per_client_round'] / 1e3:.1f} | "
+            f"{r['updates']} | {f(r['simulated_seconds_to_target'], '.0f')} | "
+            f"{f(None if to_target is None else to_target / 1e6, '.2f')} |"
+        )
+    target = d["methods"][0].get("target_accuracy")
+    lines += [
+        "",
+        f"Target accuracy {target}. ![accuracy](bench/results/simulate/accuracy.png)",
+        "",
+        "Command: `python bench/simulate_compare.py --quick` (full size: without `--quick`; `make bench`).",
+    ]
     return "\n".join(lines)
 
 
@@ -84,8 +115,14 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "ORT_MEMORY": ort_memory,
     "WIRE_BYTES": wire_bytes,
     "SERVER_INGEST": server_ingest,
+    "SIMULATE": simulate,
 }
-FILES = {"ORT_MEMORY": "ort_memory.json", "WIRE_BYTES": "wire_bytes.json", "SERVER_INGEST": "server_ingest.json"}
+FILES = {
+    "ORT_MEMORY": "ort_memory.json",
+    "WIRE_BYTES": "wire_bytes.json",
+    "SERVER_INGEST": "server_ingest.json",
+    "SIMULATE": "simulate/report.json",
+}
 
 
 def render(readme: str) -> str:

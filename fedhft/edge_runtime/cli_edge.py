@@ -16,6 +16,7 @@ from types import FrameType
 
 import click
 
+from fedhft.edge_runtime.local_train import BACKENDS
 from fedhft.errors import FedHFTError
 from fedhft.protocol.codec import ENCODINGS
 
@@ -47,7 +48,7 @@ def _label_names(labels: str | None) -> tuple[str, ...] | None:
     default=None,
     help="Write the trained adapter here in the peft LoRA format (+ head.safetensors).",
 )
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
 def train_command(
     artifacts: Path,
     data: Path,
@@ -65,6 +66,7 @@ def train_command(
     backend: str,
 ) -> None:
     """Fine-tune the adapter on local data, without a server: loss and accuracy before and after."""
+    _torch_free_if(backend)
     from fedhft.edge_runtime.adapter_io import save_peft_adapter
     from fedhft.edge_runtime.data import check_num_labels, load_labelled_file, split_holdout, steps_per_epoch
     from fedhft.edge_runtime.local_train import evaluate, open_trainer, train_local
@@ -116,6 +118,15 @@ def train_command(
         save_peft_adapter(save_adapter, manifest, trainer.get_parameters())
         line += f"; adapter saved to {save_adapter}"
     click.echo(line)
+
+
+def _torch_free_if(backend: str) -> None:
+    """With the ORT backend, run as a device does: torch and transformers cannot be imported (onnxruntime
+    would otherwise import an installed torch, ~250 MB)."""
+    if backend == "ort":
+        from fedhft.edge_runtime.torchfree import block_heavy_imports
+
+        block_heavy_imports()
 
 
 @contextmanager
@@ -179,7 +190,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     show_default=True,
     help="Publish an update again when the server has not acked it this many seconds after the broker took it.",
 )
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
 @click.option(
     "--eval-data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -230,6 +241,7 @@ def run_command(
     sim_time_scale: float,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
+    _torch_free_if(backend)
     from fedhft.edge_runtime.client import ClientConfig, EdgeClient
 
     cfg = ClientConfig(

@@ -11,8 +11,8 @@ REPORT = "report.json"
 
 
 def _time_to(points: list[dict], target: float | None, key: str) -> float | None:
-    if target is None:
-        return None
+    if target is None or not any(p[key] for p in points):
+        return None  # e.g. no simulated time: the server did not stamp one into model meta
     for p in sorted(points, key=lambda p: p[key]):
         if p["accuracy"] >= target:
             return p[key]
@@ -85,6 +85,16 @@ def method_result(
     }
 
 
+def recompute(result: dict) -> dict:
+    """Re-derive the time-to-target fields from a result's accuracy curve (for reports of older runs)."""
+    pts, target = result["accuracy_curve"], result.get("target_accuracy")
+    return dict(
+        result,
+        simulated_seconds_to_target=_time_to(pts, target, "virtual_time"),
+        wall_seconds_to_target=_time_to(pts, target, "wall_time"),
+    )
+
+
 def write_report(out: Path, results: list[dict], config: dict) -> Path:
     path = out / REPORT
     path.write_text(json.dumps({"config": config, "methods": results}, indent=2, default=str) + "\n")
@@ -105,9 +115,10 @@ def plot(out: Path, results: list[dict]) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         pts = sorted(r["accuracy_curve"], key=lambda p: p["version"])
-        xs = [p["virtual_time"] or p["wall_time"] for p in pts]
+        simulated = any(p["virtual_time"] for p in pts)
+        xs = [p["virtual_time"] if simulated else p["wall_time"] for p in pts]
         ax.plot(xs, [p["accuracy"] for p in pts], marker=".", label=r["method"])
-    ax.set_xlabel("simulated time (s)")
+    ax.set_xlabel("time (s): simulated where the server stamps it, else wall-clock")
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
