@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install native demo test bench lint clean
 
 install: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# The torch-free C++ ExecuTorch trainer (build/native/fedhft-et-trainer), against the executorch wheel's runtime.
+native: install
+	$(PY) -c "from fedhft.edge_runtime.native_backend import build_native; print(build_native())"
+
 demo: install
 	$(PY) -m fedhft.demo --out demo-out
 
-test: install
+test: install native
 	$(PY) -m pytest -q
 
 bench: install

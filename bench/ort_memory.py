@@ -71,9 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedhft-bench-") as tmp:
         for i, (label, opts, plan, full) in enumerate(variants):
             t = time.perf_counter()
-            res = export_profile(
-                None, profile, Path(tmp), opts=opts, plan=plan, full_finetune=full, name=f"v{i}"
-            )
+            res = export_profile(None, profile, Path(tmp), opts=opts, plan=plan, full_finetune=full, name=f"v{i}")
             m = measure_in_subprocess(res.directory, steps=a.steps)
             layers = plan.layers if plan else tuple(LayerPlan(i, 0, ()) for i in range(shape.num_layers))
             est = estimate(
@@ -110,9 +108,7 @@ def main() -> None:
     full_row, planned_int8 = rows[0], rows[3]
     summary = {
         "peak_ratio_full_over_planned_int8": round(full_row["peak_rss_mb"] / planned_int8["peak_rss_mb"], 2),
-        "train_mem_ratio_full_over_planned_int8": round(
-            full_row["train_mem_mb"] / planned_int8["train_mem_mb"], 2
-        ),
+        "train_mem_ratio_full_over_planned_int8": round(full_row["train_mem_mb"] / planned_int8["train_mem_mb"], 2),
         "step_ratio_full_over_planned_int8": round(full_row["step_s"] / planned_int8["step_s"], 2),
     }
     out = {
@@ -127,10 +123,7 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
-    hdr = (
-        f"{'variant':36} {'depth':>5} {'art MB':>7} {'peak MB':>8} {'train MB':>8} "
-        f"{'est MB':>7} {'step s':>7}"
-    )
+    hdr = f"{'variant':36} {'depth':>5} {'art MB':>7} {'peak MB':>8} {'train MB':>8} {'est MB':>7} {'step s':>7}"
     print(hdr)
     for r in rows:
         print(

@@ -111,13 +111,33 @@ def simulate(d: dict) -> str:
     return "\n".join(lines)
 
 
+def backends(d: dict) -> str:
+    lines = [
+        f"One training step on {d['model']}, `{d['profile']}` plan, batch {d['batch']}, seq {d['seq']}; every backend "
+        "in the same run (fastest of the rounds); peak = VmHWM (native: wrapper + trainer process).",
+        "",
+        "| base | threads | backend | step s | step ÷ ORT | peak MB | peak ÷ ORT | artifacts MB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        art = "-" if r.get("artifact_mb") is None else r["artifact_mb"]
+        lines.append(
+            f"| {r['base']} | {r['threads']} | {r['backend']} | {r['step_s']} | {r['step_ratio_to_ort']} | "
+            f"{r['peak_rss_mb']} | {r['peak_ratio_to_ort']} | {art} |"
+        )
+    lines += ["", "Command: `python bench/backends.py`; aarch64: `bench/aarch64_native.sh` (cross-build, qemu-user)."]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
+    "BACKENDS": backends,
     "ORT_MEMORY": ort_memory,
     "WIRE_BYTES": wire_bytes,
     "SERVER_INGEST": server_ingest,
     "SIMULATE": simulate,
 }
 FILES = {
+    "BACKENDS": "backends.json",
     "ORT_MEMORY": "ort_memory.json",
     "WIRE_BYTES": "wire_bytes.json",
     "SERVER_INGEST": "server_ingest.json",

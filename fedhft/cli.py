@@ -135,7 +135,7 @@ def plan(
 @main.command()
 @click.option("--model", default=None, help="Local Hugging Face model directory (default: packaged MiniLM).")
 @click.option("--profile", "profiles_arg", required=True, help="Profile names or TOML paths, comma-separated.")
-@click.option("--format", "fmt", type=click.Choice(["ort", "all"]), default="ort", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["ort", "executorch", "all"]), default="ort", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--num-labels", default=2, show_default=True)
 @click.option("--max-seq-len", default=128, show_default=True)

@@ -14,7 +14,7 @@ from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
 from fedhft.protocol.manifest import Manifest
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "executorch", "native")
 Progress = Callable[[int, int, float], None]  # (steps done, planned steps, last loss)
 
 
@@ -37,6 +37,14 @@ def open_trainer(
         from fedhft.edge_runtime.ort_backend import OrtTrainer
 
         return OrtTrainer(profile_dir, manifest=manifest, learning_rate=learning_rate)
+    if backend == "executorch":
+        from fedhft.edge_runtime.executorch_backend import ExecuTorchTrainer
+
+        return ExecuTorchTrainer(profile_dir, manifest=manifest, learning_rate=learning_rate)
+    if backend == "native":
+        from fedhft.edge_runtime.native_backend import NativeTrainer
+
+        return NativeTrainer(profile_dir, manifest=manifest, learning_rate=learning_rate)
     raise BackendError(f"unknown backend {backend!r}; this runtime has {list(BACKENDS)}")
 
 

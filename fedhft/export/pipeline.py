@@ -37,7 +37,7 @@ from fedhft.protocol.manifest import (
     write_manifest,
 )
 
-FORMATS = ("ort",)
+FORMATS = ("ort", "executorch")
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +117,7 @@ def export_profile(
     model: str | Path | None,
     profile: DeviceProfile,
     out: Path,
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] = ("ort",),
     opts: ExportOptions | None = None,
     *,
     plan: LoraPlan | None = None,
@@ -172,6 +172,21 @@ def export_profile(
             artifacts["ort"] = {
                 role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
                 for role, p in paths.items()
+            }
+        if "executorch" in formats:
+            from fedhft.export.executorch_export import export_executorch
+
+            et = export_executorch(
+                model_t,
+                infos,
+                tmp / "executorch",
+                max_batch=max(profile.batch_size, 1),
+                max_seq_len=opts.max_seq_len,
+                pad_token_id=encoder.config.pad_token_id or 0,
+            )
+            artifacts["executorch"] = {
+                role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
+                for role, p in et.files.items()
             }
         tokenizer = _copy_tokenizer(model_dir, tmp)
         base_name = PACKAGED_MODEL if model_dir == packaged_model_dir() else model_dir.name
