@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from fedhft.atomic import fsync_dir
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.errors import FedHFTError
 from fedhft.protocol import generate_keypair, load_private_key, save_private_key, save_public_key
@@ -171,15 +172,6 @@ def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a directory so renames inside it are durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file_durably(path: Path, data: bytes | Sequence[bytes], sync_dir: bool = True) -> None:

@@ -9,13 +9,13 @@ and ``head.bias`` of the classifier that sits on the masked mean of the last hid
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedhft.atomic import write_atomic
 from fedhft.edge_runtime.masking import AdapterSpec, checked_tensor
 from fedhft.errors import FedHFTError
 from fedhft.protocol.manifest import Manifest
@@ -107,6 +107,4 @@ def save_peft_adapter(out_dir: str | Path, manifest: Manifest, params: Mapping[s
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedhft.edge_runtime.state import StateError, fsync_dir, remove_stale_temps, write_atomic
+from fedhft.atomic import fsync_dir, write_atomic
+from fedhft.edge_runtime.state import StateError, remove_stale_temps
 from fedhft.logs import event
 
 log = logging.getLogger(__name__)

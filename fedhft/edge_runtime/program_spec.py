@@ -9,12 +9,11 @@ before running anything.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedhft.atomic import write_atomic
 from fedhft.protocol.manifest import ManifestError, sha256_file
 
 SPEC_FORMAT = "fedhft-executorch-program"
@@ -62,12 +61,9 @@ class ProgramSpec:
             "bounds": {"batch": list(self.batch_bounds), "seq": list(self.seq_bounds)},
             "pad_token_id": self.pad_token_id,
             "num_labels": self.num_labels,
-            "files": {
-                r: {"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for r, f in self.files.items()
-            },
+            "files": {r: {"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for r, f in self.files.items()},
             "parameters": [
-                {"name": p.name, "program_name": p.program_name, "shape": list(p.shape)}
-                for p in self.parameters
+                {"name": p.name, "program_name": p.program_name, "shape": list(p.shape)} for p in self.parameters
             ],
             "exporter": dict(self.exporter),
         }
@@ -89,13 +85,10 @@ class ProgramSpec:
                 pad_token_id=int(d["pad_token_id"]),
                 num_labels=int(d["num_labels"]),
                 files={
-                    r: ProgramFile(str(f["path"]), str(f["sha256"]), int(f["bytes"]))
-                    for r, f in d["files"].items()
+                    r: ProgramFile(str(f["path"]), str(f["sha256"]), int(f["bytes"])) for r, f in d["files"].items()
                 },
                 parameters=[
-                    ProgramParameter(
-                        str(p["name"]), str(p["program_name"]), tuple(int(s) for s in p["shape"])
-                    )
+                    ProgramParameter(str(p["name"]), str(p["program_name"]), tuple(int(s) for s in p["shape"]))
                     for p in d["parameters"]
                 ],
                 exporter=dict(d.get("exporter", {})),
@@ -162,16 +155,6 @@ def verify_program_files(spec: ProgramSpec, directory: Path) -> dict[str, Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Write `data` over `path` atomically (fedhft.atomic), creating the folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)

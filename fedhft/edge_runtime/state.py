@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from fedhft.atomic import write_atomic, write_atomic_with
 from fedhft.errors import FedHFTError
 
 STATE_FILE = "state.json"
@@ -37,43 +36,6 @@ STATE_VERSION = 1
 
 class StateError(FedHFTError):
     """The state directory cannot be used (unwritable, locked, corrupt or another client's)."""
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable (where the platform allows opening a directory)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: temp file in the same folder, fsync, os.replace, folder fsync."""
-    write_atomic_with(path, lambda tmp: _write_bytes(tmp, data))
-
-
-def _write_bytes(tmp: Path, data: bytes) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_atomic_with(path: Path, writer: Callable[[Path], None]) -> None:
-    """Like write_atomic, for a ``writer(tmp_path)`` that creates the file itself (e.g. a checkpoint)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 def remove_stale_temps(folder: Path) -> None:

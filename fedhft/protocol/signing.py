@@ -12,16 +12,15 @@ the id of the key that signed it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedhft.atomic import write_atomic
 from fedhft.protocol.errors import BadSignature, KeyFileError
 
 SIGNATURE_LEN = 64
@@ -76,34 +75,11 @@ def verify(data: bytes, signature: bytes, key: Ed25519PublicKey) -> None:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and os.replace."""
-    folder = path.parent
+    """Write a key file atomically (fedhft.atomic), as one KeyFileError naming the file on failure."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        write_atomic(path, data, mode)
     except OSError as exc:
-        raise KeyFileError(f"{path}: cannot create a file in {folder} ({exc.strerror or exc})") from exc
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise KeyFileError(f"{path}: cannot write key file ({exc.strerror or exc})") from exc
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable where the platform allows it."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -116,9 +92,7 @@ def _read(path: Path, what: str) -> bytes:
 def save_private_key(path: str | os.PathLike[str], key: Ed25519PrivateKey) -> Path:
     """Write ``key`` as unencrypted PKCS#8 PEM with mode 0600, atomically; return the path."""
     path = Path(path)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     _write_atomic(path, pem, 0o600)
     return path
 
