@@ -123,10 +123,13 @@ def train_command(
 def _torch_free_if(backend: str) -> None:
     """With the ORT backend, run as a device does: torch and transformers cannot be imported (onnxruntime
     would otherwise import an installed torch, ~250 MB)."""
-    if backend == "ort":
-        from fedhft.edge_runtime.torchfree import block_heavy_imports
+    if backend == "ort" and "torch" not in sys.modules:
+        from fedhft.edge_runtime.torchfree import block_heavy_imports, unblock_heavy_imports
 
         block_heavy_imports()
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # lifted when the command ends: in-process callers (tests) get their imports back
+            ctx.call_on_close(unblock_heavy_imports)
 
 
 @contextmanager

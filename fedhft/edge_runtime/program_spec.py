@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhft.atomic import write_atomic
-from fedhft.protocol.manifest import ManifestError, sha256_file
+from fedhft.protocol.manifest import ManifestError, verify_files
 
 SPEC_FORMAT = "fedhft-executorch-program"
 SPEC_VERSION = 1
@@ -139,19 +139,7 @@ def load_program_spec(path: str | Path) -> tuple[ProgramSpec, Path]:
 
 def verify_program_files(spec: ProgramSpec, directory: Path) -> dict[str, Path]:
     """Check that every file the spec lists exists and matches its sha256; return role -> path."""
-    out: dict[str, Path] = {}
-    for role, f in spec.files.items():
-        path = directory / f.path
-        if not path.is_file():
-            raise ManifestError(f"{path}: ExecuTorch artifact '{role}' is missing")
-        digest = sha256_file(path)
-        if digest != f.sha256:
-            raise ManifestError(
-                f"{path}: sha256 {digest[:12]}… does not match program.json's {f.sha256[:12]}… "
-                "(corrupted or replaced artifact; re-export)"
-            )
-        out[role] = path
-    return out
+    return verify_files(spec.files, directory, "program.json")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -29,3 +29,8 @@ def block_heavy_imports(names: Sequence[str] = HEAVY) -> ImportBlocker:
     blocker = ImportBlocker(names)
     sys.meta_path.insert(0, blocker)
     return blocker
+
+
+def unblock_heavy_imports() -> None:
+    """Remove the blocker (for in-process callers, such as tests, that run a torch-free command)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ImportBlocker)]

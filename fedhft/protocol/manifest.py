@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,7 @@ class Manifest:
             trainable = [TrainableTensor(**dict(t, shape=tuple(t["shape"]))) for t in d["trainable"]]
             global_adapter = [AdaptableModule(**m) for m in d["global_adapter"]]
             artifacts = {
-                fmt: {role: ArtifactFile(**a) for role, a in files.items()}
-                for fmt, files in d["artifacts"].items()
+                fmt: {role: ArtifactFile(**a) for role, a in files.items()} for fmt, files in d["artifacts"].items()
             }
             head_shapes = {k: tuple(v) for k, v in d["head_shapes"].items()}
             simple = {
@@ -164,14 +164,12 @@ class Manifest:
             g = gm.get(t.module)
             if g is None:
                 raise ManifestError(
-                    f"{source}: trainable '{t.name}' names module '{t.module}' missing from "
-                    "the global adapter"
+                    f"{source}: trainable '{t.name}' names module '{t.module}' missing from the global adapter"
                 )
             expect = (t.rank, g.in_features) if t.factor == "A" else (g.out_features, t.rank)
             if tuple(t.shape) != expect or t.rank > g.max_rank:
                 raise ManifestError(
-                    f"{source}: trainable '{t.name}' has shape {t.shape}, expected {expect} "
-                    f"with rank <= {g.max_rank}"
+                    f"{source}: trainable '{t.name}' has shape {t.shape}, expected {expect} with rank <= {g.max_rank}"
                 )
 
 
@@ -199,27 +197,31 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest.from_dict(d, source=str(p))
 
 
-def verify_artifacts(manifest: Manifest, profile_dir: Path, fmt: str) -> dict[str, Path]:
-    """Check that every file of format `fmt` exists and matches its sha256; return role -> path."""
-    files = manifest.artifacts.get(fmt)
-    if not files:
-        raise ManifestError(
-            f"{profile_dir}: the manifest has no '{fmt}' artifacts (exported formats: "
-            f"{sorted(manifest.artifacts)})"
-        )
+def verify_files(files: Mapping[str, Any], directory: Path, source: str) -> dict[str, Path]:
+    """Check that every listed file (``.path``, ``.sha256``) exists under `directory` and matches; role -> path."""
     out: dict[str, Path] = {}
     for role, art in files.items():
-        path = profile_dir / art.path
+        path = directory / art.path
         if not path.is_file():
             raise ManifestError(f"{path}: artifact '{role}' is missing")
         digest = sha256_file(path)
         if digest != art.sha256:
             raise ManifestError(
-                f"{path}: sha256 {digest[:12]}… does not match the manifest's {art.sha256[:12]}… "
+                f"{path}: sha256 {digest[:12]}… does not match {source}'s {art.sha256[:12]}… "
                 "(corrupted or replaced artifact; re-export)"
             )
         out[role] = path
     return out
+
+
+def verify_artifacts(manifest: Manifest, profile_dir: Path, fmt: str) -> dict[str, Path]:
+    """Check that every file of format `fmt` exists and matches its sha256; return role -> path."""
+    files = manifest.artifacts.get(fmt)
+    if not files:
+        raise ManifestError(
+            f"{profile_dir}: the manifest has no '{fmt}' artifacts (exported formats: {sorted(manifest.artifacts)})"
+        )
+    return verify_files(files, profile_dir, "the manifest")
 
 
 def write_manifest(manifest: Manifest, profile_dir: Path) -> Path:
