@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedhft.procs import stop_process
 
 
 def free_port() -> int:
@@ -19,9 +20,7 @@ def free_port() -> int:
 
 
 def mosquitto_path() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
 @dataclass
@@ -50,9 +49,7 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> Mosquitto:
         exe = mosquitto_path()
         if exe is None:
-            raise RuntimeError(
-                "mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it"
-            )
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
@@ -63,9 +60,7 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
@@ -75,13 +70,8 @@ class Mosquitto:
         raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 
 from fedhft.broker_server.metrics import parse_metrics
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, ModuleSpec
+from fedhft.procs import stop_process
 from fedhft.protocol import (
     AckMessage,
     HelloMessage,
@@ -239,11 +240,4 @@ class ServerProcess:
         """SIGTERM, then SIGKILL after 10 s; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+        return stop_process(self.proc, grace=10)

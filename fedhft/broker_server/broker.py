@@ -32,7 +32,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
+from fedhft.procs import stop_process
 from fedhft.protocol.topics import PREFIX, validate_id
 
 log = logging.getLogger("fedhft.broker")
@@ -176,13 +176,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         if self._proc is not None:
-            if self._proc.poll() is None:
-                os.kill(self._proc.pid, signal.SIGTERM)
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.kill(self._proc.pid, signal.SIGKILL)
-                    self._proc.wait(timeout=5)
+            stop_process(self._proc)
             self._proc = None
         if self._iotcore is not None:
             self._iotcore.stop()  # type: ignore[attr-defined]

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from fedhft.device_profiles.planner import LoraPlan, uniform_plan
 from fedhft.device_profiles.profile import DeviceProfile, load_profile
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
+from fedhft.procs import stop_process
 from fedhft.simulate.data import FederatedSplit, dirichlet_split, load_dataset
 from fedhft.simulate.methods import MethodSpec
 
@@ -162,16 +162,6 @@ def _peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -318,9 +308,9 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         evaluator.drain()
     finally:
         for p in procs.values():
-            _stop(p)
+            stop_process(p, grace=20)
         if server is not None:
-            _stop(server)
+            stop_process(server, grace=20)
         if evaluator is not None:
             evaluator.stop()
         if traffic is not None:
