@@ -13,6 +13,7 @@ from fedhft.broker_server.federation import (
     FederationError,
     PendingUpdate,
     split_factors,
+    virtual_time_of,
 )
 from fedhft.broker_server.validation import ClientPlan
 
@@ -75,6 +76,21 @@ def test_staleness_discounts_old_updates_and_versions_increase() -> None:
         r = fed.aggregate()
         fed.apply(r)
         assert fed.version == v
+
+
+def test_models_carry_the_simulated_time_of_their_latest_update() -> None:
+    fed = Federation(SPEC, FederationConfig(buffer_size=2), version=0)
+    fed.register("a", ClientPlan.from_plan(plan_dict([1], 2, ["query"]), SPEC))
+    rng = np.random.default_rng(3)
+    for uid, vt in ((1, 12.5), (2, 40.0)):
+        t, _ = full_rows_update(rng)
+        fed.add_pending(PendingUpdate(uid, "a", uid, 0, 10, 0.0, t, virtual_time_of({"virtual_time": vt})))
+    result = fed.aggregate()
+    assert fed.virtual_time == 0.0 and result.virtual_time == 40.0  # the slowest device of the flush
+    fed.apply(result)
+    assert all(m.meta["virtual_time"] == 40.0 for m in fed.cluster_models())
+    assert fed.client_model("a").meta["virtual_time"] == 40.0
+    assert virtual_time_of({"virtual_time": float("nan")}) == 0.0 and virtual_time_of({}) == 0.0
 
 
 def test_too_stale_updates_are_dropped_without_a_version() -> None:

@@ -120,9 +120,7 @@ class LoraFactors:
         self.A = np.asarray(self.A, dtype=np.float64)
         self.B = np.asarray(self.B, dtype=np.float64)
         if self.A.ndim != 2 or self.B.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise AggregationError(
-                f"LoRA factors need A (r, in), B (out, r); got {self.A.shape}, {self.B.shape}"
-            )
+            raise AggregationError(f"LoRA factors need A (r, in), B (out, r); got {self.A.shape}, {self.B.shape}")
 
     @property
     def rank(self) -> int:
@@ -250,11 +248,7 @@ def aggregate_head(
     keys = sorted({k for u in updates for k in u.head} | set(previous or {}))
     out: dict[str, np.ndarray] = {}
     for key in keys:
-        senders = [
-            (np.asarray(u.head[key], np.float64), wk)
-            for u, wk in zip(updates, w, strict=True)
-            if key in u.head
-        ]
+        senders = [(np.asarray(u.head[key], np.float64), wk) for u, wk in zip(updates, w, strict=True) if key in u.head]
         old = None if previous is None or key not in previous else np.asarray(previous[key], np.float64)
         shapes = {v.shape for v, _ in senders} | (set() if old is None else {old.shape})
         if len(shapes) != 1:
@@ -493,9 +487,7 @@ def hetlora_weights(factors: Sequence[LoraFactors], num_samples: Sequence[float]
     return _normalized(_check_weights(num_samples, len(factors)) * norms, len(factors))
 
 
-def hetlora_aggregate(
-    factors: Sequence[LoraFactors], num_samples: Sequence[float] | np.ndarray
-) -> HetLoraResult:
+def hetlora_aggregate(factors: Sequence[LoraFactors], num_samples: Sequence[float] | np.ndarray) -> HetLoraResult:
     """HetLoRA: zero-pad A and B to the max rank, weighted-average them, truncate back per client."""
     if not factors:
         raise AggregationError("hetlora_aggregate needs at least one client")
@@ -621,10 +613,7 @@ def aggregate_buffer(
     if not np.isfinite(server_lr) or server_lr <= 0:
         raise AggregationError(f"server_lr must be > 0, got {server_lr}")
     base = np.array(
-        [
-            u.num_samples * staleness_weight(current_version, u.base_version, staleness_exponent)
-            for u in updates
-        ],
+        [u.num_samples * staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
         dtype=np.float64,
     )
     p = _membership_matrix(updates, memberships, len(cluster_states))

@@ -45,9 +45,7 @@ def _sketch_shape(projection_dim: int) -> tuple[int, int]:
     return p, -(-projection_dim // p)
 
 
-def _projection_pair(
-    name: str, n_out: int, n_in: int, projection_dim: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _projection_pair(name: str, n_out: int, n_in: int, projection_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian L (out x p) and R (in x q) fixed by (seed, module name, shape): the same on every client."""
     p, q = _sketch_shape(projection_dim)
     rng = np.random.default_rng([int(seed), zlib.crc32(name.encode()), n_out, n_in])
@@ -145,9 +143,7 @@ def _lloyd(x: np.ndarray, centers: np.ndarray, max_iter: int) -> KMeansResult:
                 centers[c], labels[worst] = x[worst], c
     d2 = _sq_dists(x, centers)
     labels = d2.argmin(1)
-    return KMeansResult(
-        centers=centers, labels=labels, inertia=float(d2[np.arange(x.shape[0]), labels].sum())
-    )
+    return KMeansResult(centers=centers, labels=labels, inertia=float(d2[np.arange(x.shape[0]), labels].sum()))
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100) -> KMeansResult:

@@ -152,6 +152,7 @@ class PendingUpdate:
     num_samples: int
     received_at: float
     tensors: Mapping[str, np.ndarray]
+    virtual_time: float = 0.0  # the device's simulated clock when it sent this (0 outside `fedhft simulate`)
 
     def client_update(self, spec: GlobalSpec) -> ClientUpdate:
         return to_client_update(self.client_id, self.num_samples, self.base_version, self.tensors, spec)
@@ -159,6 +160,16 @@ class PendingUpdate:
     @property
     def head(self) -> dict[str, np.ndarray]:
         return {k: self.tensors[k] for k in (HEAD_WEIGHT, HEAD_BIAS) if k in self.tensors}
+
+
+def virtual_time_of(metrics: Mapping[str, float]) -> float:
+    """The simulated device clock an update reports (``metrics["virtual_time"]``), 0 when absent or invalid."""
+    value = metrics.get("virtual_time", 0.0) if isinstance(metrics, Mapping) else 0.0
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 @dataclass
@@ -174,6 +185,7 @@ class AggregationResult:
     last_cluster_round: int
     reclustered: bool
     seconds: float
+    virtual_time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -299,10 +311,12 @@ class Federation:
         memberships: Mapping[str, Sequence[float]] | None = None,
         aggregations: int = 0,
         last_cluster_round: int = -1,
+        virtual_time: float = 0.0,
     ) -> None:
         self.spec = spec
         self.config = config
         self.version = int(version)
+        self.virtual_time = float(virtual_time)  # simulated time of the latest version: max over its updates
         self.states: list[ClusterState] = list(states) if states else [ClusterState(modules={}, head={})]
         k = len(self.states)
         self.memberships: dict[str, np.ndarray] = {
@@ -403,6 +417,7 @@ class Federation:
                 last_cluster_round=self.last_cluster_round,
                 reclustered=False,
                 seconds=time.perf_counter() - t0,
+                virtual_time=self.virtual_time,
             )
         updates = [p.client_update(self.spec) for p in keep]
         memberships = None
@@ -435,6 +450,7 @@ class Federation:
             last_cluster_round=last_round,
             reclustered=reclustered,
             seconds=time.perf_counter() - t0,
+            virtual_time=max(self.virtual_time, *(p.virtual_time for p in keep)),
         )
 
     def apply(self, result: AggregationResult) -> None:
@@ -449,6 +465,7 @@ class Federation:
         self.memberships = {cid: p for cid, p in result.memberships.items() if p.shape == (k,)}
         self.aggregations = result.aggregations
         self.last_cluster_round = result.last_cluster_round
+        self.virtual_time = result.virtual_time
         self._mix_cache.clear()
         self._svd_cache.clear()
 
@@ -549,6 +566,9 @@ class Federation:
             tensors[HEAD_BIAS] = np.asarray(head[HEAD_BIAS], dtype=np.float32)
         return tensors
 
+    def _time_meta(self) -> dict[str, float]:
+        return {"virtual_time": round(self.virtual_time, 4)} if self.virtual_time > 0 else {}
+
     def cluster_models(self) -> list[ModelFactors]:
         """Each cluster's ΔW factored at every module's global max rank R (modules someone has sent)."""
         out = []
@@ -559,7 +579,7 @@ class Federation:
                 for name in self._module_names(state)
                 if name in self.spec.modules
             }
-            meta: dict[str, float | int | str] = {"kind": "cluster", "cluster": c, "clusters": k}
+            meta: dict[str, float | int | str] = {"kind": "cluster", "cluster": c, "clusters": k, **self._time_meta()}
             tensors = self._factors(np.eye(k)[c], ranks)
             if tensors:  # nothing to send before the first aggregation
                 out.append(ModelFactors(f"cluster/{c}", tensors, meta))
@@ -574,6 +594,7 @@ class Federation:
             "cluster": int(np.argmax(p)),
             "clusters": self.num_clusters,
             "membership": ",".join(f"{x:.6g}" for x in p),
+            **self._time_meta(),
         }
         return ModelFactors(f"client/{client_id}", self._factors(p, plan.ranks), meta)
 

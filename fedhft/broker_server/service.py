@@ -33,7 +33,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedhft.broker_server.federation import Federation, FederationConfig, ModelFactors, PendingUpdate
+from fedhft.broker_server.federation import (
+    Federation,
+    FederationConfig,
+    ModelFactors,
+    PendingUpdate,
+    virtual_time_of,
+)
 from fedhft.broker_server.metrics import Metrics, MetricsServer
 from fedhft.broker_server.state_store import StagedUpdate, StateError, StateStore, StorageFull
 from fedhft.broker_server.validation import (
@@ -268,6 +274,7 @@ class Server:
             memberships={cid: r.membership for cid, r in rows.items() if r.membership},
             aggregations=int(meta.get("aggregations", "0")),
             last_cluster_round=int(meta.get("last_cluster_round", "-1")),
+            virtual_time=float(meta.get("virtual_time", "0")),
         )
         for cid, row in rows.items():
             try:
@@ -283,7 +290,8 @@ class Server:
         for stored in self.store.load_pending():
             try:
                 payload = self.store.load_payload(stored)
-                tensors = scale_update(decode_update(payload, max_bytes=RESTORE_MAX_BYTES).tensors, stored.clip_scale)
+                decoded = decode_update(payload, max_bytes=RESTORE_MAX_BYTES)
+                tensors = scale_update(decoded.tensors, stored.clip_scale)
                 to_client_update(stored.client_id, stored.num_samples, stored.base_version, tensors, self.spec)
             except (StateError, FedHFTError, KeyError) as exc:
                 event(log, "a stored update cannot be read", logging.ERROR, id=stored.id, error=exc)
@@ -298,6 +306,7 @@ class Server:
                     stored.num_samples,
                     stored.received_at,
                     tensors,
+                    virtual_time_of(decoded.metrics),
                 )
             )
         self.store.mark_rejected(lost, "lost")
@@ -582,6 +591,7 @@ class Server:
             clip_scale=prep.scale,
             payload=msg.payload,
             tensors=prep.tensors,
+            virtual_time=virtual_time_of(update.metrics),
         )
         return Verdict("accepted", "", "", topic_client, seq, staged, clipped=prep.scale < 1.0)
 
@@ -619,7 +629,14 @@ class Server:
                     self.registry[s.client_id].last_seq = max(self.registry[s.client_id].last_seq, s.seq)
                     self.federation.add_pending(
                         PendingUpdate(
-                            row.id, s.client_id, s.seq, s.base_version, s.num_samples, s.received_at, s.tensors
+                            row.id,
+                            s.client_id,
+                            s.seq,
+                            s.base_version,
+                            s.num_samples,
+                            s.received_at,
+                            s.tensors,
+                            s.virtual_time,
                         )
                     )
         for msg, v in zip(run, verdicts, strict=True):
@@ -663,6 +680,7 @@ class Server:
                     {
                         "aggregations": str(result.aggregations),
                         "last_cluster_round": str(result.last_cluster_round),
+                        "virtual_time": repr(result.virtual_time),
                         "aggregator": self.config.federation.aggregator,
                     },
                     dropped=result.dropped,

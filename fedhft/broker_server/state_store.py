@@ -139,6 +139,7 @@ class StagedUpdate:
     clip_scale: float
     payload: bytes
     tensors: dict[str, np.ndarray]
+    virtual_time: float = 0.0  # from the update's metrics; recovered from the payload after a restart
 
 
 @dataclass
