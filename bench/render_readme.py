@@ -79,10 +79,11 @@ def server_ingest(d: dict) -> str:
 
 def simulate(d: dict) -> str:
     c = d["config"]
+    split = f"Dirichlet alpha {c['alpha']}" if c.get("split", "dirichlet") == "dirichlet" else "split by department"
     lines = [
-        f"`fedhft simulate` on BBC News, {c['clients']} devices "
+        f"`fedhft simulate` on {c['dataset']}, {c['clients']} devices "
         f"({', '.join(f'{k} x{v}' for k, v in c['profiles'].items())}),"
-        f" Dirichlet alpha {c['alpha']}, {c['rounds']} rounds of {c['local_steps']} local steps per device, seq "
+        f" {split}, {c['rounds']} rounds of {c['local_steps']} local steps per device, seq "
         f"{c['max_seq_len']}, seed {c['seed']}; every method in the same run, same split and seeds.",
         "",
         "| method | global acc | personalized acc | up kB / client-round | down kB / client-round | updates | "
@@ -102,11 +103,20 @@ def simulate(d: dict) -> str:
             f"{f(None if to_target is None else to_target / 1e6, '.2f')} |"
         )
     target = d["methods"][0].get("target_accuracy")
+    unable = {r["method"]: r["unable_to_participate"] for r in d["methods"] if r["unable_to_participate"]}
+    lines += ["", f"Target accuracy {target}."]
+    for method, why in unable.items():
+        lines.append(f"{method}: unable to participate: " + "; ".join(f"{k} ({v})" for k, v in why.items()) + ".")
+    lines += ["", "| goal | measured | need | met |", "|---|---:|---:|---|"]
+    for g in d.get("goals", []):
+        measured = "-" if g["measured"] is None else g["measured"]
+        lines.append(f"| {g['goal']} | {measured} | ≥ {g['need']} | {'yes' if g['met'] else '**no**'} |")
     lines += [
         "",
-        f"Target accuracy {target}. ![accuracy](bench/results/simulate/accuracy.png)",
+        f"![accuracy]({d.get('_dir', 'bench/results/simulate')}/accuracy.png) "
+        f"![traffic]({d.get('_dir', 'bench/results/simulate')}/traffic.png)",
         "",
-        "Command: `python bench/simulate_compare.py --quick` (full size: without `--quick`; `make bench`).",
+        f"Command: `{c.get('command', 'python bench/simulate_compare.py')}`.",
     ]
     return "\n".join(lines)
 
@@ -129,12 +139,97 @@ def backends(d: dict) -> str:
     return "\n".join(lines)
 
 
+def security(d: dict) -> str:
+    lines = [
+        f"Attempted actions against a real {d['broker']} with {d['tls']}, a password file and the per-task ACL "
+        f"written by `fedhft broker config` / `fedhft device add`: {d['as_expected']} of {d['actions']} as expected.",
+        "",
+        "| action | expected | observed |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['action']} | {r['expected']} | {r['observed']}{'' if r['ok'] else ' **(unexpected)**'} |"
+        for r in d["rows"]
+    ]
+    lines += ["", "Command: `python bench/security_table.py` (the same matrix runs in `tests/test_security_tls.py`)."]
+    return "\n".join(lines)
+
+
+def fuzz(d: dict) -> str:
+    lines = [
+        f"Seeded fuzzing of the decoders (random bytes and mutations of valid messages: bit flips, truncation, "
+        f"envelopes, bodies, headers, tensors): {d['tried']:,} messages, **{d['crashes']} crashes** (any exception "
+        "other than the protocol's own ProtocolError).",
+        "",
+        "| decoder | tried | rejected | accepted | crashes | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in d["decoders"].items():
+        lines.append(
+            f"| {name} | {r['tried']} | {r['rejected']} | {r['accepted']} | {r['crashes']} | {r['p99_decode_ms']} |"
+        )
+    lines += ["", "Command: `python bench/fuzz_decoders.py`."]
+    return "\n".join(lines)
+
+
+def chaos(d: dict) -> str:
+    c = d["config"]
+    lines = [
+        f"`fedhft simulate --chaos` on {c['dataset']}, {c['clients']} devices, {c['rounds']} rounds each; the same "
+        "seed without chaos in the same run. Acknowledged = the server's acks seen on the wire; lost = "
+        "acknowledged but absent from the server's state at the end; duplicates = updates that went into the model "
+        "more than once.",
+        "",
+        "| run | faults injected | produced | acknowledged | aggregated | pending | lost | duplicates | "
+        "accuracy | vs clean |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["methods"]:
+        ch = r.get("chaos")
+        if not ch:
+            continue
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(ch["faults_injected"].items()))
+        delta = ch.get("accuracy_delta_points")
+        lines.append(
+            f"| {r['method']} | {faults} | {ch['updates_produced']} | {ch['acknowledged']} | {ch['aggregated']} | "
+            f"{ch['pending_at_end']} | **{ch['acknowledged_but_lost']}** | **{ch['duplicates_aggregated']}** | "
+            f"{r['final_global_accuracy']:.3f} | {'-' if delta is None else f'{delta:+.1f} points'} |"
+        )
+    lines += ["", f"Command: `{c.get('command', 'python bench/simulate_compare.py --preset chaos')}`."]
+    return "\n".join(lines)
+
+
+def poisoning(d: dict) -> str:
+    st = d["setup"]
+    attacks = list(d["attacks"])
+    kinds = ", ".join(f"{k} x{v}" for k, v in d["attacks"].items() if v is not None)
+    lines = [
+        f"{st['honest']} honest clients and {st['attackers']} attackers ({kinds}), {st['rounds']} rounds, "
+        f"{d['model']}; final test accuracy of every defence against every attack in the same run.",
+        "",
+        "| upload mask | defence | " + " | ".join(attacks) + " |",
+        "|---|---|" + "---:|" * len(attacks),
+    ]
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for r in d["results"]:
+        cells.setdefault((r["mask"], r["defence"]), {})[r["attack"]] = r["final"]
+    for (mask, defence), row in cells.items():
+        lines.append(f"| {mask} | {defence} | " + " | ".join(f"{row.get(a, float('nan')):.3f}" for a in attacks) + " |")
+    lines += ["", "Command: `python bench/poisoning.py` (a smaller run is `tests/test_poisoning.py`)."]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "BACKENDS": backends,
     "ORT_MEMORY": ort_memory,
     "WIRE_BYTES": wire_bytes,
     "SERVER_INGEST": server_ingest,
     "SIMULATE": simulate,
+    "SIMULATE_CLOTHING": simulate,
+    "CHAOS": chaos,
+    "SECURITY": security,
+    "FUZZ": fuzz,
+    "POISONING": poisoning,
 }
 FILES = {
     "BACKENDS": "backends.json",
@@ -142,6 +237,11 @@ FILES = {
     "WIRE_BYTES": "wire_bytes.json",
     "SERVER_INGEST": "server_ingest.json",
     "SIMULATE": "simulate/report.json",
+    "SIMULATE_CLOTHING": "simulate-clothing/report.json",
+    "CHAOS": "chaos/report.json",
+    "SECURITY": "security.json",
+    "FUZZ": "fuzz.json",
+    "POISONING": "poisoning.json",
 }
 
 
@@ -150,7 +250,9 @@ def render(readme: str) -> str:
         path = RESULTS / FILES[key]
         if not path.is_file():
             continue
-        block = f"<!-- BENCH:{key} -->\n{fn(json.loads(path.read_text()))}\n<!-- /BENCH:{key} -->"
+        data = json.loads(path.read_text())
+        data["_dir"] = f"bench/results/{Path(FILES[key]).parent}".rstrip("/.")
+        block = f"<!-- BENCH:{key} -->\n{fn(data)}\n<!-- /BENCH:{key} -->"
         pattern = re.compile(rf"<!-- BENCH:{key} -->.*?(<!-- /BENCH:{key} -->|$)", re.S)
         if f"<!-- /BENCH:{key} -->" not in readme:
             pattern = re.compile(rf"<!-- BENCH:{key} -->")

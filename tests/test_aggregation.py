@@ -42,9 +42,7 @@ def masked(rng: np.random.Generator, out: int, inp: int, rank: int, n_rows: int)
     )
 
 
-def random_update(
-    rng: np.random.Generator, cid: str, full: bool = False, base_version: int = 0
-) -> ClientUpdate:
+def random_update(rng: np.random.Generator, cid: str, full: bool = False, base_version: int = 0) -> ClientUpdate:
     rank = int(rng.integers(1, 6))
     modules = {}
     for name, (out, inp) in SHAPES.items():
@@ -104,9 +102,7 @@ def test_full_masks_equal_weighted_fedavg_of_delta_w() -> None:
     weights = np.array([u.num_samples for u in updates], dtype=float)
     got = aggregate_delta_w(updates, weights)
     for name in SHAPES:
-        dense = [
-            u.modules[name].B_rows[np.argsort(u.modules[name].rows)] @ u.modules[name].A for u in updates
-        ]
+        dense = [u.modules[name].B_rows[np.argsort(u.modules[name].rows)] @ u.modules[name].A for u in updates]
         want = sum(w * d for w, d in zip(weights, dense, strict=True)) / weights.sum()
         np.testing.assert_allclose(got[name].delta_w, want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got[name].coverage, weights.sum())
@@ -134,9 +130,7 @@ def test_unsent_rows_and_zero_weight_rows_keep_previous_exactly() -> None:
     name, (out, inp) = "layers.0.query", SHAPES["layers.0.query"]
     a = ClientUpdate("a", 10, 0, {name: masked(rng, out, inp, 3, 0)})
     a.modules[name] = MaskedFactors(rng.standard_normal((3, inp)), rng.standard_normal((2, 3)), [1, 4], out)
-    b = ClientUpdate(
-        "b", 10, 0, {name: MaskedFactors(rng.standard_normal((2, inp)), np.ones((2, 2)), [4, 7], out)}
-    )
+    b = ClientUpdate("b", 10, 0, {name: MaskedFactors(rng.standard_normal((2, inp)), np.ones((2, 2)), [4, 7], out)})
     previous = {name: rng.standard_normal((out, inp))}
     got = aggregate_delta_w([a, b], [2.0, 0.0], previous=previous)[name]
     untouched = [i for i in range(out) if i not in (1, 4)]  # row 7 only came from a zero-weight client
@@ -407,10 +401,7 @@ def test_aggregate_buffer_with_empty_buffer_keeps_state() -> None:
 
 def test_personalized_delta_is_the_membership_mixture() -> None:
     rng = np.random.default_rng(15)
-    states = [
-        ClusterState({"m": rng.standard_normal((4, 3))}, {"head.bias": rng.standard_normal(2)})
-        for _ in range(3)
-    ]
+    states = [ClusterState({"m": rng.standard_normal((4, 3))}, {"head.bias": rng.standard_normal(2)}) for _ in range(3)]
     one_hot = personalized_delta(states, np.array([0.0, 1.0, 0.0]))
     assert np.array_equal(one_hot.modules["m"], states[1].modules["m"])
     assert np.array_equal(one_hot.head["head.bias"], states[1].head["head.bias"])
@@ -426,9 +417,7 @@ def test_personalized_delta_is_the_membership_mixture() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def dense_clients(
-    rng: np.random.Generator, ranks: list[int], out: int = 10, inp: int = 8
-) -> list[LoraFactors]:
+def dense_clients(rng: np.random.Generator, ranks: list[int], out: int = 10, inp: int = 8) -> list[LoraFactors]:
     return [
         LoraFactors(A=rng.standard_normal((r, inp)), B=rng.uniform(0.1, 2) * rng.standard_normal((out, r)))
         for r in ranks
@@ -444,12 +433,8 @@ def test_hetlora_weights_and_truncation() -> None:
     result = hetlora_aggregate(clients, samples)
     np.testing.assert_allclose(result.weights, samples * norms / (samples * norms).sum())
     np.testing.assert_allclose(hetlora_weights(clients, samples), result.weights)
-    a_pad = sum(
-        w * np.pad(c.A, ((0, 6 - c.rank), (0, 0))) for w, c in zip(result.weights, clients, strict=True)
-    )
-    b_pad = sum(
-        w * np.pad(c.B, ((0, 0), (0, 6 - c.rank))) for w, c in zip(result.weights, clients, strict=True)
-    )
+    a_pad = sum(w * np.pad(c.A, ((0, 6 - c.rank), (0, 0))) for w, c in zip(result.weights, clients, strict=True))
+    b_pad = sum(w * np.pad(c.B, ((0, 0), (0, 6 - c.rank))) for w, c in zip(result.weights, clients, strict=True))
     np.testing.assert_allclose(result.global_factors.A, a_pad)
     np.testing.assert_allclose(result.global_factors.B, b_pad)
     for r, c in zip(ranks, result.per_client, strict=True):

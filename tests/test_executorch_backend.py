@@ -80,14 +80,10 @@ def test_every_trainable_tensor_reaches_the_program(profile: Path) -> None:
     """Perturb one tensor at a time: ExecuTorch's logits follow ORT's (no tensor frozen into a delegate)."""
     ort, et = OrtTrainer(profile), ExecuTorchTrainer(profile)
     rng = np.random.default_rng(1)
-    base = {
-        k: (rng.standard_normal(v.shape) * 0.05).astype(np.float32) for k, v in ort.get_parameters().items()
-    }
+    base = {k: (rng.standard_normal(v.shape) * 0.05).astype(np.float32) for k, v in ort.get_parameters().items()}
     ids, mask, y = batch(seed=2, b=4, s=16, pad_from=None)
     for name in base:
-        values = dict(
-            base, **{name: base[name] + 0.3 * rng.standard_normal(base[name].shape).astype(np.float32)}
-        )
+        values = dict(base, **{name: base[name] + 0.3 * rng.standard_normal(base[name].shape).astype(np.float32)})
         ort.set_parameters(values)
         et.set_parameters(values)
         a, b = ort.eval_step(ids, mask, y), et.eval_step(ids, mask, y)

@@ -129,17 +129,13 @@ def _export(args: list[str]) -> tuple[int, str]:
 def test_model_dir_without_weights(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    code, out = _export(
-        ["--model", str(tmp_path / "m"), "--profile", "rpi4-4gb", "--out", str(tmp_path / "o")]
-    )
+    code, out = _export(["--model", str(tmp_path / "m"), "--profile", "rpi4-4gb", "--out", str(tmp_path / "o")])
     assert code == 1 and "has no weights" in out
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_unknown_profile(tmp_path: Path, tiny_model_dir: Path) -> None:
-    code, out = _export(
-        ["--model", str(tiny_model_dir), "--profile", "toaster", "--out", str(tmp_path / "o")]
-    )
+    code, out = _export(["--model", str(tiny_model_dir), "--profile", "toaster", "--out", str(tmp_path / "o")])
     assert code == 1 and "toaster" in out
 
 
@@ -153,9 +149,7 @@ def test_profile_with_negative_field(tmp_path: Path, tiny_model_dir: Path, tiny_
 def test_plan_that_cannot_fit(tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path) -> None:
     small = tmp_path / "small.toml"
     small.write_text(tiny_profile_path.read_text().replace("ram_mb = 2048", "ram_mb = 16"))
-    code, out = _export(
-        ["--model", str(tiny_model_dir), "--profile", str(small), "--out", str(tmp_path / "o")]
-    )
+    code, out = _export(["--model", str(tiny_model_dir), "--profile", str(small), "--out", str(tmp_path / "o")])
     assert code == 1 and "no LoRA plan fits" in out
     assert not any(p.name.startswith(".") for p in (tmp_path / "o").iterdir()), "no temp dir left behind"
 

@@ -139,9 +139,7 @@ def small_module(rows: list[int] | np.ndarray, a_rank: int = 2, b_rank: int = 2)
     }
 
 
-def envelope(
-    kind: int, raw: bytes, *, version: int = 1, flags: int = 1, declared: int | None = None
-) -> bytes:
+def envelope(kind: int, raw: bytes, *, version: int = 1, flags: int = 1, declared: int | None = None) -> bytes:
     body = zlib.compress(raw) if flags & 1 else raw
     raw_len = len(raw) if declared is None else declared
     return struct.pack("<4sBBBBII", b"FHFT", version, kind, flags, 0, len(body), raw_len) + body
@@ -246,9 +244,7 @@ def test_model_round_trip(encoding: str) -> None:
 
 
 def test_hello_and_ack_round_trip() -> None:
-    hello = HelloMessage(
-        "sst2", "rpi-07", "rpi4_4gb", SHA, {"rank": 4, "modules": ["q", "v"], "x": None}, 1.5
-    )
+    hello = HelloMessage("sst2", "rpi-07", "rpi4_4gb", SHA, {"rank": 4, "modules": ["q", "v"], "x": None}, 1.5)
     assert decode_hello(encode_hello(hello), expected_task="sst2") == hello
     for status in ("accepted", "rejected", "duplicate"):
         ack = AckMessage("sst2", "rpi-07", 9, status, "stale base" if status == "rejected" else "", 12)

@@ -83,8 +83,7 @@ SEEDS: list[tuple[int, bytes]] = [
     (codec.KIND_ACK, encode_ack(ACK)),
 ]
 RAW_SEEDS = [
-    (kind, zlib.decompress(payload[16 : 16 + int.from_bytes(payload[8:12], "little")]))
-    for kind, payload in SEEDS
+    (kind, zlib.decompress(payload[16 : 16 + int.from_bytes(payload[8:12], "little")])) for kind, payload in SEEDS
 ]
 
 DECODERS: list[Callable[[bytes], Any]] = [
@@ -203,9 +202,7 @@ JSON_LEAF = st.one_of(
 )
 JSON_VALUE = st.recursive(
     JSON_LEAF,
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
-    ),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
 NAMES = [
@@ -237,9 +234,7 @@ def safetensors_header(draw: st.DrawFn) -> bytes:
             header[name][draw(st.text(max_size=5))] = draw(JSON_VALUE)
         offset += size
     if draw(st.booleans()):
-        header["__metadata__"] = draw(
-            st.dictionaries(st.text(max_size=8), JSON_VALUE | st.text(), max_size=3)
-        )
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=8), JSON_VALUE | st.text(), max_size=3))
     text = json.dumps(header).encode()
     declared = draw(st.just(len(text)) | st.integers(0, 2**64 - 1))
     return struct.pack("<Q", declared) + text + draw(st.binary(max_size=offset + 8))
@@ -318,9 +313,7 @@ def perturbed_tensors(draw: st.DrawFn, kind: int) -> tuple[dict[str, np.ndarray]
         op = draw(st.sampled_from(["values", "values", "replace", "drop", "add", "encoding", "rows", "rows"]))
         name = draw(st.sampled_from(stored_names + NAMES))
         if op == "values" and name in stored:
-            stored[name] = refill(
-                stored[name], draw(st.lists(st.sampled_from(SPECIALS), min_size=1, max_size=3))
-            )
+            stored[name] = refill(stored[name], draw(st.lists(st.sampled_from(SPECIALS), min_size=1, max_size=3)))
         elif op == "replace":
             stored[name] = draw(tensor())
         elif op == "drop":

@@ -204,7 +204,7 @@ def test_oversized_norms_are_clipped_and_counted(make_server: Callable, tiny: tu
     assert delta_norm(tensors) > 0.5
     server.handle_batch([upd("a", encode_update(update_message(TASK, "a", 1, tensors), "fp32"))])
     assert acks == [("a", 1, "accepted", "")]
-    assert server.metrics.get("fedhft_updates_clipped_total") == 1
+    assert server.metrics.get("fedhft_updates_clipped_total", {"bound": "clip_norm"}) == 1
     (stored,) = server.store.load_pending()
     assert stored.clip_scale < 1
     assert delta_norm(server.federation.pending[0].tensors) == pytest.approx(0.5, rel=1e-4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedhft.datasets import DatasetError
-from fedhft.simulate.data import dirichlet_split, load_dataset
+from fedhft.simulate.data import apportion, cap_test_sets, dirichlet_split, load_dataset, natural_split
 
 LABELS = np.repeat(np.arange(5), 200)
 
@@ -44,3 +44,39 @@ def test_bad_arguments_and_unknown_dataset() -> None:
 def test_bbc_news_is_registered() -> None:
     d = load_dataset("bbc-news")
     assert d.num_labels == 5 and len(d.texts) == 2225
+
+
+def test_natural_split_gives_each_client_one_group_in_proportion() -> None:
+    groups = ["tops"] * 500 + ["dresses"] * 300 + ["jackets"] * 150 + ["trend"] * 12
+    split = natural_split(groups, 6, seed=1)
+    keys = np.asarray(groups)
+    seen = [sorted(set(keys[np.concatenate([c.train, c.test])])) for c in split.clients]
+    assert [s for s in seen if s != ["trend"]] and sum(len(s) == 1 for s in seen) >= 5  # trend joins one client
+    assert [s[0] for s in seen if len(s) == 1].count("tops") == 3  # 6 clients x 500/962 ≈ 3.1
+    every = np.concatenate([split.global_test, *[np.concatenate([c.train, c.test]) for c in split.clients]])
+    assert sorted(every.tolist()) == list(range(len(groups)))  # a partition: nothing lost, nothing twice
+    assert set(keys[split.global_test]) == {"tops", "dresses", "jackets", "trend"}
+    again = natural_split(groups, 6, seed=1)
+    assert all(np.array_equal(a.train, b.train) for a, b in zip(split.clients, again.clients, strict=True))
+
+
+def test_apportion_and_test_caps() -> None:
+    assert apportion([500, 300, 150, 12], 6) == [3, 2, 1, 0]
+    assert sum(apportion([5, 5, 5], 10)) == 10
+    with pytest.raises(DatasetError):
+        apportion([1, 1], 3)
+    split = dirichlet_split(np.repeat(np.arange(4), 100), 4, 1.0, seed=0)
+    capped = cap_test_sets(split, 0, 30, 5)
+    assert len(capped.global_test) == 30 and set(capped.global_test) <= set(split.global_test)
+    assert all(
+        len(c.test) <= 5 and np.array_equal(c.train, o.train)
+        for c, o in zip(capped.clients, split.clients, strict=True)
+    )
+
+
+def test_womens_clothing_reviews_load_from_the_installed_wheel() -> None:
+    data = load_dataset("womens-clothing")
+    assert len(data.texts) == 22628 and data.num_labels == 2 and set(data.labels) == {0, 1}
+    assert data.groups is not None and len(set(data.groups)) == 6 and "Dresses" in data.groups
+    rating = load_dataset("womens-clothing-rating")
+    assert rating.num_labels == 5 and sorted(set(rating.labels)) == [0, 1, 2, 3, 4]

@@ -124,15 +124,18 @@ def test_simulate_baselines_end_to_end(
     monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
     data = _dataset(tmp_path / "data.jsonl", n=200)
     args = "simulate --clients 2 --alpha 1.0 --rounds 2 --local-steps 4 --max-seq-len 16 --lr 0.01 --time-scale 0"
-    args += " --minutes 2 --method fedavg-lora,flexlora"
+    args += " --minutes 3 --method fedavg-lora,flexlora,fedavg-full"
     paths = ["--profiles", f"{tiny_profile_path}:2", "--dataset", str(data), "--model", str(tiny_model_dir)]
     paths += ["--out", str(tmp_path / "out"), "--broker", mosquitto.url]
     r = CliRunner().invoke(main, args.split() + paths)
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     by_method = {res["method"]: res for res in report["methods"]}
-    assert sorted(by_method) == ["fedavg-lora", "flexlora"]
-    for name, aggregator in (("fedavg-lora", "fedavg"), ("flexlora", "flexlora")):
+    assert sorted(by_method) == ["fedavg-full", "fedavg-lora", "flexlora"]
+    full, lora = by_method["fedavg-full"], by_method["fedavg-lora"]
+    assert full["bytes_up_per_client_round"] > 5 * lora["bytes_up_per_client_round"]  # every weight travels
+    assert full["bytes_down"] > 0 and full["mean_personalized_accuracy"] is not None
+    for name, aggregator in (("fedavg-lora", "fedavg"), ("flexlora", "flexlora"), ("fedavg-full", "fedavg-full")):
         res = by_method[name]
         assert res["updates"] > 0, res
         assert res["accuracy_curve"] and 0.0 <= res["final_global_accuracy"] <= 1.0, res["accuracy_curve"]
@@ -144,3 +147,36 @@ def test_simulate_baselines_end_to_end(
             db.close()
         assert meta["aggregator"] == aggregator  # the server ran the method's aggregator
         assert statuses.get("aggregated", 0) > 0 and "rejected" not in statuses, statuses  # dense uploads
+
+
+@pytest.mark.slow
+def test_pi_class_devices_train_on_the_native_executorch_trainer(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path, mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """A profile without ORT (like rpi4-4gb) runs the torch-free C++ trainer on an ExecuTorch export."""
+    monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
+    pi = tmp_path / "tiny-pi.toml"
+    text = tiny_profile_path.read_text().replace('name = "tiny-test"', 'name = "tiny-pi"')
+    pi.write_text(
+        text.replace('runtimes = ["ort"]', 'runtimes = ["executorch"]').replace(
+            'default_runtime = "ort"', 'default_runtime = "executorch"'
+        )
+    )
+    data = _dataset(tmp_path / "data.jsonl", n=200)
+    args = "simulate --clients 2 --alpha 1.0 --rounds 2 --local-steps 4 --max-seq-len 16 --lr 0.01 --time-scale 0"
+    args += " --minutes 3 --method fedhft --clusters 1"
+    paths = ["--profiles", f"{tiny_profile_path}:1,{pi}:1", "--dataset", str(data), "--model", str(tiny_model_dir)]
+    paths += ["--out", str(tmp_path / "out"), "--broker", mosquitto.url]
+    r = CliRunner().invoke(main, args.split() + paths)
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]
+    assert res["backend_by_profile"] == {str(tiny_profile_path): "ort", str(pi): "native"}, res["backend_by_profile"]
+    assert not res["edges_failed"] and res["updates"] >= 4, res
+    db = sqlite3.connect(tmp_path / "out" / "fedhft" / "server" / "state.sqlite3")
+    try:
+        by_client = dict(
+            db.execute("SELECT client_id, COUNT(*) FROM updates WHERE status = 'aggregated' GROUP BY client_id")
+        )
+    finally:
+        db.close()
+    assert by_client.get("c001", 0) >= 1, by_client  # the ExecuTorch device's updates went into the model

@@ -12,6 +12,10 @@ is then re-factored per device to that device's planned rank by truncated SVD.
 Baselines (fedavg of factors, HetLoRA, FlexLoRA) take dense, unmasked :class:`LoraFactors` of one
 module and exist for comparisons only.
 
+Poisoning bounds: the masked ΔW and head aggregation take an optional robust ``rule`` (coordinate-wise
+trimmed mean or median over the clients that sent each row, :mod:`fedhft.broker_server.robust`) in place
+of the weighted mean.
+
 All arithmetic is float64; outputs are float64 arrays that never alias the inputs.
 """
 
@@ -23,9 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedhft.broker_server.robust import capped_samples, check_rule, robust_combine
 from fedhft.errors import FedHFTError
 
 REFACTOR_METHODS = ("svd", "randomized")
+ROBUST_CHUNK = 1 << 20  # values a robust rule sorts at once (senders x rows x in): its temporaries stay ~64 MB
 
 
 class AggregationError(FedHFTError, ValueError):
@@ -207,6 +213,10 @@ def aggregate_delta_w(
     weights: Sequence[float] | np.ndarray,
     shapes: Mapping[str, tuple[int, int]] | None = None,
     previous: Mapping[str, np.ndarray] | None = None,
+    *,
+    rule: str = "none",
+    trim_fraction: float = 0.2,
+    scales: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, AggregatedModule]:
     """Row-masked weighted average of client dW per module (FedHFT aggregation).
 
@@ -215,46 +225,152 @@ def aggregate_delta_w(
     lacks m) and get coverage 0. ``weights`` are final per-client weights (the caller multiplies
     samples, staleness and cluster membership). ``shapes`` ((out, in) per module) is optional and
     only checked; modules in ``previous`` or ``shapes`` that no client sent are returned unchanged.
+    A robust ``rule`` (trimmed-mean, median) replaces the mean, element by element, by that weighted
+    statistic over every client that sent module m (weight w_k), where a client that did not send row i
+    votes for the row's current value ``previous[m][i]``: the mask uploads the rows that changed most, so
+    an unsent row changed little, and a minority that alone sends a row cannot set it. Coverage and the
+    rows nobody sent are as for the mean. ``scales`` (clipping, one per update in (0, 1]) shrink each
+    update's sent rows toward the current ones first: previous[rows] + s_k (dW_k[rows] - previous[rows]).
     """
     w = _check_weights(weights, len(updates))
+    s = _check_scales(scales, len(updates))
+    check_rule(rule, trim_fraction)
     result: dict[str, AggregatedModule] = {}
     for name, (n_out, n_in) in _module_shapes(updates, shapes, previous).items():
-        numerator = np.zeros((n_out, n_in))
-        coverage = np.zeros(n_out)
-        for u, wk in zip(updates, w, strict=True):
-            if name not in u.modules or wk == 0:
-                continue
-            rows, d_rows = masked_delta(u.modules[name])
-            numerator[rows] += wk * d_rows  # rows are distinct, so fancy += is exact
-            coverage[rows] += wk
         old = previous.get(name) if previous is not None else None
         delta = np.zeros((n_out, n_in)) if old is None else np.array(old, dtype=np.float64)
+        if rule == "none":
+            combined, coverage = _mean_rows(updates, w, s, name, delta)
+        else:
+            combined, coverage = _robust_rows(updates, w, s, name, delta, rule, trim_fraction)
         hit = coverage > 0
-        delta[hit] = numerator[hit] / coverage[hit, None]
+        delta[hit] = combined[hit]
         result[name] = AggregatedModule(delta_w=delta, coverage=coverage)
     return result
+
+
+def _check_scales(scales: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray:
+    """Per-update clip scales (all ones when None); AggregationError unless each lies in (0, 1]."""
+    if scales is None:
+        return np.ones(n)
+    s = np.asarray(scales, dtype=np.float64)
+    if s.shape != (n,) or not np.isfinite(s).all() or (s <= 0).any() or (s > 1).any():
+        raise AggregationError(f"need one clip scale in (0, 1] per update ({n}), got {s.tolist()[:8]}")
+    return s
+
+
+def _sent_rows(f: MaskedFactors, current: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, their values) of an upload, shrunk toward ``current`` by ``scale`` (clipping) when < 1."""
+    rows, d_rows = masked_delta(f)
+    if scale != 1.0:
+        d_rows = current[rows] + scale * (d_rows - current[rows])
+    return rows, d_rows
+
+
+def deviation_norm(u: ClientUpdate, modules: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> float:
+    """How far an update moves the model it is aggregated into, as one vector: its sent dW rows minus
+    those rows of ``modules`` (zero where a module is missing) and its head minus ``head`` (tensors
+    ``head`` lacks do not count)."""
+    total = 0.0
+    for name, f in u.modules.items():
+        rows, d_rows = masked_delta(f)
+        if name in modules:
+            d_rows = d_rows - np.asarray(modules[name], dtype=np.float64)[rows]
+        total += float(np.sum(d_rows * d_rows))
+    for key, value in u.head.items():
+        if key in head:
+            diff = np.asarray(value, np.float64) - np.asarray(head[key], np.float64)
+            total += float(np.sum(diff * diff))
+    return float(np.sqrt(total))
+
+
+def _mean_rows(
+    updates: Sequence[ClientUpdate], w: np.ndarray, s: np.ndarray, name: str, current: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted mean of each row over its senders (0 where none), coverage) of module ``name``."""
+    numerator = np.zeros(current.shape)
+    coverage = np.zeros(current.shape[0])
+    for u, wk, sk in zip(updates, w, s, strict=True):
+        if name not in u.modules or wk == 0:
+            continue
+        rows, d_rows = _sent_rows(u.modules[name], current, sk)
+        numerator[rows] += wk * d_rows  # rows are distinct, so fancy += is exact
+        coverage[rows] += wk
+    hit = coverage > 0
+    numerator[hit] /= coverage[hit, None]
+    return numerator, coverage
+
+
+def _robust_rows(
+    updates: Sequence[ClientUpdate],
+    w: np.ndarray,
+    s: np.ndarray,
+    name: str,
+    current: np.ndarray,
+    rule: str,
+    trim: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(robust ``rule`` of each row over the clients that sent the module, unsent rows voting ``current``;
+    coverage), in chunks of rows."""
+    n_out, n_in = current.shape
+    senders = []
+    coverage = np.zeros(n_out)
+    for u, wk, sk in zip(updates, w, s, strict=True):
+        if name in u.modules and wk > 0:
+            rows, d_rows = _sent_rows(u.modules[name], current, sk)
+            senders.append((rows, d_rows, wk))
+            coverage[rows] += wk
+    out = np.zeros((n_out, n_in))
+    if not senders:
+        return out, coverage
+    weights = np.array([wk for _, _, wk in senders]).reshape(-1, 1, 1)
+    step = max(1, ROBUST_CHUNK // (len(senders) * n_in))
+    for r0 in range(0, n_out, step):
+        r1 = min(n_out, r0 + step)
+        values = np.repeat(current[None, r0:r1], len(senders), axis=0)  # unsent rows vote the current value
+        for k, (rows, d_rows, _) in enumerate(senders):
+            inside = (rows >= r0) & (rows < r1)
+            values[k, rows[inside] - r0] = d_rows[inside]
+        out[r0:r1] = robust_combine(values, weights, rule, trim)
+    return out, coverage
 
 
 def aggregate_head(
     updates: Sequence[ClientUpdate],
     weights: Sequence[float] | np.ndarray,
     previous: Mapping[str, np.ndarray] | None = None,
+    *,
+    rule: str = "none",
+    trim_fraction: float = 0.2,
+    scales: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Plain weighted average of each dense head tensor over the clients that sent it.
 
-    A tensor with zero total weight keeps its ``previous`` value (zero if there is none).
+    A tensor with zero total weight keeps its ``previous`` value (zero if there is none). A robust
+    ``rule`` takes that weighted statistic element by element instead of the mean. ``scales`` shrink each
+    sent tensor toward ``previous`` (when it has one) first, as in :func:`aggregate_delta_w`.
     """
     w = _check_weights(weights, len(updates))
+    s = _check_scales(scales, len(updates))
+    check_rule(rule, trim_fraction)
     keys = sorted({k for u in updates for k in u.head} | set(previous or {}))
     out: dict[str, np.ndarray] = {}
     for key in keys:
-        senders = [(np.asarray(u.head[key], np.float64), wk) for u, wk in zip(updates, w, strict=True) if key in u.head]
         old = None if previous is None or key not in previous else np.asarray(previous[key], np.float64)
+        senders = []
+        for u, wk, sk in zip(updates, w, s, strict=True):
+            if key in u.head:
+                value = np.asarray(u.head[key], np.float64)
+                senders.append((value if old is None or sk == 1.0 else old + sk * (value - old), wk))
         shapes = {v.shape for v, _ in senders} | (set() if old is None else {old.shape})
         if len(shapes) != 1:
             raise AggregationError(f"head {key!r}: inconsistent shapes {sorted(shapes)}")
         total = sum(wk for _, wk in senders)
-        if total > 0:
+        if total > 0 and rule != "none":
+            stacked = np.stack([v for v, _ in senders])
+            weights_k = np.array([wk for _, wk in senders]).reshape((-1,) + (1,) * (stacked.ndim - 1))
+            out[key] = robust_combine(stacked, weights_k, rule, trim_fraction)
+        elif total > 0:
             out[key] = sum(wk * v for v, wk in senders) / total
         else:
             out[key] = np.zeros(shapes.pop()) if old is None else old.copy()
@@ -600,33 +716,49 @@ def aggregate_buffer(
     staleness_exponent: float,
     memberships: Mapping[str, np.ndarray] | None = None,
     server_lr: float = 1.0,
+    *,
+    rule: str = "none",
+    trim_fraction: float = 0.2,
+    clip_scales: Sequence[float] | np.ndarray | None = None,
 ) -> list[ClusterState]:
     """One FedBuff flush over K cluster states (K = 1 for plain FedBuff); inputs are not modified.
 
     Update k weighs samples_k * staleness_k * p_kc in cluster c (p = 1 when ``memberships`` is None).
     Per cluster, dW_c <- (1 - eta) dW_c + eta * masked_average on rows with coverage > 0 only; other
     rows are left bit-for-bit as they were. The head mixes the same way when it had positive weight.
-    Modules the state lacks start from zero. eta = ``server_lr`` (> 0).
+    Modules the state lacks start from zero. eta = ``server_lr`` (> 0). With a robust ``rule`` the
+    masked average is that weighted statistic (same weights, samples capped at the buffer's median
+    count: :func:`fedhft.broker_server.robust.capped_samples`). ``clip_scales`` (one per update, in
+    (0, 1]) shrink each update toward each cluster's current dW rows and head before aggregating.
     """
     if not cluster_states:
         raise AggregationError("need at least one cluster state")
     if not np.isfinite(server_lr) or server_lr <= 0:
         raise AggregationError(f"server_lr must be > 0, got {server_lr}")
-    base = np.array(
-        [u.num_samples * staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
+    check_rule(rule, trim_fraction)
+    samples = np.array([u.num_samples for u in updates], dtype=np.float64)
+    if rule != "none":
+        samples = capped_samples(samples)
+    base = samples * np.array(
+        [staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
         dtype=np.float64,
     )
     p = _membership_matrix(updates, memberships, len(cluster_states))
     new_states = []
     for c, state in enumerate(cluster_states):
         w = base * p[:, c]
-        agg = aggregate_delta_w(updates, w, previous=state.modules)
+        agg = aggregate_delta_w(
+            updates, w, previous=state.modules, rule=rule, trim_fraction=trim_fraction, scales=clip_scales
+        )
         modules = {
             name: _mix(state.modules.get(name, np.zeros_like(m.delta_w)), m.delta_w, m.covered, server_lr)
             for name, m in agg.items()
         }
         head = {key: np.array(v, dtype=np.float64) for key, v in state.head.items()}
-        for key, value in aggregate_head(updates, w, previous=state.head).items():
+        heads = aggregate_head(
+            updates, w, previous=state.head, rule=rule, trim_fraction=trim_fraction, scales=clip_scales
+        )
+        for key, value in heads.items():
             if _head_weight(updates, w, key) > 0:
                 head[key] = _mix(head.get(key, np.zeros_like(value)), value, None, server_lr)
         new_states.append(ClusterState(modules=modules, head=head))

@@ -18,16 +18,20 @@ Pure-Python brokers were ruled out: amqtt speaks MQTT 3.1.1 only and drops ``$sh
 `fedhft broker config` writes a production Mosquitto setup: a TLS listener, ``allow_anonymous false``,
 a password file in Mosquitto's own ``$7$`` format (PBKDF2-HMAC-SHA512, 101 iterations by default, as
 ``mosquitto_passwd`` writes it) and an ACL in which each client may publish only its own
-``update/<id>`` and ``hello/<id>`` and read only its ack, its own client model and the cluster models of
-its task, while only the server identity may read updates/hellos and publish models and acks.
+``update/<id>`` and ``hello/<id>`` and read only its ack, its own client model, the cluster models and the
+key chain of its task, while only the server identity may read updates/hellos and publish models, acks and
+the key chain. ``fedhft-broker.json`` in the same directory records tasks, identities and revocations, so
+``fedhft device add|revoke`` (devices.py) regenerate passwd and acl with the same code.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -37,10 +41,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from fedhft.atomic import write_atomic
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.procs import stop_process
@@ -49,7 +55,7 @@ from fedhft.protocol.topics import PREFIX, validate_id
 log = logging.getLogger("fedhft.broker")
 
 MOSQUITTO_ITERATIONS = 101
-MAX_MESSAGE_BYTES = 64 * 2**20  # the protocol's DEFAULT_MAX_BYTES
+MAX_MESSAGE_BYTES = 128 * 2**20  # the protocol's DEFAULT_MAX_BYTES
 
 
 class BrokerError(FedHFTError):
@@ -70,13 +76,22 @@ def iotcore_available() -> bool:
     return importlib.util.find_spec("iotcore") is not None
 
 
-def embedded_mosquitto_config(port: int, bind: str) -> str:
-    """A Mosquitto config for one anonymous v5-capable listener with unlimited message size."""
+def embedded_mosquitto_config(port: int, bind: str, persistence_dir: Path | None = None) -> str:
+    """A Mosquitto config for one anonymous v5-capable listener with unlimited message size.
+
+    With ``persistence_dir``, sessions, queued and retained messages survive a restart (saved every second
+    and on a clean stop).
+    """
+    persistence = (
+        f"persistence true\npersistence_location {persistence_dir}/\nautosave_interval 1\n"
+        if persistence_dir is not None
+        else "persistence false\n"
+    )
     return (
         "# fedhft embedded broker (fedhft broker run): demos and tests on one machine, no authentication\n"
         f"listener {port} {bind}\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        f"{persistence}"
         "max_packet_size 268435455\n"  # the MQTT maximum (0, "no limit", is rejected)
         "max_inflight_messages 100\n"
         "max_queued_messages 100000\n"
@@ -118,6 +133,7 @@ class EmbeddedBroker:
     port: int = 1883
     bind: str = "127.0.0.1"
     backend: str = "auto"  # auto | mosquitto | iotcore
+    persistent: bool = False  # mosquitto only: keep sessions, queued and retained messages across restart()
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _iotcore: object | None = field(default=None, repr=False)
     _dir: Path | None = field(default=None, repr=False)
@@ -145,11 +161,16 @@ class EmbeddedBroker:
                 s.bind((self.bind, 0))
                 self.port = int(s.getsockname()[1])
         self.chosen = self._choose()
-        self._dir = Path(tempfile.mkdtemp(prefix="fedhft-broker-"))
-        self._dir.chmod(0o755)  # Mosquitto started as root reads its files as the mosquitto user
+        if self._dir is None:  # kept by restart(): the persistence file lives there
+            self._dir = Path(tempfile.mkdtemp(prefix="fedhft-broker-"))
+            self._dir.chmod(0o755)  # Mosquitto started as root reads its files as the mosquitto user
         if self.chosen == "mosquitto":
             conf = self._dir / "mosquitto.conf"
-            conf.write_text(embedded_mosquitto_config(self.port, self.bind))
+            data = self._dir / "data" if self.persistent else None
+            if data is not None:
+                data.mkdir(exist_ok=True)
+                data.chmod(0o777)  # written by the mosquitto user when started as root
+            conf.write_text(embedded_mosquitto_config(self.port, self.bind, data))
             conf.chmod(0o644)
             self._proc = subprocess.Popen([str(find_mosquitto()), "-c", str(conf)])
             alive = self._proc_alive
@@ -185,6 +206,15 @@ class EmbeddedBroker:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
+    def restart(self, down_seconds: float = 0.0, timeout: float = 10.0) -> EmbeddedBroker:
+        """Stop the process (cleanly: a persistent broker saves its state) and start again on the same port."""
+        if self.chosen != "mosquitto" or self._proc is None:
+            raise BrokerError("restart() needs a running embedded mosquitto")
+        stop_process(self._proc)
+        self._proc = None
+        time.sleep(down_seconds)
+        return self.start(timeout)
+
     def wait(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set or the broker dies (BrokerError)."""
         while not stop.wait(0.5):
@@ -208,19 +238,26 @@ def mosquitto_password_hash(password: str, salt: bytes | None = None, iterations
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def acl_text(task: str, server_user: str, clients: list[str]) -> str:
-    """The ACL: each client its own update/hello (write) and ack/client model/cluster models (read)."""
+@dataclass(frozen=True)
+class TaskUsers:
+    """Who takes part in one task: the server identity and the client ids (each client id is a user name)."""
+
+    server_user: str
+    clients: tuple[str, ...] = ()
+
+
+def _task_acl(task: str, users: TaskUsers) -> list[str]:
     base = f"{PREFIX}/{validate_id(task, 'task', BrokerError)}"
     lines = [
-        f"# fedhft ACL for task {task} (generated by `fedhft broker config`); user names are client ids",
-        "",
-        f"user {validate_id(server_user, 'server user', BrokerError)}",
+        f"# task {task}",
+        f"user {validate_id(users.server_user, 'server user', BrokerError)}",
         f"topic read {base}/update/+",
         f"topic read {base}/hello/+",
         f"topic write {base}/ack/+",
         f"topic write {base}/model/#",
+        f"topic write {base}/key",
     ]
-    for cid in clients:
+    for cid in users.clients:
         validate_id(cid, "client id", BrokerError)
         lines += [
             "",
@@ -230,7 +267,18 @@ def acl_text(task: str, server_user: str, clients: list[str]) -> str:
             f"topic read {base}/ack/{cid}",
             f"topic read {base}/model/client/{cid}",
             f"topic read {base}/model/cluster/+",
+            f"topic read {base}/key",
         ]
+    return lines
+
+
+def acl_text(tasks: Mapping[str, TaskUsers]) -> str:
+    """The ACL, per task: each client may publish only its own update/hello and read only its ack, its own
+    client model, its task's cluster models and key chain; only the server identity reads updates/hellos and
+    publishes models, acks and the key chain of its task. Mosquitto merges repeated ``user`` blocks."""
+    lines = ["# fedhft ACL (generated by `fedhft broker config` / `fedhft device`); user names are client ids"]
+    for task in sorted(tasks):
+        lines += ["", *_task_acl(task, tasks[task])]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +309,7 @@ def production_config_text(
     if persistence:
         lines.append(f"persistence_location {data_dir}")
     lines += [
-        f"max_packet_size {MAX_MESSAGE_BYTES + 65536}",  # a 64 MiB payload plus topic and properties
+        f"max_packet_size {MAX_MESSAGE_BYTES + 65536}",  # a 128 MiB payload plus topic and properties
         "max_inflight_messages 100",
         "max_queued_messages 100000",
         "",
@@ -278,7 +326,105 @@ def production_config_text(
     return "\n".join(lines) + "\n"
 
 
-def _read_credentials(path: Path) -> dict[str, str]:
+# ---- the config directory: registry, credentials, passwd, acl (one writer for broker config and devices) ----
+
+REGISTRY_NAME = "fedhft-broker.json"
+CREDENTIALS_NAME = "credentials.txt"
+CONFIG_LOCK_NAME = ".fedhft-config.lock"
+REGISTRY_FORMAT = 1
+
+
+@contextlib.contextmanager
+def locked_config_dir(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on config directory ``out`` (broker config and device commands never interleave)."""
+    try:
+        fd = os.open(out / CONFIG_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise BrokerError(f"cannot lock {out} ({exc.strerror or exc})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class BrokerRegistry:
+    """``fedhft-broker.json``: the listener and, per task, its server identity and clients; revocations."""
+
+    port: int
+    bind: str | None
+    tls: TlsFiles | None
+    tasks: dict[str, TaskUsers] = field(default_factory=dict)
+    revoked: list[dict[str, Any]] = field(default_factory=list)  # {"client_id", "task", "revoked_at"}
+
+    def users(self) -> list[str]:
+        """Every user name, server identities first within each task, without repeats."""
+        out: list[str] = []
+        for task in sorted(self.tasks):
+            for user in (self.tasks[task].server_user, *self.tasks[task].clients):
+                if user not in out:
+                    out.append(user)
+        return out
+
+    def task_of_client(self, client_id: str) -> str | None:
+        return next((t for t, u in self.tasks.items() if client_id in u.clients), None)
+
+    def check(self) -> None:
+        """BrokerError unless ids are valid, each client is in one task only and no server user is a client."""
+        servers = {u.server_user for u in self.tasks.values()}
+        seen: dict[str, str] = {}
+        for task, users in self.tasks.items():
+            validate_id(task, "task", BrokerError)
+            validate_id(users.server_user, "server user", BrokerError)
+            for cid in users.clients:
+                validate_id(cid, "client id", BrokerError)
+                if cid in servers:
+                    raise BrokerError(f"user {cid!r} cannot be both a server identity and a client")
+                if cid in seen:
+                    raise BrokerError(f"client id {cid!r} is already a client of task {seen[cid]!r}")
+                seen[cid] = task
+
+    def to_json(self) -> str:
+        tls = None if self.tls is None else asdict(self.tls)
+        tasks = {t: {"server_user": u.server_user, "clients": list(u.clients)} for t, u in sorted(self.tasks.items())}
+        obj = {"format": REGISTRY_FORMAT, "listener": {"port": self.port, "bind": self.bind, "tls": tls}}
+        return json.dumps(obj | {"tasks": tasks, "revoked": self.revoked}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> BrokerRegistry:
+        try:
+            obj = json.loads(text)
+            if obj.get("format") != REGISTRY_FORMAT:
+                raise ValueError(f"format {obj.get('format')!r}, expected {REGISTRY_FORMAT}")
+            lis = obj["listener"]
+            reg = cls(
+                port=int(lis["port"]),
+                bind=lis["bind"],
+                tls=None if lis["tls"] is None else TlsFiles(**lis["tls"]),
+                tasks={
+                    str(t): TaskUsers(str(u["server_user"]), tuple(str(c) for c in u["clients"]))
+                    for t, u in obj["tasks"].items()
+                },
+                revoked=list(obj.get("revoked", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BrokerError(f"{source}: not a fedhft broker registry ({exc})") from exc
+        reg.check()
+        return reg
+
+
+def load_registry(out: Path) -> BrokerRegistry | None:
+    """The registry of config directory ``out``, or None when it has none."""
+    path = out / REGISTRY_NAME
+    try:
+        return BrokerRegistry.from_json(path.read_text(), str(path)) if path.exists() else None
+    except OSError as exc:
+        raise BrokerError(f"cannot read {path} ({exc.strerror or exc})") from exc
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """``credentials.txt``: user -> password (lines ``user password``; ``#`` comments)."""
     if not path.exists():
         return {}
     out = {}
@@ -287,6 +433,31 @@ def _read_credentials(path: Path) -> dict[str, str]:
             user, password = line.split(" ", 1)
             out[user] = password
     return out
+
+
+def save_broker_files(
+    out: Path,
+    registry: BrokerRegistry,
+    passwords: Mapping[str, str],
+    iterations: int = MOSQUITTO_ITERATIONS,
+) -> None:
+    """Write credentials.txt (0600), the registry, passwd and acl (0644: Mosquitto started as root reads them
+    as the mosquitto user), each atomically, in that order: a crash never loses a password that passwd holds."""
+    registry.check()
+    users = registry.users()
+    missing = [u for u in users if u not in passwords]
+    if missing:
+        raise BrokerError(f"no password for users {missing}")
+    cred = "# fedhft broker credentials: user password (keep secret; give each device its own line)\n"
+    cred += "".join(f"{u} {passwords[u]}\n" for u in users)
+    passwd = "".join(f"{u}:{mosquitto_password_hash(passwords[u], iterations=iterations)}\n" for u in users)
+    try:
+        write_atomic(out / CREDENTIALS_NAME, cred.encode(), 0o600)
+        write_atomic(out / REGISTRY_NAME, registry.to_json().encode(), 0o644)
+        write_atomic(out / "passwd", passwd.encode(), 0o644)
+        write_atomic(out / "acl", acl_text(registry.tasks).encode(), 0o644)
+    except OSError as exc:
+        raise BrokerError(f"cannot write the broker configuration into {out} ({exc.strerror or exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -313,35 +484,35 @@ def write_production_config(
     persistence: bool = True,
     iterations: int = MOSQUITTO_ITERATIONS,
 ) -> ProductionConfig:
-    """Write mosquitto.conf, passwd, acl and credentials.txt (0600: user password per line) into ``out``.
+    """Write mosquitto.conf, passwd, acl, credentials.txt (0600) and the registry into ``out``.
 
-    Passwords already in ``out/credentials.txt`` are kept, so re-running to add clients rotates nothing.
+    Adds to what ``out`` already holds: other tasks, this task's earlier clients (``fedhft device add``) and
+    every known password are kept, so re-running to add clients rotates nothing.
     """
-    users = [validate_id(server_user, "server user", BrokerError)] + [
-        validate_id(c, "client id", BrokerError) for c in clients
-    ]
-    if len(set(users)) != len(users):
+    validate_id(server_user, "server user", BrokerError)
+    for cid in clients:
+        validate_id(cid, "client id", BrokerError)
+    if server_user in clients or len(set(clients)) != len(clients):
         raise BrokerError("the server user and the client ids must all differ")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        credentials = out / "credentials.txt"
-        known = _read_credentials(credentials)
-        passwords = {u: known.get(u) or secrets.token_urlsafe(18) for u in users}
-        passwd = out / "passwd"
-        passwd.write_text(
-            "".join(f"{u}:{mosquitto_password_hash(p, iterations=iterations)}\n" for u, p in passwords.items())
-        )
-        passwd.chmod(0o644)  # hashes only; Mosquitto started as root reads it as the mosquitto user
-        acl = out / "acl"
-        acl.write_text(acl_text(task, server_user, clients))
-        acl.chmod(0o644)
-        fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("# fedhft broker credentials: user password (keep secret; give each device its own line)\n")
-            fh.writelines(f"{u} {p}\n" for u, p in passwords.items())
-        conf = out / "mosquitto.conf"
-        conf.write_text(production_config_text(out, port, bind, tls, data_dir, persistence))
-        conf.chmod(0o644)
     except OSError as exc:
-        raise BrokerError(f"cannot write the broker configuration into {out} ({exc.strerror or exc})") from exc
-    return ProductionConfig(conf, passwd, acl, credentials, passwords)
+        raise BrokerError(f"cannot create {out} ({exc.strerror or exc})") from exc
+    credentials = out / CREDENTIALS_NAME
+    with locked_config_dir(out):
+        registry = load_registry(out) or BrokerRegistry(port, bind, tls)
+        registry.port, registry.bind, registry.tls = port, bind, tls
+        earlier = registry.tasks.get(task, TaskUsers(server_user)).clients
+        registry.tasks[validate_id(task, "task", BrokerError)] = TaskUsers(
+            server_user, (*earlier, *(c for c in clients if c not in earlier))
+        )
+        registry.revoked = [r for r in registry.revoked if r.get("client_id") not in clients]
+        known = read_credentials(credentials)
+        passwords = {u: known.get(u) or secrets.token_urlsafe(18) for u in registry.users()}
+        save_broker_files(out, registry, passwords, iterations)
+    conf = out / "mosquitto.conf"
+    try:
+        write_atomic(conf, production_config_text(out, port, bind, tls, data_dir, persistence).encode(), 0o644)
+    except OSError as exc:
+        raise BrokerError(f"cannot write {conf} ({exc.strerror or exc})") from exc
+    return ProductionConfig(conf, out / "passwd", out / "acl", credentials, passwords)

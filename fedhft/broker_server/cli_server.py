@@ -1,7 +1,8 @@
-"""Click commands of the server side: `fedhft server run`, `fedhft broker run`, `fedhft broker config`.
+"""Click commands of the server side: `fedhft server run|rotate-key`, `fedhft broker run|config`.
 
-The main CLI registers ``server_run_command``, ``broker_run_command`` and ``broker_config_command``;
-``python -m fedhft.broker_server.cli_server server-run|broker-run|broker-config ...`` runs them directly.
+The main CLI registers ``server_run_command``, ``server_rotate_key_command``, ``broker_run_command`` and
+``broker_config_command``; ``python -m fedhft.broker_server.cli_server server-run|server-rotate-key|broker-run|
+broker-config ...`` runs them directly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import click
 
 from fedhft.errors import FedHFTError
 
-AGGREGATOR_CHOICES = ("fedhft", "fedavg", "hetlora", "flexlora")  # = factor_aggregation.AGGREGATORS (light import)
+ROBUST_CHOICES = ("none", "trimmed-mean", "median")  # = robust.ROBUST_RULES (light import)
+AGGREGATOR_CHOICES = ("fedhft", "fedavg", "hetlora", "flexlora", "fedavg-full")  # = factor_aggregation.AGGREGATORS
 
 
 def _clusters(value: str) -> int | None:
@@ -58,6 +60,28 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--staleness-exponent", default=0.5, show_default=True, help="Weight (1 + tau) ** -a.")
 @click.option("--max-staleness", default=10, show_default=True, help="Reject updates older than V versions.")
 @click.option("--clip-norm", type=float, default=None, help="Scale down updates whose ΔW L2 norm exceeds C.")
+@click.option(
+    "--clip-multiple",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Poisoning bound: at each flush, shrink toward the current model every update whose deviation from "
+    "it (ΔW rows and head) exceeds this multiple of the running median deviation, e.g. 2 (fedhft, flexlora).",
+)
+@click.option(
+    "--robust",
+    type=click.Choice(ROBUST_CHOICES),
+    default="none",
+    show_default=True,
+    help="Poisoning bound: aggregate ΔW and the head by a coordinate-wise weighted trimmed mean or median "
+    "instead of the mean; a row a client did not send counts as unchanged (aggregators fedhft, flexlora).",
+)
+@click.option(
+    "--trim-fraction",
+    type=click.FloatRange(0, 0.5, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of the weight --robust trimmed-mean cuts off each tail.",
+)
 @click.option("--warmup-aggregations", default=2, show_default=True, help="Aggregations before clustering.")
 @click.option("--recluster-every", default=5, show_default=True, help="Re-estimate memberships every N.")
 @click.option("--hysteresis", default=0.1, show_default=True, help="Membership margin needed to switch.")
@@ -69,12 +93,16 @@ def _stop_on_signals() -> threading.Event:
     show_default=True,
     help="fedhft: masked ΔW + SVD with clustering. Baselines (dense updates only, --clusters 1): flexlora "
     "(ΔW mean + SVD per client rank), fedavg (FedAvg of LoRA factors A, B), hetlora (zero-padded factors "
-    "weighted by samples x ||B A||, truncated per client rank).",
+    "weighted by samples x ||B A||, truncated per client rank), fedavg-full (FedAvg of full fine-tuning: "
+    "sample-weighted mean of dense parameter deltas; needs a full fine-tuning manifest).",
 )
 @click.option("--group", default="fedhft-server", show_default=True, help="Shared-subscription group.")
 @click.option("--client-id", default=None, help="MQTT client id (default fedhft-server-<task>-<group>).")
 @click.option("--username", default=None, help="Broker user name.")
 @click.option("--password", default=None, envvar="FEDHFT_MQTT_PASSWORD", help="Broker password (or env).")
+@click.option(
+    "--password-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Read it from a file."
+)
 @click.option("--tls-ca", type=click.Path(path_type=Path, exists=True), default=None, help="CA file for TLS.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port.")
@@ -94,6 +122,9 @@ def server_run_command(
     staleness_exponent: float,
     max_staleness: int,
     clip_norm: float | None,
+    clip_multiple: float | None,
+    robust: str,
+    trim_fraction: float,
     warmup_aggregations: int,
     recluster_every: int,
     hysteresis: float,
@@ -103,6 +134,7 @@ def server_run_command(
     client_id: str | None,
     username: str | None,
     password: str | None,
+    password_file: Path | None,
     tls_ca: Path | None,
     metrics_port: int | None,
     metrics_host: str,
@@ -114,6 +146,9 @@ def server_run_command(
     """Run the federated server: validate and durably store updates, aggregate (FedBuff), publish models."""
     from fedhft.broker_server.federation import FederationConfig
     from fedhft.broker_server.service import Server, ServerConfig
+    from fedhft.credentials import resolve_password
+
+    password = resolve_password(password, password_file)
 
     fed = FederationConfig(
         buffer_size=buffer_size,
@@ -128,6 +163,9 @@ def server_run_command(
         server_lr=server_lr,
         seed=seed,
         aggregator=aggregator,
+        robust=robust,
+        trim_fraction=trim_fraction,
+        clip_multiple=clip_multiple,
     )
     config = ServerConfig(
         broker=broker,
@@ -155,6 +193,25 @@ def server_run_command(
         err=True,
     )
     server.run(stop)
+
+
+@click.command("rotate-key")
+@click.option(
+    "--state", "state_dir", type=click.Path(path_type=Path, file_okay=False), required=True, help="State directory."
+)
+def server_rotate_key_command(state_dir: Path) -> None:
+    """Replace the server's signing key; the old key signs the new one into the key chain.
+
+    Stop the server first: rotation takes the state directory's lock (a running server makes it fail, naming
+    its PID). On its next start the server publishes the chain (retained), so devices, also ones offline
+    now, move from the key they trust to the new one, and then refuse models signed by the old key.
+    Provision new devices with the new server_key.pub.
+    """
+    from fedhft.broker_server.key_rotation import rotate_server_key
+
+    r = rotate_server_key(state_dir)
+    click.echo(f"server key rotated: {r.old_key_id} -> {r.new_key_id} (chain link {r.index})")
+    click.echo(f"public key for new devices: {r.public_key}; key chain: {r.chain}")
 
 
 @click.command("run")
@@ -188,6 +245,7 @@ def broker_run_command(port: int, bind: str, backend: str) -> None:
 @click.option("--keyfile", default="/etc/mosquitto/certs/server.key", show_default=True)
 @click.option("--data-dir", default="/var/lib/mosquitto/", show_default=True, help="Mosquitto persistence.")
 @click.option("--no-tls", is_flag=True, help="Plain listener (testing on a private network only).")
+@click.option("--no-persistence", is_flag=True, help="Keep no retained messages or sessions across restarts.")
 def broker_config_command(
     out: Path,
     task: str,
@@ -200,13 +258,25 @@ def broker_config_command(
     keyfile: str,
     data_dir: str,
     no_tls: bool,
+    no_persistence: bool,
 ) -> None:
-    """Write a production Mosquitto config: TLS listener, password file, per-client ACL, credentials."""
+    """Write a production Mosquitto config: TLS listener, password file, per-client ACL, credentials.
+
+    Re-run it to add clients or another task (what the directory holds is kept); `fedhft device add|revoke`
+    manage single devices in the same directory."""
     from fedhft.broker_server.broker import TlsFiles, write_production_config
 
     tls = None if no_tls else TlsFiles(cafile, certfile, keyfile)
     cfg = write_production_config(
-        out.resolve(), task, server_user, list(clients), port=port, bind=bind, tls=tls, data_dir=data_dir
+        out.resolve(),
+        task,
+        server_user,
+        list(clients),
+        port=port,
+        bind=bind,
+        tls=tls,
+        data_dir=data_dir,
+        persistence=not no_persistence,
     )
     click.echo(f"wrote {cfg.conf}, {cfg.passwd}, {cfg.acl}")
     click.echo(f"credentials (mode 0600): {cfg.credentials}")
@@ -234,6 +304,7 @@ def _local_group() -> click.Group:
         setup_logging(verbose)
 
     group.add_command(server_run_command, "server-run")
+    group.add_command(server_rotate_key_command, "server-rotate-key")
     group.add_command(broker_run_command, "broker-run")
     group.add_command(broker_config_command, "broker-config")
     return group

@@ -41,7 +41,7 @@ from fedhft.broker_server.aggregation import (
 )
 from fedhft.broker_server.validation import GlobalSpec, ModuleSpec, module_names
 
-AGGREGATORS = ("fedhft", "fedavg", "hetlora", "flexlora")
+AGGREGATORS = ("fedhft", "fedavg", "hetlora", "flexlora", "fedavg-full")  # fedavg-full: full_aggregation.py
 FACTOR_AGGREGATORS = ("fedavg", "hetlora")  # state in factor space; flexlora uses the ΔW state
 MASKED = "masked"  # rejection reason: a baseline aggregator got an update without every row
 

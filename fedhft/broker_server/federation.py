@@ -33,7 +33,21 @@ Aggregators (``FederationConfig.aggregator``): ``fedhft`` is all of the above. T
 without clustering and take dense updates only (a masked one is rejected, or dropped at a flush, with
 reason ``masked``): ``flexlora`` is the ΔW path above fed dense uploads (FlexLoRA: the sample-weighted
 mean of B_k·A_k, SVD to each client's rank); ``fedavg`` and ``hetlora`` keep LoRA factors instead of ΔW
-(:mod:`fedhft.broker_server.factor_aggregation`, same persisted state type).
+(:mod:`fedhft.broker_server.factor_aggregation`, same persisted state type). ``fedavg-full`` is FedAvg of
+full fine-tuning (:mod:`fedhft.broker_server.full_aggregation`): clients send ``<param>.delta`` for every
+parameter, the state is the global Δθ, and since every client's model is that same Δθ it is published once
+per version, on ``model/cluster/0``; a client gets its ``model/client/<id>`` copy when it registers.
+An update of the other kind (LoRA tensors for fedavg-full, dense deltas for the others) is rejected with
+reason ``wrong_training``.
+
+Poisoning bounds (:mod:`fedhft.broker_server.robust`; the ΔW path only: fedhft and flexlora). ``robust``
+swaps the weighted mean (ΔW rows and head) for a coordinate-wise weighted trimmed mean or median over the
+clients that sent the module, a client that did not send a row voting for its current value, with
+samples capped at the buffer's median. ``clip_multiple`` shrinks every flushed update whose deviation
+from its client's current model (sent ΔW rows and head) exceeds that multiple of the median deviation
+(this buffer and the last ``CLIP_WINDOW`` flushed updates; the window lives in memory, so after a restart
+it starts from the buffer) toward the current model, down to that bound. ``--clip-norm`` is another
+thing: a fixed bound on an update's absolute ΔW, applied at ingest by the service.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,6 +66,7 @@ from fedhft.broker_server.aggregation import (
     ClientUpdate,
     ClusterState,
     aggregate_buffer,
+    deviation_norm,
     personalized_delta,
     should_aggregate,
     truncated_svd,
@@ -70,12 +86,31 @@ from fedhft.broker_server.factor_aggregation import (
     FactorAggregator,
     masked_modules,
 )
-from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected, to_client_update
+from fedhft.broker_server.full_aggregation import (
+    FULL,
+    DenseUpdate,
+    aggregate_full,
+    dense_deltas,
+    full_model_tensors,
+    spec_problem,
+    training_problem,
+)
+from fedhft.broker_server.robust import ROBUST_RULES, clip_bound, clip_scales
+from fedhft.broker_server.validation import (
+    STALE,
+    WRONG_TRAINING,
+    ClientPlan,
+    GlobalSpec,
+    UpdateRejected,
+    to_client_update,
+)
 from fedhft.errors import FedHFTError
 from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT
 
 ONE_HOT_SNAP = 1e-9  # memberships within this of one-hot are treated as one-hot (shared factorization)
 ZERO_COMPONENT = 1e-9  # singular values below this fraction of the largest are revived
+CLIP_WINDOW = 64  # flushed update norms remembered for --clip-multiple's running median
+ROBUST_AGGREGATORS = ("fedhft", "flexlora")  # the ΔW path, where the poisoning bounds apply
 
 
 class FederationError(FedHFTError):
@@ -99,7 +134,10 @@ class FederationConfig:
     seed: int = 0
     randomized_min_dim: int = 128  # modules with min(out, in) >= this use randomized SVD
     pca_dims: int = 8
-    aggregator: str = "fedhft"  # fedhft | fedavg | hetlora | flexlora (see the module docstring)
+    robust: str = "none"  # none | trimmed-mean | median (poisoning bound; see the module docstring)
+    trim_fraction: float = 0.2  # weight cut off each tail by robust="trimmed-mean"
+    clip_multiple: float | None = None  # clip flushed updates to this x the running median deviation
+    aggregator: str = "fedhft"  # fedhft | fedavg | hetlora | flexlora | fedavg-full (see the module docstring)
 
     def __post_init__(self) -> None:
         problems = []
@@ -125,6 +163,16 @@ class FederationConfig:
             problems.append(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
         elif self.dense_only and self.clustering:
             problems.append(f"aggregator {self.aggregator} runs without clustering; use clusters 1")
+        if self.robust not in ROBUST_RULES:
+            problems.append(f"robust must be one of {', '.join(ROBUST_RULES)}, got {self.robust!r}")
+        elif self.robust != "none" and self.aggregator not in ROBUST_AGGREGATORS:
+            problems.append(f"robust {self.robust} works on ΔW: use aggregator {' or '.join(ROBUST_AGGREGATORS)}")
+        if not (math.isfinite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5):
+            problems.append(f"trim fraction must lie in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_multiple is not None and not (math.isfinite(self.clip_multiple) and self.clip_multiple > 0):
+            problems.append(f"clip multiple must be > 0, got {self.clip_multiple}")
+        elif self.clip_multiple is not None and self.aggregator not in ROBUST_AGGREGATORS:
+            problems.append(f"clip multiple works on ΔW: use aggregator {' or '.join(ROBUST_AGGREGATORS)}")
         if problems:
             raise FederationError("; ".join(problems))
 
@@ -186,6 +234,8 @@ class AggregationResult:
     reclustered: bool
     seconds: float
     virtual_time: float = 0.0
+    update_norms: list[float] = field(default_factory=list)  # flushed updates' deviations (with clip_multiple)
+    clipped: int = 0  # updates shrunk by clip_multiple
 
 
 @dataclass(frozen=True)
@@ -329,9 +379,15 @@ class Federation:
         self.pending: list[PendingUpdate] = []
         self._mix_cache: dict[bytes, ClusterState] = {}
         self._svd_cache: dict[tuple[bytes, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._norms: deque[float] = deque(maxlen=CLIP_WINDOW)  # recent update deviations (clip_multiple)
         self.factor: FactorAggregator | None = None  # set for the factor-space baselines
         if config.aggregator in FACTOR_AGGREGATORS:
             self.factor = FactorAggregator(config.aggregator, spec, partial(module_seed, config.seed))
+        problem = spec_problem(spec.training, config.aggregator)
+        if problem:
+            raise FederationError(problem)
+        self.full = config.aggregator == FULL  # fedavg-full: the state is the global Δθ of every parameter
+        self._full_cache: tuple[int, dict[str, np.ndarray]] | None = None
 
     # ---- registry ---------------------------------------------------------------------------------------
     @property
@@ -346,7 +402,11 @@ class Federation:
         self.heads[client_id] = {k: np.asarray(v, dtype=np.float64) for k, v in head.items()}
 
     def check_update(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """UpdateRejected (reason ``masked``) when a baseline aggregator gets an update without every row."""
+        """UpdateRejected (reason ``wrong_training``) when the update's kind (LoRA or dense deltas) is not the
+        aggregator's, or (``masked``) when a baseline aggregator gets an update without every row."""
+        problem = training_problem(tensors, self.config.aggregator)
+        if problem:
+            raise UpdateRejected(WRONG_TRAINING, problem)
         masked = masked_modules(tensors, self.spec) if self.config.dense_only else []
         if masked:
             detail = (
@@ -420,16 +480,28 @@ class Federation:
                 virtual_time=self.virtual_time,
             )
         updates = [p.client_update(self.spec) for p in keep]
+        norms, scales = self._clip_scales(updates)
         memberships = None
         if self.num_clusters > 1:
             memberships = {u.client_id: self.membership_of(u.client_id) for u in updates}
-        if self.factor is not None:
+        if self.full:
+            dense = [DenseUpdate(p.num_samples, p.base_version, dense_deltas(p.tensors)) for p in keep]
+            states = [aggregate_full(self.states[0], dense, self.version, cfg.staleness_exponent, cfg.server_lr)]
+        elif self.factor is not None:
             states = [
                 self.factor.aggregate(self.states[0], updates, self.version, cfg.staleness_exponent, cfg.server_lr)
             ]
         else:
             states = aggregate_buffer(
-                self.states, updates, self.version, cfg.staleness_exponent, memberships, cfg.server_lr
+                self.states,
+                updates,
+                self.version,
+                cfg.staleness_exponent,
+                memberships,
+                cfg.server_lr,
+                rule=cfg.robust,
+                trim_fraction=cfg.trim_fraction,
+                clip_scales=scales,
             )
             states = align_state_keys(states, self.spec)
         aggregations = self.aggregations + 1
@@ -451,6 +523,8 @@ class Federation:
             reclustered=reclustered,
             seconds=time.perf_counter() - t0,
             virtual_time=max(self.virtual_time, *(p.virtual_time for p in keep)),
+            update_norms=norms,
+            clipped=0 if scales is None else int((scales < 1.0).sum()),
         )
 
     def apply(self, result: AggregationResult) -> None:
@@ -466,8 +540,22 @@ class Federation:
         self.aggregations = result.aggregations
         self.last_cluster_round = result.last_cluster_round
         self.virtual_time = result.virtual_time
+        self._norms.extend(result.update_norms)
         self._mix_cache.clear()
         self._svd_cache.clear()
+
+    def _clip_scales(self, updates: Sequence[ClientUpdate]) -> tuple[list[float], np.ndarray | None]:
+        """(deviations, clip scales) under clip_multiple, ([], None) without it: each update's deviation from
+        its client's current model (cluster mixture), and the scale that brings it down to multiple x the
+        median deviation of this buffer and the remembered window."""
+        multiple = self.config.clip_multiple
+        if multiple is None:
+            return [], None
+        norms = []
+        for u in updates:
+            model = self._mixture(self.membership_of(u.client_id))
+            norms.append(deviation_norm(u, model.modules, model.head))
+        return norms, clip_scales(norms, clip_bound([*self._norms, *norms], multiple))
 
     def _recluster_due(self, aggregations: int) -> bool:
         cfg = self.config
@@ -569,10 +657,19 @@ class Federation:
     def _time_meta(self) -> dict[str, float]:
         return {"virtual_time": round(self.virtual_time, 4)} if self.virtual_time > 0 else {}
 
+    def _full_tensors(self) -> dict[str, np.ndarray]:
+        """fedavg-full: the global Δθ as model tensors, built once per version (every client gets the same)."""
+        if self._full_cache is None or self._full_cache[0] != self.version:
+            self._full_cache = (self.version, full_model_tensors(self.states[0], self.spec.full_params))
+        return self._full_cache[1]
+
     def cluster_models(self) -> list[ModelFactors]:
         """Each cluster's ΔW factored at every module's global max rank R (modules someone has sent)."""
         out = []
         k = self.num_clusters
+        if self.full:  # the one global model (nothing to send before the first aggregation)
+            meta = {"kind": "cluster", "cluster": 0, "clusters": 1, **self._time_meta()}
+            return [ModelFactors("cluster/0", self._full_tensors(), meta)] if self.states[0].modules else []
         for c, state in enumerate(self.states):
             ranks = {
                 name: self.spec.modules[name].max_rank
@@ -596,9 +693,12 @@ class Federation:
             "membership": ",".join(f"{x:.6g}" for x in p),
             **self._time_meta(),
         }
-        return ModelFactors(f"client/{client_id}", self._factors(p, plan.ranks), meta)
+        tensors = self._full_tensors() if self.full else self._factors(p, plan.ranks)
+        return ModelFactors(f"client/{client_id}", tensors, meta)
 
     def client_models(self, client_ids: Iterable[str] | None = None) -> list[ModelFactors]:
+        if self.full:  # every client's model is the global one on cluster/0; client/<id> goes out at registration
+            return []
         ids = sorted(self.clients) if client_ids is None else list(client_ids)
         return [self.client_model(cid) for cid in ids if cid in self.clients]
 

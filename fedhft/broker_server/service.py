@@ -40,6 +40,7 @@ from fedhft.broker_server.federation import (
     PendingUpdate,
     virtual_time_of,
 )
+from fedhft.broker_server.key_rotation import load_chain
 from fedhft.broker_server.metrics import Metrics, MetricsServer
 from fedhft.broker_server.state_store import StagedUpdate, StateError, StateStore, StorageFull
 from fedhft.broker_server.validation import (
@@ -67,6 +68,7 @@ from fedhft.protocol import (
     HEAD_BIAS,
     HEAD_WEIGHT,
     AckMessage,
+    KeyChainMessage,
     ModelMessage,
     ProtocolError,
     UpdateMessage,
@@ -74,9 +76,11 @@ from fedhft.protocol import (
     decode_hello,
     decode_update,
     encode_ack,
+    encode_key_chain,
     encode_model,
     hello_filter,
     key_id,
+    key_topic,
     model_topic,
     parse_topic,
     shared_subscription,
@@ -232,6 +236,7 @@ class Server:
         self.store = StateStore(config.state_dir, self.task, self.spec.fingerprint())  # lock before anything else
         try:
             self.key = self.store.signing_key()
+            self.key_chain = load_chain(self.store.dir, self.key)
             self.registry: dict[str, ClientInfo] = {}
             self.federation = self._restore()
         except BaseException:
@@ -413,6 +418,7 @@ class Server:
                     raise ServiceError(self._fatal)
                 if self._ready.is_set() and not self._initial_published:
                     self._initial_published = True
+                    self._publish_key_chain()  # before the models: a device adopts the key, then takes them
                     self._publish_models()  # idempotent: covers a crash between commit and publish
                 self._step(time.time())
         finally:
@@ -653,7 +659,7 @@ class Server:
     def _count(self, v: Verdict) -> None:
         self.metrics.inc("fedhft_updates_total", {"status": v.status, "reason": v.reason})
         if v.clipped:
-            self.metrics.inc("fedhft_updates_clipped_total")
+            self.metrics.inc("fedhft_updates_clipped_total", {"bound": "clip_norm"})
         level = logging.INFO if v.status != "rejected" else logging.WARNING
         event(log, f"update {v.status}", level, client=v.client_id, seq=v.seq, reason=v.reason, detail=v.detail)
 
@@ -697,18 +703,27 @@ class Server:
             self._refresh_gauges()
             return True
         self.metrics.observe("fedhft_aggregation_seconds", time.perf_counter() - t0)
+        if result.clipped:
+            self.metrics.inc("fedhft_updates_clipped_total", {"bound": "clip_multiple"}, result.clipped)
         event(
             log,
             "aggregated",
             version=result.version,
             updates=len(result.aggregated_ids),
             dropped=len(result.dropped),
+            clipped=result.clipped,
             clusters=len(result.states),
             reclustered=result.reclustered,
             seconds=round(time.perf_counter() - t0, 4),
         )
         self._publish_models()
         return True
+
+    def _publish_key_chain(self) -> None:
+        """The key chain, retained: devices that missed rotations follow it from the key they trust."""
+        payload = encode_key_chain(KeyChainMessage(self.task, time.time(), self.key_chain), self.key)
+        if self.client is not None:
+            self.client.publish(key_topic(self.task), payload, qos=1, retain=True)
 
     def _publish_models(self) -> None:
         """Every client's model first (clients take the first model of a version), then the clusters'."""

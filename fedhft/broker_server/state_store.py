@@ -6,6 +6,7 @@ Layout::
     DIR/state.sqlite3             tables meta, clients, updates, versions (+ -wal / -shm)
     DIR/server_key.pem            Ed25519 signing key (0600), generated on first start
     DIR/server_key.pub            its public key, 64 hex characters, for provisioning devices
+    DIR/server_keys.json          the key chain: every key this server had, each signed by the one before
     DIR/updates/batch-<uuid>.safetensors  one group commit: tensor '<i>' = update i's payload as received (uint8)
     DIR/states/v<version>/cluster-<k>.safetensors   per-cluster ΔW ("dw/<module>") and head ("head/<key>"), float64
 
@@ -47,7 +48,6 @@ from safetensors.numpy import save as st_save
 from fedhft.atomic import fsync_dir
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.errors import FedHFTError
-from fedhft.protocol import generate_keypair, load_private_key, save_private_key, save_public_key
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.sqlite3"
@@ -240,6 +240,31 @@ def _split_ref(ref: str) -> tuple[str, int]:
     return name, int(index or 0)
 
 
+def lock_state_dir(directory: Path) -> int:
+    """flock ``directory/lock`` and write our PID into it; StateLocked naming the holder's PID otherwise."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateLocked(
+            f"state dir {directory} is in use by another fedhft server (PID {holder}); stop it or "
+            "choose another --state"
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+def unlock_state_dir(fd: int) -> None:
+    """Release a lock taken by :func:`lock_state_dir`."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 class StateStore:
     """The server's durable state; one instance per process holds ``DIR/lock`` until :meth:`close`."""
 
@@ -268,27 +293,11 @@ class StateStore:
 
     # ---- lock ---------------------------------------------------------------------------------------
     def _acquire_lock(self) -> int:
-        path = self.dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StateLocked(
-                f"state dir {self.dir} is in use by another fedhft server (PID {holder}); stop it or "
-                "choose another --state"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
-        return fd
+        return lock_state_dir(self.dir)
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            unlock_state_dir(self._lock_fd)
             self._lock_fd = -1
 
     def close(self) -> None:
@@ -348,16 +357,11 @@ class StateStore:
 
     # ---- signing key ----------------------------------------------------------------------------------
     def signing_key(self):  # noqa: ANN201 - Ed25519PrivateKey
-        """The server's Ed25519 key: loaded from DIR/server_key.pem, generated (with .pub) on first start."""
-        key_path, pub_path = self.dir / KEY_NAME, self.dir / PUB_NAME
-        if key_path.exists():
-            key = load_private_key(key_path)
-        else:
-            key, _ = generate_keypair()
-            save_private_key(key_path, key)
-        if not pub_path.exists():
-            save_public_key(pub_path, key.public_key())
-        return key
+        """The server's Ed25519 key: loaded from DIR/server_key.pem, generated (with .pub) on first start
+        (an interrupted `fedhft server rotate-key` is completed first; see key_rotation.py)."""
+        from fedhft.broker_server.key_rotation import load_server_key
+
+        return load_server_key(self.dir)
 
     # ---- clients ----------------------------------------------------------------------------------------
     def load_clients(self) -> dict[str, ClientRow]:

@@ -16,7 +16,7 @@ import math
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from fedhft.protocol import (
     decode_update,
 )
 from fedhft.protocol.manifest import Manifest
+from fedhft.protocol.messages import DELTA_SUFFIX
 from fedhft.protocol.topics import id_problem
 
 # Rejection reasons (also the `reason` label of fedhft_updates_total).
@@ -54,7 +55,15 @@ OLD_SEQ = "old_seq"
 STALE = "stale"
 FUTURE_VERSION = "future_version"
 REPLAY = "replay"  # reason of a "duplicate" ack
+WRONG_TRAINING = "wrong_training"  # LoRA tensors where full fine-tuning deltas belong, or the reverse
 
+TRAINING_TEXT = {"lora": "plan trains LoRA adapters", "full": "plan is full fine-tuning (every parameter)"}
+MISMATCH_HINT = {
+    "lora": "this server's manifest trains LoRA adapters (full fine-tuning needs a full fine-tuning manifest and "
+    "--aggregator fedavg-full)",
+    "full": "this server's manifest is a full fine-tuning export (--aggregator fedavg-full), which takes "
+    "full fine-tuning clients only",
+}
 HEADER_SLACK_BYTES = 256 * 1024  # JSON header, metrics and envelope on top of the fp32 tensor bytes
 PEEK_LIMIT = 1 << 20  # at most this much of a body is inflated to read an update's header
 
@@ -75,13 +84,20 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class GlobalSpec:
-    """The federation's global adapter: every adaptable module, the head shapes and the LoRA alpha."""
+    """The federation's global adapter: every adaptable module, the head shapes and the LoRA alpha; for a full
+    fine-tuning manifest also every parameter (``full_params``: manifest name -> shape)."""
 
     modules: dict[str, ModuleSpec]
     head_shapes: dict[str, tuple[int, ...]]
     num_labels: int
     lora_alpha: float
     base_model_sha256: str
+    full_params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def training(self) -> str:
+        """``"full"`` (full fine-tuning: clients send ``<param>.delta``) or ``"lora"``."""
+        return "full" if self.full_params else "lora"
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> GlobalSpec:
@@ -96,6 +112,11 @@ class GlobalSpec:
             num_labels=int(manifest.num_labels),
             lora_alpha=float(manifest.lora.get("alpha", 16.0)),
             base_model_sha256=str(manifest.base_model_sha256),
+            full_params=(
+                {t.name: tuple(int(d) for d in t.shape) for t in manifest.trainable}
+                if manifest.training == "full"
+                else {}
+            ),
         )
 
     @property
@@ -109,22 +130,33 @@ class GlobalSpec:
             "head_shapes": {k: list(v) for k, v in sorted(self.head_shapes.items())},
             "base_model_sha256": self.base_model_sha256,
         }
+        if self.full_params:  # LoRA specs keep the fingerprint they always had
+            doc["full_params"] = {k: list(v) for k, v in sorted(self.full_params.items())}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """What a client registered: its rank per adapted module and its upload mask ratio."""
+    """What a client registered: its rank per adapted module and its upload mask ratio (``training`` "full":
+    no modules, it sends ``<param>.delta`` for every parameter of the spec)."""
 
     ranks: dict[str, int]
     mask_ratio: float
+    training: str = "lora"
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any], spec: GlobalSpec) -> ClientPlan:
         """Module ranks from a plan's ``layers`` ({layer, rank, targets}) or an explicit ``ranks`` map.
 
-        Raises PlanRejected naming the problem when a module is unknown or a rank is outside 1..max_rank.
+        Raises PlanRejected naming the problem when a module is unknown or a rank is outside 1..max_rank, or
+        when the plan's ``training`` ("lora" unless given) is not the spec's.
         """
+        training = str(plan.get("training", "lora"))
+        if training != spec.training:
+            what = TRAINING_TEXT.get(training, f"plan training {training!r}")
+            raise PlanRejected(f"{what}: {MISMATCH_HINT[spec.training]}")
+        if training == "full":
+            return cls(ranks={}, mask_ratio=1.0, training="full")
         ranks: dict[str, int] = {}
         try:
             if "ranks" in plan:
@@ -149,7 +181,10 @@ class ClientPlan:
         return cls(ranks=dict(sorted(ranks.items())), mask_ratio=mask_ratio)
 
     def update_shapes(self, spec: GlobalSpec) -> dict[str, tuple[int | None, ...]]:
-        """Expected update tensors: ``<m>.A`` (r, in), ``<m>.B_rows`` (k, r), ``<m>.rows`` (k,), the head."""
+        """Expected update tensors: ``<m>.A`` (r, in), ``<m>.B_rows`` (k, r), ``<m>.rows`` (k,), the head; for
+        full fine-tuning ``<param>.delta`` of every parameter."""
+        if self.training == "full":
+            return {f"{name}{DELTA_SUFFIX}": shape for name, shape in spec.full_params.items()}
         shapes: dict[str, tuple[int | None, ...]] = {}
         for name, r in self.ranks.items():
             m = spec.modules[name]
@@ -163,7 +198,9 @@ class ClientPlan:
         return {name: spec.modules[name].out_features for name in self.ranks}
 
     def max_update_bytes(self, spec: GlobalSpec) -> int:
-        """Upper bound of an honest update: every row sent, in fp32, plus header slack."""
+        """Upper bound of an honest update: every row (or parameter) sent, in fp32, plus header slack."""
+        if self.training == "full":
+            return 4 * sum(math.prod(s) for s in spec.full_params.values()) + HEADER_SLACK_BYTES
         values = sum(math.prod(s) for s in spec.head_shapes.values())
         for name, r in self.ranks.items():
             m = spec.modules[name]
@@ -180,13 +217,8 @@ class UpdateHeader:
     seq: int
 
 
-def peek_update_header(payload: bytes) -> UpdateHeader | None:
-    """task, client_id and seq of an update envelope, or None when they cannot be read.
-
-    Reads the documented envelope (16-byte header, zlib body) and the safetensors JSON header at the
-    start of the body, inflating at most PEEK_LIMIT bytes, so it is cheap even for an oversized payload.
-    Nothing here is trusted: the full decode checks everything again.
-    """
+def _peek_safetensors_header(payload: bytes) -> dict[str, Any] | None:
+    """The safetensors JSON header of an update envelope's body, or None (see :func:`peek_update_header`)."""
     try:
         if len(payload) < 16 or bytes(payload[:4]) != b"FHFT" or payload[5] != 1:
             return None
@@ -209,10 +241,26 @@ def peek_update_header(payload: bytes) -> UpdateHeader | None:
             if header_len > PEEK_LIMIT:
                 return None
             text = bytes(body[8 : 8 + header_len])
-        meta = json.loads(text)["__metadata__"]["fedhft"]
-        header = json.loads(meta)["header"]
-        task, client_id, seq = header["task"], header["client_id"], header["seq"]
+        doc = json.loads(text)
     except (ValueError, KeyError, TypeError, IndexError, struct.error, zlib.error, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def peek_update_header(payload: bytes) -> UpdateHeader | None:
+    """task, client_id and seq of an update envelope, or None when they cannot be read.
+
+    Reads the documented envelope (16-byte header, zlib body) and the safetensors JSON header at the
+    start of the body, inflating at most PEEK_LIMIT bytes, so it is cheap even for an oversized payload.
+    Nothing here is trusted: the full decode checks everything again.
+    """
+    doc = _peek_safetensors_header(payload)
+    if doc is None:
+        return None
+    try:
+        header = json.loads(doc["__metadata__"]["fedhft"])["header"]
+        task, client_id, seq = header["task"], header["client_id"], header["seq"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return None
     if id_problem(task) or id_problem(client_id):
         return None
@@ -260,7 +308,25 @@ def decode_checked(payload: bytes, spec: GlobalSpec, plan: ClientPlan, task: str
             expected_client_id=client_id,
         )
     except ProtocolError as exc:
+        if isinstance(exc, (UnknownTensor, MissingTensor)):
+            mismatch = training_mismatch(plan, _peek_safetensors_header(payload))
+            if mismatch:
+                raise UpdateRejected(WRONG_TRAINING, mismatch) from exc
         raise UpdateRejected(reason_for(exc), str(exc)) from exc
+
+
+def training_mismatch(plan: ClientPlan, st_header: Mapping[str, Any] | None) -> str | None:
+    """Why an update's tensor names (from its safetensors header) are the other training kind than the plan's:
+    dense ``<param>.delta`` from a LoRA client or LoRA tensors from a full fine-tuning client; None otherwise."""
+    names = [n for n in (st_header or {}) if n != "__metadata__" and "#" not in n]
+    if not names:
+        return None
+    dense = [n.endswith(DELTA_SUFFIX) for n in names]
+    if plan.training == "full" and not any(dense):
+        return "client registered full fine-tuning (<param>.delta for every parameter) but sent LoRA tensors"
+    if plan.training != "full" and all(dense):
+        return "client registered a LoRA plan but sent dense parameter deltas (full fine-tuning)"
+    return None
 
 
 def check_version(base_version: int, current: int, max_staleness: int) -> None:
@@ -279,11 +345,12 @@ def module_names(tensors: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of every rebuilt ΔW row, B_rows @ A, over all modules.
+    """L2 norm of every rebuilt ΔW row, B_rows @ A, over all modules, and of every dense ``<param>.delta``.
 
     Uses ||B A||_F^2 = sum((B^T B) * (A A^T)), which costs r x r products instead of the k x in rows.
     """
-    total = 0.0
+    dense = (np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.endswith(DELTA_SUFFIX))
+    total = sum(float(np.sum(np.square(v))) for v in dense)
     for name in module_names(tensors):
         a = np.asarray(tensors[f"{name}.A"], dtype=np.float32)
         b = np.asarray(tensors[f"{name}.B_rows"], dtype=np.float32)
@@ -292,11 +359,13 @@ def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
 
 
 def scale_update(tensors: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-    """The update with every ΔW scaled by ``scale`` (B_rows scaled; A and the head untouched)."""
+    """The update with every ΔW scaled by ``scale`` (B_rows and dense deltas scaled; A and the head untouched)."""
     out = dict(tensors)
     if scale != 1.0:
         for name in module_names(tensors):
             out[f"{name}.B_rows"] = (np.asarray(tensors[f"{name}.B_rows"], np.float64) * scale).astype(np.float32)
+        for name in (k for k in tensors if k.endswith(DELTA_SUFFIX)):
+            out[name] = (np.asarray(tensors[name], np.float64) * scale).astype(np.float32)
     return out
 
 

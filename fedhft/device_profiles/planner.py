@@ -401,5 +401,35 @@ def uniform_plan(
     )
 
 
+def full_finetune_plan(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    *,
+    runtime: str | None = None,
+    max_rank: int = 16,
+    lora_alpha: float = 16.0,
+    cm: CostModel | None = None,
+) -> LoraPlan:
+    """Full fine-tuning (the fedavg-full baseline): no adapter layers, every weight trains in fp32 and every
+    value is uploaded; the estimate is :func:`estimate`'s full_finetune one. It may not fit the profile's
+    memory budget: the caller checks ``plan.estimate.memory_mb`` against ``profile.memory_budget_mb``."""
+    runtime = runtime or profile.default_runtime
+    est = estimate(shape, profile, (), 1.0, False, runtime, cm, full_finetune=True)
+    return LoraPlan(
+        profile.name,
+        runtime,
+        shape.num_layers,
+        (),
+        max_rank,
+        1.0,
+        lora_alpha,
+        shape.batch_size,
+        shape.seq_len,
+        False,
+        profile.memory_budget_mb,
+        est,
+    )
+
+
 def with_estimate(plan: LoraPlan, est: CostEstimate) -> LoraPlan:
     return replace(plan, estimate=est)

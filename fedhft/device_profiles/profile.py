@@ -225,9 +225,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     source = f"{name}.toml"
     profile = _parse(_shipped_dir().joinpath(source).read_bytes(), source)
     if profile.name != name:
-        raise ProfileError(
-            f"profile {source}: field 'name' must match the file name {name!r}, got {profile.name!r}"
-        )
+        raise ProfileError(f"profile {source}: field 'name' must match the file name {name!r}, got {profile.name!r}")
     return profile
 
 

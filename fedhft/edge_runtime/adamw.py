@@ -137,9 +137,7 @@ def load_train_state(
         for kind, dest in zip(("param", "m", "v"), out, strict=True):
             arr = tensors.get(f"{kind}/{name}")
             if arr is None:
-                raise BackendError(
-                    f"{path}: training state lacks '{kind}/{name}' (saved from another model?)"
-                )
+                raise BackendError(f"{path}: training state lacks '{kind}/{name}' (saved from another model?)")
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float32:
                 raise BackendError(f"{path}: '{kind}/{name}' has shape {arr.shape}, expected {tuple(shape)}")
             if not np.isfinite(arr).all():

@@ -167,6 +167,12 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 )
 @click.option("--username", default=None)
 @click.option("--password", default=None, envvar="FEDHFT_MQTT_PASSWORD", help="Or FEDHFT_MQTT_PASSWORD.")
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the broker password from this file (the device bundle's `password`).",
+)
 @click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA file: connect with TLS.")
 @click.option("--local-steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=0), default=0, show_default=True, help="0 = forever.")
@@ -213,6 +219,12 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     show_default=True,
     help="Simulation: sleep this x the profile's simulated round time (0: off).",
 )
+@click.option(
+    "--reset-state",
+    is_flag=True,
+    help="Start this device over (after a 'corrupt' state error or a re-export): delete the saved state, "
+    "checkpoint, last model and queued updates in --state-dir; seqs restart above any earlier one.",
+)
 def run_command(
     artifacts: Path,
     data: Path,
@@ -223,6 +235,7 @@ def run_command(
     server_key: Path,
     username: str | None,
     password: str | None,
+    password_file: Path | None,
     tls_ca: str | None,
     local_steps: int,
     rounds: int,
@@ -242,11 +255,14 @@ def run_command(
     eval_data: Path | None,
     mask_ratio: float | None,
     sim_time_scale: float,
+    reset_state: bool,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
     _torch_free_if(backend)
+    from fedhft.credentials import resolve_password
     from fedhft.edge_runtime.client import ClientConfig, EdgeClient
 
+    password = resolve_password(password, password_file)
     cfg = ClientConfig(
         artifacts=artifacts,
         data=data,
@@ -276,6 +292,7 @@ def run_command(
         eval_data=eval_data,
         mask_ratio=mask_ratio,
         sim_time_scale=sim_time_scale,
+        reset_state=reset_state,
     )
     stop = threading.Event()
     client = EdgeClient(cfg)

@@ -9,6 +9,10 @@ reconciles next_seq and trained_version with the outbox, republishes every queue
 original seq and bytes, and trains the last good model again if its update had not been created yet.
 An update leaves the outbox only when an ack (accepted / duplicate / rejected) names its seq.
 
+Key rotation: the client reads the server's retained key chain first (``fedhft/v1/<task>/key``), follows it from
+the key it trusts (``--server-key``, or one adopted earlier: trust.py) and from then on verifies models with the
+newest key only.
+
 Threads: the MQTT link's network thread only queues events; everything else (verification, training,
 state, publishing) happens here, in the thread that calls ``EdgeClient.run``.
 """
@@ -28,14 +32,16 @@ from typing import Any
 import numpy as np
 
 from fedhft.edge_runtime.data import check_num_labels, load_labelled_file
+from fedhft.edge_runtime.full_update import bind_initial, model_params, spec_for, update_tensors
 from fedhft.edge_runtime.local_train import TrainReport, evaluate, open_trainer, train_local
-from fedhft.edge_runtime.masking import AdapterMismatch, AdapterSpec, build_update_tensors, model_to_params
+from fedhft.edge_runtime.masking import AdapterMismatch
 from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink, parse_broker_url
 from fedhft.edge_runtime.outbox import Outbox
 from fedhft.edge_runtime.sim_clock import SimClock
-from fedhft.edge_runtime.state import StateStore
+from fedhft.edge_runtime.state import EdgeState, StateStore, restart_seq
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
+from fedhft.edge_runtime.trust import ServerTrust
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.protocol import (
@@ -53,6 +59,8 @@ from fedhft.protocol import (
     encode_hello,
     encode_update,
     hello_topic,
+    key_id,
+    key_topic,
     load_public_key,
     parse_topic,
     update_topic,
@@ -104,6 +112,7 @@ class ClientConfig:
     eval_data: Path | None = None  # local test split: the received model's accuracy goes into update metrics
     mask_ratio: float | None = None  # override the manifest's upload mask (baselines upload every row)
     sim_time_scale: float = 0.0  # simulation: sleep this x the profile's simulated round duration
+    reset_state: bool = False  # start over: drop saved state, model, checkpoint and queued updates
 
 
 @dataclass
@@ -113,6 +122,8 @@ class ClientSummary:
     rounds_trained: int = 0
     acked: dict[int, str] = field(default_factory=dict)  # seq -> ack status
     refused_models: list[str] = field(default_factory=list)  # reasons
+    refused_key_chains: list[str] = field(default_factory=list)  # reasons
+    adopted_keys: list[str] = field(default_factory=list)  # key ids taken from the server's key chain
     model_version: int | None = None
     last_report: TrainReport | None = None
 
@@ -159,7 +170,7 @@ class EdgeClient:
         self.battery = battery
         self.manifest = load_manifest(cfg.artifacts)
         self.manifest_sha256 = sha256_file(Path(cfg.artifacts) / MANIFEST_NAME)
-        self.spec = AdapterSpec.from_manifest(self.manifest)
+        self.spec = spec_for(self.manifest)  # LoRA AdapterSpec, or FullSpec for a full fine-tuning package
         if cfg.mask_ratio is not None:
             if not 0 < cfg.mask_ratio <= 1:
                 raise ClientError(f"--mask-ratio must be in (0, 1], got {cfg.mask_ratio}")
@@ -180,13 +191,18 @@ class EdgeClient:
         self.encoder = TextEncoder.for_manifest(self.manifest, cfg.artifacts)
         self.store = StateStore(cfg.state_dir)
         try:
-            self.state = self.store.load(cfg.task, cfg.client_id, self.manifest_sha256)
+            self.trust = ServerTrust(self.store.dir, self.server_key)  # a key adopted after a rotation, if any
+            self.server_key = self.trust.key
+            self.state = (
+                self._reset() if cfg.reset_state else self.store.load(cfg.task, cfg.client_id, self.manifest_sha256)
+            )
             if self.state.cluster is None:
                 self.state.cluster = cfg.cluster
             self.outbox = Outbox(self.store.outbox_dir, cfg.outbox_limit)
             self.trainer = trainer or open_trainer(
                 cfg.backend, cfg.artifacts, self.manifest, learning_rate=cfg.learning_rate
             )
+            self.spec = bind_initial(self.spec, self.trainer)  # full fine-tuning: the exported weights, pre-checkpoint
             self.model: ModelMessage | None = None
             self._recover()
         except BaseException:
@@ -213,12 +229,17 @@ class EdgeClient:
     # ---- start-up recovery ------------------------------------------------------------------------------
     def _recover(self) -> None:
         """Bring trainer, model and counters back to where the last run left them."""
-        ckpt = self.store.trainer_checkpoint()
-        if ckpt is not None:
-            try:
+        try:
+            ckpt = self.store.trainer_checkpoint()
+            if ckpt is not None:
                 self.trainer.load_state(ckpt)
-            except FedHFTError as e:
-                event(log, "ignoring an unreadable trainer checkpoint", logging.WARNING, error=str(e))
+        except FedHFTError as e:
+            event(
+                log,
+                "ignoring a corrupt trainer checkpoint; training restarts from the exported one",
+                logging.WARNING,
+                error=str(e),
+            )
         saved = self.store.load_model()
         if saved is not None:
             try:
@@ -230,13 +251,13 @@ class EdgeClient:
                 event(log, "the saved model does not verify; waiting for a new one", logging.WARNING, error=str(e))
                 self.state.model_version = self.state.model_target = None
         for seq, payload in list(self.outbox.items()):
+            self.state.next_seq = max(self.state.next_seq, seq + 1)  # even if unreadable: it may have been sent
             try:
                 upd = decode_update(payload, expected_task=self.cfg.task, expected_client_id=self.cfg.client_id)
             except ProtocolError as e:
                 event(log, "dropping an unreadable queued update", logging.WARNING, seq=seq, error=str(e))
                 self.outbox.remove(seq)
                 continue
-            self.state.next_seq = max(self.state.next_seq, seq + 1)
             if self.state.trained_version is None or upd.base_version > self.state.trained_version:
                 self.state.trained_version = upd.base_version
         self.store.save(self.state)
@@ -249,8 +270,14 @@ class EdgeClient:
             queued=self.outbox.seqs(),
         )
 
+    def _reset(self) -> EdgeState:
+        """--reset-state: a fresh state whose seqs start above any earlier one (so the server takes them)."""
+        removed = self.store.reset()
+        event(log, "state reset: starting over", logging.WARNING, removed=",".join(removed) or "nothing")
+        return EdgeState(self.cfg.task, self.cfg.client_id, self.manifest_sha256, next_seq=restart_seq())
+
     def _params_of(self, msg: ModelMessage) -> dict[str, np.ndarray]:
-        return model_to_params(self.spec, msg.tensors)
+        return model_params(self.spec, msg.tensors)
 
     # ---- main loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, timeout: float | None = None) -> ClientSummary:
@@ -320,6 +347,7 @@ class EdgeClient:
     def _on_link_up(self, ev: LinkUp) -> None:
         assert self._link is not None
         event(log, "connected to the broker", session_present=ev.session_present)
+        self._link.subscribe([key_topic(self.cfg.task)])  # first: the retained chain comes before the models
         self._link.subscribe([ack_topic(self.cfg.task, self.cfg.client_id), *self._model_topics()])
         self._subscribed_cluster = self.state.cluster
         hello = HelloMessage(
@@ -333,6 +361,9 @@ class EdgeClient:
         self._link.publish(hello_topic(self.cfg.task, self.cfg.client_id), encode_hello(hello), retain=True)
 
     def _on_message(self, ev: Incoming) -> None:
+        if ev.topic == key_topic(self.cfg.task):
+            self._on_key_chain(ev.payload)
+            return
         try:
             task, kind, rest = parse_topic(ev.topic)
         except ProtocolError:
@@ -343,6 +374,24 @@ class EdgeClient:
             self._on_ack(ev.payload)
         elif kind == "model":
             self._on_model(rest, ev.payload)
+
+    # ---- key rotation -----------------------------------------------------------------------------------
+    def _on_key_chain(self, payload: bytes) -> None:
+        """Follow the server's key chain from the trusted key; models of the old key are refused afterwards."""
+        old = key_id(self.server_key)
+        try:
+            adopted = self.trust.consider(payload, self.cfg.task)
+        except (ProtocolError, OSError) as e:  # OSError: the adopted key could not be stored, so not adopted
+            self.summary.refused_key_chains.append(f"{type(e).__name__}: {e}")
+            event(log, "refused a key chain", logging.WARNING, reason=str(e))
+            return
+        if adopted is None:
+            return
+        self.server_key = self.trust.key
+        self.summary.adopted_keys.append(adopted.key_id)
+        event(log, "adopted a rotated server key", logging.WARNING, old=old, new=adopted.key_id, index=adopted.index)
+        if self._link is not None:  # the retained models again, in case one signed by the new key came first
+            self._link.subscribe(self._model_topics())
 
     # ---- models -----------------------------------------------------------------------------------------
     def _refuse(self, target: str, reason: str) -> None:
@@ -430,7 +479,7 @@ class EdgeClient:
         params = self.trainer.get_parameters()
         seq = self.state.next_seq
         try:
-            tensors = build_update_tensors(self.spec, params, start)
+            tensors = update_tensors(self.spec, params, start)
             if self.sim_clock is not None:
                 extra |= self.sim_clock.round(model, report.steps, tensors, self.cfg.sim_time_scale, t_round)
             msg = UpdateMessage(

@@ -45,9 +45,7 @@ def load_executorch_package(
         if p is None:
             raise ManifestError(f"{spec_dir}: the ExecuTorch program lacks trainable tensor '{t.name}'")
         if tuple(p.shape) != tuple(t.shape):
-            raise ManifestError(
-                f"{spec_dir}: program tensor '{t.name}' has shape {p.shape}, manifest {t.shape}"
-            )
+            raise ManifestError(f"{spec_dir}: program tensor '{t.name}' has shape {p.shape}, manifest {t.shape}")
     if len(by_name) != len(manifest.trainable):
         extra = sorted(set(by_name) - {t.name for t in manifest.trainable})
         raise ManifestError(f"{spec_dir}: the program trains tensors the manifest does not name: {extra[:3]}")
@@ -151,8 +149,7 @@ class ExecuTorchTrainer:
         if fqns != expected:
             missing = sorted(set(expected) - set(fqns))
             raise BackendError(
-                f"{files['program']}: the program's parameters do not match program.json "
-                f"(missing {missing[:3]})"
+                f"{files['program']}: the program's parameters do not match program.json (missing {missing[:3]})"
             )
         self.module = TrainingModule(program)
         self._names = [p.name for p in self.spec.parameters]
@@ -186,9 +183,7 @@ class ExecuTorchTrainer:
                     f"program parameter '{name}' is {arr.dtype}{arr.shape}, expected {self._shapes[name]}"
                 )
 
-    def _batch(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
-    ) -> tuple[np.ndarray, ...]:
+    def _batch(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
         return prepare_batch(self.spec, input_ids, attention_mask, labels, self.manifest.max_seq_len)
 
     def train_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult:
@@ -236,9 +231,7 @@ class ExecuTorchTrainer:
         self.optimizer.step = step
 
 
-def check_parameters(
-    values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
-) -> dict[str, np.ndarray]:
+def check_parameters(values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Validate tensors to set (known name, exact shape, finite); return float32 contiguous copies."""
     out: dict[str, np.ndarray] = {}
     for name, value in values.items():

@@ -63,9 +63,7 @@ def executorch_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def build_native(
-    build_dir: Path = DEFAULT_BUILD_DIR, et_root: Path | None = None, timeout: float = 600
-) -> Path:
+def build_native(build_dir: Path = DEFAULT_BUILD_DIR, et_root: Path | None = None, timeout: float = 600) -> Path:
     """Configure and build the native trainer with CMake (Ninja when available); return the binary."""
     et_root = et_root or executorch_root()
     cmake = shutil.which("cmake")
@@ -87,9 +85,7 @@ def build_native(
 class NativeProcess:
     """One running `fedhft-et-trainer` and its frame protocol."""
 
-    def __init__(
-        self, binary: Path, pte: Path, ptd: Path, timeout: float = 600, threads: int | None = None
-    ) -> None:
+    def __init__(self, binary: Path, pte: Path, ptd: Path, timeout: float = 600, threads: int | None = None) -> None:
         self.timeout = timeout
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
@@ -182,9 +178,7 @@ class NativeTrainer:
         self._shapes = {p.name: tuple(p.shape) for p in self.spec.parameters}
         self._index = {name: i for i, name in enumerate(self._names)}
         self._lr = float(learning_rate)
-        self.proc = NativeProcess(
-            binary or find_trainer_binary(), files["program"], files["weights"], timeout, threads
-        )
+        self.proc = NativeProcess(binary or find_trainer_binary(), files["program"], files["weights"], timeout, threads)
         try:
             self._hello()
             self.set_learning_rate(learning_rate)
@@ -195,9 +189,7 @@ class NativeTrainer:
     def _hello(self) -> None:
         b, s = self.spec.batch_bounds[0], self.spec.seq_bounds[0]
         ids = np.zeros((b, s), np.int64)
-        info = json.loads(
-            self.proc.call(OP_HELLO, _step_payload(ids, np.ones_like(ids), np.zeros(b, np.int64)))
-        )
+        info = json.loads(self.proc.call(OP_HELLO, _step_payload(ids, np.ones_like(ids), np.zeros(b, np.int64))))
         self.info: dict = info  # max_batch, max_seq, planned_bytes (memory-planned arenas), parameters
         got = [(p["name"], tuple(p["shape"])) for p in info["parameters"]]
         want = [(p.program_name, tuple(p.shape)) for p in self.spec.parameters]
@@ -221,9 +213,7 @@ class NativeTrainer:
             proc.close()
 
     # ---- steps ---------------------------------------------------------------------------------------------
-    def _call_step(
-        self, op: int, ids: np.ndarray, mask: np.ndarray, y: np.ndarray
-    ) -> tuple[float, np.ndarray]:
+    def _call_step(self, op: int, ids: np.ndarray, mask: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         body = self.proc.call(op, _step_payload(ids, mask, y))
         loss, cols = struct.unpack_from("<fq", body)
         return float(loss), np.frombuffer(body, np.float32, offset=12).reshape(ids.shape[0], cols).copy()
@@ -250,9 +240,7 @@ class NativeTrainer:
         out: dict[str, np.ndarray] = {}
         for name in self._names:
             n = int(np.prod(self._shapes[name]))
-            out[name] = (
-                np.frombuffer(body, np.float32, count=n, offset=offset).reshape(self._shapes[name]).copy()
-            )
+            out[name] = np.frombuffer(body, np.float32, count=n, offset=offset).reshape(self._shapes[name]).copy()
             offset += 4 * n
         return out, offset
 

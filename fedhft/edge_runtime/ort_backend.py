@@ -25,9 +25,7 @@ def import_training_api() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
-        raise BackendError(
-            "onnxruntime-training is not installed (pip install onnxruntime-training-cpu)"
-        ) from e
+        raise BackendError("onnxruntime-training is not installed (pip install onnxruntime-training-cpu)") from e
     onnxruntime.set_default_logger_severity(3)
     if "onnxruntime.training" not in sys.modules:
         pkg_dir = Path(onnxruntime.__file__).parent / "training"
@@ -82,22 +80,14 @@ class OrtTrainer:
         names = self.checkpoint_names()
         missing = [g for g in self._graph_of.values() if g not in names]
         if missing:
-            raise ManifestError(
-                f"{self.dir}: the checkpoint lacks trainable tensors the manifest names: {missing[:3]}"
-            )
+            raise ManifestError(f"{self.dir}: the checkpoint lacks trainable tensors the manifest names: {missing[:3]}")
 
     def checkpoint_names(self) -> set[str]:
         """Names of every parameter in the loaded checkpoint."""
         return {name for name, _ in self.state.parameters}
 
-    def _batch(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
-    ) -> list[np.ndarray]:
-        return list(
-            check_batch(
-                input_ids, attention_mask, labels, self.manifest.max_seq_len, self.manifest.num_labels
-            )
-        )
+    def _batch(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+        return list(check_batch(input_ids, attention_mask, labels, self.manifest.max_seq_len, self.manifest.num_labels))
 
     def train_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult:
         batch = self._batch(input_ids, attention_mask, labels)

@@ -17,9 +17,7 @@ class TextEncoder:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - the edge extra installs it
-            raise BackendError(
-                "the `tokenizers` package is not installed (pip install 'fedhft[edge]')"
-            ) from e
+            raise BackendError("the `tokenizers` package is not installed (pip install 'fedhft[edge]')") from e
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:

@@ -24,13 +24,9 @@ class StepResult:
 class Trainer(Protocol):
     """Load artifacts, step, and exchange trainable tensors by their manifest names."""
 
-    def train_step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
-    ) -> StepResult: ...
+    def train_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult: ...
 
-    def eval_step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
-    ) -> StepResult: ...
+    def eval_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult: ...
 
     def get_parameters(self) -> dict[str, np.ndarray]: ...
 
@@ -51,9 +47,7 @@ def check_batch(
     if ids.ndim != 2 or ids.shape != mask.shape:
         raise BackendError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
     if ids.shape[1] > max_seq_len or ids.shape[1] < 1:
-        raise BackendError(
-            f"sequence length {ids.shape[1]} is outside 1..{max_seq_len} (manifest max_seq_len)"
-        )
+        raise BackendError(f"sequence length {ids.shape[1]} is outside 1..{max_seq_len} (manifest max_seq_len)")
     if y.shape != (ids.shape[0],):
         raise BackendError(f"labels shape {y.shape} does not match batch size {ids.shape[0]}")
     if y.size and (y.min() < 0 or y.max() >= num_labels):

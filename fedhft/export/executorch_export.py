@@ -225,9 +225,7 @@ def export_executorch(
         order = _program_parameter_order(pte, ptd)
         unknown = [n for n in order if not n.startswith(PREFIX) or n[len(PREFIX) :] not in graph_to_name]
         if unknown or len(order) != len(graph_to_name):
-            raise ExecuTorchExportError(
-                f"the program's parameters {order[:3]}… do not match the trainable tensors"
-            )
+            raise ExecuTorchExportError(f"the program's parameters {order[:3]}… do not match the trainable tensors")
         names = {fqn: graph_to_name[fqn[len(PREFIX) :]] for fqn in order}
         _write_spec(tmp, pte, ptd, names, shapes, batch_b, seq_b, pad_token_id, model, passes)
         tmp.chmod(0o755)
@@ -260,16 +258,12 @@ def _xnnpack_partitioner(ops: tuple[str, ...]) -> object:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     base = "executorch.backends.xnnpack.partition.config"
-    configs = [
-        getattr(importlib.import_module(f"{base}.{m}"), c) for m, c in (_XNNPACK_CONFIGS[op] for op in ops)
-    ]
+    configs = [getattr(importlib.import_module(f"{base}.{m}"), c) for m, c in (_XNNPACK_CONFIGS[op] for op in ops)]
     # force_non_static_weights_for_f32_linear: an mm's right operand stays a runtime input of the delegate
     # instead of being packed into it as a constant (a packed LoRA factor would silently stop training).
     # Neighbouring ops share a delegate (per_op_mode=False): 2.4x faster to export than one node each, and
     # the same step time.
-    return XnnpackPartitioner(
-        configs=configs, per_op_mode=False, force_non_static_weights_for_f32_linear=True
-    )
+    return XnnpackPartitioner(configs=configs, per_op_mode=False, force_non_static_weights_for_f32_linear=True)
 
 
 def _compile(
@@ -289,9 +283,7 @@ def _compile(
     if xnnpack:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner").setLevel(
-                logging.ERROR
-            )
+            logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner").setLevel(logging.ERROR)
             edge = edge.to_backend(_xnnpack_partitioner(xnnpack))
     return edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True)), n_split
 
@@ -385,9 +377,7 @@ def export_executorch_for_profile(
     )
     names = [i.name for i in infos]
     if sorted(names) != sorted(t.name for t in m.trainable):
-        raise ExecuTorchExportError(
-            f"{profile_dir}: rebuilt model's trainable tensors differ from the manifest"
-        )
+        raise ExecuTorchExportError(f"{profile_dir}: rebuilt model's trainable tensors differ from the manifest")
     pad = int(getattr(encoder.config, "pad_token_id", 0) or 0)
     return export_executorch(
         model,

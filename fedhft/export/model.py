@@ -49,9 +49,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
         return packaged_model_dir()
     path = Path(model)
     if not path.is_dir():
-        raise ModelLoadError(
-            f"model directory {path} does not exist (no model hub is used; give a local dir)"
-        )
+        raise ModelLoadError(f"model directory {path} does not exist (no model hub is used; give a local dir)")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory {path} has no config.json")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
@@ -81,9 +79,7 @@ def load_encoder(model_dir: Path) -> nn.Module:
         raise ModelLoadError(f"cannot read {model_dir}/config.json: {e}") from e
     family = FAMILY_OF.get(config.model_type)
     if family is None:
-        raise ModelLoadError(
-            f"model type '{config.model_type}' is not supported (supported: {sorted(FAMILY_OF)})"
-        )
+        raise ModelLoadError(f"model type '{config.model_type}' is not supported (supported: {sorted(FAMILY_OF)})")
     config.hidden_dropout_prob = 0.0
     config.attention_probs_dropout_prob = 0.0
     try:
@@ -167,9 +163,7 @@ def build_training_model(
     if full_finetune:
         for p in model.parameters():
             p.requires_grad_(True)
-        infos = [
-            TrainableTensorInfo(n, n, tuple(p.shape), None, "full", 0) for n, p in model.named_parameters()
-        ]
+        infos = [TrainableTensorInfo(n, n, tuple(p.shape), None, "full", 0) for n, p in model.named_parameters()]
         return model, infos
     assert plan is not None
     family = FAMILY_OF[encoder.config.model_type]

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhft.device_profiles.planner import DEFAULT_MIN_COMPRESSION, MODULE_KINDS, LoraPlan, plan_lora
+from fedhft.device_profiles.planner import (
+    DEFAULT_MIN_COMPRESSION,
+    MODULE_KINDS,
+    LoraPlan,
+    full_finetune_plan,
+    plan_lora,
+)
 from fedhft.device_profiles.profile import DeviceProfile
 from fedhft.errors import FedHFTError
 from fedhft.export.model import (
@@ -113,6 +119,16 @@ def _install(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_full_finetune_memory(plan: LoraPlan, profile: DeviceProfile) -> None:
+    """ExportError naming both figures when full fine-tuning does not fit the profile's training memory."""
+    need, budget = plan.estimate.memory_mb, profile.memory_budget_mb
+    if need > budget:
+        raise ExportError(
+            f"profile {profile.name} cannot hold full fine-tuning: the planner estimates {need:.0f} MB of training "
+            f"memory, over its budget of {budget:.0f} MB ({profile.ram_mb} MB RAM x {profile.train_memory_fraction})"
+        )
+
+
 def export_profile(
     model: str | Path | None,
     profile: DeviceProfile,
@@ -126,7 +142,9 @@ def export_profile(
 ) -> ExportResult:
     """Export one profile's training package into `out/<name or profile>`.
 
-    `plan` replaces the planner's choice (baselines, benchmarks); `full_finetune` trains every weight in fp32.
+    `plan` replaces the planner's choice (baselines, benchmarks). `full_finetune` trains every weight in fp32
+    (plan["training"] = "full", `plan` ignored) and raises ExportError when the planner's memory estimate of
+    full fine-tuning exceeds the profile's budget (such a device cannot take part in fedavg-full).
     """
     from fedhft.export.ort_artifacts import export_onnx, generate_ort_artifacts
 
@@ -145,7 +163,10 @@ def export_profile(
         raise ExportError(f"--max-seq-len {opts.max_seq_len} is outside 1..{max_pos} (the model's positions)")
     shape = model_shape(encoder, opts.num_labels, opts.max_seq_len, profile.batch_size)
     runtime = "ort" if "ort" in profile.runtimes else profile.default_runtime
-    if plan is None:
+    if full_finetune:
+        plan = full_finetune_plan(shape, profile, runtime=runtime, max_rank=opts.max_rank, lora_alpha=opts.lora_alpha)
+        check_full_finetune_memory(plan, profile)
+    elif plan is None:
         plan = plan_lora(
             shape,
             profile,
@@ -195,7 +216,7 @@ def export_profile(
             base_model=base_name,
             base_model_sha256=weights_sha256(model_dir),
             profile=profile.to_dict(),
-            plan=plan.to_dict(),
+            plan=dict(plan.to_dict(), training="full") if full_finetune else plan.to_dict(),
             num_labels=opts.num_labels,
             max_seq_len=opts.max_seq_len,
             tokenizer=tokenizer,

@@ -5,7 +5,7 @@ Envelope (all integers little-endian)::
     offset  size  field
     0       4     magic b"FHFT"
     4       1     format version (1)
-    5       1     message kind: 1 update, 2 model, 3 hello, 4 ack
+    5       1     message kind: 1 update, 2 model, 3 hello, 4 ack, 5 key chain
     6       1     flags: bit 0 body is zlib-compressed (always set by the encoders), bit 1 signed
     7       1     reserved, 0
     8       4     body length N (bytes on the wire)
@@ -66,6 +66,7 @@ from fedhft.protocol.errors import (
 )
 from fedhft.protocol.messages import (
     ACK_STATUSES,
+    DELTA_SUFFIX,
     HEAD_BIAS,
     HEAD_WEIGHT,
     MODEL_SUFFIXES,
@@ -81,12 +82,13 @@ from fedhft.protocol.topics import id_problem, validate_target
 MAGIC = b"FHFT"
 FORMAT_VERSION = 1
 KIND_UPDATE, KIND_MODEL, KIND_HELLO, KIND_ACK = 1, 2, 3, 4
-KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model", KIND_HELLO: "hello", KIND_ACK: "ack"}
+KIND_KEY = 5  # the server's key chain (fedhft.protocol.keychain)
+KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model", KIND_HELLO: "hello", KIND_ACK: "ack", KIND_KEY: "key"}
 FLAG_ZLIB = 0x01
 FLAG_SIGNED = 0x02
 ENVELOPE = struct.Struct("<4sBBBBII")
 ENVELOPE_LEN = ENVELOPE.size  # 16
-DEFAULT_MAX_BYTES = 64 * 2**20
+DEFAULT_MAX_BYTES = 128 * 2**20  # an fp32 full fine-tuning model of MiniLM (22.6 M params) is ~90 MB
 ENCODINGS = ("fp32", "fp16", "int8")
 INDEX = "index"
 META_KEY = "fedhft"
@@ -138,9 +140,7 @@ def _wrap(kind: int, raw: bytes, signing_key: Ed25519PrivateKey | None = None) -
 def _unwrap(payload: bytes, kind: int, max_bytes: int) -> _Envelope:
     what = KIND_NAMES[kind]
     if len(payload) < ENVELOPE_LEN:
-        raise MalformedMessage(
-            f"{what} message is {len(payload)} bytes, shorter than the {ENVELOPE_LEN}-byte envelope"
-        )
+        raise MalformedMessage(f"{what} message is {len(payload)} bytes, shorter than the {ENVELOPE_LEN}-byte envelope")
     magic, version, got_kind, flags, reserved, body_len, raw_len = ENVELOPE.unpack_from(payload)
     if magic != MAGIC:
         raise MalformedMessage(f"bad magic: expected {MAGIC!r}, got {magic!r}")
@@ -430,9 +430,7 @@ def _encode_float(name: str, arr: np.ndarray, encoding: str) -> dict[str, np.nda
             half = arr.astype(np.float16)
         if not np.isfinite(half).all():
             peak = float(np.abs(arr).max())
-            raise EncodingError(
-                f"tensor {name!r}: max |x| = {peak:g} is beyond the fp16 range; use fp32 or int8"
-            )
+            raise EncodingError(f"tensor {name!r}: max |x| = {peak:g} is beyond the fp16 range; use fp32 or int8")
         return {name: half}
     if encoding == "int8":
         q, scale = _quantize_int8(arr)
@@ -452,9 +450,7 @@ def _decode_float(name: str, encoding: str, stored: Mapping[str, np.ndarray]) ->
     data = stored[name]
     want = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[encoding]
     if data.dtype != want:
-        raise ShapeMismatch(
-            f"tensor {name!r} ({encoding}): expected dtype {np.dtype(want)}, got {data.dtype}"
-        )
+        raise ShapeMismatch(f"tensor {name!r} ({encoding}): expected dtype {np.dtype(want)}, got {data.dtype}")
     if encoding != "int8":
         return data.astype(np.float32)
     scale = stored[name + SCALE_SUFFIX]
@@ -495,9 +491,7 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "I8": 1, "U8": 1, "U16": 2, "I32": 4}
 def _entry_span(name: str, entry: object, data_len: int) -> tuple[int, int]:
     """Validate one safetensors header entry; return its (begin, end) data offsets."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise MalformedMessage(
-            f"safetensors entry {name[:80]!r} must have exactly dtype, shape, data_offsets"
-        )
+        raise MalformedMessage(f"safetensors entry {name[:80]!r} must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
         raise MalformedMessage(f"safetensors entry {name[:80]!r}: unsupported dtype {str(dtype)[:20]!r}")
@@ -505,13 +499,9 @@ def _entry_span(name: str, entry: object, data_len: int) -> tuple[int, int]:
         raise MalformedMessage(f"safetensors entry {name[:80]!r}: bad shape or data_offsets")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise MalformedMessage(
-            f"safetensors entry {name[:80]!r}: offsets {offsets} outside {data_len} data bytes"
-        )
+        raise MalformedMessage(f"safetensors entry {name[:80]!r}: offsets {offsets} outside {data_len} data bytes")
     if end - begin != math.prod(shape) * _ST_DTYPES[dtype]:
-        raise MalformedMessage(
-            f"safetensors entry {name[:80]!r}: {end - begin} bytes do not hold {dtype} {shape}"
-        )
+        raise MalformedMessage(f"safetensors entry {name[:80]!r}: {end - begin} bytes do not hold {dtype} {shape}")
     return begin, end
 
 
@@ -529,9 +519,7 @@ def _parse_safetensors(raw: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray
         raise MalformedMessage(f"safetensors body is {len(raw)} bytes, too short for its header length")
     (header_len,) = struct.unpack_from("<Q", raw)
     if header_len > len(raw) - 8:
-        raise MalformedMessage(
-            f"safetensors header length {header_len} exceeds the {len(raw) - 8} bytes left"
-        )
+        raise MalformedMessage(f"safetensors header length {header_len} exceeds the {len(raw) - 8} bytes left")
     header = _json_object(raw[8 : 8 + header_len], "safetensors header")
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict):
@@ -554,9 +542,7 @@ def _load_checked(raw: bytes, names: set[str]) -> dict[str, np.ndarray]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: B036 - safetensors may raise a pyo3 PanicException (a BaseException)
-        raise MalformedMessage(
-            f"safetensors rejected the body ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
+        raise MalformedMessage(f"safetensors rejected the body ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if set(tensors) != names:
         raise MalformedMessage("safetensors returned other tensors than its header lists")
     return tensors
@@ -568,9 +554,7 @@ def _parse_meta(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
         raise MalformedMessage(f"safetensors metadata must hold exactly the string key {META_KEY!r}")
     info = _json_object(metadata[META_KEY], "fedhft metadata")
     if set(info) != {"header", "tensors"}:
-        raise MalformedMessage(
-            f"fedhft metadata must have exactly header and tensors, got {sorted(info)[:5]}"
-        )
+        raise MalformedMessage(f"fedhft metadata must have exactly header and tensors, got {sorted(info)[:5]}")
     header, encodings = info["header"], info["tensors"]
     if not isinstance(header, dict) or not isinstance(encodings, dict):
         raise MalformedMessage("fedhft metadata header and tensors must be objects")
@@ -594,9 +578,7 @@ def _decode_tensors(stored: Mapping[str, np.ndarray], encodings: Mapping[str, st
         raise MalformedMessage(f"stored tensors do not match the encodings: extra {extra}, missing {lacking}")
     tensors: dict[str, np.ndarray] = {}
     for name, enc in encodings.items():
-        tensors[name] = (
-            _decode_index(name, stored[name]) if enc == INDEX else _decode_float(name, enc, stored)
-        )
+        tensors[name] = _decode_index(name, stored[name]) if enc == INDEX else _decode_float(name, enc, stored)
     return tensors
 
 
@@ -615,11 +597,13 @@ def _split_names(names: list[str], suffixes: tuple[str, ...]) -> dict[str, set[s
     if not names:
         raise MissingTensor("message carries no tensors")
     modules: dict[str, set[str]] = {}
+    dense = 0
     for name in names:
         if not isinstance(name, str) or not _TENSOR_NAME_RE.fullmatch(name) or len(name) > MAX_TENSOR_NAME:
-            raise UnknownTensor(
-                f"tensor name {str(name)[:80]!r} is not 1-{MAX_TENSOR_NAME} chars of [A-Za-z0-9._-]"
-            )
+            raise UnknownTensor(f"tensor name {str(name)[:80]!r} is not 1-{MAX_TENSOR_NAME} chars of [A-Za-z0-9._-]")
+        if _is_dense(name):
+            dense += 1
+            continue
         if name in (HEAD_WEIGHT, HEAD_BIAS):
             continue
         suffix = next((s for s in suffixes if name.endswith(s) and len(name) > len(s)), None)
@@ -633,7 +617,20 @@ def _split_names(names: list[str], suffixes: tuple[str, ...]) -> dict[str, set[s
             raise MissingTensor(f"module {module!r} lacks tensors {lacking}")
     if (HEAD_WEIGHT in names) != (HEAD_BIAS in names):
         raise MissingTensor("head.weight and head.bias must come together")
+    if dense and dense != len(names):
+        raise UnknownTensor("a dense (full fine-tuning) message carries only <param>.delta tensors, no LoRA or head")
     return modules
+
+
+def _is_dense(name: str) -> bool:
+    return name.endswith(DELTA_SUFFIX) and len(name) > len(DELTA_SUFFIX)
+
+
+def _check_dense(tensors: Mapping[str, np.ndarray]) -> None:
+    """Every ``<param>.delta`` is at least 1-D with no empty dimension."""
+    for name, arr in tensors.items():
+        if _is_dense(name) and (arr.ndim < 1 or 0 in arr.shape):
+            raise ShapeMismatch(f"tensor {name!r}: a parameter delta needs >= 1 dimension, each >= 1; got {arr.shape}")
 
 
 def _ndim(tensors: Mapping[str, np.ndarray], name: str, ndim: int) -> tuple[int, ...]:
@@ -656,27 +653,19 @@ def _check_rank(tensors: Mapping[str, np.ndarray], module: str, b_name: str) -> 
     r, in_features = _ndim(tensors, module + ".A", 2)
     _, b_rank = _ndim(tensors, module + b_name, 2)
     if r < 1 or in_features < 1:
-        raise ShapeMismatch(
-            f"tensor {module + '.A'!r}: rank and in_features must be >= 1, got {(r, in_features)}"
-        )
+        raise ShapeMismatch(f"tensor {module + '.A'!r}: rank and in_features must be >= 1, got {(r, in_features)}")
     if b_rank != r:
-        raise ShapeMismatch(
-            f"tensor {module + b_name!r}: expected {r} columns (rows of {module}.A), got {b_rank}"
-        )
+        raise ShapeMismatch(f"tensor {module + b_name!r}: expected {r} columns (rows of {module}.A), got {b_rank}")
 
 
-def _check_rows(
-    tensors: Mapping[str, np.ndarray], module: str, out_features: Mapping[str, int] | None
-) -> None:
+def _check_rows(tensors: Mapping[str, np.ndarray], module: str, out_features: Mapping[str, int] | None) -> None:
     name = module + ".rows"
     (k,) = _ndim(tensors, name, 1)
     rows = tensors[name]
     if rows.dtype != np.int32:
         raise BadIndices(f"tensor {name!r}: expected int32, got {rows.dtype}")
     if k != tensors[module + ".B_rows"].shape[0]:
-        raise ShapeMismatch(
-            f"tensor {name!r}: {k} indices for {tensors[module + '.B_rows'].shape[0]} rows of B_rows"
-        )
+        raise ShapeMismatch(f"tensor {name!r}: {k} indices for {tensors[module + '.B_rows'].shape[0]} rows of B_rows")
     if k and int(rows.min()) < 0:
         raise BadIndices(f"tensor {name!r}: indices must be >= 0, got {int(rows.min())}")
     if k > 1 and not bool((np.diff(rows.astype(np.int64)) > 0).all()):
@@ -720,6 +709,7 @@ def check_update_tensors(
     if expected_shapes is not None:
         _check_expected(tensors, expected_shapes)
     _check_head(tensors)
+    _check_dense(tensors)
     for module in modules:
         _check_rank(tensors, module, ".B_rows")
         _check_rows(tensors, module, out_features)
@@ -732,6 +722,7 @@ def check_model_tensors(tensors: Mapping[str, np.ndarray], expected_shapes: Shap
     if expected_shapes is not None:
         _check_expected(tensors, expected_shapes)
     _check_head(tensors)
+    _check_dense(tensors)
     for module in modules:
         _check_rank(tensors, module, ".B")
     _check_finite(tensors)
@@ -753,9 +744,7 @@ def _canonical_tensors(
         if not isinstance(name, str):
             raise UnknownTensor(f"tensor names must be strings, got {type(name).__name__}")
         if not isinstance(arr, np.ndarray):
-            raise ShapeMismatch(
-                f"tensor {str(name)[:80]!r}: expected a numpy array, got {type(arr).__name__}"
-            )
+            raise ShapeMismatch(f"tensor {str(name)[:80]!r}: expected a numpy array, got {type(arr).__name__}")
         if _is_index(name, index_suffix):
             out[name] = _canonical_index(name, arr)
         elif arr.dtype.kind == "f":
@@ -774,9 +763,7 @@ def _canonical_index(name: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def _encode_tensors(
-    tensors: Mapping[str, np.ndarray], encoding: str
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if encoding not in ENCODINGS:
         raise EncodingError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     stored: dict[str, np.ndarray] = {}
@@ -891,9 +878,7 @@ def decode_model(
     raw_header, encodings = _parse_meta(metadata)
     header = _parse_fields(raw_header, MODEL_FIELDS, "model header")
     if verify_key is not None and header["key_id"] != key_id(verify_key):
-        raise BadSignature(
-            f"model names key_id {header['key_id']!r}, the verify key is {key_id(verify_key)!r}"
-        )
+        raise BadSignature(f"model names key_id {header['key_id']!r}, the verify key is {key_id(verify_key)!r}")
     _check_recipient(header, {"task": expected_task, "target": expected_target}, "model")
     if min_version is not None and header["version"] < min_version:
         raise StaleModel(f"model version {header['version']} is older than the minimum {min_version}")

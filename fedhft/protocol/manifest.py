@@ -18,6 +18,7 @@ from fedhft.errors import FedHFTError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TRAININGS = ("lora", "full")  # plan["training"]: LoRA adapters (default) or full fine-tuning
 
 
 class ManifestError(FedHFTError):
@@ -84,6 +85,15 @@ class Manifest:
     @property
     def mask_ratio(self) -> float:
         return float(self.plan["mask_ratio"])
+
+    @property
+    def training(self) -> str:
+        """``"full"`` when every weight trains (a full fine-tuning export), else ``"lora"``: ``plan["training"]``,
+        or for exports that predate that field, full when every trainable tensor is of factor "full"."""
+        declared = self.plan.get("training")
+        if declared is not None:
+            return str(declared)
+        return "full" if self.trainable and all(t.factor == "full" for t in self.trainable) else "lora"
 
     def trainable_by_name(self) -> dict[str, TrainableTensor]:
         return {t.name: t for t in self.trainable}
@@ -155,6 +165,10 @@ class Manifest:
             raise ManifestError(f"{source}: num_labels must be >= 2, got {self.num_labels}")
         if self.max_seq_len < 1:
             raise ManifestError(f"{source}: max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.training not in TRAININGS:
+            raise ManifestError(f"{source}: plan training {self.training!r} is not one of {TRAININGS}")
+        if self.training == "full" and any(t.factor != "full" for t in self.trainable):
+            raise ManifestError(f"{source}: a full fine-tuning manifest lists LoRA or head factors as trainable")
         gm = self.global_modules()
         for t in self.trainable:
             if any(int(s) < 1 for s in t.shape):

@@ -18,6 +18,13 @@ ModelMessage (server -> clients), the full adapter of one cluster or client:
 Both may carry the classifier head ``head.weight`` float32 (num_labels, hidden) and ``head.bias`` float32
 (num_labels,), always as a pair. A module's tensors always come together (A, B_rows and rows; or A and
 B), with ``A.shape[0]`` equal to the rank dimension of B / B_rows.
+
+Dense messages (full fine-tuning, the ``fedavg-full`` baseline) carry one tensor per model parameter
+``<param>`` (a trainable tensor's manifest name, e.g. ``encoder.embeddings.word_embeddings.weight`` or
+``head.weight``) and nothing else:
+
+* ``<param>.delta``  float32, the parameter's shape: in an update, trained − received-model values; in a
+  model, the global Δθ from the exported initial weights (the device loads initial + Δθ).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
 UPDATE_SUFFIXES = (".A", ".B_rows", ".rows")
 MODEL_SUFFIXES = (".A", ".B")
+DELTA_SUFFIX = ".delta"  # dense messages: <param>.delta for every parameter
 
 
 @dataclass(eq=False)

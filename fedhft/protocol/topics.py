@@ -7,6 +7,7 @@ Topics (``<task>`` and ``<client_id>`` are ids: 1-128 characters of ``[A-Za-z0-9
     fedhft/v1/<task>/ack/<client_id>            server -> client  verdict on one update (AckMessage)
     fedhft/v1/<task>/model/cluster/<k>          server -> clients the model of cluster k (ModelMessage)
     fedhft/v1/<task>/model/client/<client_id>   server -> client  a model for one client (ModelMessage)
+    fedhft/v1/<task>/key                        server -> clients the server's key chain, retained (keychain.py)
 
 The server subscribes to ``fedhft/v1/<task>/update/+`` and ``fedhft/v1/<task>/hello/+``, usually as an
 MQTT 5 shared subscription ``$share/<group>/<filter>`` so several server workers split the load.
@@ -23,6 +24,7 @@ HELLO = "hello"
 UPDATE = "update"
 ACK = "ack"
 MODEL = "model"
+KEY = "key"  # not a parse_topic kind: the key topic has no id level
 KINDS = (HELLO, UPDATE, ACK, MODEL)
 MAX_ID_LEN = 128
 MAX_CLUSTERS = 10**9
@@ -82,6 +84,11 @@ def cluster_model_topic(task: str, k: int) -> str:
 def client_model_topic(task: str, client_id: str) -> str:
     """Topic the server publishes a model meant for one client on."""
     return f"{PREFIX}/{validate_id(task, 'task')}/{MODEL}/client/{validate_id(client_id, 'client_id')}"
+
+
+def key_topic(task: str) -> str:
+    """Topic the server publishes its signed key chain on (retained); clients only read it."""
+    return f"{PREFIX}/{validate_id(task, 'task')}/{KEY}"
 
 
 def model_topic(task: str, target: str) -> str:

@@ -1,7 +1,10 @@
-"""Global accuracy of every published cluster model, measured on the held-out global test set.
+"""Accuracy of the published models: the global model on the held-out test set, each client's own model on its split.
 
-The evaluator package is exported with every module any device adapts, at the global maximum rank, so a
-cluster model (rank-R factors) loads into it exactly.
+The evaluator package is exported with every module any device adapts, at ``clusters`` x the federation's max rank
+R, so that the global model of a clustered run loads exactly: the cluster models (rank-R factors each, ΔW_c = B_c A_c)
+are mixed by the clients' mean membership p̄ as ΔW = Σ_c p̄_c B_c A_c = [p̄_1 B_1 … p̄_K B_K]·[A_1; …; A_K] (rank K·R),
+and their heads as Σ_c p̄_c head_c: the same global model the server defines. A personalized client model (rank r ≤ R)
+loads zero-padded; modules the client does not adapt are ΔW = 0.
 """
 
 from __future__ import annotations
@@ -10,42 +13,45 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from fedhft.device_profiles.planner import LayerPlan, LoraPlan
+from fedhft.edge_runtime.full_update import params_from_model
 from fedhft.edge_runtime.local_train import evaluate
 from fedhft.edge_runtime.masking import AdapterSpec, model_to_params
-from fedhft.edge_runtime.mqtt_link import parse_broker_url
 from fedhft.edge_runtime.ort_backend import OrtTrainer
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.logs import event
-from fedhft.protocol import ProtocolError, decode_model
+from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT, ModelMessage, ProtocolError, decode_model
 from fedhft.protocol.topics import PREFIX
+from fedhft.simulate.traffic import connect_observer
 
 log = logging.getLogger("fedhft.simulate")
 
+HEADS = (HEAD_WEIGHT, HEAD_BIAS)
 
-def evaluator_plan(plans: list[LoraPlan]) -> LoraPlan:
-    """Every (layer, module kind) any plan adapts, each at the federation's global maximum rank."""
+
+def evaluator_plan(plans: list[LoraPlan], clusters: int = 1) -> LoraPlan:
+    """Every (layer, module kind) any plan adapts, each at ``clusters`` x the federation's global maximum rank."""
     base = plans[0]
     targets: dict[int, set[str]] = {}
     for p in plans:
         for lp in p.layers:
             targets.setdefault(lp.layer, set()).update(lp.targets)
     order = {k: i for i, k in enumerate(("query", "key", "value", "attn_out", "ffn_in", "ffn_out"))}
+    rank = max(p.max_rank for p in plans) * max(1, clusters)
     layers = tuple(
-        LayerPlan(layer, base.max_rank, tuple(sorted(kinds, key=order.__getitem__)))
-        for layer, kinds in sorted(targets.items())
+        LayerPlan(layer, rank, tuple(sorted(kinds, key=order.__getitem__))) for layer, kinds in sorted(targets.items())
     )
     return LoraPlan(
         profile="evaluator",
         runtime="ort",
         num_layers=base.num_layers,
         layers=layers,
-        max_rank=base.max_rank,
+        max_rank=rank,
         mask_ratio=1.0,
         lora_alpha=base.lora_alpha,
         batch_size=base.batch_size,
@@ -56,10 +62,41 @@ def evaluator_plan(plans: list[LoraPlan]) -> LoraPlan:
     )
 
 
+def mix_cluster_models(models: Mapping[int, Mapping[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Wire tensors of Σ_c w_c ΔW_c (factors concatenated along the rank, exact) and Σ_c w_c head_c."""
+    ks = sorted(models)
+    w = np.asarray(weights, dtype=np.float64)[ks]
+    w = w / w.sum() if w.sum() > 0 else np.full(len(ks), 1.0 / len(ks))
+    modules = sorted({n[: -len(".A")] for k in ks for n in models[k] if n.endswith(".A")})
+    out: dict[str, np.ndarray] = {}
+    for m in modules:
+        present = [(wc, models[k]) for wc, k in zip(w, ks, strict=True) if f"{m}.A" in models[k]]
+        out[f"{m}.A"] = np.concatenate([t[f"{m}.A"] for _, t in present], axis=0).astype(np.float32)
+        out[f"{m}.B"] = np.concatenate([wc * t[f"{m}.B"] for wc, t in present], axis=1).astype(np.float32)
+    for h in HEADS:
+        present = [(wc, models[k][h]) for wc, k in zip(w, ks, strict=True) if h in models[k]]
+        if present:
+            total = sum(wc for wc, _ in present)
+            out[h] = (sum(wc * t for wc, t in present) / total).astype(np.float32)
+    return out
+
+
+def membership_of(meta: Mapping[str, object], clusters: int) -> np.ndarray | None:
+    """The membership vector a client model's meta carries (``"0.9,0.1"``), or None."""
+    text = meta.get("membership") if isinstance(meta, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        p = np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        return None
+    return p if p.shape == (clusters,) and np.isfinite(p).all() else None
+
+
 @dataclass
 class EvalPoint:
     version: int
-    cluster: int
+    clusters: int
     accuracy: float
     loss: float
     virtual_time: float
@@ -67,71 +104,156 @@ class EvalPoint:
 
 
 @dataclass
+class ClientSplit:
+    texts: list[str]
+    labels: np.ndarray
+
+
+@dataclass
 class Evaluator:
-    """Subscribes to the cluster models of `task` and evaluates each new version on (texts, labels)."""
+    """Evaluates each new global model of `task` on (texts, labels) and, at the end, each client's own model."""
 
     broker: str
     task: str
     profile_dir: str
     texts: list[str]
     labels: np.ndarray
+    client_splits: dict[str, ClientSplit] = field(default_factory=dict)
     points: list[EvalPoint] = field(default_factory=list)
+    personalized: dict[str, float] = field(default_factory=dict)
     _q: queue.Queue = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _seen: dict[int, int] = field(default_factory=dict)
+    _clusters: dict[int, ModelMessage] = field(default_factory=dict)
+    _clients: dict[str, ModelMessage] = field(default_factory=dict)
+    _evaluated: int = -1
+    _busy: threading.Lock = field(default_factory=threading.Lock)
     _t0: float = field(default_factory=time.monotonic)
 
     def start(self) -> Evaluator:
         self.trainer = OrtTrainer(self.profile_dir)
-        self.spec = AdapterSpec.from_manifest(self.trainer.manifest)
+        self.full = self.trainer.manifest.training == "full"  # fedavg-full: dense Δθ models, no adapters
+        self.spec = None if self.full else AdapterSpec.from_manifest(self.trainer.manifest)
         self.encoder = TextEncoder.for_manifest(self.trainer.manifest, self.profile_dir)
-        addr = parse_broker_url(self.broker)
-        c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"fedhft-evaluator-{self.task}",
-            protocol=mqtt.MQTTv5,
+        self._initial = self.trainer.get_parameters()
+        self._client = connect_observer(
+            self.broker,
+            f"fedhft-evaluator-{self.task}",
+            [(f"{PREFIX}/{self.task}/model/cluster/+", 1), (f"{PREFIX}/{self.task}/model/client/+", 1)],
+            lambda _c, _u, msg: self._q.put((msg.topic, bytes(msg.payload))),
         )
-        c.on_message = lambda _c, _u, msg: self._q.put((msg.topic, bytes(msg.payload)))
-        c.connect(addr.host, addr.port)
-        c.loop_start()
-        c.subscribe(f"{PREFIX}/{self.task}/model/cluster/+", qos=1)
-        self._client = c
         self._thread = threading.Thread(target=self._loop, name="evaluator", daemon=True)
         self._thread.start()
         return self
 
+    # ---- receiving ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 topic, payload = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            try:
-                msg = decode_model(payload, expected_task=self.task)
-            except ProtocolError as e:
-                event(log, "evaluator skipped a model", logging.WARNING, topic=topic, error=str(e))
-                continue
-            cluster = int(topic.rsplit("/", 1)[-1])
-            if self._seen.get(cluster, -1) >= msg.version:
-                continue
-            self._seen[cluster] = msg.version
-            self.trainer.set_parameters(model_to_params(self.spec, msg.tensors))
-            r = evaluate(self.trainer, self.encoder, self.texts, self.labels)
-            vt = float(msg.meta.get("virtual_time", 0.0)) if isinstance(msg.meta, dict) else 0.0
-            self.points.append(EvalPoint(msg.version, cluster, r.accuracy, r.loss, vt, time.monotonic() - self._t0))
-            event(log, "evaluated", version=msg.version, cluster=cluster, accuracy=round(r.accuracy, 4))
+            with self._busy:
+                self._receive(topic, payload)
+                while True:  # take everything queued before evaluating: only the newest global model counts
+                    try:
+                        self._receive(*self._q.get_nowait())
+                    except queue.Empty:
+                        break
+                self._evaluate_global()
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        try:
+            msg = decode_model(payload, expected_task=self.task)
+        except ProtocolError as e:
+            event(log, "evaluator skipped a model", logging.WARNING, topic=topic, error=str(e))
+            return
+        kind, _, key = topic.rpartition("/model/")[2].partition("/")
+        if kind == "cluster":
+            k = int(key)
+            if k not in self._clusters or self._clusters[k].version <= msg.version:
+                self._clusters[k] = msg
+        elif key not in self._clients or self._clients[key].version <= msg.version:
+            self._clients[key] = msg
+
+    # ---- evaluating --------------------------------------------------------------------------------------
+    def _params(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Evaluator params of a model: its modules zero-padded to the evaluator's rank, absent ones ΔW = 0."""
+        if self.full:
+            return params_from_model(self.trainer.manifest, self._initial, tensors)
+        assert self.spec is not None
+        full = dict(tensors)
+        for m in self.spec.modules:
+            if f"{m.name}.A" not in full:
+                full[f"{m.name}.A"] = np.zeros((1, m.in_features), np.float32)
+                full[f"{m.name}.B"] = np.zeros((m.out_features, 1), np.float32)
+        params = model_to_params(self.spec, full)
+        for h in HEADS:  # a model without a head (version 0) keeps the exported head
+            params.setdefault(h, self._initial[h])
+        return params
+
+    def _global_model(self) -> tuple[int, int, dict[str, np.ndarray], float] | None:
+        if not self._clusters:
+            return None
+        newest = max(self._clusters.values(), key=lambda m: m.version)
+        k = int(newest.meta.get("clusters", 1)) if isinstance(newest.meta, Mapping) else 1
+        current = {c: m for c, m in self._clusters.items() if c < k and m.version == newest.version}
+        if len(current) < k:
+            return None  # the other clusters of this version are still on their way
+        members = [membership_of(m.meta, k) for m in self._clients.values()]
+        members = [p for p in members if p is not None]
+        weights = np.mean(members, axis=0) if members else np.full(k, 1.0 / k)
+        if self.full:
+            tensors = dict(current[0].tensors)  # one global model (no clustering)
+        else:
+            tensors = mix_cluster_models({c: m.tensors for c, m in current.items()}, weights)
+        vt = float(newest.meta.get("virtual_time", 0.0)) if isinstance(newest.meta, Mapping) else 0.0
+        return newest.version, k, tensors, vt
+
+    def _evaluate_global(self) -> None:
+        found = self._global_model()
+        if found is None or found[0] <= self._evaluated:
+            return
+        version, k, tensors, vt = found
+        self.trainer.set_parameters(self._params(tensors))
+        r = evaluate(self.trainer, self.encoder, self.texts, self.labels)
+        self._evaluated = version
+        self.points.append(EvalPoint(version, k, r.accuracy, r.loss, vt, time.monotonic() - self._t0))
+        event(log, "evaluated", version=version, clusters=k, accuracy=round(r.accuracy, 4))
+
+    def evaluate_clients(self) -> dict[str, float]:
+        """Each client's latest personalized model on its own test split (call after the run)."""
+        with self._busy:
+            for cid, split in self.client_splits.items():
+                msg = self._clients.get(cid)
+                if self.full and 0 in self._clusters:  # fedavg-full sends every client the global model
+                    msg = self._clusters[0]
+                if msg is None or not len(split.texts):
+                    continue
+                self.trainer.set_parameters(self._params(msg.tensors))
+                self.personalized[cid] = evaluate(self.trainer, self.encoder, split.texts, split.labels).accuracy
+        return dict(self.personalized)
+
+    def client_clusters(self) -> dict[str, int]:
+        """The cluster (largest membership) of each client's latest model."""
+        return {
+            cid: int(m.meta.get("cluster", 0)) if isinstance(m.meta, Mapping) else 0 for cid, m in self._clients.items()
+        }
 
     def latest_accuracy(self) -> float | None:
         return self.points[-1].accuracy if self.points else None
 
-    def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every queued model has been evaluated."""
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until every queued model has been taken in and the newest global model evaluated."""
         deadline = time.monotonic() + timeout
-        while not self._q.empty() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with self._busy:
+                if self._q.empty():
+                    self._evaluate_global()
+                    return
             time.sleep(0.1)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
         self._client.loop_stop()
         self._client.disconnect()

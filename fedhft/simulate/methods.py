@@ -14,10 +14,10 @@ class MethodError(FedHFTError):
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    planner: str  # "legend" (per-device plan) | "uniform" (one LoRA plan for all) | "fixed-depth"
+    planner: str  # "legend" (per-device plan) | "uniform" (one LoRA plan) | "fixed-depth" | "full" (no LoRA)
     mask: bool  # upload the FedHFT masked slice (else every row)
     synchronous: bool  # wait for every client (a round) instead of buffered async aggregation
-    aggregator: str  # server aggregation: "fedhft" (ΔW + SVD) | "fedavg" | "hetlora" | "flexlora"
+    aggregator: str  # server: "fedhft" (ΔW + SVD) | "fedavg" | "hetlora" | "flexlora" | "fedavg-full"
     clustering: bool
     server_args: tuple[str, ...] = field(default_factory=tuple)
     uniform_rank: int = 8
@@ -31,6 +31,7 @@ METHODS: dict[str, MethodSpec] = {
     "fedavg-lora": MethodSpec("fedavg-lora", "uniform", False, True, "fedavg", False),
     "hetlora": MethodSpec("hetlora", "legend", False, True, "hetlora", False),
     "flexlora": MethodSpec("flexlora", "legend", False, True, "flexlora", False),
+    "fedavg-full": MethodSpec("fedavg-full", "full", False, True, "fedavg-full", False),
 }
 
 

@@ -43,13 +43,16 @@ def method_result(
     points = [dict(vars(p)) for p in (evaluator.points if evaluator else [])]
     snap = traffic.snapshot() if traffic else {"bytes": {}, "messages": {}}
     updates = list(traffic.updates) if traffic else []
-    # Personalized accuracy: each client's accuracy of the model it last received, on its own test split.
-    last: dict[str, dict] = {}
-    for u in updates:
-        if "eval_accuracy" in u and (u["client"] not in last or u["seq"] >= last[u["client"]]["seq"]):
-            last[u["client"]] = u
-    personalized = [u["eval_accuracy"] for u in last.values()]
+    # Personalized accuracy: each client's latest personalized model, on its own test split.
+    personalized = dict(evaluator.personalized) if evaluator else {}
+    by_cluster: dict[int, list[float]] = defaultdict(list)
+    clusters_of = evaluator.client_clusters() if evaluator else {}
+    for cid, acc in personalized.items():
+        by_cluster[clusters_of.get(cid, 0)].append(acc)
     n_updates = max(1, snap["messages"].get("update", 0))
+    down = snap["bytes"].get("model/client", 0)
+    if cfg.method.aggregator == "fedavg-full":  # one global model on cluster/0, delivered to every device
+        down += snap["bytes"].get("model/cluster", 0) * sum(1 for p in assignment if p in dirs)
     client_profile = {f"c{i:03d}": p for i, p in enumerate(assignment)}
     peak_by_profile: dict[str, float] = defaultdict(float)
     for cid, mb in peaks.items():
@@ -66,13 +69,17 @@ def method_result(
         "profiles": dict(cfg.profiles),
         "rounds_per_client": cfg.rounds,
         "final_global_accuracy": best_final if best_final is not None else final,
-        "mean_personalized_accuracy": round(sum(personalized) / len(personalized), 4) if personalized else None,
+        "mean_personalized_accuracy": (
+            round(sum(personalized.values()) / len(personalized), 4) if personalized else None
+        ),
+        "personalized_accuracy_by_client": {k: round(v, 4) for k, v in sorted(personalized.items())},
+        "personalized_accuracy_by_cluster": {str(c): round(sum(v) / len(v), 4) for c, v in sorted(by_cluster.items())},
         "accuracy_curve": points,
         "bytes_up": snap["bytes"].get("update", 0),
-        "bytes_down": snap["bytes"].get("model/client", 0),
+        "bytes_down": down,
         "updates": snap["messages"].get("update", 0),
         "bytes_up_per_client_round": round(snap["bytes"].get("update", 0) / n_updates),
-        "bytes_down_per_client_round": round(snap["bytes"].get("model/client", 0) / n_updates),
+        "bytes_down_per_client_round": round(down / n_updates),
         "broker_bytes_by_kind": snap["bytes"],
         "target_accuracy": cfg.target_accuracy,
         "simulated_seconds_to_target": _time_to(points, cfg.target_accuracy, "virtual_time"),
@@ -97,7 +104,9 @@ def recompute(result: dict) -> dict:
 
 def write_report(out: Path, results: list[dict], config: dict) -> Path:
     path = out / REPORT
-    path.write_text(json.dumps({"config": config, "methods": results}, indent=2, default=str) + "\n")
+    report = {"config": config, "methods": results}
+    report["goals"] = goals(report)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot(out, results)
     return path
 
@@ -156,9 +165,83 @@ def table(report: dict) -> str:
         )
         if r["unable_to_participate"]:
             rows.append(f"  unable to participate: {r['unable_to_participate']}")
+        if r.get("chaos"):
+            rows.append("  " + chaos_line(r["chaos"]))
+    for g in report.get("goals") or goals(report):
+        measured = "-" if g["measured"] is None else g["measured"]
+        rows.append(f"goal: {g['goal']}: {measured} (need >= {g['need']}) {'met' if g['met'] else 'NOT met'}")
     return "\n".join(rows)
+
+
+def chaos_line(c: dict[str, Any]) -> str:
+    """One line of a chaos run's accounting."""
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(c["faults_injected"].items())) or "none"
+    delta = c.get("accuracy_delta_points")
+    return (
+        f"chaos: faults [{faults}]; updates produced {c['updates_produced']}, acknowledged {c['acknowledged']}, "
+        f"aggregated {c['aggregated']}, pending {c['pending_at_end']}, acknowledged-but-lost "
+        f"{c['acknowledged_but_lost']}, duplicates aggregated {c['duplicates_aggregated']}"
+        + ("" if delta is None else f"; accuracy vs clean run {delta:+.1f} points")
+    )
 
 
 def load_report(out: Path) -> dict:
     path = out / REPORT if out.is_dir() else out
     return json.loads(path.read_text())
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 2)
+
+
+def goals(report: dict) -> list[dict[str, Any]]:
+    """The product's goals for this comparison, measured from the report (only those its methods allow)."""
+    by = {r["method"]: r for r in report["methods"]}
+    out: list[dict[str, Any]] = []
+    fh, lora, full, flat = (
+        by.get("fedhft"),
+        by.get("fedavg-lora"),
+        by.get("fedavg-full"),
+        by.get("fedhft-no-clustering"),
+    )
+
+    def add(goal: str, measured: float | None, need: float, note: str) -> None:
+        out.append(
+            {
+                "goal": goal,
+                "measured": measured,
+                "need": need,
+                "met": measured is not None and measured >= need,
+                "note": note,
+            }
+        )
+
+    if fh and lora:
+        add(
+            "upload bytes to target, fedavg-lora ÷ fedhft",
+            _ratio(lora["bytes_up_to_target"], fh["bytes_up_to_target"]),
+            3.0,
+            f"target accuracy {fh.get('target_accuracy')}; '-' when a method never reached it",
+        )
+        add(
+            "simulated time to target, fedavg-lora ÷ fedhft",
+            _ratio(lora["simulated_seconds_to_target"], fh["simulated_seconds_to_target"]),
+            2.5,
+            "heterogeneous devices, simulated clock",
+        )
+    if fh and full:
+        add(
+            "upload per client-round, fedavg-full ÷ fedhft",
+            _ratio(full["bytes_up_per_client_round"], fh["bytes_up_per_client_round"]),
+            500.0,
+            "",
+        )
+    if fh and flat:
+        a, b = fh["mean_personalized_accuracy"], flat["mean_personalized_accuracy"]
+        add(
+            "personalized accuracy, with clustering − without (points)",
+            None if a is None or b is None else round(100 * (a - b), 1),
+            0.0,
+            f"alpha {report['config'].get('alpha')}",
+        )
+    return out

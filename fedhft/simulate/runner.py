@@ -23,12 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhft.datasets import TextDataset
 from fedhft.device_profiles.planner import LoraPlan, uniform_plan
 from fedhft.device_profiles.profile import DeviceProfile, load_profile
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.procs import stop_process
-from fedhft.simulate.data import FederatedSplit, dirichlet_split, load_dataset
+from fedhft.simulate.data import (
+    ClientSplit,
+    FederatedSplit,
+    cap_test_sets,
+    dirichlet_split,
+    load_dataset,
+    natural_split,
+)
 from fedhft.simulate.methods import MethodSpec
 
 log = logging.getLogger("fedhft.simulate")
@@ -57,6 +65,10 @@ class SimConfig:
     learning_rate: float = 2e-3
     time_scale: float = 0.0
     clusters: int = 2
+    split: str = "dirichlet"  # "dirichlet" (label skew by alpha) | "natural" (the data set's groups)
+    chaos: str | None = None  # a fault spec (fedhft.simulate.chaos): the run is named <method>+chaos
+    backend: str = "auto"  # "auto": each profile's own runtime (ORT, else the native ExecuTorch trainer) | "ort"
+    max_test: int | None = 1000  # global test cap; each client's test split is capped at a fifth of it
     cache_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
     )
@@ -110,7 +122,8 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
     unable: dict[str, str] = {}
     plans: list[LoraPlan] = []
     for name, prof in profiles.items():
-        key = _cache_key(prof.to_dict())
+        formats = package_formats(cfg, prof)
+        key = _cache_key(prof.to_dict()) if formats == ("ort",) else _cache_key(prof.to_dict(), formats)
         d = root / f"{prof.name}-{key}"
         if not (d / "manifest.json").is_file():
             plan = None
@@ -129,7 +142,9 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
                 )
             o = opts if m.planner != "fixed-depth" else ExportOptions(**{**asdict(opts), "fixed_depth": 3})
             try:
-                export_profile(cfg.model, prof, root, opts=o, plan=plan, name=d.name)
+                export_profile(
+                    cfg.model, prof, root, formats, opts=o, plan=plan, name=d.name, full_finetune=m.planner == "full"
+                )
             except FedHFTError as e:
                 unable[name] = str(e)
                 continue
@@ -137,12 +152,41 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
         plans.append(LoraPlan.from_dict(load_manifest(d).plan))
     if not dirs:
         raise SimulationError(f"no profile can take part: {unable}")
-    ev_plan = evaluator_plan(plans)
+    if m.planner == "full":  # every package trains the same full model: any of them evaluates it
+        return dirs, dirs[next(iter(dirs))], unable
+    ev_plan = evaluator_plan(plans, cfg.clusters if m.clustering else 1)
     ev_dir = root / f"evaluator-{_cache_key(ev_plan.to_dict())}"
     if not (ev_dir / "manifest.json").is_file():
         first = next(iter(profiles.values()))
-        export_profile(cfg.model, first, root, opts=opts, plan=ev_plan, name=ev_dir.name)
+        ev_opts = ExportOptions(**{**asdict(opts), "max_rank": max(opts.max_rank, ev_plan.max_rank)})
+        export_profile(cfg.model, first, root, opts=ev_opts, plan=ev_plan, name=ev_dir.name)
     return dirs, ev_dir, unable
+
+
+def make_split(data: TextDataset, cfg: SimConfig) -> FederatedSplit:
+    """The clients' data: Dirichlet label skew or the data set's natural groups; test sets capped."""
+    if cfg.split == "natural":
+        if data.groups is None:
+            raise SimulationError(f"--split natural: data set {data.name!r} has no natural groups")
+        split = natural_split(data.groups, cfg.clients, cfg.seed)
+    elif cfg.split == "dirichlet":
+        split = dirichlet_split(np.asarray(data.labels), cfg.clients, cfg.alpha, cfg.seed)
+    else:
+        raise SimulationError(f"unknown --split {cfg.split!r}: dirichlet or natural")
+    cap = cfg.max_test
+    return cap_test_sets(split, cfg.seed, cap, None if cap is None else max(20, cap // 5))
+
+
+def edge_backend(cfg: SimConfig, profile: DeviceProfile) -> str:
+    """The training backend a device of ``profile`` runs: ORT where the profile lists it (or ``--backend ort``),
+    else the native ExecuTorch trainer, torch-free as on a Raspberry Pi (fedavg-full trains with ORT only)."""
+    if cfg.backend == "ort" or "ort" in profile.runtimes or cfg.method.planner == "full":
+        return "ort"
+    return "native"
+
+
+def package_formats(cfg: SimConfig, profile: DeviceProfile) -> tuple[str, ...]:
+    return ("ort",) if edge_backend(cfg, profile) == "ort" else ("executorch",)
 
 
 def write_client_data(out: Path, texts: list[str], labels: np.ndarray, idx: np.ndarray) -> Path:
@@ -164,10 +208,71 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+@dataclass
+class Fleet:
+    """The run's child processes (server and edges) with their commands, so chaos can kill and restart them."""
+
+    run_dir: Path
+    server_cmd: list[str]
+    edge_cmds: dict[str, list[str]] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # "server" and client ids
+    restart_at: dict[str, float] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    failed: dict[str, int] = field(default_factory=dict)  # client id -> exit code of an edge that gave up
+    restarts: int = 0
+
+    def _log(self, name: str) -> Path:
+        return self.run_dir / ("server.log" if name == "server" else f"clients/{name}/edge.log")
+
+    def start(self, name: str) -> None:
+        cmd = self.server_cmd if name == "server" else self.edge_cmds[name]
+        self.procs[name] = subprocess.Popen(cmd, stdout=open(self._log(name), "a"), stderr=subprocess.STDOUT)
+
+    def kill(self, name: str, restart_in: float) -> bool:
+        p = self.procs.get(name)
+        if p is None or p.poll() is not None:
+            return False
+        p.kill()  # SIGKILL: no cleanup, as a power cut or an OOM kill
+        p.wait(timeout=10)
+        self.restart_at[name] = time.monotonic() + restart_in
+        return True
+
+    def running_edges(self) -> list[str]:
+        return sorted(c for c, p in self.procs.items() if c != "server" and p.poll() is None)
+
+    def supervise(self) -> None:
+        """Restart what chaos killed once its delay has passed; note edges that finished or gave up."""
+        now = time.monotonic()
+        for name, at in list(self.restart_at.items()):
+            if now >= at:
+                del self.restart_at[name]
+                self.start(name)
+                self.restarts += 1
+        for cid, p in self.procs.items():
+            if cid == "server" or cid in self.restart_at or cid in self.finished or cid in self.failed:
+                continue
+            code = p.poll()
+            if code == 0:
+                self.finished.add(cid)
+            elif code is not None:
+                self.failed[cid] = code
+                event(log, "an edge runtime exited with an error", logging.WARNING, client=cid, code=code)
+
+    def edges_active(self) -> bool:
+        return any(c not in self.finished and c not in self.failed for c in self.edge_cmds)
+
+    def stop(self) -> None:
+        for name, p in self.procs.items():
+            if name != "server":
+                stop_process(p, grace=20)
+        if "server" in self.procs:
+            stop_process(self.procs["server"], grace=20)
+
+
 def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run one method end to end and return its report entry (also written to OUT/<method>/result.json)."""
     from fedhft.broker_server.broker import EmbeddedBroker
-    from fedhft.simulate.evaluator import Evaluator
+    from fedhft.simulate.evaluator import ClientSplit, Evaluator
     from fedhft.simulate.traffic import TrafficCounter
 
     say = progress or (lambda _s: None)
@@ -175,68 +280,41 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         raise SimulationError(f"--profiles counts sum to {sum(cfg.profiles.values())}, --clients is {cfg.clients}")
     data = load_dataset(cfg.dataset)
     labels = np.asarray(data.labels)
-    split: FederatedSplit = dirichlet_split(labels, cfg.clients, cfg.alpha, cfg.seed)
+    split = make_split(data, cfg)
     profiles = {name: load_profile(name) for name in cfg.profiles}
     say(f"exporting {len(profiles)} profile(s) for {cfg.method.name} (cached) ...")
     dirs, ev_dir, unable = export_packages(cfg, profiles, data.num_labels)
-    run_dir = cfg.out / cfg.method.name
+    label = cfg.method.name + ("+chaos" if cfg.chaos else "")
+    run_dir = cfg.out / label
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    assignment = [name for name, n in cfg.profiles.items() for _ in range(n)]
+    assignment = [prof for prof, n in cfg.profiles.items() for _ in range(n)]
     task = f"sim-{cfg.method.name}-{cfg.seed}".replace("_", "-")
-    broker = EmbeddedBroker(port=0).start() if cfg.broker is None else None
+    broker = None
+    if cfg.broker is None:
+        broker = EmbeddedBroker(port=0, persistent=bool(cfg.chaos)).start()
     url = cfg.broker or broker.url  # type: ignore[union-attr]
-    procs: dict[str, subprocess.Popen] = {}
-    server = None
-    traffic = evaluator = None
+    state = run_dir / "server"
+    n_active = sum(1 for p in assignment if p in dirs)
+    fleet = Fleet(run_dir, server_command(cfg, url, task, state, dirs[next(iter(dirs))] / "manifest.json", n_active))
+    traffic = evaluator = chaos = None
     peaks: dict[str, float] = {}
     t0 = time.monotonic()
     try:
         traffic = TrafficCounter(url, task).start()
-        state = run_dir / "server"
-        manifest = dirs[next(iter(dirs))] / "manifest.json"
-        m = cfg.method
-        n_active = sum(1 for p in assignment if p in dirs)
-        buffer = n_active if m.synchronous else max(2, n_active // 2)
-        window = 3600.0 if m.synchronous else 20.0
-        server_cmd = [
-            *_python(),
-            "server",
-            "run",
-            "--broker",
-            url,
-            "--task",
-            task,
-            "--state",
-            str(state),
-            "--manifest",
-            str(manifest),
-            "--buffer-size",
-            str(buffer),
-            "--window-seconds",
-            str(window),
-            "--clusters",
-            str(cfg.clusters if m.clustering else 1),
-            "--warmup-aggregations",
-            "2",
-            "--staleness-exponent",
-            "0" if m.synchronous else "0.5",
-            "--seed",
-            str(cfg.seed),
-            "--aggregator",
-            m.aggregator,
-            *m.server_args,
-        ]
-        server = subprocess.Popen(server_cmd, stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
+        fleet.start("server")
         pub = state / "server_key.pub"
         deadline = time.monotonic() + 60
         while not pub.is_file():
-            if server.poll() is not None or time.monotonic() > deadline:
+            if fleet.procs["server"].poll() is not None or time.monotonic() > deadline:
                 raise SimulationError(f"the server did not start: {(run_dir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
         texts = data.texts
+        client_splits = {
+            f"c{c.client:03d}": ClientSplit([texts[i] for i in c.test], labels[c.test]) for c in split.clients
+        }
         evaluator = Evaluator(
-            url, task, str(ev_dir), [texts[i] for i in split.global_test], labels[split.global_test]
+            url, task, str(ev_dir), [texts[i] for i in split.global_test], labels[split.global_test], client_splits
         ).start()
         label_arg = ",".join(str(i) for i in range(data.num_labels))
         for c, prof in zip(split.clients, assignment, strict=True):
@@ -246,79 +324,193 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             cdir = run_dir / "clients" / cid
             train = write_client_data(cdir / "train.jsonl", texts, labels, c.train)
             test = write_client_data(cdir / "test.jsonl", texts, labels, c.test)
-            cmd = [
-                *_python(),
-                "edge",
-                "run",
-                "--artifacts",
-                str(dirs[prof]),
-                "--data",
-                str(train),
-                "--broker",
-                url,
-                "--task",
-                task,
-                "--client-id",
-                cid,
-                "--state-dir",
-                str(cdir / "state"),
-                "--server-key",
-                str(pub),
-                "--rounds",
-                str(cfg.rounds),
-                "--local-steps",
-                str(cfg.local_steps),
-                "--lr",
-                str(cfg.learning_rate),
-                "--seed",
-                str(cfg.seed + c.client),
-                "--labels",
-                label_arg,
-                "--eval-data",
-                str(test),
-                "--sim-time-scale",
-                str(cfg.time_scale),
-            ]
-            if not m.mask:
-                cmd += ["--mask-ratio", "1.0"]
-            procs[cid] = subprocess.Popen(cmd, stdout=open(cdir / "edge.log", "w"), stderr=subprocess.STDOUT)
+            fleet.edge_cmds[cid] = edge_command(cfg, dirs[prof], train, test, url, task, cid, cdir, pub, label_arg, c)
+            fleet.edge_cmds[cid] += ["--backend", edge_backend(cfg, profiles[prof])]
+            fleet.start(cid)
+        if cfg.chaos:
+            chaos = start_chaos(cfg, fleet, broker, url, task)
         limit = (cfg.minutes or 60.0) * 60
-        while any(p.poll() is None for p in procs.values()):
-            for cid, p in procs.items():
-                rss = _peak_rss_mb(p.pid)
+        while fleet.edges_active() or (chaos is not None and fleet.restart_at):
+            elapsed = time.monotonic() - t0
+            if chaos is not None:
+                chaos.tick(elapsed)
+            fleet.supervise()
+            for cid, p in fleet.procs.items():
+                rss = _peak_rss_mb(p.pid) if cid != "server" and p.poll() is None else None
                 if rss:
                     peaks[cid] = max(peaks.get(cid, 0.0), rss)
-            elapsed = time.monotonic() - t0
             snap = traffic.snapshot()
             acc = evaluator.latest_accuracy()
             version = max((pt.version for pt in evaluator.points), default=0)
+            faults = f"  faults {sum(chaos.injected.values())}" if chaos is not None else ""
             say(
-                f"[{m.name}] {elapsed:5.0f}s  version {version:3d}  "
+                f"[{label}] {elapsed:5.0f}s  version {version:3d}  "
                 f"accuracy {acc if acc is None else round(acc, 3)}  up {snap['bytes'].get('update', 0) / 1e3:.0f} kB  "
                 f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  "
-                f"active {sum(p.poll() is None for p in procs.values())}"
+                f"active {len(fleet.running_edges())}{faults}"
             )
             if elapsed > limit:
                 event(log, "time limit reached", logging.WARNING, minutes=cfg.minutes)
                 break
             if cfg.target_accuracy and acc is not None and acc >= cfg.target_accuracy and cfg.minutes:
                 break
-            time.sleep(2.0)
+            time.sleep(1.0)
         time.sleep(3.0)  # the last aggregation and its models
         evaluator.drain()
+        say(f"[{label}] evaluating {len(client_splits)} personalized models on their clients' test splits ...")
+        evaluator.evaluate_clients()
     finally:
-        for p in procs.values():
-            stop_process(p, grace=20)
-        if server is not None:
-            stop_process(server, grace=20)
-        if evaluator is not None:
-            evaluator.stop()
-        if traffic is not None:
-            traffic.stop()
-        if broker is not None:
-            broker.stop()
+        fleet.stop()
+        for part in (chaos.injector if chaos is not None else None, evaluator, traffic, broker):
+            if part is not None:
+                part.stop()
     from fedhft.simulate.report import method_result
 
     result = method_result(cfg, run_dir, assignment, dirs, unable, evaluator, traffic, peaks, time.monotonic() - t0)
+    result["method"] = label
+    result["edges_failed"] = dict(fleet.failed)
+    result["backend_by_profile"] = {prof: edge_backend(cfg, profiles[prof]) for prof in dirs}
+    if chaos is not None:
+        from fedhft.simulate.chaos import state_accounting
+
+        produced = {(u["client"], int(u["seq"])) for u in traffic.updates}  # type: ignore[union-attr]
+        result["chaos"] = {
+            "spec": cfg.chaos,
+            "faults_injected": dict(chaos.injected),
+            "faults_skipped": dict(chaos.skipped),
+            "faults_not_reached": chaos.pending(),
+            "restarts": fleet.restarts,
+            "fault_log": chaos.log,
+            **state_accounting(state / "state.sqlite3", produced, set(traffic.acked)),  # type: ignore[union-attr]
+        }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def with_clean_reference(faulty: dict, clean: dict) -> dict:
+    """A chaos result with the same-seed clean run's final accuracy and the difference."""
+    a, b = faulty.get("final_global_accuracy"), clean.get("final_global_accuracy")
+    chaos = dict(faulty.get("chaos", {}))
+    chaos["clean_final_accuracy"] = b
+    chaos["accuracy_delta_points"] = None if a is None or b is None else round(100 * (a - b), 2)
+    return dict(faulty, chaos=chaos)
+
+
+def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: Path, n_active: int) -> list[str]:
+    m = cfg.method
+    buffer = n_active if m.synchronous else max(2, n_active // 2)
+    window = 3600.0 if m.synchronous else 20.0
+    return [
+        *_python(),
+        "server",
+        "run",
+        "--broker",
+        url,
+        "--task",
+        task,
+        "--state",
+        str(state),
+        "--manifest",
+        str(manifest),
+        "--buffer-size",
+        str(buffer),
+        "--window-seconds",
+        str(window),
+        "--clusters",
+        str(cfg.clusters if m.clustering else 1),
+        "--warmup-aggregations",
+        "2",
+        "--staleness-exponent",
+        "0" if m.synchronous else "0.5",
+        "--seed",
+        str(cfg.seed),
+        "--aggregator",
+        m.aggregator,
+        *m.server_args,
+    ]
+
+
+def edge_command(
+    cfg: SimConfig,
+    package: Path,
+    train: Path,
+    test: Path,
+    url: str,
+    task: str,
+    cid: str,
+    cdir: Path,
+    pub: Path,
+    label_arg: str,
+    client: ClientSplit,
+) -> list[str]:
+    cmd = [
+        *_python(),
+        "edge",
+        "run",
+        "--artifacts",
+        str(package),
+        "--data",
+        str(train),
+        "--broker",
+        url,
+        "--task",
+        task,
+        "--client-id",
+        cid,
+        "--state-dir",
+        str(cdir / "state"),
+        "--server-key",
+        str(pub),
+        "--rounds",
+        str(cfg.rounds),
+        "--local-steps",
+        str(cfg.local_steps),
+        "--lr",
+        str(cfg.learning_rate),
+        "--seed",
+        str(cfg.seed + client.client),
+        "--labels",
+        label_arg,
+        "--eval-data",
+        str(test),
+        "--sim-time-scale",
+        str(cfg.time_scale),
+    ]
+    if not cfg.method.mask and cfg.method.planner != "full":
+        cmd += ["--mask-ratio", "1.0"]
+    return cmd
+
+
+def start_chaos(cfg: SimConfig, fleet: Fleet, broker: object | None, url: str, task: str):  # -> Chaos
+    """The fault injector for --chaos, wired to this run's fleet and broker."""
+    from fedhft.simulate.chaos import Chaos, ChaosSpec, Injector
+
+    spec = ChaosSpec.parse(cfg.chaos or "")
+
+    def kill_edge(rng) -> str | None:  # noqa: ANN001
+        running = fleet.running_edges()
+        if not running:
+            return None
+        cid = rng.choice(running)
+        return cid if fleet.kill(cid, spec.restart_delay) else None
+
+    def restart_broker() -> bool:
+        if broker is None:
+            return False  # an external broker (--broker) is not ours to restart
+        broker.restart(down_seconds=1.0)  # type: ignore[attr-defined]
+        return True
+
+    def drop_target(rng) -> str | None:  # noqa: ANN001
+        running = fleet.running_edges()
+        return f"fedhft-{task}-{rng.choice(running)}" if running else None
+
+    injector = Injector(url, task, cfg.seed).start()
+    return Chaos(
+        spec,
+        cfg.seed,
+        injector,
+        kill_edge=kill_edge,
+        kill_server=lambda: fleet.kill("server", spec.restart_delay),
+        restart_broker=restart_broker,
+        drop_target=drop_target,
+    )

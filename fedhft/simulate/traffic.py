@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
 from fedhft.edge_runtime.mqtt_link import parse_broker_url
-from fedhft.protocol import ProtocolError, decode_update
+from fedhft.protocol import ProtocolError, decode_ack, decode_update
 from fedhft.protocol.topics import PREFIX
+
+
+def connect_observer(
+    broker: str,
+    client_id: str,
+    topics: list[tuple[str, int]],
+    on_message: Callable[..., None],
+    on_subscribe: Callable[..., None] | None = None,
+) -> mqtt.Client:
+    """A plain MQTT v5 client of the simulation's own (traffic counter, evaluator, chaos): subscribed to
+    ``topics`` again after every reconnect (a broker restart), its network loop in a thread."""
+    addr = parse_broker_url(broker)
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    if on_subscribe is not None:
+        c.on_subscribe = on_subscribe
+    c.on_connect = lambda cl, *_a: cl.subscribe(topics)
+    c.reconnect_delay_set(0.2, 2.0)
+    c.connect(addr.host, addr.port)
+    c.loop_start()
+    return c
 
 
 @dataclass
@@ -22,23 +44,19 @@ class TrafficCounter:
     bytes_by_kind: Counter = field(default_factory=Counter)
     messages_by_kind: Counter = field(default_factory=Counter)
     updates: list[dict] = field(default_factory=list)  # header of every update seen (duplicates included)
+    acked: set[tuple[str, int]] = field(default_factory=set)  # (client, seq) the server acknowledged as stored
     _client: mqtt.Client | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, timeout: float = 10.0) -> TrafficCounter:
-        addr = parse_broker_url(self.broker)
-        c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"fedhft-traffic-{self.task}",
-            protocol=mqtt.MQTTv5,
+        self._client = connect_observer(
+            self.broker,
+            f"fedhft-traffic-{self.task}",
+            [(f"{PREFIX}/{self.task}/#", 1)],
+            self._on_message,
+            on_subscribe=lambda *_a, **_k: self._ready.set(),
         )
-        c.on_message = self._on_message
-        c.on_subscribe = lambda *_a, **_k: self._ready.set()
-        c.connect(addr.host, addr.port)
-        c.loop_start()
-        c.subscribe(f"{PREFIX}/{self.task}/#", qos=1)
-        self._client = c
         if not self._ready.wait(timeout):
             raise TimeoutError("traffic counter could not subscribe")
         return self
@@ -51,6 +69,14 @@ class TrafficCounter:
         with self._lock:
             self.bytes_by_kind[kind] += len(msg.payload)
             self.messages_by_kind[kind] += 1
+        if kind == "ack":
+            try:
+                a = decode_ack(bytes(msg.payload))
+            except ProtocolError:
+                return
+            if a.status in ("accepted", "duplicate"):
+                with self._lock:
+                    self.acked.add((a.client_id, a.seq))
         if kind == "update":
             try:
                 u = decode_update(bytes(msg.payload))

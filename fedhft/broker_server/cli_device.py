@@ -1,0 +1,154 @@
+"""`fedhft device add|revoke|list`: device credentials, ACL entries and bundles on a broker config directory.
+
+The main CLI mounts ``device_group()``; ``python -m fedhft.broker_server.cli_device add|revoke|list ...``
+runs it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fedhft.errors import FedHFTError
+
+CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
+
+
+def _conf_option(f):  # noqa: ANN001, ANN202 - a click decorator
+    return click.option(
+        "--conf",
+        "conf_dir",
+        envvar="FEDHFT_BROKER_CONF",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        required=True,
+        help=CONF_HELP,
+    )(f)
+
+
+def _reload_options(f):  # noqa: ANN001, ANN202
+    f = click.option(
+        "--pid-file",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=None,
+        help="...or the file holding its PID.",
+    )(f)
+    return click.option(
+        "--reload-pid", type=int, default=None, help="SIGHUP this running Mosquitto so the change applies now..."
+    )(f)
+
+
+def _reload(reload_pid: int | None, pid_file: Path | None) -> None:
+    from fedhft.broker_server.devices import DeviceError, pid_from_file, reload_broker
+
+    if reload_pid is not None and pid_file is not None:
+        raise DeviceError("give --reload-pid or --pid-file, not both")
+    pid = reload_pid if pid_file is None else pid_from_file(pid_file)
+    if pid is None:
+        click.echo("broker not signalled: the change applies when Mosquitto gets SIGHUP or restarts", err=True)
+        return
+    reload_broker(pid)
+    click.echo(f"sent SIGHUP to the broker (PID {pid}): passwd and acl re-read", err=True)
+
+
+class _DeviceGroup(click.Group):
+    """A FedHFTError becomes one `error: ...` line and exit status 1 (also when run without the main CLI)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FedHFTError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def device_group() -> click.Group:
+    """The `device` command group."""
+
+    @click.group("device", cls=_DeviceGroup)
+    def device() -> None:
+        """Provision devices on a production broker: credentials, ACL entry, bundle; revoke them."""
+
+    @device.command("add")
+    @_conf_option
+    @click.option("--task", required=True, help="The task the device joins.")
+    @click.option("--client-id", required=True, help="The device's id (also its broker user name).")
+    @click.option(
+        "--server-key",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=None,
+        help="The server's server_key.pub (its state dir): copied into the bundle.",
+    )
+    @click.option("--broker-url", default=None, help="URL the device uses (default: from the listener).")
+    @click.option("--rotate-password", is_flag=True, help="The device exists: give it a new password.")
+    @_reload_options
+    def add(
+        conf_dir: Path,
+        task: str,
+        client_id: str,
+        server_key: Path | None,
+        broker_url: str | None,
+        rotate_password: bool,
+        reload_pid: int | None,
+        pid_file: Path | None,
+    ) -> None:
+        """Create a device's password, ACL entry and bundle (conf/devices/<id>/: copy it to the device)."""
+        from fedhft.broker_server.devices import add_device
+
+        b = add_device(
+            conf_dir.resolve(), task, client_id, server_key, rotate_password=rotate_password, broker_url=broker_url
+        )
+        click.echo(f"device {b.client_id} in task {b.task}: bundle {b.dir} (copy it to the device; keep it secret)")
+        for w in b.warnings:
+            click.echo(f"warning: {w}", err=True)
+        click.echo(
+            f"on the device: fedhft edge run --broker {b.broker_url} --task {b.task} --client-id {b.client_id} "
+            f"--username {b.client_id} --password-file password"
+            + (" --tls-ca ca.crt" if (b.dir / "ca.crt").exists() else "")
+            + " --server-key server_key.pub ..."
+        )
+        _reload(reload_pid, pid_file)
+
+    @device.command("revoke")
+    @_conf_option
+    @click.option("--task", required=True)
+    @click.option("--client-id", required=True)
+    @_reload_options
+    def revoke(conf_dir: Path, task: str, client_id: str, reload_pid: int | None, pid_file: Path | None) -> None:
+        """Remove a device's password, ACL entry and bundle; with --reload-pid/--pid-file it is refused now."""
+        from fedhft.broker_server.devices import revoke_device
+
+        revoke_device(conf_dir.resolve(), task, client_id)
+        click.echo(f"device {client_id} revoked from task {task}")
+        _reload(reload_pid, pid_file)
+
+    @device.command("list")
+    @_conf_option
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
+    def list_(conf_dir: Path, as_json: bool) -> None:
+        """Devices of every task: active ones, then revoked ones."""
+        from fedhft.broker_server.devices import list_devices
+
+        for e in list_devices(conf_dir.resolve()):
+            if as_json:
+                click.echo(
+                    json.dumps(
+                        {
+                            "client_id": e.client_id,
+                            "task": e.task,
+                            "status": e.status,
+                            "bundle": None if e.bundle is None else str(e.bundle),
+                            "revoked_at": e.revoked_at,
+                        }
+                    )
+                )
+            else:
+                click.echo(f"{e.client_id}\t{e.task}\t{e.status}\t{e.bundle or '-'}")
+
+    return device
+
+
+if __name__ == "__main__":
+    device_group()()

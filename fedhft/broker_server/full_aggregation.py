@@ -1,0 +1,113 @@
+"""Server state of the ``fedavg-full`` baseline: FedAvg of full fine-tuning (pure numpy, no I/O).
+
+Every client trains every weight and uploads, per parameter ``p``, ``<p>.delta`` = its trained value minus
+the value of the model it received. The server keeps the global Δθ from the exported initial weights (the
+same on every client: no clustering, no masks, no factors). A flush, per parameter, over the updates that
+carry it: Δθ ← Δθ + η · Σ_k w_k δ_k / Σ_k w_k with w_k = n_k · s_k (samples times the FedBuff staleness
+weight, 1 with exponent 0) and η the server lr. With η = 1 and fresh updates this is FedAvg: the new model
+is the sample-weighted mean of the clients' trained models. Version 0 is Δθ = 0 (the exported weights).
+
+Models carry ``<p>.delta`` = Δθ for every parameter, in float32; a device loads initial + Δθ.
+
+Persistence: the state is a :class:`ClusterState` whose ``modules`` map parameter names to Δθ (float64), so
+the state store commits it like the other aggregators' states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedhft.broker_server.aggregation import AggregationError, ClusterState, staleness_weight
+from fedhft.protocol.messages import DELTA_SUFFIX
+
+FULL = "fedavg-full"
+
+
+def is_dense_name(name: str) -> bool:
+    """True for a dense wire tensor name ``<param>.delta``."""
+    return name.endswith(DELTA_SUFFIX) and len(name) > len(DELTA_SUFFIX)
+
+
+def dense_deltas(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parameter name -> delta, from the ``<param>.delta`` wire tensors (others are ignored)."""
+    return {name[: -len(DELTA_SUFFIX)]: arr for name, arr in tensors.items() if is_dense_name(name)}
+
+
+def training_problem(tensors: Mapping[str, np.ndarray], aggregator: str) -> str | None:
+    """Why an update's tensors do not suit ``aggregator`` (None when they do)."""
+    dense = any(is_dense_name(n) for n in tensors)
+    if aggregator == FULL and (not dense or len(dense_deltas(tensors)) != len(tensors)):
+        return f"aggregator {FULL} takes dense parameter deltas (<param>.delta); this update carries LoRA tensors"
+    if aggregator != FULL and dense:
+        return f"aggregator {aggregator} takes LoRA factors; this update carries dense deltas (full fine-tuning)"
+    return None
+
+
+def spec_problem(training: str, aggregator: str) -> str | None:
+    """Why a manifest that trains ``training`` ("lora" | "full") cannot serve ``aggregator`` (None when it can)."""
+    if aggregator == FULL and training != "full":
+        return f"--aggregator {FULL} needs a full fine-tuning manifest (export with full_finetune); this one is LoRA"
+    if aggregator != FULL and training == "full":
+        return f"the manifest is a full fine-tuning export: use --aggregator {FULL}, not {aggregator}"
+    return None
+
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """One client's upload for the flush: parameter name -> δ (trained − received model)."""
+
+    num_samples: int
+    base_version: int
+    deltas: Mapping[str, np.ndarray]
+
+
+def aggregate_full(
+    state: ClusterState,
+    updates: Sequence[DenseUpdate],
+    current_version: int,
+    staleness_exponent: float,
+    server_lr: float = 1.0,
+) -> ClusterState:
+    """The state after one flush: Δθ_p + η · (weighted mean of δ_p over the updates carrying p).
+
+    Inputs are not modified; a parameter no update carries keeps its value. AggregationError on a shape that
+    differs from the state's or another update's, on non-finite values, or on a bad weight or server lr.
+    """
+    if not np.isfinite(server_lr) or server_lr <= 0:
+        raise AggregationError(f"server_lr must be > 0, got {server_lr}")
+    weights = np.array(
+        [u.num_samples * staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
+        dtype=np.float64,
+    )
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise AggregationError("update weights must be finite and >= 0")
+    modules = {k: np.array(v, dtype=np.float64) for k, v in state.modules.items()}
+    for name in sorted({n for u in updates for n in u.deltas}):
+        senders = [(np.asarray(u.deltas[name]), w) for u, w in zip(updates, weights, strict=True) if name in u.deltas]
+        total = sum(w for _, w in senders)
+        if not total > 0:
+            continue
+        shape = modules[name].shape if name in modules else senders[0][0].shape
+        acc = np.zeros(shape)
+        for delta, w in senders:
+            if delta.shape != shape:
+                raise AggregationError(f"parameter {name!r}: delta of shape {delta.shape}, expected {shape}")
+            if not np.isfinite(delta).all():
+                raise AggregationError(f"parameter {name!r}: delta contains NaN or inf")
+            acc += (w / total) * delta.astype(np.float64)
+        modules[name] = modules.get(name, 0.0) + server_lr * acc
+    return ClusterState(modules=modules, head={})
+
+
+def full_model_tensors(state: ClusterState, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Model wire tensors: ``<p>.delta`` = the global Δθ of every parameter in ``shapes`` (zero if never sent)."""
+    out = {}
+    for name, shape in shapes.items():
+        value = state.modules.get(name)
+        out[f"{name}{DELTA_SUFFIX}"] = (
+            np.zeros(shape, dtype=np.float32) if value is None else np.asarray(value, dtype=np.float32)
+        )
+    return out

@@ -1,0 +1,156 @@
+"""`fedhft device add|revoke|list`: credentials, ACL entries and bundles in a `fedhft broker config`
+directory, and (on a real TLS Mosquitto) a revoked device refused after SIGHUP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tls_broker import make_tls_files, tls_lab, wait_until
+
+from fedhft.broker_server.broker import acl_text, load_registry, read_credentials, write_production_config
+from fedhft.broker_server.cli_device import device_group
+from fedhft.broker_server.devices import DeviceError, add_device, list_devices, pid_from_file, revoke_device
+from fedhft.protocol import generate_keypair, key_id, load_public_key, save_public_key
+
+TASK = "prov"
+
+
+def _hash_matches(passwd: Path, user: str, password: str) -> bool:
+    for line in passwd.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name == user:
+            _, seven, iterations, salt, digest = rest.split("$")
+            got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+            return seven == "7" and got == base64.b64decode(digest)
+    return False
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    out = tmp_path / "conf"
+    tls = make_tls_files(tmp_path)
+    write_production_config(out, TASK, "srv", ["dev-0"], port=8883, tls=tls, persistence=False)
+    write_production_config(out, "other", "srv-other", ["dev-x"], port=8883, tls=tls, persistence=False)
+    return out
+
+
+@pytest.fixture
+def server_pub(tmp_path: Path) -> Path:
+    return save_public_key(tmp_path / "server_key.pub", generate_keypair()[1])
+
+
+def test_acl_is_per_task_with_the_key_topic_readable_by_clients_and_written_by_the_server() -> None:
+    from fedhft.broker_server.broker import TaskUsers
+
+    text = acl_text({"t1": TaskUsers("s1", ("a",)), "t2": TaskUsers("s2", ("b",))})
+    blocks = [b.strip().splitlines() for b in text.split("\n\n")]
+    a = next(b for b in blocks if b[0] == "user a")
+    assert a[1:] == [
+        "topic write fedhft/v1/t1/update/a",
+        "topic write fedhft/v1/t1/hello/a",
+        "topic read fedhft/v1/t1/ack/a",
+        "topic read fedhft/v1/t1/model/client/a",
+        "topic read fedhft/v1/t1/model/cluster/+",
+        "topic read fedhft/v1/t1/key",
+    ]
+    s1 = next(b for b in blocks if "user s1" in b)
+    assert "topic write fedhft/v1/t1/key" in s1 and not any("t2" in line for line in s1)
+
+
+def test_add_writes_credentials_passwd_acl_and_a_bundle(conf: Path, server_pub: Path) -> None:
+    bundle = add_device(conf, TASK, "dev-1", server_pub)
+    assert bundle.dir == conf / "devices" / "dev-1" and not bundle.warnings
+    files = {p.name: p for p in bundle.dir.iterdir()}
+    assert set(files) == {"password", "ca.crt", "server_key.pub", "device.json"}
+    assert oct(files["password"].stat().st_mode & 0o777) == "0o600"
+    assert oct((conf / "devices").stat().st_mode & 0o777) == "0o700"
+    password = files["password"].read_text().strip()
+    assert read_credentials(conf / "credentials.txt")["dev-1"] == password == bundle.password
+    assert _hash_matches(conf / "passwd", "dev-1", password)
+    assert "user dev-1\ntopic write fedhft/v1/prov/update/dev-1" in (conf / "acl").read_text()
+    assert key_id(load_public_key(files["server_key.pub"])) == key_id(load_public_key(server_pub))
+    info = json.loads(files["device.json"].read_text())
+    assert (info["task"], info["client_id"], info["broker"]) == (TASK, "dev-1", "mqtts://BROKER-HOST:8883")
+    assert files["ca.crt"].read_bytes() == Path(load_registry(conf).tls.cafile).read_bytes()  # type: ignore[union-attr]
+    # the other task and the earlier clients are untouched
+    creds = read_credentials(conf / "credentials.txt")
+    assert {"srv", "dev-0", "srv-other", "dev-x", "dev-1"} == set(creds)
+    assert _hash_matches(conf / "passwd", "dev-x", creds["dev-x"])
+
+
+def test_re_adding_an_id_is_an_error_naming_it_unless_the_password_is_rotated(conf: Path) -> None:
+    first = add_device(conf, TASK, "dev-1")
+    assert any("server_key.pub" in w for w in first.warnings)
+    with pytest.raises(DeviceError, match="device 'dev-1' already exists in task 'prov'"):
+        add_device(conf, TASK, "dev-1")
+    with pytest.raises(DeviceError, match="'dev-x' already exists in task 'other'"):
+        add_device(conf, TASK, "dev-x", rotate_password=True)
+    with pytest.raises(DeviceError, match="server identity"):
+        add_device(conf, TASK, "srv")
+    with pytest.raises(DeviceError, match="task 'nope' is not configured"):
+        add_device(conf, "nope", "dev-9")
+    second = add_device(conf, TASK, "dev-1", rotate_password=True)
+    assert second.password != first.password
+    assert _hash_matches(conf / "passwd", "dev-1", second.password)
+    assert not _hash_matches(conf / "passwd", "dev-1", first.password)
+
+
+def test_revoke_removes_password_acl_and_bundle_and_records_it(conf: Path) -> None:
+    add_device(conf, TASK, "dev-1")
+    revoke_device(conf, TASK, "dev-1")
+    assert "dev-1" not in (conf / "passwd").read_text() and "dev-1" not in (conf / "acl").read_text()
+    assert "dev-1" not in read_credentials(conf / "credentials.txt")
+    assert not (conf / "devices" / "dev-1").exists()
+    entries = {e.client_id: e for e in list_devices(conf)}
+    assert entries["dev-1"].status == "revoked" and entries["dev-1"].revoked_at is not None
+    assert entries["dev-0"].status == "active" and entries["dev-x"].task == "other"
+    with pytest.raises(DeviceError, match="no device 'dev-1' in task 'prov'"):
+        revoke_device(conf, TASK, "dev-1")
+    with pytest.raises(DeviceError, match="it is in task 'other'"):
+        revoke_device(conf, TASK, "dev-x")
+    add_device(conf, TASK, "dev-1")  # a revoked id may be provisioned again, with a new password
+    assert {e.client_id: e.status for e in list_devices(conf)}["dev-1"] == "active"
+
+
+def test_broker_config_rerun_keeps_devices_added_since(conf: Path) -> None:
+    add_device(conf, TASK, "dev-1")
+    tls = load_registry(conf).tls  # type: ignore[union-attr]
+    write_production_config(conf, TASK, "srv", ["dev-2"], port=8883, tls=tls, persistence=False)
+    assert [e.client_id for e in list_devices(conf) if e.task == TASK] == ["dev-0", "dev-1", "dev-2"]
+    with pytest.raises(DeviceError, match="no fedhft-broker.json"):
+        list_devices(conf.parent)
+
+
+def test_cli_add_list_revoke_and_a_revoked_device_is_refused_by_the_running_broker(tmp_path: Path) -> None:
+    runner = CliRunner()
+    group = device_group()
+    with tls_lab({TASK: ("srv", [])}) as lab:
+        base = ["--conf", str(lab.conf_dir), "--task", TASK, "--client-id", "dev-1"]
+        res = runner.invoke(group, ["add", *base, "--reload-pid", str(lab.pid)])
+        assert res.exit_code == 0, res.output
+        assert wait_until(lambda: lab.reloads() == 1, 15), lab.log()
+        assert "--password-file password --tls-ca ca.crt" in res.output
+        password = (lab.conf_dir / "devices" / "dev-1" / "password").read_text().strip()
+        device = lab.peer("dev-1", password)
+        assert device.ok, device.outcome()
+        res = runner.invoke(group, ["add", *base])
+        assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith("error: device 'dev-1'")
+        res = runner.invoke(group, ["list", "--conf", str(lab.conf_dir), "--json"])
+        assert json.loads(res.output.splitlines()[0])["status"] == "active"
+        pid_file = lab.root / "mosquitto.pid"
+        pid_file.write_text(f"{lab.pid}\n")
+        res = runner.invoke(group, ["revoke", *base, "--pid-file", str(pid_file)])
+        assert res.exit_code == 0, res.output
+        assert wait_until(lambda: lab.reloads() == 2, 15), lab.log()
+        assert wait_until(device.disconnected.is_set, 15), "the revoked device's connection stayed open"
+        again = lab.peer("dev-1", password)
+        assert again.outcome().startswith("refused"), again.outcome()
+        res = runner.invoke(group, ["list", "--conf", str(lab.conf_dir)])
+        assert res.output.split() == ["dev-1", TASK, "revoked", "-"]
+    with pytest.raises(DeviceError, match="no PID"):
+        pid_from_file(pid_file)
