@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
         + ["--dataset", "womens-clothing", "--split", "natural", "--rounds", "4", "--local-steps", "8"]
         + ["--target-accuracy", "0.8", "--time-scale", "0.02", "--max-test", "600", "--backend", "ort"],
-        "methods": "fedhft,fedhft-no-clustering,fedavg-lora,flexlora",
+        "methods": "fedhft,fedavg-lora",
     },
     "quick": {
         "dir": "simulate-quick",

@@ -7,12 +7,11 @@ runs it directly.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from fedhft.errors import FedHFTError
+from fedhft.broker_server.cli_server import OneLineErrorGroup
 
 CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
 
@@ -53,21 +52,10 @@ def _reload(reload_pid: int | None, pid_file: Path | None) -> None:
     click.echo(f"sent SIGHUP to the broker (PID {pid}): passwd and acl re-read", err=True)
 
 
-class _DeviceGroup(click.Group):
-    """A FedHFTError becomes one `error: ...` line and exit status 1 (also when run without the main CLI)."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except FedHFTError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-
 def device_group() -> click.Group:
     """The `device` command group."""
 
-    @click.group("device", cls=_DeviceGroup)
+    @click.group("device", cls=OneLineErrorGroup)
     def device() -> None:
         """Provision devices on a production broker: credentials, ACL entry, bundle; revoke them."""
 

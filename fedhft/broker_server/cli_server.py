@@ -283,8 +283,8 @@ def broker_config_command(
     click.echo(f"run: mosquitto -c {cfg.conf}")
 
 
-class _LocalGroup(click.Group):
-    """`python -m fedhft.broker_server.cli_server`: a FedHFTError becomes one `error: ...` line, exit 1."""
+class OneLineErrorGroup(click.Group):
+    """A FedHFTError becomes one `error: ...` line and exit status 1 (also when run without the main CLI)."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -297,7 +297,7 @@ class _LocalGroup(click.Group):
 def _local_group() -> click.Group:
     from fedhft.logs import setup_logging
 
-    @click.group(cls=_LocalGroup)
+    @click.group(cls=OneLineErrorGroup)
     @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
     def group(verbose: int) -> None:
         """fedhft server-side commands."""

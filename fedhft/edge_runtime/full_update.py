@@ -15,7 +15,13 @@ from typing import Protocol
 
 import numpy as np
 
-from fedhft.edge_runtime.masking import AdapterMismatch, AdapterSpec, build_update_tensors, model_to_params
+from fedhft.edge_runtime.masking import (
+    AdapterMismatch,
+    AdapterSpec,
+    build_update_tensors,
+    checked_tensor,
+    model_to_params,
+)
 from fedhft.protocol.manifest import Manifest
 from fedhft.protocol.messages import DELTA_SUFFIX
 
@@ -51,16 +57,7 @@ class FullSpec:
 AnySpec = AdapterSpec | FullSpec
 
 
-def checked(params: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """``params[name]`` as float32 after checking it exists, has ``shape`` and is finite (AdapterMismatch)."""
-    if name not in params:
-        raise AdapterMismatch(f"tensor {name!r} is missing")
-    arr = np.asarray(params[name], dtype=np.float32)
-    if arr.shape != shape:
-        raise AdapterMismatch(f"tensor {name!r} has shape {arr.shape}, expected {shape}")
-    if not np.isfinite(arr).all():
-        raise AdapterMismatch(f"tensor {name!r} holds NaN or inf")
-    return arr
+checked = checked_tensor  # one implementation (masking.py)
 
 
 def delta_tensors(

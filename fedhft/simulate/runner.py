@@ -466,7 +466,7 @@ def edge_command(
         "--local-steps",
         str(cfg.local_steps),
         "--lr",
-        str(cfg.learning_rate),
+        str(cfg.method.learning_rate or cfg.learning_rate),
         "--seed",
         str(cfg.seed + client.client),
         "--labels",
