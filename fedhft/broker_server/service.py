@@ -47,7 +47,6 @@ from fedhft.broker_server.validation import (
     MALFORMED,
     MANIFEST_MISMATCH,
     MISADDRESSED,
-    OLD_SEQ,
     REPLAY,
     UNKNOWN_CLIENT,
     ClientPlan,
@@ -571,13 +570,13 @@ class Server:
         if info is None:
             return Verdict("rejected", UNKNOWN_CLIENT, "no hello from this client", topic_client, seq)
         last = max(info.last_seq, batch_seq.get(topic_client, -1))
-        if seq <= last:
-            if (topic_client, seq) in batch_keys or self.store.update_status(topic_client, seq) in (
-                "pending",
-                "aggregated",
-            ):
-                return Verdict("duplicate", REPLAY, f"seq {seq} was already accepted", topic_client, seq)
-            return Verdict("rejected", OLD_SEQ, f"seq {seq} is not above the last accepted {last}", topic_client, seq)
+        # A seq at or below the last accepted one is a replay only if it was stored: an update that the broker
+        # lost in flight (a restart) and the device sends again after later ones is still new work.
+        if seq <= last and (
+            (topic_client, seq) in batch_keys
+            or self.store.update_status(topic_client, seq) in ("pending", "aggregated", "rejected")
+        ):
+            return Verdict("duplicate", REPLAY, f"seq {seq} was already accepted", topic_client, seq)
         try:
             if prep.error is not None:
                 raise prep.error

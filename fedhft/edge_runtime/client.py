@@ -296,6 +296,7 @@ class EdgeClient:
             backoff_base=cfg.backoff_base,
             backoff_cap=cfg.backoff_cap,
         ).start()
+        self._link_ups = 0
         for seq, payload in self.outbox.items():  # a previous run's unacknowledged updates: same seq, same bytes
             self._publish_update(seq, payload)
         try:
@@ -359,6 +360,10 @@ class EdgeClient:
             time.time(),
         )
         self._link.publish(hello_topic(self.cfg.task, self.cfg.client_id), encode_hello(hello), retain=True)
+        if self._link_ups and not ev.session_present:  # the broker lost our session and what was in flight
+            for seq, payload in self.outbox.items():  # send it again; the server dedupes by (client, seq)
+                self._publish_update(seq, payload)
+        self._link_ups += 1
 
     def _on_message(self, ev: Incoming) -> None:
         if ev.topic == key_topic(self.cfg.task):

@@ -475,6 +475,8 @@ def edge_command(
         str(test),
         "--sim-time-scale",
         str(cfg.time_scale),
+        "--ack-timeout",  # a simulated fleet runs minutes, not days: re-send an unacknowledged update sooner
+        "20",
     ]
     if not cfg.method.mask and cfg.method.planner != "full":
         cmd += ["--mask-ratio", "1.0"]
