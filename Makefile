@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 native: install
 	$(PY) -c "from fedhft.edge_runtime.native_backend import build_native; print(build_native())"
 
-demo: install native
+demo: install
 	$(PY) -m fedhft.demo --out demo-out
 
 test: install native

@@ -97,12 +97,13 @@ def main() -> None:
         return
     sim = a.out / "simulation"
     print(
-        "== 3/3 fedhft simulate: broker, server and 4 edge runtimes (2 x rpi4-4gb, 2 x laptop-x86-16gb) on BBC News, "
+        "== 3/3 fedhft simulate: broker, server and 4 edge runtimes (2 x phone-midrange-6gb, 2 x laptop-x86-16gb) on "
+        "BBC News, "
         "fedhft against fedavg-lora, same split and seeds",
         flush=True,
     )
     cmd = [sys.executable, "-m", "fedhft.cli", "simulate", "--clients", "4"]
-    cmd += ["--profiles", "rpi4-4gb:2,laptop-x86-16gb:2", "--dataset", "bbc-news", "--alpha", "0.3"]
+    cmd += ["--profiles", "phone-midrange-6gb:2,laptop-x86-16gb:2", "--dataset", "bbc-news", "--alpha", "0.3"]
     cmd += ["--rounds", "2", "--local-steps", "6", "--method", "fedhft,fedavg-lora", "--clusters", "2"]
     cmd += ["--target-accuracy", "0.5", "--max-test", "300", "--out", str(sim)]
     subprocess.run(cmd, check=True)
