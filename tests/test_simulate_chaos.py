@@ -13,14 +13,14 @@ from test_simulate_e2e import _dataset
 from fedhft.cli import main
 from fedhft.simulate.chaos import Chaos, ChaosError, ChaosSpec, schedule
 
-SPEC = "edge-kill=2,server-kill=1,broker-restart=1,drop=1,duplicate=2,delay=2,start=2,window=12,restart-delay=2"
+SPEC = "edge-kill=2,server-kill=1,broker-restart=1,drop=1,duplicate=2,delay=2,start=1,window=8,restart-delay=2"
 
 
 def test_spec_parsing_and_seeded_schedule() -> None:
     spec = ChaosSpec.parse(SPEC)
-    assert spec.counts["edge-kill"] == 2 and spec.window == 12 and spec.restart_delay == 2
+    assert spec.counts["edge-kill"] == 2 and spec.window == 8 and spec.restart_delay == 2
     a, b = schedule(spec, seed=3), schedule(spec, seed=3)
-    assert a == b and len(a) == 9 and all(2 <= f.at <= 14 for f in a)
+    assert a == b and len(a) == 9 and all(1 <= f.at <= 9 for f in a)
     assert [f.at for f in a] == sorted(f.at for f in a) and schedule(spec, seed=4) != a
     assert ChaosSpec.parse("default").counts["server-kill"] == 1
     for bad in ("", "edge-kill", "meteor=1", "drop=-1", "drop=1.5", "window=0"):
@@ -70,7 +70,7 @@ def test_chaos_run_loses_nothing_acknowledged(
     monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
     data = _dataset(tmp_path / "data.jsonl", n=300)
     args = ["simulate", "--clients", "4", "--profiles", f"{tiny_profile_path}:4", "--dataset", str(data)]
-    args += ["--alpha", "1.0", "--rounds", "14", "--local-steps", "6", "--max-seq-len", "16", "--lr", "0.01"]
+    args += ["--alpha", "1.0", "--rounds", "30", "--local-steps", "6", "--max-seq-len", "16", "--lr", "0.01"]
     args += ["--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--time-scale", "0", "--minutes", "5"]
     args += ["--clusters", "1", "--chaos", SPEC]
     r = CliRunner().invoke(main, args)
@@ -83,7 +83,7 @@ def test_chaos_run_loses_nothing_acknowledged(
     assert c["duplicates_aggregated"] == 0, c
     assert sum(c["faults_injected"].values()) >= 6, c["fault_log"]
     assert {"edge-kill", "server-kill", "broker-restart"} <= set(c["faults_injected"]), c["fault_log"]
-    assert c["acknowledged"] >= 4 * 14 and c["aggregated"] + c["pending_at_end"] >= c["acknowledged"] - sum(
+    assert c["acknowledged"] >= 4 * 30 and c["aggregated"] + c["pending_at_end"] >= c["acknowledged"] - sum(
         c["dropped_by_server"].values()
     )
     assert c["clean_final_accuracy"] is not None and c["accuracy_delta_points"] is not None

@@ -11,7 +11,8 @@ SPEC is ``KIND=COUNT,...`` (or ``default``) over the kinds:
     delay           a captured update or client model is published again 5-20 s later (a late duplicate, or
                     a replayed older model the device must refuse)
 
-Faults land at seeded times spread over ``window`` wall-clock seconds. The accounting compares what the edges
+Faults land at seeded times spread over ``window`` wall-clock seconds, counted from when every process of the
+fleet has been started. The accounting compares what the edges
 produced (updates seen on the wire), what the server acknowledged (acks seen on the wire) and what its state
 holds at the end (:func:`state_accounting`): an acknowledged update missing from the state is lost.
 """
@@ -89,7 +90,7 @@ class ChaosSpec:
 
 @dataclass(frozen=True, order=True)
 class Fault:
-    at: float  # seconds after the run started
+    at: float  # seconds after the fleet started
     kind: str
     tries: int = field(default=0, compare=False)  # times it found no target yet
 

@@ -329,11 +329,12 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             fleet.start(cid)
         if cfg.chaos:
             chaos = start_chaos(cfg, fleet, broker, url, task)
+        chaos_t0 = time.monotonic()  # the fault schedule counts from here: the whole fleet is running
         limit = (cfg.minutes or 60.0) * 60
         while fleet.edges_active() or (chaos is not None and fleet.restart_at):
             elapsed = time.monotonic() - t0
             if chaos is not None:
-                chaos.tick(elapsed)
+                chaos.tick(time.monotonic() - chaos_t0)
             fleet.supervise()
             for cid, p in fleet.procs.items():
                 rss = _peak_rss_mb(p.pid) if cid != "server" and p.poll() is None else None
