@@ -1,7 +1,7 @@
 """Poisoning bounds with real training: final accuracy per aggregator x attack, dense and masked uploads.
 
-The experiment of tests/test_poisoning.py, a bit bigger (tests/poisoning_sim.py): 8 honest clients and 2
-attackers train a tiny random BERT (hidden 32, 2 layers, exported for ONNX Runtime here) on a keyword task,
+The experiment of tests/scenarios/test_poisoning.py, a bit bigger (tests/support/poisoning.py): 8 honest clients
+and 2 attackers train a tiny random BERT (hidden 32, 2 layers, exported for ONNX Runtime here) on a keyword task,
 one FedBuff flush per round; attackers multiply their update (ΔW and head change) by -10 (sign-flip) or 50
 (scale). Defences: mean (no bound), clip (--clip-multiple 2), trimmed-mean (β 0.2), median, and
 trimmed-mean + clip; uploads dense (mask ratio 1.0) or FedHFT-masked (the export's 0.25).
@@ -24,9 +24,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.support (the shared test helpers) and this checkout's fedhft
 
-from poisoning_sim import ATTACKS, DEFENCES, Setup, run  # noqa: E402
+from tests.support.poisoning import ATTACKS, DEFENCES, Setup, run  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "poisoning.json"
 PROFILE = """

@@ -151,7 +151,8 @@ def security(d: dict) -> str:
         f"| {r['action']} | {r['expected']} | {r['observed']}{'' if r['ok'] else ' **(unexpected)**'} |"
         for r in d["rows"]
     ]
-    lines += ["", "Command: `python bench/security_table.py` (the same matrix runs in `tests/test_security_tls.py`)."]
+    runs_in = "(the same matrix runs in `tests/scenarios/test_security_tls.py`)"
+    lines += ["", f"Command: `python bench/security_table.py` {runs_in}."]
     return "\n".join(lines)
 
 
@@ -215,7 +216,7 @@ def poisoning(d: dict) -> str:
         cells.setdefault((r["mask"], r["defence"]), {})[r["attack"]] = r["final"]
     for (mask, defence), row in cells.items():
         lines.append(f"| {mask} | {defence} | " + " | ".join(f"{row.get(a, float('nan')):.3f}" for a in attacks) + " |")
-    lines += ["", "Command: `python bench/poisoning.py` (a smaller run is `tests/test_poisoning.py`)."]
+    lines += ["", "Command: `python bench/poisoning.py` (a smaller run is `tests/scenarios/test_poisoning.py`)."]
     return "\n".join(lines)
 
 

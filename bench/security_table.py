@@ -3,7 +3,8 @@
 The broker is configured by `fedhft broker config` (TLS with a CA and server certificate made on the spot by
 `cryptography`, password file, per-task ACL), started in the foreground on 127.0.0.1 and stopped by PID.
 The matrix (connections, publishes, subscriptions of devices and server identities of two tasks, device
-add/revoke with SIGHUP) is the one tests/test_security_tls.py asserts: both import tests/tls_broker.py.
+add/revoke with SIGHUP) is the one tests/scenarios/test_security_tls.py asserts: both import
+tests/support/tls_broker.py.
 
 Run: `.venv/bin/python bench/security_table.py` (a few seconds; needs mosquitto); writes
 bench/results/security.json and prints the markdown table. Exit status 1 when an outcome is not the expected one.
@@ -20,10 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.support (the shared test helpers) and this checkout's fedhft
 
-from mqtt_broker import mosquitto_path  # noqa: E402
-from tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab  # noqa: E402
+from tests.support.mosquitto import mosquitto_path  # noqa: E402
+from tests.support.tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab  # noqa: E402
 
 
 def mosquitto_version() -> str:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_PROFILE = """
 name = "tiny-test"
 description = "test device"
@@ -28,25 +23,6 @@ target_upload_seconds = 10.0
 batch_size = 8
 sources = ["test fixture"]
 """
-
-
-def run_torchfree(code: str, timeout: float = 600) -> dict:
-    """Run `code` in a fresh interpreter where torch/transformers/optimum/executorch cannot be imported.
-
-    The code must print one JSON object as its last stdout line.
-    """
-    prelude = "from fedhft.edge_runtime.torchfree import block_heavy_imports\nblock_heavy_imports()\n"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-c", prelude + code],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +74,7 @@ def tiny_export(tiny_model_dir: Path, tiny_profile_path: Path, tmp_path_factory:
 @pytest.fixture
 def mosquitto(tmp_path: Path):  # noqa: ANN201
     """A fresh Mosquitto on 127.0.0.1:<free port>, stopped by PID after the test."""
-    from mqtt_broker import Mosquitto
+    from tests.support.mosquitto import Mosquitto
 
     broker = Mosquitto(tmp_path / "broker").start()
     try:

@@ -21,8 +21,6 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
-from mqtt_broker import Mosquitto, free_port
-from server_helpers import ROOT, wait_until
 
 from fedhft.broker_server.broker import (
     iotcore_config,
@@ -31,6 +29,9 @@ from fedhft.broker_server.broker import (
     write_production_config,
 )
 from fedhft.broker_server.cli_server import broker_config_command
+from tests.support import ROOT
+from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.server import wait_until
 
 TASK = "acl-task"
 

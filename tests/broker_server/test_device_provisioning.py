@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tls_broker import make_tls_files, tls_lab, wait_until
 
 from fedhft.broker_server.broker import acl_text, load_registry, read_credentials, write_production_config
 from fedhft.broker_server.cli_device import device_group
 from fedhft.broker_server.devices import DeviceError, add_device, list_devices, pid_from_file, revoke_device
 from fedhft.protocol import generate_keypair, key_id, load_public_key, save_public_key
+from tests.support.tls_broker import make_tls_files, tls_lab, wait_until
 
 TASK = "prov"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import SHA, plan_dict, small_spec, update_message, update_tensors
 
 from fedhft.broker_server.aggregation import (
     ClusterState,
@@ -25,6 +24,7 @@ from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
+from tests.support.server import SHA, plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
 NAME = "layers.1.query"

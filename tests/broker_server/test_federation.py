@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from server_helpers import plan_dict, small_spec, update_tensors
 
 from fedhft.broker_server.clustering import adjusted_rand_index
 from fedhft.broker_server.federation import (
@@ -16,6 +15,7 @@ from fedhft.broker_server.federation import (
     virtual_time_of,
 )
 from fedhft.broker_server.validation import ClientPlan
+from tests.support.server import plan_dict, small_spec, update_tensors
 
 SPEC = small_spec()
 NAME = "layers.1.query"

@@ -15,9 +15,6 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Mosquitto
-from server_helpers import ServerProcess, wait_until
-from test_edge_local_train import write_csv
 
 from fedhft.broker_server.cli_server import server_rotate_key_command
 from fedhft.broker_server.key_rotation import (
@@ -58,6 +55,9 @@ from fedhft.protocol import (
 from fedhft.protocol.codec import FLAG_SIGNED, KIND_KEY, _json_dumps, _wrap
 from fedhft.protocol.keychain import KeyLink, extend_chain, genesis_link, link_statement, verify_links
 from fedhft.protocol.signing import sign
+from tests.edge_runtime.test_local_train import write_csv
+from tests.support.mosquitto import Mosquitto
+from tests.support.server import ServerProcess, wait_until
 
 TASK = "rot"
 

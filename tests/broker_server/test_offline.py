@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import SHA, encode_unchecked, update_message, update_tensors
 
 from fedhft.broker_server import state_store
 from fedhft.broker_server.federation import FederationConfig
@@ -18,6 +17,7 @@ from fedhft.broker_server.service import Inbound, Server, ServerConfig
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
+from tests.support.server import SHA, encode_unchecked, update_message, update_tensors
 
 TASK = "offline"
 Ack = tuple[str, int, str, str]

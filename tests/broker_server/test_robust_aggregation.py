@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_helpers import plan_dict, small_spec, update_tensors
 
 from fedhft.broker_server import aggregation
 from fedhft.broker_server.aggregation import (
@@ -33,6 +32,7 @@ from fedhft.broker_server.robust import (
     weighted_trimmed_mean,
 )
 from fedhft.broker_server.validation import ClientPlan, to_client_update
+from tests.support.server import plan_dict, small_spec, update_tensors
 
 SPEC = small_spec()
 

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import (
-    ROOT,
+
+from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
+from fedhft.broker_server.clustering import adjusted_rand_index
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
+from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
+from fedhft.protocol.manifest import load_manifest
+from tests.support import ROOT
+from tests.support.server import (
     Hub,
     ServerProcess,
     encode_unchecked,
@@ -20,12 +26,6 @@ from server_helpers import (
     update_tensors,
     wait_until,
 )
-
-from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
-from fedhft.broker_server.clustering import adjusted_rand_index
-from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
-from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
-from fedhft.protocol.manifest import load_manifest
 
 TASK = "svc"
 

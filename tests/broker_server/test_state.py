@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import plan_dict, small_spec, update_message, update_tensors
 
 from fedhft.broker_server import state_store
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.state_store import StagedUpdate, StateError, StateLocked, StateStore, StorageFull
 from fedhft.broker_server.validation import ClientPlan
 from fedhft.protocol import encode_update
+from tests.support.server import plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
 PLAN = plan_dict([1], 2, ["query", "value"])
@@ -145,7 +145,7 @@ def test_version_commit_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_server_modules_import_without_torch() -> None:
-    from conftest import run_torchfree
+    from tests.support.torchfree import run_torchfree
 
     code = (
         "import json, sys\n"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_helpers import plan_dict, small_spec, update_message, update_tensors
 
 from fedhft.broker_server.metrics import Metrics, parse_metrics
 from fedhft.broker_server.service import BrokerAddress, ServiceError, parse_broker_url
@@ -25,6 +24,7 @@ from fedhft.broker_server.validation import (
     peek_update_header,
 )
 from fedhft.protocol import encode_update
+from tests.support.server import plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
 

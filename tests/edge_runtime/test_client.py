@@ -21,10 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, run_torchfree
-from edge_server_stub import ServerStub, random_model_tensors, wait_until
-from mqtt_broker import Mosquitto
-from test_edge_local_train import write_csv
 
 from fedhft.edge_runtime.cli_edge import standalone_group
 from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
@@ -34,6 +30,11 @@ from fedhft.edge_runtime.mqtt_link import Delivered, LinkUp, MqttLink
 from fedhft.protocol import generate_keypair
 from fedhft.protocol.codec import FLAG_SIGNED
 from fedhft.protocol.manifest import load_manifest
+from tests.edge_runtime.test_local_train import write_csv
+from tests.support import ROOT
+from tests.support.mosquitto import Mosquitto
+from tests.support.server_stub import ServerStub, random_model_tensors, wait_until
+from tests.support.torchfree import run_torchfree
 
 TASK = "sst"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_torchfree
-from executorch_helpers import LR, MAX_SEQ_LEN, batch, both_formats, copy_profile, vouch
 
 from fedhft.edge_runtime.executorch_backend import ExecuTorchTrainer
 from fedhft.edge_runtime.ort_backend import OrtTrainer
 from fedhft.edge_runtime.trainer import BackendError
 from fedhft.protocol.manifest import ManifestError, load_manifest
+from tests.support.executorch_builds import LR, MAX_SEQ_LEN, batch, both_formats, copy_profile, vouch
+from tests.support.torchfree import run_torchfree
 
 
 @pytest.fixture(scope="module")

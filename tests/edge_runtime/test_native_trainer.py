@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_torchfree
-from executorch_helpers import LR, batch, both_formats, copy_profile, native_binary, vouch
 
 from fedhft.edge_runtime.executorch_backend import ExecuTorchTrainer
 from fedhft.edge_runtime.native_backend import NativeTrainer
 from fedhft.edge_runtime.trainer import BackendError
+from tests.support.executorch_builds import LR, batch, both_formats, copy_profile, native_binary, vouch
+from tests.support.torchfree import run_torchfree
 
 
 @pytest.fixture(scope="module")

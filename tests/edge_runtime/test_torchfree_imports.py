@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import run_torchfree
+from tests.support.torchfree import run_torchfree
 
 
 def test_edge_server_protocol_import_without_torch() -> None:

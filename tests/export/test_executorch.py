@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from executorch_helpers import MAX_SEQ_LEN, NUM_LABELS, both_formats
 
 from fedhft.edge_runtime.program_spec import load_program_spec, verify_program_files
 from fedhft.export.executorch_export import (
@@ -18,6 +17,7 @@ from fedhft.export.executorch_export import (
 )
 from fedhft.export.layers import FrozenLinear
 from fedhft.protocol.manifest import load_manifest, sha256_file, verify_artifacts
+from tests.support.executorch_builds import MAX_SEQ_LEN, NUM_LABELS, both_formats
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_torchfree
 
 from fedhft.datasets import load_bbc_news
 from fedhft.device_profiles.profile import load_profile
 from fedhft.edge_runtime.stepbench import measure_in_subprocess
 from fedhft.export.pipeline import ExportOptions, export_profile
 from fedhft.protocol.manifest import load_manifest
+from tests.support.torchfree import run_torchfree
 
 pytestmark = pytest.mark.slow
 PROFILES = ("rpi4-4gb", "laptop-x86-16gb")

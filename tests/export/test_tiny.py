@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_torchfree
 
 from fedhft.cli import main
 from fedhft.protocol.manifest import ManifestError, load_manifest, verify_artifacts
+from tests.support.torchfree import run_torchfree
 
 TRAIN_20 = """
 import json, numpy as np

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_simulate_e2e import _dataset
 
 from fedhft.cli import main
 from fedhft.simulate.chaos import Chaos, ChaosError, ChaosSpec, schedule
+from tests.scenarios.test_simulate_e2e import _dataset
 
 SPEC = "edge-kill=2,server-kill=1,broker-restart=1,drop=1,duplicate=2,delay=2,start=1,window=8,restart-delay=2"
 

@@ -15,9 +15,6 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import run_torchfree
-from server_helpers import SHA, ServerProcess, plan_dict, small_spec, update_message, update_tensors, wait_until
-from test_edge_local_train import write_csv
 
 from fedhft.broker_server.aggregation import AggregationError, ClusterState
 from fedhft.broker_server.cli_server import AGGREGATOR_CHOICES
@@ -67,6 +64,9 @@ from fedhft.protocol import (
     update_topic,
 )
 from fedhft.protocol.manifest import Manifest, ManifestError, load_manifest
+from tests.edge_runtime.test_local_train import write_csv
+from tests.support.server import SHA, ServerProcess, plan_dict, small_spec, update_message, update_tensors, wait_until
+from tests.support.torchfree import run_torchfree
 
 TASK = "full"
 FULL_SHAPES = {"enc.w": (4, 3), "enc.b": (4,), "emb.w": (5, 2, 3), "head.weight": (3, 4), "head.bias": (3,)}

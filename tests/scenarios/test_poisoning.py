@@ -1,4 +1,4 @@
-"""Poisoning with real training: 2 of 10 clients send scaled or sign-flipped updates (tests/poisoning_sim.py).
+"""Poisoning with real training: 2 of 10 clients send scaled or sign-flipped updates (tests/support/poisoning.py).
 
 Dense uploads (mask ratio 1.0), so every row has all ten votes; bench/poisoning.py also runs FedHFT's
 masked uploads, where the robust rules need more rounds (each row has fewer votes).
@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from poisoning_sim import ATTACKS, Outcome, Setup, run
+
+from tests.support.poisoning import ATTACKS, Outcome, Setup, run
 
 SETUP = Setup(honest=8, attackers=2, rounds=5, local_steps=12, mask_ratio=1.0)
 

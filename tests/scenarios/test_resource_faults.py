@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from mqtt_broker import Mosquitto
-from server_helpers import Hub, ServerProcess, update_message, update_tensors, wait_until
-from test_edge_client import Fed
 
 from fedhft.broker_server.state_store import StateStore
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
 from fedhft.protocol import decode_model, encode_update, update_topic
 from fedhft.protocol.manifest import load_manifest, sha256_file
+from tests.edge_runtime.test_client import Fed
+from tests.support import ROOT
+from tests.support.mosquitto import Mosquitto
+from tests.support.server import Hub, ServerProcess, update_message, update_tensors, wait_until
 
 TASK = "faults"
 DISK_KB = 3072

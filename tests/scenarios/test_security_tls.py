@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 
 from click.testing import CliRunner
-from server_helpers import ServerProcess, wait_until
-from test_edge_local_train import write_csv
-from tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab
 
 from fedhft.broker_server.devices import add_device
 from fedhft.edge_runtime.cli_edge import standalone_group
+from tests.edge_runtime.test_local_train import write_csv
+from tests.support.server import ServerProcess, wait_until
+from tests.support.tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab
 
 TASK = "tls-task"
 

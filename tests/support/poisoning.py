@@ -1,4 +1,4 @@
-"""In-process federated poisoning experiment (shared by tests/test_poisoning.py and bench/poisoning.py).
+"""In-process federated poisoning experiment (shared by tests/scenarios/test_poisoning.py and bench/poisoning.py).
 
 Real training, no broker: every device is an :class:`OrtTrainer` on the same exported profile (each with its
 own AdamW state, as on a device) and the server is a :class:`Federation` driven directly: each round every

@@ -31,8 +31,9 @@ from fedhft.protocol import (
     hello_topic,
     update_topic,
 )
+from tests.support import ROOT
+from tests.support.mosquitto import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SHA = "ab" * 32
 
 
@@ -175,12 +176,6 @@ class Hub:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def free_port() -> int:
-    from mqtt_broker import free_port as fp
-
-    return fp()
 
 
 class ServerProcess:

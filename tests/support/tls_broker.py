@@ -28,11 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mqtt_broker import Mosquitto, free_port
 
 from fedhft.broker_server.broker import TlsFiles, read_credentials
 from fedhft.broker_server.cli_server import broker_config_command
 from fedhft.broker_server.devices import add_device, reload_broker, revoke_device
+from tests.support.mosquitto import Mosquitto, free_port
 
 WAIT = 10.0  # bound of every wait (the machine may be busy)
 

@@ -1,0 +1,1 @@
+"""Tests of fedhft.edge_runtime."""
