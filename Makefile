@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install native demo test bench lint clean
+.PHONY: install native services imports demo test bench lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,15 @@ native: install
 demo: install
 	$(PY) -m fedhft.demo --out demo-out
 
-test: install native
+# Mosquitto, which the tests start for real: installed with apt-get when missing and allowed, else one line.
+services:
+	@scripts/ensure-services
+
+# The architecture contract ([tool.importlinter] in pyproject.toml): layers, no cycles, torch only in export.
+imports: install
+	$(VENV)/bin/lint-imports --no-logo
+
+test: services install imports native
 	$(PY) -m pytest -q
 
 bench: install native
@@ -40,8 +48,8 @@ bench: install native
 	$(PY) bench/simulate_compare.py --preset chaos
 	$(PY) bench/render_readme.py
 
-lint: install
+lint: install imports
 	$(VENV)/bin/ruff check fedhft tests bench
 
 clean:
-	rm -rf demo-out .pytest_cache build *.egg-info
+	rm -rf demo-out .pytest_cache .import_linter_cache build *.egg-info
