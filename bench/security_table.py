@@ -18,16 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+from fedhft.broker_server.broker.embedded import find_mosquitto
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mqtt_broker import mosquitto_path  # noqa: E402
 from tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab  # noqa: E402
 
 
 def mosquitto_version() -> str:
-    exe = mosquitto_path()
+    exe = find_mosquitto()
     if exe is None:
         return "not installed"
     out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10, check=False)
