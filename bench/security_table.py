@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))  # tests.support (the shared test helpers) and this checkout's fedhft
 
-from tests.support.mosquitto import mosquitto_path  # noqa: E402
+from fedhft.broker_server.broker.embedded import find_mosquitto  # noqa: E402
 from tests.support.tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab  # noqa: E402
 
 
 def mosquitto_version() -> str:
-    exe = mosquitto_path()
+    exe = find_mosquitto()
     if exe is None:
         return "not installed"
     out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10, check=False)

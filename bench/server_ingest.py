@@ -37,7 +37,7 @@ from statistics import median
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from fedhft.broker_server.broker import EmbeddedBroker
+from fedhft.broker_server.broker.embedded import EmbeddedBroker
 from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
 from fedhft.broker_server.metrics import parse_metrics
 from fedhft.broker_server.service import limit_blas_threads
@@ -55,6 +55,7 @@ from fedhft.protocol import (
     generate_keypair,
 )
 from fedhft.protocol.manifest import SCHEMA_VERSION, AdaptableModule, Manifest, TrainableTensor, write_manifest
+from fedhft.protocol.mqtt import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -65,7 +66,7 @@ SHA = "ab" * 32
 
 COUNTER = r"""
 import json, sys, threading, time
-import paho.mqtt.client as mqtt
+from fedhft.protocol.mqtt import make_client
 port, topic_filter, n, timeout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 times, done, lock = [], threading.Event(), threading.Lock()
 def on_message(_c, _u, msg):
@@ -73,8 +74,7 @@ def on_message(_c, _u, msg):
         times.append(time.time())
         if len(times) >= n:
             done.set()
-v2, v5 = mqtt.CallbackAPIVersion.VERSION2, mqtt.MQTTv5
-c = mqtt.Client(callback_api_version=v2, protocol=v5, client_id=f"counter-{port}-{time.time()}")
+c = make_client(f"counter-{port}-{time.time()}")
 subscribed = threading.Event()
 c.on_message, c.on_subscribe = on_message, (lambda *a: subscribed.set())
 c.connect("127.0.0.1", port)
@@ -165,7 +165,7 @@ def start_counter(port: int, topic_filter: str, n: int, timeout: float) -> subpr
 
 
 def publisher(port: int) -> mqtt.Client:
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id="bench-pub")
+    c = make_client("bench-pub")
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
     c.connect("127.0.0.1", port)
@@ -202,7 +202,7 @@ def start_server(broker_url: str, workdir: Path, mdir: Path, n: int) -> tuple[su
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed when the process is reaped
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "fedhft.broker_server.cli_server", "server-run",
+            sys.executable, "-m", "fedhft.cli", "server", "run",
             "--broker", broker_url, "--task", TASK, "--state", str(workdir / "state"),
             "--manifest", str(mdir), "--buffer-size", str(100 * n), "--window-seconds", "1e6",
             "--max-staleness", "1000", "--metrics-port", str(metrics_port),

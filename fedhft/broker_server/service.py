@@ -25,12 +25,9 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedhft.broker_server.federation import (
@@ -87,6 +84,7 @@ from fedhft.protocol import (
     validate_id,
 )
 from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
 
 log = logging.getLogger("fedhft.server")
 
@@ -127,26 +125,6 @@ def limit_blas_threads(n: int = 1) -> bool:
 
 class ServiceError(FedHFTError):
     """The server cannot start or keep running (bad broker URL, refused credentials, ...)."""
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """mqtt://HOST[:PORT] (1883) or mqtts://HOST[:PORT] (8883); ServiceError otherwise."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
-        raise ServiceError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ServiceError(f"--broker has a bad port: {url!r}") from exc
-    return BrokerAddress(parts.hostname, port, tls)
 
 
 @dataclass(frozen=True)
@@ -229,7 +207,7 @@ class Server:
         limit_blas_threads(1)
         self.task = validate_id(config.task, "task", ServiceError)
         validate_id(config.group, "share group", ServiceError)
-        self.address = parse_broker_url(config.broker)
+        self.address = parse_broker_url(config.broker, ServiceError, scheme_optional=True)
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
         self.store = StateStore(config.state_dir, self.task, self.spec.fingerprint())  # lock before anything else
@@ -327,16 +305,15 @@ class Server:
     def _connect(self) -> None:
         cfg = self.config
         client_id = cfg.client_id or f"fedhft-server-{self.task}-{cfg.group}"
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
+        client = make_client(
+            client_id,
+            username=cfg.username or None,
+            password=cfg.password,
+            tls=self.address.tls,
+            tls_ca=cfg.tls_ca,
             manual_ack=True,
+            error=ServiceError,
         )
-        if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password)
-        if self.address.tls or cfg.tls_ca:
-            client.tls_set(ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None)
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(64)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -345,8 +322,7 @@ class Server:
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = cfg.session_expiry
+        props = session_properties(cfg.session_expiry)
         self.client = client
         client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False, properties=props)
         client.loop_start()

@@ -35,7 +35,7 @@ from fedhft.edge_runtime.data import check_num_labels, load_labelled_file
 from fedhft.edge_runtime.full_update import bind_initial, model_params, spec_for, update_tensors
 from fedhft.edge_runtime.local_train import TrainReport, evaluate, open_trainer, train_local
 from fedhft.edge_runtime.masking import AdapterMismatch
-from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink, parse_broker_url
+from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink
 from fedhft.edge_runtime.outbox import Outbox
 from fedhft.edge_runtime.sim_clock import SimClock
 from fedhft.edge_runtime.state import EdgeState, StateStore, restart_seq
@@ -67,6 +67,7 @@ from fedhft.protocol import (
     validate_id,
 )
 from fedhft.protocol.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from fedhft.protocol.mqtt import parse_broker_url
 
 log = logging.getLogger(__name__)
 BatteryReader = Callable[[], float | None]

@@ -17,42 +17,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from fedhft.errors import FedHFTError
 from fedhft.logs import event
+from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
 
 log = logging.getLogger(__name__)
-SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600
-
-
-class LinkError(FedHFTError):
-    """A broker address or TLS setting that cannot be used."""
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://HOST[:PORT]`` (1883) or ``mqtts://HOST[:PORT]`` (8883, TLS)."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES or not parts.hostname:
-        raise LinkError(f"broker URL {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
-    default_port, tls = SCHEMES[parts.scheme]
-    try:
-        port = parts.port or default_port
-    except ValueError as e:
-        raise LinkError(f"broker URL {url!r} has a bad port") from e
-    return BrokerAddress(parts.hostname, port, tls)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -123,18 +95,7 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._tokens: dict[int, object] = {}
         self._attempt = 0
-        c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        if username is not None:
-            c.username_pw_set(username, password)
-        if self.address.tls or tls_ca:
-            try:
-                c.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as e:
-                raise LinkError(f"cannot set up TLS with CA file {tls_ca!r}: {e}") from e
+        c = make_client(client_id, username=username, password=password, tls=self.address.tls, tls_ca=tls_ca)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -191,8 +152,7 @@ class MqttLink:
         a = self.address
         try:
             if first:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = self.session_expiry
+                props = session_properties(self.session_expiry)
                 self._client.connect(a.host, a.port, self.keepalive, clean_start=False, properties=props)
             else:
                 self._client.reconnect()

@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from fedhft.edge_runtime.mqtt_link import parse_broker_url
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
+from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
 from fedhft.protocol.topics import PREFIX
 from fedhft.simulate.traffic import connect_observer
 
@@ -157,13 +155,9 @@ class Injector:
     def drop(self, mqtt_client_id: str) -> bool:
         """Cut ``mqtt_client_id``'s connection by taking over its session (kept) and leaving at once."""
         addr = parse_broker_url(self.broker)
-        c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=mqtt_client_id, protocol=mqtt.MQTTv5
-        )
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
+        c = make_client(mqtt_client_id)
         try:
-            c.connect(addr.host, addr.port, clean_start=False, properties=props)
+            c.connect(addr.host, addr.port, clean_start=False, properties=session_properties(3600))
             c.loop_start()
             deadline = time.monotonic() + 5
             while not c.is_connected() and time.monotonic() < deadline:

@@ -271,7 +271,7 @@ class Fleet:
 
 def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run one method end to end and return its report entry (also written to OUT/<method>/result.json)."""
-    from fedhft.broker_server.broker import EmbeddedBroker
+    from fedhft.broker_server.broker.embedded import EmbeddedBroker
     from fedhft.simulate.evaluator import ClientSplit, Evaluator
     from fedhft.simulate.traffic import TrafficCounter
 

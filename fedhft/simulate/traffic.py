@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
-from fedhft.edge_runtime.mqtt_link import parse_broker_url
 from fedhft.protocol import ProtocolError, decode_ack, decode_update
+from fedhft.protocol.mqtt import make_client, parse_broker_url
 from fedhft.protocol.topics import PREFIX
 
 
@@ -24,7 +24,7 @@ def connect_observer(
     """A plain MQTT v5 client of the simulation's own (traffic counter, evaluator, chaos): subscribed to
     ``topics`` again after every reconnect (a broker restart), its network loop in a thread."""
     addr = parse_broker_url(broker)
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c = make_client(client_id)
     c.on_message = on_message
     if on_subscribe is not None:
         c.on_subscribe = on_subscribe

@@ -1,4 +1,4 @@
-"""Brokers: `broker-run` (embedded Mosquitto, v5 + shared subscriptions + MB payloads) and `broker-config`
+"""Brokers: `broker run` (embedded Mosquitto, v5 + shared subscriptions + MB payloads) and `broker config`
 (password file + ACL, checked for real against Mosquitto on a plain listener)."""
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
-from fedhft.broker_server.broker import (
-    iotcore_config,
-    mosquitto_password_hash,
-    production_config_text,
-    write_production_config,
-)
-from fedhft.broker_server.cli_server import broker_config_command
+from fedhft.broker_server.broker.acl import mosquitto_password_hash
+from fedhft.broker_server.broker.embedded import iotcore_config
+from fedhft.broker_server.broker.mosquitto_config import production_config_text
+from fedhft.broker_server.broker.production import write_production_config
+from fedhft.cli.broker import broker_config_command
+from fedhft.protocol.mqtt import make_client
 from tests.support import ROOT
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.server import wait_until
@@ -44,14 +43,9 @@ class Peer:
         self.lock = threading.Lock()
         self.connack: list[object] = []
         self.connected = threading.Event()
-        self.c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"peer-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,
+        self.c = make_client(
+            f"peer-{uuid.uuid4().hex[:8]}", username=user, password=password, reconnect_on_failure=False
         )
-        if user is not None:
-            self.c.username_pw_set(user, password)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)
@@ -181,7 +175,7 @@ def test_acl_lets_each_identity_do_only_its_own_part(acl_broker: tuple[int, dict
 def test_broker_run_serves_v5_shared_subscriptions_and_large_payloads_then_stops() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedhft.broker_server.cli_server", "broker-run", "--port", str(port)],
+        [sys.executable, "-m", "fedhft.cli", "broker", "run", "--port", str(port)],
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stderr=subprocess.PIPE,
         text=True,

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fedhft.broker_server.broker import acl_text, load_registry, read_credentials, write_production_config
-from fedhft.broker_server.cli_device import device_group
-from fedhft.broker_server.devices import DeviceError, add_device, list_devices, pid_from_file, revoke_device
+from fedhft.broker_server.broker.acl import acl_text
+from fedhft.broker_server.broker.devices import DeviceError, add_device, list_devices, pid_from_file, revoke_device
+from fedhft.broker_server.broker.production import write_production_config
+from fedhft.broker_server.broker.registry import load_registry, read_credentials
+from fedhft.cli.device import device_group
 from fedhft.protocol import generate_keypair, key_id, load_public_key, save_public_key
 from tests.support.tls_broker import make_tls_files, tls_lab, wait_until
 
@@ -45,7 +47,7 @@ def server_pub(tmp_path: Path) -> Path:
 
 
 def test_acl_is_per_task_with_the_key_topic_readable_by_clients_and_written_by_the_server() -> None:
-    from fedhft.broker_server.broker import TaskUsers
+    from fedhft.broker_server.broker.acl import TaskUsers
 
     text = acl_text({"t1": TaskUsers("s1", ("a",)), "t2": TaskUsers("s2", ("b",))})
     blocks = [b.strip().splitlines() for b in text.split("\n\n")]

@@ -16,12 +16,12 @@ from fedhft.broker_server.aggregation import (
     hetlora_aggregate,
     hetlora_weights,
 )
-from fedhft.broker_server.cli_server import AGGREGATOR_CHOICES
 from fedhft.broker_server.factor_aggregation import AGGREGATORS, MASKED, FactorAggregator, padded_average
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
 from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, UpdateRejected
+from fedhft.cli.server import AGGREGATOR_CHOICES
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
 from tests.support.server import SHA, plan_dict, small_spec, update_message, update_tensors

@@ -10,13 +10,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedhft.broker_server.cli_server import server_rotate_key_command
 from fedhft.broker_server.key_rotation import (
     CHAIN_NAME,
     NEXT_KEY_NAME,
@@ -27,6 +25,7 @@ from fedhft.broker_server.key_rotation import (
     rotate_server_key,
 )
 from fedhft.broker_server.state_store import StateLocked, lock_state_dir, unlock_state_dir
+from fedhft.cli.server import server_rotate_key_command
 from fedhft.edge_runtime.client import ClientConfig, EdgeClient
 from fedhft.edge_runtime.trust import TRUST_FILE, ServerTrust
 from fedhft.protocol import (
@@ -54,6 +53,7 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.codec import FLAG_SIGNED, KIND_KEY, _json_dumps, _wrap
 from fedhft.protocol.keychain import KeyLink, extend_chain, genesis_link, link_statement, verify_links
+from fedhft.protocol.mqtt import make_client
 from fedhft.protocol.signing import sign
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.mosquitto import Mosquitto
@@ -217,7 +217,7 @@ class Publisher:
     """An anonymous test client on the plain test broker: publishes forged messages."""
 
     def __init__(self, port: int) -> None:
-        self.c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c = make_client()
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
 
@@ -318,7 +318,7 @@ def encode_key_chain_unchecked(msg: KeyChainMessage, key: object) -> bytes:
 def _retained(port: int, topic: str) -> bytes:
     """The retained message on ``topic``."""
     got: list[bytes] = []
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c = make_client()
     c.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
     c.connect("127.0.0.1", port)
     c.loop_start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,8 @@ def test_clip_multiple_shrinks_outliers_toward_the_current_model() -> None:
 
 
 def test_server_run_passes_the_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from fedhft.broker_server import cli_server, service
+    from fedhft.broker_server import service
+    from fedhft.cli import server as cli_server
 
     seen = {}
 
@@ -277,7 +279,7 @@ def test_server_run_passes_the_options(monkeypatch: pytest.MonkeyPatch, tmp_path
             return None
 
     monkeypatch.setattr(service, "Server", FakeServer)
-    monkeypatch.setattr(cli_server, "_stop_on_signals", lambda: None)
+    monkeypatch.setattr(cli_server, "stop_on_signals", contextlib.nullcontext)
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")
     args = ["--broker", "mqtt://127.0.0.1:1", "--task", "t", "--state", str(tmp_path / "s")]

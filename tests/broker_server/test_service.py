@@ -121,7 +121,7 @@ def test_a_second_server_on_the_same_state_refuses(env, tmp_path: Path, tiny_exp
     _, _, _, start = env
     first = start()
     args = [
-        sys.executable, "-m", "fedhft.broker_server.cli_server", "server-run", "--broker", mosquitto.url,
+        sys.executable, "-m", "fedhft.cli", "server", "run", "--broker", mosquitto.url,
         "--task", TASK, "--state", str(tmp_path / "state"), "--manifest", str(tiny_export),
     ]  # fmt: skip
     out = subprocess.run(

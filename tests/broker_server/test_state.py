@@ -149,7 +149,7 @@ def test_server_modules_import_without_torch() -> None:
 
     code = (
         "import json, sys\n"
-        "import fedhft.broker_server.service, fedhft.broker_server.cli_server, fedhft.broker_server.broker\n"
+        "import fedhft.broker_server.service, fedhft.cli.server, fedhft.broker_server.broker.embedded\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum', 'executorch')]\n"
         "print(json.dumps({'heavy': heavy}))\n"
     )

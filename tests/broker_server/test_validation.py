@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedhft.broker_server.metrics import Metrics, parse_metrics
-from fedhft.broker_server.service import BrokerAddress, ServiceError, parse_broker_url
+from fedhft.broker_server.service import ServiceError
 from fedhft.broker_server.validation import (
     ClientPlan,
     PlanRejected,
@@ -24,6 +24,8 @@ from fedhft.broker_server.validation import (
     peek_update_header,
 )
 from fedhft.protocol import encode_update
+from fedhft.protocol.mqtt import BrokerAddress
+from fedhft.protocol.mqtt import parse_broker_url as parse_url
 from tests.support.server import plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
@@ -95,6 +97,9 @@ def test_version_window() -> None:
 
 
 def test_broker_urls() -> None:
+    def parse_broker_url(url: str) -> BrokerAddress:  # as the server reads --broker
+        return parse_url(url, ServiceError, scheme_optional=True)
+
     assert parse_broker_url("mqtt://h:1884") == BrokerAddress("h", 1884, False)
     assert parse_broker_url("mqtts://broker.example").port == 8883 and parse_broker_url("mqtts://b").tls
     assert parse_broker_url("localhost").port == 1883

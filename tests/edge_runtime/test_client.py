@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedhft.edge_runtime.cli_edge import standalone_group
+from fedhft.cli import main
 from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
 from fedhft.edge_runtime.local_train import open_trainer
 from fedhft.edge_runtime.masking import AdapterSpec
@@ -74,8 +74,9 @@ class Fed:
         return [
             sys.executable,
             "-m",
-            "fedhft.edge_runtime.cli_edge",
+            "fedhft.cli",
             "-v",
+            "edge",
             "run",
             *("--artifacts", str(cfg.artifacts), "--data", str(cfg.data), "--broker", cfg.broker),
             *("--task", TASK, "--client-id", client_id, "--state-dir", str(cfg.state_dir)),
@@ -351,7 +352,7 @@ def test_edge_run_user_errors_are_one_line(tiny_export: Path, tmp_path: Path) ->
         (["--broker", "mqtt://127.0.0.1:1", "--server-key", str(data)], "expected 64 hex characters"),
     ]
     for extra, message in cases:
-        res = CliRunner().invoke(standalone_group(), [*base, *extra])
+        res = CliRunner().invoke(main, ["edge", *base, *extra])
         assert res.exit_code == 1 and res.stderr.startswith("error: ") and message in res.stderr, res.output
         assert len(res.stderr.strip().splitlines()) == 1
 

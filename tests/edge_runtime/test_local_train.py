@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from fedhft.edge_runtime.cli_edge import standalone_group, train_command
+from fedhft.cli import main
+from fedhft.cli.edge import train_command
 from fedhft.edge_runtime.data import DataError
 from fedhft.edge_runtime.local_train import evaluate, open_trainer, train_local
 from fedhft.edge_runtime.tokenize import TextEncoder
@@ -89,9 +90,9 @@ def test_edge_train_command_prints_progress_and_saves_an_adapter(tiny_export: Pa
 def test_edge_train_errors_are_one_line(tiny_export: Path, tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"t{i},{i}\n" for i in range(5)))  # 5 labels, the model has 3
-    res = CliRunner().invoke(standalone_group(), ["train", "--artifacts", str(tiny_export), "--data", str(data)])
+    res = CliRunner().invoke(main, ["edge", "train", "--artifacts", str(tiny_export), "--data", str(data)])
     assert res.exit_code == 1
     assert res.stderr.startswith("error: ") and "model has 3 outputs" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    res = CliRunner().invoke(standalone_group(), ["train", "--artifacts", str(tmp_path), "--data", str(data)])
+    res = CliRunner().invoke(main, ["edge", "train", "--artifacts", str(tmp_path), "--data", str(data)])
     assert res.exit_code == 1 and "no manifest" in res.stderr

@@ -1,4 +1,5 @@
-"""The device and server sides import with torch, transformers, optimum and executorch blocked."""
+"""The device and server sides (and every CLI module) import with torch, transformers, optimum and executorch
+blocked."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from tests.support.torchfree import run_torchfree
 def test_edge_server_protocol_import_without_torch() -> None:
     res = run_torchfree(
         "import json, sys, pkgutil, importlib\n"
-        "import fedhft.edge_runtime, fedhft.broker_server, fedhft.protocol, fedhft.device_profiles\n"
+        "import fedhft.edge_runtime, fedhft.broker_server, fedhft.protocol, fedhft.device_profiles, fedhft.cli\n"
         "mods = []\n"
-        "for pkg in (fedhft.edge_runtime, fedhft.broker_server, fedhft.protocol, fedhft.device_profiles):\n"
-        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
-        "        if m.name.startswith('executorch'):\n"
+        "for pkg in (fedhft.edge_runtime, fedhft.broker_server, fedhft.protocol, fedhft.device_profiles, fedhft.cli):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        name = m.name.rsplit('.', 1)[-1]\n"
+        "        if name.startswith('executorch'):\n"
         "            continue\n"
-        "        importlib.import_module(pkg.__name__ + '.' + m.name); mods.append(m.name)\n"
+        "        importlib.import_module(m.name); mods.append(name)\n"
         "from fedhft.edge_runtime.ort_backend import import_training_api\n"
         "api = import_training_api()\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'mods': mods, 'api': hasattr(api, 'Module')}))\n"

@@ -17,7 +17,6 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fedhft.broker_server.aggregation import AggregationError, ClusterState
-from fedhft.broker_server.cli_server import AGGREGATOR_CHOICES
 from fedhft.broker_server.factor_aggregation import AGGREGATORS
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.full_aggregation import DenseUpdate, aggregate_full, dense_deltas, full_model_tensors
@@ -33,6 +32,7 @@ from fedhft.broker_server.validation import (
     decode_checked,
     delta_norm,
 )
+from fedhft.cli.server import AGGREGATOR_CHOICES
 from fedhft.device_profiles.profile import load_profile
 from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
 from fedhft.edge_runtime.full_update import (
@@ -64,6 +64,7 @@ from fedhft.protocol import (
     update_topic,
 )
 from fedhft.protocol.manifest import Manifest, ManifestError, load_manifest
+from fedhft.protocol.mqtt import make_client
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.server import SHA, ServerProcess, plan_dict, small_spec, update_message, update_tensors, wait_until
 from tests.support.torchfree import run_torchfree
@@ -389,11 +390,7 @@ class Tap:
         self.lock = threading.Lock()
         self.updates: list[bytes] = []
         self.models: dict[str, list[bytes]] = {}
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"tap-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
+        self.client = make_client(f"tap-{uuid.uuid4().hex[:8]}")
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()

@@ -204,7 +204,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 def edge_run(fed: Fed, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`fedhft edge run` for client c1 as a child process (bounded by ``timeout``), one round of 5 steps."""
     cfg = fed.config("c1")
-    args = [sys.executable, "-m", "fedhft.edge_runtime.cli_edge", "run", "--artifacts", str(cfg.artifacts)]
+    args = [sys.executable, "-m", "fedhft.cli", "edge", "run", "--artifacts", str(cfg.artifacts)]
     args += ["--data", str(cfg.data), "--broker", cfg.broker, "--task", cfg.task, "--client-id", "c1"]
     args += ["--state-dir", str(cfg.state_dir), "--server-key", str(fed.key), "--local-steps", "5", "--rounds", "1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from fedhft.broker_server.devices import add_device
-from fedhft.edge_runtime.cli_edge import standalone_group
+from fedhft.broker_server.broker.devices import add_device
+from fedhft.cli import main
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.server import ServerProcess, wait_until
 from tests.support.tls_broker import MATRIX_TASKS, markdown_table, security_matrix, tls_lab
@@ -51,7 +51,7 @@ def test_server_and_edge_run_exchange_an_update_and_a_model_over_tls_with_creden
             args += ["--state-dir", str(tmp_path / "edge"), "--server-key", str(bundle.dir / "server_key.pub")]
             args += ["--username", "dev-1", "--password-file", str(bundle.dir / "password")]
             args += ["--tls-ca", str(bundle.dir / "ca.crt"), "--local-steps", "3", "--rounds", "1"]
-            res = CliRunner().invoke(standalone_group(), args)
+            res = CliRunner().invoke(main, ["edge", *args])
             assert res.exit_code == 0, res.output
             assert re.search(r"1 round\(s\) trained, 1 update\(s\) acked, model version [01]", res.output)
             assert wait_until(lambda: server.metric("fedhft_model_version") == 1.0, 20), server.log_text()[-2000:]

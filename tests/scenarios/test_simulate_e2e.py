@@ -9,11 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
 from fedhft.cli import main
+from fedhft.protocol.mqtt import make_client
 
 WORDS = {
     0: "football match goal striker league cup",
@@ -45,7 +45,7 @@ class Sniffer:
     def __init__(self, port: int) -> None:
         self.bytes: Counter = Counter()
         self.ready = threading.Event()
-        self.c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c = make_client()
         self.c.on_message = lambda _c, _u, m: self.bytes.update({m.topic.split("/")[3]: len(m.payload)})
         self.c.on_subscribe = lambda *_a: self.ready.set()
         self.c.connect("127.0.0.1", port)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedhft.broker_server.broker.embedded import find_mosquitto
 from fedhft.procs import stop_process
 
 
@@ -17,10 +17,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def mosquitto_path() -> str | None:
-    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
 @dataclass
@@ -47,7 +43,7 @@ class Mosquitto:
         )
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
-        exe = mosquitto_path()
+        exe = find_mosquitto()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
         self.workdir.mkdir(parents=True, exist_ok=True)

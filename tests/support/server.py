@@ -31,6 +31,7 @@ from fedhft.protocol import (
     hello_topic,
     update_topic,
 )
+from fedhft.protocol.mqtt import make_client
 from tests.support import ROOT
 from tests.support.mosquitto import free_port
 
@@ -131,11 +132,7 @@ class Hub:
         self.lock = threading.Lock()
         self.acks: dict[tuple[str, int], list[AckMessage]] = {}
         self.models: dict[str, list[bytes]] = {}
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"test-hub-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
+        self.client = make_client(f"test-hub-{uuid.uuid4().hex[:8]}")
         self.client.max_inflight_messages_set(100)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
@@ -179,16 +176,17 @@ class Hub:
 
 
 class ServerProcess:
-    """`python -m fedhft.broker_server.cli_server server-run ...` as a child; stderr goes to a log file."""
+    """`python -m fedhft.cli server run ...` as a child; stderr goes to a log file."""
 
     def __init__(self, broker_url: str, task: str, state: Path, manifest: Path, *extra: str) -> None:
         self.metrics_port = free_port()
         self.args = [
             sys.executable,
             "-m",
-            "fedhft.broker_server.cli_server",
+            "fedhft.cli",
             "-v",
-            "server-run",
+            "server",
+            "run",
             "--broker",
             broker_url,
             "--task",

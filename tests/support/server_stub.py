@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fedhft.edge_runtime.masking import AdapterSpec
 from fedhft.protocol import (
@@ -30,6 +28,7 @@ from fedhft.protocol import (
     save_public_key,
     server_filters,
 )
+from fedhft.protocol.mqtt import make_client, session_properties
 
 
 def random_model_tensors(spec: AdapterSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
@@ -59,20 +58,14 @@ class ServerStub:
         self.private_key, self.public_key = generate_keypair()
         self.lock = threading.Lock()
         self.retained: dict[str, bytes] = {}
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"stub-server-{self.port}",
-            protocol=mqtt.MQTTv5,
-        )
+        self.client = make_client(f"stub-server-{self.port}")
         self.client.reconnect_delay_set(min_delay=1, max_delay=1)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.connected = threading.Event()
 
     def start(self) -> ServerStub:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        self.client.connect("127.0.0.1", self.port, 30, clean_start=False, properties=props)
+        self.client.connect("127.0.0.1", self.port, 30, clean_start=False, properties=session_properties(3600))
         self.client.loop_start()
         assert self.connected.wait(10), "stub could not connect"
         return self

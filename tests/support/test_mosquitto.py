@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
-import paho.mqtt.client as mqtt
+from fedhft.protocol.mqtt import make_client
 
 
 def _roundtrip(port: int) -> bytes:
     got: list[bytes] = []
     done = threading.Event()
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c = make_client()
 
     def on_message(_c, _u, msg) -> None:  # noqa: ANN001
         got.append(msg.payload)

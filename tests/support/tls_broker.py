@@ -29,9 +29,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedhft.broker_server.broker import TlsFiles, read_credentials
-from fedhft.broker_server.cli_server import broker_config_command
-from fedhft.broker_server.devices import add_device, reload_broker, revoke_device
+from fedhft.broker_server.broker.devices import add_device, reload_broker, revoke_device
+from fedhft.broker_server.broker.mosquitto_config import TlsFiles
+from fedhft.broker_server.broker.registry import read_credentials
+from fedhft.cli.broker import broker_config_command
+from fedhft.protocol.mqtt import make_client
 from tests.support.mosquitto import Mosquitto, free_port
 
 WAIT = 10.0  # bound of every wait (the machine may be busy)
@@ -131,16 +133,13 @@ class Peer:
         self.disconnected = threading.Event()
         self.error: str | None = None
         self.acks: dict[int, object] = {}
-        self.c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"peer-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
+        self.c = make_client(
+            f"peer-{uuid.uuid4().hex[:8]}",
+            username=user,
+            password=password,
+            tls_ca=cafile,
             reconnect_on_failure=False,
         )
-        if cafile is not None:
-            self.c.tls_set(ca_certs=cafile)
-        if user is not None:
-            self.c.username_pw_set(user, password)
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = lambda *a: self.disconnected.set()
         self.c.on_message = self._on_message

@@ -11,7 +11,7 @@ and a bundle to copy onto the device::
 
 ``revoke_device`` removes the device's password, ACL entry and bundle and records the revocation. Mosquitto
 re-reads passwd and acl on SIGHUP (``reload_broker``), which also disconnects clients whose user is gone.
-Every change rewrites the files with broker.save_broker_files (atomically, one file at a time) under an
+Every change rewrites the files with registry.save_broker_files (atomically, one file at a time) under an
 exclusive lock of the directory, so two commands never interleave.
 """
 
@@ -30,11 +30,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedhft.atomic import fsync_dir, write_atomic
-from fedhft.broker_server.broker import (
+from fedhft.broker_server.broker.acl import MOSQUITTO_ITERATIONS
+from fedhft.broker_server.broker.errors import BrokerError
+from fedhft.broker_server.broker.registry import (
     CREDENTIALS_NAME,
-    MOSQUITTO_ITERATIONS,
     REGISTRY_NAME,
-    BrokerError,
     BrokerRegistry,
     load_registry,
     locked_config_dir,

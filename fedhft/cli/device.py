@@ -1,8 +1,4 @@
-"""`fedhft device add|revoke|list`: device credentials, ACL entries and bundles on a broker config directory.
-
-The main CLI mounts ``device_group()``; ``python -m fedhft.broker_server.cli_device add|revoke|list ...``
-runs it directly.
-"""
+"""`fedhft device add|revoke|list`: device credentials, ACL entries and bundles on a broker config directory."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fedhft.broker_server.cli_server import OneLineErrorGroup
+from fedhft.cli.errors import OneLineErrorGroup
 
 CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
 
@@ -40,7 +36,7 @@ def _reload_options(f):  # noqa: ANN001, ANN202
 
 
 def _reload(reload_pid: int | None, pid_file: Path | None) -> None:
-    from fedhft.broker_server.devices import DeviceError, pid_from_file, reload_broker
+    from fedhft.broker_server.broker.devices import DeviceError, pid_from_file, reload_broker
 
     if reload_pid is not None and pid_file is not None:
         raise DeviceError("give --reload-pid or --pid-file, not both")
@@ -83,7 +79,7 @@ def device_group() -> click.Group:
         pid_file: Path | None,
     ) -> None:
         """Create a device's password, ACL entry and bundle (conf/devices/<id>/: copy it to the device)."""
-        from fedhft.broker_server.devices import add_device
+        from fedhft.broker_server.broker.devices import add_device
 
         b = add_device(
             conf_dir.resolve(), task, client_id, server_key, rotate_password=rotate_password, broker_url=broker_url
@@ -106,7 +102,7 @@ def device_group() -> click.Group:
     @_reload_options
     def revoke(conf_dir: Path, task: str, client_id: str, reload_pid: int | None, pid_file: Path | None) -> None:
         """Remove a device's password, ACL entry and bundle; with --reload-pid/--pid-file it is refused now."""
-        from fedhft.broker_server.devices import revoke_device
+        from fedhft.broker_server.broker.devices import revoke_device
 
         revoke_device(conf_dir.resolve(), task, client_id)
         click.echo(f"device {client_id} revoked from task {task}")
@@ -117,7 +113,7 @@ def device_group() -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
     def list_(conf_dir: Path, as_json: bool) -> None:
         """Devices of every task: active ones, then revoked ones."""
-        from fedhft.broker_server.devices import list_devices
+        from fedhft.broker_server.broker.devices import list_devices
 
         for e in list_devices(conf_dir.resolve()):
             if as_json:
@@ -136,7 +132,3 @@ def device_group() -> click.Group:
                 click.echo(f"{e.client_id}\t{e.task}\t{e.status}\t{e.bundle or '-'}")
 
     return device
-
-
-if __name__ == "__main__":
-    device_group()()

@@ -1,20 +1,13 @@
-"""Click commands of the server side: `fedhft server run|rotate-key`, `fedhft broker run|config`.
-
-The main CLI registers ``server_run_command``, ``server_rotate_key_command``, ``broker_run_command`` and
-``broker_config_command``; ``python -m fedhft.broker_server.cli_server server-run|server-rotate-key|broker-run|
-broker-config ...`` runs them directly.
-"""
+"""`fedhft server run|rotate-key`: the broker-side aggregation server (torch-free)."""
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import click
 
-from fedhft.errors import FedHFTError
+from fedhft.cli.errors import OneLineErrorGroup
+from fedhft.cli.signals import stop_on_signals
 
 ROBUST_CHOICES = ("none", "trimmed-mean", "median")  # = robust.ROBUST_RULES (light import)
 AGGREGATOR_CHOICES = ("fedhft", "fedavg", "hetlora", "flexlora", "fedavg-full")  # = factor_aggregation.AGGREGATORS
@@ -30,17 +23,6 @@ def _clusters(value: str) -> int | None:
     if k < 1:
         raise click.BadParameter(f"must be >= 1, got {k}")
     return k
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 @click.command("run")
@@ -185,14 +167,14 @@ def server_run_command(
         model_encoding=model_encoding,
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
-    stop = _stop_on_signals()
-    server = Server(config)
-    click.echo(
-        f"fedhft server: task {task}, state {state_dir}, version {server.federation.version}, "
-        f"public key {state_dir / 'server_key.pub'}",
-        err=True,
-    )
-    server.run(stop)
+    with stop_on_signals() as stop:
+        server = Server(config)
+        click.echo(
+            f"fedhft server: task {task}, state {state_dir}, version {server.federation.version}, "
+            f"public key {state_dir / 'server_key.pub'}",
+            err=True,
+        )
+        server.run(stop)
 
 
 @click.command("rotate-key")
@@ -214,101 +196,10 @@ def server_rotate_key_command(state_dir: Path) -> None:
     click.echo(f"public key for new devices: {r.public_key}; key chain: {r.chain}")
 
 
-@click.command("run")
-@click.option("--port", default=1883, show_default=True, help="TCP port (0: pick a free one).")
-@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--backend", type=click.Choice(["auto", "mosquitto", "iotcore"]), default="auto", show_default=True)
-def broker_run_command(port: int, bind: str, backend: str) -> None:
-    """Run an embedded MQTT v5 broker (anonymous; for demos and tests on one machine) until Ctrl+C."""
-    from fedhft.broker_server.broker import EmbeddedBroker
-
-    stop = _stop_on_signals()
-    broker = EmbeddedBroker(port=port, bind=bind, backend=backend).start()
-    try:
-        click.echo(f"fedhft broker ({broker.chosen}) listening on {broker.url}", err=True)
-        if bind not in ("127.0.0.1", "localhost", "::1"):
-            click.echo("warning: this broker allows anonymous access; use `fedhft broker config`", err=True)
-        broker.wait(stop)
-    finally:
-        broker.stop()
+@click.group("server", cls=OneLineErrorGroup)
+def server_group() -> None:
+    """The broker-side aggregation server (torch-free)."""
 
 
-@click.command("config")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write into.")
-@click.option("--task", required=True)
-@click.option("--server-user", required=True, help="User name of the server identity.")
-@click.option("--client", "clients", multiple=True, help="A client id (repeat); it is also its user name.")
-@click.option("--port", default=8883, show_default=True)
-@click.option("--bind", default=None, help="Listener address (default: all).")
-@click.option("--cafile", default="/etc/mosquitto/certs/ca.crt", show_default=True)
-@click.option("--certfile", default="/etc/mosquitto/certs/server.crt", show_default=True)
-@click.option("--keyfile", default="/etc/mosquitto/certs/server.key", show_default=True)
-@click.option("--data-dir", default="/var/lib/mosquitto/", show_default=True, help="Mosquitto persistence.")
-@click.option("--no-tls", is_flag=True, help="Plain listener (testing on a private network only).")
-@click.option("--no-persistence", is_flag=True, help="Keep no retained messages or sessions across restarts.")
-def broker_config_command(
-    out: Path,
-    task: str,
-    server_user: str,
-    clients: tuple[str, ...],
-    port: int,
-    bind: str | None,
-    cafile: str,
-    certfile: str,
-    keyfile: str,
-    data_dir: str,
-    no_tls: bool,
-    no_persistence: bool,
-) -> None:
-    """Write a production Mosquitto config: TLS listener, password file, per-client ACL, credentials.
-
-    Re-run it to add clients or another task (what the directory holds is kept); `fedhft device add|revoke`
-    manage single devices in the same directory."""
-    from fedhft.broker_server.broker import TlsFiles, write_production_config
-
-    tls = None if no_tls else TlsFiles(cafile, certfile, keyfile)
-    cfg = write_production_config(
-        out.resolve(),
-        task,
-        server_user,
-        list(clients),
-        port=port,
-        bind=bind,
-        tls=tls,
-        data_dir=data_dir,
-        persistence=not no_persistence,
-    )
-    click.echo(f"wrote {cfg.conf}, {cfg.passwd}, {cfg.acl}")
-    click.echo(f"credentials (mode 0600): {cfg.credentials}")
-    click.echo(f"run: mosquitto -c {cfg.conf}")
-
-
-class OneLineErrorGroup(click.Group):
-    """A FedHFTError becomes one `error: ...` line and exit status 1 (also when run without the main CLI)."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except FedHFTError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-
-def _local_group() -> click.Group:
-    from fedhft.logs import setup_logging
-
-    @click.group(cls=OneLineErrorGroup)
-    @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-    def group(verbose: int) -> None:
-        """fedhft server-side commands."""
-        setup_logging(verbose)
-
-    group.add_command(server_run_command, "server-run")
-    group.add_command(server_rotate_key_command, "server-rotate-key")
-    group.add_command(broker_run_command, "broker-run")
-    group.add_command(broker_config_command, "broker-config")
-    return group
-
-
-if __name__ == "__main__":
-    _local_group()()
+server_group.add_command(server_run_command)
+server_group.add_command(server_rotate_key_command)

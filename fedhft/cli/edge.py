@@ -1,23 +1,18 @@
 """Device commands: `fedhft edge train` (offline, one device) and `fedhft edge run` (federated, over MQTT).
 
-Both are plain click commands; fedhft.cli mounts them. ``python -m fedhft.edge_runtime.cli_edge [-v]
-train|run ...`` runs them without the main CLI (handy on a device, and for the tests).
+Torch-free: with the ORT backend both run with torch and transformers blocked, as on a device.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 import click
 
+from fedhft.cli.errors import OneLineErrorGroup
+from fedhft.cli.signals import stop_on_signals
 from fedhft.edge_runtime.local_train import BACKENDS
-from fedhft.errors import FedHFTError
 from fedhft.protocol.codec import ENCODINGS
 
 ARTIFACTS_HELP = "Profile directory written by `fedhft export` (holds manifest.json)."
@@ -130,21 +125,6 @@ def _torch_free_if(backend: str) -> None:
         ctx = click.get_current_context(silent=True)
         if ctx is not None:  # lifted when the command ends: in-process callers (tests) get their imports back
             ctx.call_on_close(unblock_heavy_imports)
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set ``stop`` (the client then finishes its step and exits cleanly)."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @click.command("run")
@@ -294,9 +274,8 @@ def run_command(
         sim_time_scale=sim_time_scale,
         reset_state=reset_state,
     )
-    stop = threading.Event()
     client = EdgeClient(cfg)
-    with _stop_on_signals(stop):
+    with stop_on_signals() as stop:  # the client then finishes its step and exits cleanly
         summary = client.run(stop)
     click.echo(
         f"{client_id}: {summary.rounds_trained} round(s) trained, {len(summary.acked)} update(s) acked, "
@@ -304,32 +283,10 @@ def run_command(
     )
 
 
-class _EdgeGroup(click.Group):
-    """Turns a FedHFTError into one `error: ...` line and exit status 1 (like the main CLI)."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except FedHFTError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+@click.group("edge", cls=OneLineErrorGroup)
+def edge_group() -> None:
+    """The device side: local training and the federated client (torch-free with the ORT backend)."""
 
 
-def standalone_group() -> click.Group:
-    """A small group of both commands for ``python -m fedhft.edge_runtime.cli_edge`` (not the main CLI)."""
-
-    @click.group(cls=_EdgeGroup)
-    @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-    def edge(verbose: int) -> None:
-        """fedhft edge commands."""
-        from fedhft.logs import setup_logging
-
-        setup_logging(verbose)
-
-    edge.add_command(train_command)
-    edge.add_command(run_command)
-    return edge
-
-
-if __name__ == "__main__":
-    standalone_group()()
+edge_group.add_command(train_command)
+edge_group.add_command(run_command)

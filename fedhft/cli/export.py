@@ -1,0 +1,172 @@
+"""`fedhft profiles list|show`, `fedhft plan` and `fedhft export`: device profiles, the LEGEND plan, the export.
+
+Each command imports what it needs when it runs (export and plan load the torch-side export package).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fedhft.cli.errors import OneLineErrorGroup
+
+
+@click.group("profiles", cls=OneLineErrorGroup)
+def profiles_group() -> None:
+    """Device profiles shipped with fedhft (or your own TOML file)."""
+
+
+@profiles_group.command("list")
+def profiles_list() -> None:
+    """One line per shipped profile."""
+    from fedhft.device_profiles.profile import list_profiles, resource_level
+
+    click.echo(
+        f"{'name':22} {'arch':8} {'RAM MB':>7} {'budget':>7} {'GFLOP/s':>8} {'up/down Mbit/s':>15} {'level':6} runtimes"
+    )
+    for p in list_profiles():
+        click.echo(
+            f"{p.name:22} {p.arch:8} {p.ram_mb:>7} {p.memory_budget_mb:>7.0f} {p.fp32_gflops:>8g} "
+            f"{f'{p.uplink_mbps:g}/{p.downlink_mbps:g}':>15} {resource_level(p):6} "
+            f"{','.join(p.runtimes)} (default {p.default_runtime})"
+        )
+
+
+@profiles_group.command("show")
+@click.argument("name")
+def profiles_show(name: str) -> None:
+    """Every field of one profile (a shipped name or a TOML path), as JSON."""
+    from fedhft.device_profiles.profile import load_profile, resource_level
+
+    p = load_profile(name)
+    d = p.to_dict()
+    d["memory_budget_mb"] = p.memory_budget_mb
+    d["resource_level"] = resource_level(p)
+    click.echo(json.dumps(d, indent=2))
+
+
+def _shape_from_config(model: str | None, num_labels: int, seq_len: int, batch: int):  # noqa: ANN202
+    """The model's shape from its config.json alone (no torch needed to plan)."""
+    from fedhft.device_profiles.planner import ModelShape
+    from fedhft.export.model import resolve_model_dir
+
+    cfg = json.loads((resolve_model_dir(model) / "config.json").read_text())
+    return ModelShape(
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_attention_heads"],
+        cfg["vocab_size"],
+        cfg["max_position_embeddings"],
+        num_labels,
+        seq_len,
+        batch,
+    )
+
+
+@click.command()
+@click.option("--model", default=None, help="Local model directory (default: the packaged MiniLM).")
+@click.option("--profile", "profile_name", required=True, help="Profile name or TOML path.")
+@click.option("--num-labels", default=2, show_default=True)
+@click.option("--max-seq-len", default=128, show_default=True)
+@click.option("--runtime", type=click.Choice(["ort", "executorch"]), default=None)
+@click.option("--fp32-base", is_flag=True, help="Plan for an fp32 base instead of int8.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--min-compression", default=500.0, show_default=True, help="Upload budget (0: none); see export.")
+def plan(
+    model: str | None,
+    profile_name: str,
+    num_labels: int,
+    max_seq_len: int,
+    runtime: str | None,
+    fp32_base: bool,
+    as_json: bool,
+    min_compression: float,
+) -> None:
+    """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
+    from fedhft.device_profiles.planner import plan_lora
+    from fedhft.device_profiles.profile import load_profile
+
+    prof = load_profile(profile_name)
+    shape = _shape_from_config(model, num_labels, max_seq_len, prof.batch_size)
+    p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime, min_compression=min_compression or None)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    e = p.estimate
+    click.echo(
+        f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, {shape.num_layers} layers)"
+    )
+    click.echo(
+        f"depth {p.depth}: layers {p.layers[0].layer}..{p.layers[-1].layer}, ranks "
+        f"{[lp.rank for lp in p.layers]}, targets {list(p.layers[0].targets)}, mask ratio {p.mask_ratio}"
+    )
+    click.echo(
+        f"memory ~{e.memory_mb:.0f} MB (base {e.base_weights_mb}, activations {e.activations_mb}, "
+        f"adapter state {e.adapter_state_mb}, runtime {e.runtime_mb}); step ~{e.step_seconds:.2f} s "
+        f"({e.step_gflop} GFLOP); upload {e.upload_bytes / 1e3:.1f} kB (~{e.upload_seconds:.2f} s); "
+        f"{e.adapter_params} trainable params"
+    )
+
+
+@click.command()
+@click.option("--model", default=None, help="Local Hugging Face model directory (default: packaged MiniLM).")
+@click.option("--profile", "profiles_arg", required=True, help="Profile names or TOML paths, comma-separated.")
+@click.option("--format", "fmt", type=click.Choice(["ort", "executorch", "all"]), default="ort", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--num-labels", default=2, show_default=True)
+@click.option("--max-seq-len", default=128, show_default=True)
+@click.option("--fp32-base", is_flag=True, help="Keep the frozen base in fp32 (default int8).")
+@click.option("--max-rank", default=16, show_default=True, help="The federation's global maximum LoRA rank.")
+@click.option("--depth", type=int, default=None, help="Force one LoRA depth for every profile (ablation).")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--min-compression",
+    default=500.0,
+    show_default=True,
+    help="Upload budget: a device's adapter is at least this many times smaller than the full model (0: none).",
+)
+def export(
+    model: str | None,
+    profiles_arg: str,
+    fmt: str,
+    out: Path,
+    num_labels: int,
+    max_seq_len: int,
+    fp32_base: bool,
+    max_rank: int,
+    depth: int | None,
+    seed: int,
+    min_compression: float,
+) -> None:
+    """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
+    from fedhft.device_profiles.profile import load_profile
+    from fedhft.export.model import resolve_model_dir
+    from fedhft.export.pipeline import FORMATS, ExportOptions, export_profile
+
+    names = [n.strip() for n in profiles_arg.split(",") if n.strip()]
+    profs = [load_profile(n) for n in names]  # validate all before exporting any
+    resolve_model_dir(model)
+    formats = FORMATS if fmt == "all" else (fmt,)
+    opts = ExportOptions(
+        num_labels=num_labels,
+        max_seq_len=max_seq_len,
+        int8=not fp32_base,
+        seed=seed,
+        max_rank=max_rank,
+        fixed_depth=depth,
+        min_compression=min_compression or None,
+    )
+    for i, prof in enumerate(profs, 1):
+        click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)
+        r = export_profile(model, prof, out, formats, opts)
+        e = r.plan.estimate
+        sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in r.artifact_bytes.items())
+        click.echo(
+            f"{r.profile}: depth {r.plan.depth} ranks {[lp.rank for lp in r.plan.layers]} "
+            f"targets {list(r.plan.layers[0].targets)} mask {r.plan.mask_ratio} | est {e.memory_mb:.0f} MB, "
+            f"{e.step_seconds:.2f} s/step, upload {e.upload_bytes / 1e3:.0f} kB | {sizes} | "
+            f"{r.directory} ({r.seconds:.0f} s)"
+        )
