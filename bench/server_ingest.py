@@ -55,6 +55,7 @@ from fedhft.protocol import (
     generate_keypair,
 )
 from fedhft.protocol.manifest import SCHEMA_VERSION, AdaptableModule, Manifest, TrainableTensor, write_manifest
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, rows_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -121,7 +122,7 @@ def build_manifest(plan: dict, max_rank: int = 16) -> Manifest:
         lora={"alpha": 16.0, "scaling": "alpha / rank", "mask_ratio": plan["mask_ratio"]},
         trainable=trainable,
         global_adapter=modules,
-        head_shapes={"head.weight": (SHAPE.num_labels, SHAPE.hidden_size), "head.bias": (SHAPE.num_labels,)},
+        head_shapes={HEAD_WEIGHT: (SHAPE.num_labels, SHAPE.hidden_size), HEAD_BIAS: (SHAPE.num_labels,)},
         artifacts={},
     )
 
@@ -131,9 +132,9 @@ def random_tensors(rng: np.random.Generator, spec: GlobalSpec, plan: ClientPlan)
     for name, r in plan.ranks.items():
         m = spec.modules[name]
         k = max(1, math.ceil(plan.mask_ratio * m.out_features))
-        out[f"{name}.A"] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
-        out[f"{name}.B_rows"] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
-        out[f"{name}.rows"] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
+        out[a_name(name)] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
+        out[b_rows_name(name)] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
+        out[rows_name(name)] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
     for key, shape in spec.head_shapes.items():
         out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
     return out

@@ -9,7 +9,6 @@ import pytest
 import torch
 from executorch_helpers import MAX_SEQ_LEN, NUM_LABELS, both_formats
 
-from fedhft.edge_runtime.program_spec import load_program_spec, verify_program_files
 from fedhft.export.executorch_export import (
     TransposedFrozenLinear,
     export_executorch,
@@ -18,6 +17,7 @@ from fedhft.export.executorch_export import (
 )
 from fedhft.export.layers import FrozenLinear
 from fedhft.protocol.manifest import load_manifest, sha256_file, verify_artifacts
+from fedhft.protocol.program_spec import load_program_spec, verify_program_files
 
 
 @pytest.fixture(scope="module")
