@@ -63,7 +63,7 @@ from fedhft.protocol import (
     encode_model,
     encode_update,
 )
-from fedhft.protocol.codec import ENVELOPE, ENVELOPE_LEN, FLAG_SIGNED, MAGIC
+from fedhft.protocol.envelope import ENVELOPE, ENVELOPE_LEN, FLAG_SIGNED, MAGIC
 from fedhft.protocol.keychain import extend_chain, genesis_link
 from fedhft.protocol.signing import SIGNATURE_LEN, sign
 

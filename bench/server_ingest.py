@@ -56,6 +56,7 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.manifest import SCHEMA_VERSION, AdaptableModule, Manifest, TrainableTensor, write_manifest
 from fedhft.protocol.mqtt import make_client
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, rows_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -66,7 +67,6 @@ SHA = "ab" * 32
 
 COUNTER = r"""
 import json, sys, threading, time
-from fedhft.protocol.mqtt import make_client
 port, topic_filter, n, timeout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 times, done, lock = [], threading.Event(), threading.Lock()
 def on_message(_c, _u, msg):
@@ -121,7 +121,7 @@ def build_manifest(plan: dict, max_rank: int = 16) -> Manifest:
         lora={"alpha": 16.0, "scaling": "alpha / rank", "mask_ratio": plan["mask_ratio"]},
         trainable=trainable,
         global_adapter=modules,
-        head_shapes={"head.weight": (SHAPE.num_labels, SHAPE.hidden_size), "head.bias": (SHAPE.num_labels,)},
+        head_shapes={HEAD_WEIGHT: (SHAPE.num_labels, SHAPE.hidden_size), HEAD_BIAS: (SHAPE.num_labels,)},
         artifacts={},
     )
 
@@ -131,9 +131,9 @@ def random_tensors(rng: np.random.Generator, spec: GlobalSpec, plan: ClientPlan)
     for name, r in plan.ranks.items():
         m = spec.modules[name]
         k = max(1, math.ceil(plan.mask_ratio * m.out_features))
-        out[f"{name}.A"] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
-        out[f"{name}.B_rows"] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
-        out[f"{name}.rows"] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
+        out[a_name(name)] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
+        out[b_rows_name(name)] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
+        out[rows_name(name)] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
     for key, shape in spec.head_shapes.items():
         out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
     return out

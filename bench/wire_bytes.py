@@ -37,6 +37,7 @@ from fedhft.protocol import (
     generate_keypair,
     quantization_error,
 )
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_name, b_rows_name, is_rows_name
 
 RESULTS = Path(__file__).parent / "results"
 NUM_LABELS, SEQ = 5, 128
@@ -65,7 +66,7 @@ def minilm_float_params() -> tuple[int, str]:
 
 
 def spec_of(modules: list[tuple[str, int, int, int]], alpha: float, mask_ratio: float, max_rank: int) -> AdapterSpec:
-    heads = {"head.weight": (NUM_LABELS, 384), "head.bias": (NUM_LABELS,)}
+    heads = {HEAD_WEIGHT: (NUM_LABELS, 384), HEAD_BIAS: (NUM_LABELS,)}
     mods = tuple(ModuleSpec(name, r, fin, fout, max_rank) for name, r, fin, fout in modules)
     return AdapterSpec(mods, alpha, mask_ratio, heads)
 
@@ -91,8 +92,8 @@ def delta_rel_error(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], spec
     """||ΔW_rows(decoded) − ΔW_rows(exact)||_F / ||ΔW_rows(exact)||_F over every module."""
     num = den = 0.0
     for m in spec.modules:
-        exact = ref[f"{m.name}.B_rows"].astype(np.float64) @ ref[f"{m.name}.A"]
-        dec = got[f"{m.name}.B_rows"].astype(np.float64) @ got[f"{m.name}.A"]
+        exact = ref[b_rows_name(m.name)].astype(np.float64) @ ref[a_name(m.name)]
+        dec = got[b_rows_name(m.name)].astype(np.float64) @ got[a_name(m.name)]
         num += float(((dec - exact) ** 2).sum())
         den += float((exact**2).sum())
     return math.sqrt(num / den) if den else 0.0
@@ -105,7 +106,7 @@ def measure_update(spec: AdapterSpec, seed: int) -> dict[str, object]:
     tensors = build_update_tensors(spec, end, start)
     floats = {k: v for k, v in tensors.items() if v.dtype == np.float32}
     values = int(sum(v.size for v in floats.values()))
-    indices = int(sum(v.size for k, v in tensors.items() if k.endswith(".rows")))
+    indices = int(sum(v.size for k, v in tensors.items() if is_rows_name(k)))
     row: dict[str, object] = {"upload_values": values, "row_indices": indices}
     for enc in ENCODINGS:
         payload = encode_update(update_message(tensors), enc)
@@ -123,10 +124,10 @@ def lora_qv_r8_dense(shape: ModelShape) -> dict[str, object]:
     for layer in range(shape.num_layers):
         for kind in ("query", "value"):
             fin, fout = shape.module_dims(kind)
-            tensors[f"layers.{layer}.{kind}.A"] = rng.normal(0, STD, (8, fin)).astype(np.float32)
-            tensors[f"layers.{layer}.{kind}.B"] = rng.normal(0, STD, (fout, 8)).astype(np.float32)
-    tensors["head.weight"] = rng.normal(0, STD, (NUM_LABELS, shape.hidden_size)).astype(np.float32)
-    tensors["head.bias"] = rng.normal(0, STD, (NUM_LABELS,)).astype(np.float32)
+            tensors[a_name(f"layers.{layer}.{kind}")] = rng.normal(0, STD, (8, fin)).astype(np.float32)
+            tensors[b_name(f"layers.{layer}.{kind}")] = rng.normal(0, STD, (fout, 8)).astype(np.float32)
+    tensors[HEAD_WEIGHT] = rng.normal(0, STD, (NUM_LABELS, shape.hidden_size)).astype(np.float32)
+    tensors[HEAD_BIAS] = rng.normal(0, STD, (NUM_LABELS,)).astype(np.float32)
     params = int(sum(v.size for v in tensors.values()))
     key, _ = generate_keypair()
     encoded = encode_model(ModelMessage("bench", 0, "cluster/0", time.time(), "", {}, tensors), key, "fp32")

@@ -41,3 +41,9 @@ def write_atomic_with(path: Path, writer: Callable[[Path], None], mode: int = 0o
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` by ``data`` atomically and durably."""
     write_atomic_with(path, lambda tmp: tmp.write_bytes(data), mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` over `path` atomically, creating the folder first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)

@@ -1,10 +1,14 @@
-"""Structured, quiet-by-default logging: `ts level logger event key=value ...` lines on stderr."""
+"""Structured, quiet-by-default logging: `ts level logger event key=value ...` lines on stderr; silencing
+native libraries that print on fd 2."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 NOISY = (
@@ -60,3 +64,18 @@ def setup_logging(verbosity: int = 0) -> None:
 def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log `msg` with structured key=value fields."""
     logger.log(level, msg, extra={"fields": fields})
+
+
+@contextlib.contextmanager
+def quiet_fd2() -> Iterator[None]:
+    """Silence native logging on fd 2 (ExecuTorch's cpuinfo probe prints on load)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedhft.broker_server.aggregation import AggregationError, ClusterState, staleness_weight
-from fedhft.protocol.messages import DELTA_SUFFIX
+from fedhft.protocol.tensor_names import DELTA_SUFFIX
 
 FULL = "fedavg-full"
 

@@ -1,6 +1,6 @@
 """What the server accepts: the global adapter spec, each client's plan, and the checks on one update.
 
-Pure functions and small dataclasses (numpy + the protocol codec; no I/O). For an update on the topic of a
+Pure functions and small dataclasses (numpy + fedhft.protocol; no I/O). For an update on the topic of a
 registered client the service runs :func:`decode_checked` (full decode against that client's planned
 shapes, with the reason for a rejection as a metric label) and :func:`clip_update` (L2 norm of the rebuilt
 ΔW rows); when there is nothing decoded to read the seq from (unknown client, undecodable tensors) it
@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
-import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +22,6 @@ import numpy as np
 from fedhft.broker_server.aggregation import ClientUpdate, MaskedFactors
 from fedhft.errors import FedHFTError
 from fedhft.protocol import (
-    HEAD_BIAS,
-    HEAD_WEIGHT,
     BadIndices,
     MessageTooLarge,
     Misaddressed,
@@ -38,8 +34,19 @@ from fedhft.protocol import (
     UpdateMessage,
     decode_update,
 )
+from fedhft.protocol.body import peek_header
+from fedhft.protocol.envelope import KIND_UPDATE
 from fedhft.protocol.manifest import Manifest
-from fedhft.protocol.messages import DELTA_SUFFIX
+from fedhft.protocol.tensor_names import (
+    a_name,
+    b_rows_name,
+    delta_name,
+    dense_deltas,
+    is_delta_name,
+    lora_parts,
+    module_names,
+    rows_name,
+)
 from fedhft.protocol.topics import id_problem
 
 # Rejection reasons (also the `reason` label of fedhft_updates_total).
@@ -65,7 +72,6 @@ MISMATCH_HINT = {
     "full fine-tuning clients only",
 }
 HEADER_SLACK_BYTES = 256 * 1024  # JSON header, metrics and envelope on top of the fp32 tensor bytes
-PEEK_LIMIT = 1 << 20  # at most this much of a body is inflated to read an update's header
 
 
 class PlanRejected(FedHFTError):
@@ -184,13 +190,13 @@ class ClientPlan:
         """Expected update tensors: ``<m>.A`` (r, in), ``<m>.B_rows`` (k, r), ``<m>.rows`` (k,), the head; for
         full fine-tuning ``<param>.delta`` of every parameter."""
         if self.training == "full":
-            return {f"{name}{DELTA_SUFFIX}": shape for name, shape in spec.full_params.items()}
+            return {delta_name(name): shape for name, shape in spec.full_params.items()}
         shapes: dict[str, tuple[int | None, ...]] = {}
         for name, r in self.ranks.items():
             m = spec.modules[name]
-            shapes[f"{name}.A"] = (r, m.in_features)
-            shapes[f"{name}.B_rows"] = (None, r)
-            shapes[f"{name}.rows"] = (None,)
+            shapes[a_name(name)] = (r, m.in_features)
+            shapes[b_rows_name(name)] = (None, r)
+            shapes[rows_name(name)] = (None,)
         shapes.update(spec.head_shapes)
         return shapes
 
@@ -217,50 +223,18 @@ class UpdateHeader:
     seq: int
 
 
-def _peek_safetensors_header(payload: bytes) -> dict[str, Any] | None:
-    """The safetensors JSON header of an update envelope's body, or None (see :func:`peek_update_header`)."""
-    try:
-        if len(payload) < 16 or bytes(payload[:4]) != b"FHFT" or payload[5] != 1:
-            return None
-        flags = payload[6]
-        (body_len,) = struct.unpack_from("<I", payload, 8)
-        body = memoryview(payload)[16 : 16 + body_len]
-        if flags & 0x01:
-            inflater = zlib.decompressobj()
-            out = b""
-            for start in range(0, len(body), 16384):  # inflate chunk by chunk, only as far as the header
-                out += inflater.decompress(body[start : start + 16384], PEEK_LIMIT + 8 - len(out))
-                if len(out) >= 8 and len(out) >= 8 + struct.unpack_from("<Q", out)[0]:
-                    break
-                if len(out) >= PEEK_LIMIT + 8:
-                    return None
-            (header_len,) = struct.unpack_from("<Q", out)
-            text = out[8 : 8 + header_len]
-        else:
-            (header_len,) = struct.unpack_from("<Q", body)
-            if header_len > PEEK_LIMIT:
-                return None
-            text = bytes(body[8 : 8 + header_len])
-        doc = json.loads(text)
-    except (ValueError, KeyError, TypeError, IndexError, struct.error, zlib.error, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def peek_update_header(payload: bytes) -> UpdateHeader | None:
     """task, client_id and seq of an update envelope, or None when they cannot be read.
 
-    Reads the documented envelope (16-byte header, zlib body) and the safetensors JSON header at the
-    start of the body, inflating at most PEEK_LIMIT bytes, so it is cheap even for an oversized payload.
-    Nothing here is trusted: the full decode checks everything again.
+    Reads only the header at the start of the body (fedhft.protocol.body.peek_header), so it is cheap even
+    for an oversized payload. Nothing here is trusted: the full decode checks everything again.
     """
-    doc = _peek_safetensors_header(payload)
-    if doc is None:
+    peeked = peek_header(payload, KIND_UPDATE)
+    if peeked is None or peeked.fields is None:
         return None
     try:
-        header = json.loads(doc["__metadata__"]["fedhft"])["header"]
-        task, client_id, seq = header["task"], header["client_id"], header["seq"]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        task, client_id, seq = peeked.fields["task"], peeked.fields["client_id"], peeked.fields["seq"]
+    except KeyError:
         return None
     if id_problem(task) or id_problem(client_id):
         return None
@@ -309,19 +283,19 @@ def decode_checked(payload: bytes, spec: GlobalSpec, plan: ClientPlan, task: str
         )
     except ProtocolError as exc:
         if isinstance(exc, (UnknownTensor, MissingTensor)):
-            mismatch = training_mismatch(plan, _peek_safetensors_header(payload))
+            peeked = peek_header(payload, KIND_UPDATE)
+            mismatch = training_mismatch(plan, peeked.tensor_names if peeked is not None else ())
             if mismatch:
                 raise UpdateRejected(WRONG_TRAINING, mismatch) from exc
         raise UpdateRejected(reason_for(exc), str(exc)) from exc
 
 
-def training_mismatch(plan: ClientPlan, st_header: Mapping[str, Any] | None) -> str | None:
-    """Why an update's tensor names (from its safetensors header) are the other training kind than the plan's:
+def training_mismatch(plan: ClientPlan, names: Sequence[str]) -> str | None:
+    """Why an update's tensor names (from its peeked header) are the other training kind than the plan's:
     dense ``<param>.delta`` from a LoRA client or LoRA tensors from a full fine-tuning client; None otherwise."""
-    names = [n for n in (st_header or {}) if n != "__metadata__" and "#" not in n]
     if not names:
         return None
-    dense = [n.endswith(DELTA_SUFFIX) for n in names]
+    dense = [is_delta_name(n) for n in names]
     if plan.training == "full" and not any(dense):
         return "client registered full fine-tuning (<param>.delta for every parameter) but sent LoRA tensors"
     if plan.training != "full" and all(dense):
@@ -339,21 +313,16 @@ def check_version(base_version: int, current: int, max_staleness: int) -> None:
         )
 
 
-def module_names(tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """The adapted modules of an update's tensors (names ending in .A)."""
-    return sorted(name[:-2] for name in tensors if name.endswith(".A"))
-
-
 def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
     """L2 norm of every rebuilt ΔW row, B_rows @ A, over all modules, and of every dense ``<param>.delta``.
 
     Uses ||B A||_F^2 = sum((B^T B) * (A A^T)), which costs r x r products instead of the k x in rows.
     """
-    dense = (np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.endswith(DELTA_SUFFIX))
+    dense = (np.asarray(v, dtype=np.float64) for v in dense_deltas(tensors).values())
     total = sum(float(np.sum(np.square(v))) for v in dense)
     for name in module_names(tensors):
-        a = np.asarray(tensors[f"{name}.A"], dtype=np.float32)
-        b = np.asarray(tensors[f"{name}.B_rows"], dtype=np.float32)
+        a = np.asarray(tensors[a_name(name)], dtype=np.float32)
+        b = np.asarray(tensors[b_rows_name(name)], dtype=np.float32)
         total += float(np.sum((b.T @ b).astype(np.float64) * (a @ a.T).astype(np.float64)))
     return math.sqrt(max(total, 0.0))
 
@@ -363,8 +332,8 @@ def scale_update(tensors: Mapping[str, np.ndarray], scale: float) -> dict[str, n
     out = dict(tensors)
     if scale != 1.0:
         for name in module_names(tensors):
-            out[f"{name}.B_rows"] = (np.asarray(tensors[f"{name}.B_rows"], np.float64) * scale).astype(np.float32)
-        for name in (k for k in tensors if k.endswith(DELTA_SUFFIX)):
+            out[b_rows_name(name)] = (np.asarray(tensors[b_rows_name(name)], np.float64) * scale).astype(np.float32)
+        for name in filter(is_delta_name, tensors):
             out[name] = (np.asarray(tensors[name], np.float64) * scale).astype(np.float32)
     return out
 
@@ -384,16 +353,11 @@ def to_client_update(
     client_id: str, num_samples: int, base_version: int, tensors: Mapping[str, np.ndarray], spec: GlobalSpec
 ) -> ClientUpdate:
     """The aggregation input of one update's tensors (wire factors: ΔW[rows] = B_rows @ A exactly)."""
+    parts = lora_parts(tensors)
     modules = {
-        name: MaskedFactors(
-            A=tensors[f"{name}.A"],
-            B_rows=tensors[f"{name}.B_rows"],
-            rows=tensors[f"{name}.rows"],
-            out_features=spec.modules[name].out_features,
-        )
-        for name in module_names(tensors)
+        name: MaskedFactors(A=f.A, B_rows=f.B_rows, rows=f.rows, out_features=spec.modules[name].out_features)
+        for name, f in parts.modules.items()
     }
-    head = {k: tensors[k] for k in (HEAD_WEIGHT, HEAD_BIAS) if k in tensors}
     return ClientUpdate(
-        client_id=client_id, num_samples=num_samples, base_version=base_version, modules=modules, head=head
+        client_id=client_id, num_samples=num_samples, base_version=base_version, modules=modules, head=parts.head
     )

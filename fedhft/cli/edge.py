@@ -13,7 +13,7 @@ import click
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.signals import stop_on_signals
 from fedhft.edge_runtime.local_train import BACKENDS
-from fedhft.protocol.codec import ENCODINGS
+from fedhft.protocol import ENCODINGS
 
 ARTIFACTS_HELP = "Profile directory written by `fedhft export` (holds manifest.json)."
 DATA_HELP = "Labelled local data: .csv/.tsv with a header, or .jsonl objects."

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhft.edge_runtime.program_spec import atomic_write_bytes
+from fedhft.atomic import atomic_write_bytes
 from fedhft.edge_runtime.trainer import BackendError
 
 STATE_FORMAT = "fedhft-adamw-state"

@@ -9,19 +9,18 @@ importing this module is torch-free. A device without torch runs the native trai
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedhft.edge_runtime.adamw import AdamW, load_train_state, save_train_state
-from fedhft.edge_runtime.program_spec import ProgramSpec, load_program_spec, verify_program_files
 from fedhft.edge_runtime.trainer import BackendError, StepResult, check_batch
+from fedhft.logs import quiet_fd2
 from fedhft.protocol.manifest import Manifest, ManifestError, load_manifest, verify_artifacts
+from fedhft.protocol.program_spec import ProgramSpec, load_program_spec, verify_program_files
 
 FORMAT = "executorch"
 
@@ -92,21 +91,6 @@ def chunked_eval(
         losses.append(loss * lg.shape[0])
         logits.append(lg)
     return StepResult(float(sum(losses) / ids.shape[0]), np.concatenate(logits))
-
-
-@contextlib.contextmanager
-def quiet_fd2() -> Iterator[None]:
-    """Silence native logging on fd 2 (ExecuTorch's cpuinfo probe prints on load)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 class ExecuTorchTrainer:

@@ -23,7 +23,7 @@ from fedhft.edge_runtime.masking import (
     model_to_params,
 )
 from fedhft.protocol.manifest import Manifest
-from fedhft.protocol.messages import DELTA_SUFFIX
+from fedhft.protocol.tensor_names import delta_name
 
 
 class _HasParameters(Protocol):
@@ -51,7 +51,7 @@ class FullSpec:
 
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
         """Exact shape of every tensor of this device's update message."""
-        return {f"{n}{DELTA_SUFFIX}": s for n, s in self.shapes.items()}
+        return {delta_name(n): s for n, s in self.shapes.items()}
 
 
 AnySpec = AdapterSpec | FullSpec
@@ -65,8 +65,7 @@ def delta_tensors(
 ) -> dict[str, np.ndarray]:
     """The dense update: ``<param>.delta`` = trained ``params`` − the round's ``start`` values, every parameter."""
     return {
-        f"{n}{DELTA_SUFFIX}": (checked(params, n, s) - checked(start, n, s)).astype(np.float32)
-        for n, s in spec.shapes.items()
+        delta_name(n): (checked(params, n, s) - checked(start, n, s)).astype(np.float32) for n, s in spec.shapes.items()
     }
 
 
@@ -79,7 +78,7 @@ def full_params(spec: FullSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, 
         raise AdapterMismatch(f"the model carries tensors that are not parameter deltas of this package: {extra[:3]}")
     out = {}
     for name, shape in spec.shapes.items():
-        value = spec.initial[name] + checked(tensors, f"{name}{DELTA_SUFFIX}", shape)
+        value = spec.initial[name] + checked(tensors, delta_name(name), shape)
         if not np.isfinite(value).all():
             raise AdapterMismatch(f"initial + delta of {name!r} overflows float32")
         out[name] = value

@@ -20,9 +20,7 @@ import numpy as np
 
 from fedhft.errors import FedHFTError
 from fedhft.protocol.manifest import Manifest
-from fedhft.protocol.messages import HEAD_BIAS, HEAD_WEIGHT
-
-HEAD = (HEAD_WEIGHT, HEAD_BIAS)
+from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, rows_name
 
 
 class AdapterMismatch(FedHFTError):
@@ -70,8 +68,8 @@ class AdapterSpec:
         shapes: dict[str, tuple[int, ...]] = dict(self.head_shapes)
         for m in self.modules:
             k = self.kept_rows(m)
-            shapes |= {f"{m.name}.A": (m.rank, m.in_features), f"{m.name}.B_rows": (k, m.rank)}
-            shapes[f"{m.name}.rows"] = (k,)
+            shapes |= {a_name(m.name): (m.rank, m.in_features), b_rows_name(m.name): (k, m.rank)}
+            shapes[rows_name(m.name)] = (k,)
         return shapes
 
     def out_features(self) -> dict[str, int]:
@@ -134,9 +132,9 @@ def build_update_tensors(
         a0, b0 = _lora(m, start)
         s = spec.scaling(m)
         rows = top_rows(delta_change_row_norms(a, b, a0, b0, s), spec.kept_rows(m))
-        out[f"{m.name}.A"] = a.copy()
-        out[f"{m.name}.B_rows"] = (np.float32(s) * b[rows]).astype(np.float32)
-        out[f"{m.name}.rows"] = rows
+        out[a_name(m.name)] = a.copy()
+        out[b_rows_name(m.name)] = (np.float32(s) * b[rows]).astype(np.float32)
+        out[rows_name(m.name)] = rows
     for name, shape in spec.head_shapes.items():
         out[name] = checked_tensor(params, name, shape).copy()
     return out
@@ -150,7 +148,7 @@ def model_to_params(spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> dic
     """
     params: dict[str, np.ndarray] = {}
     for m in spec.modules:
-        name_a, name_b = f"{m.name}.A", f"{m.name}.B"
+        name_a, name_b = a_name(m.name), b_name(m.name)
         if name_a not in tensors or name_b not in tensors:
             raise AdapterMismatch(f"the model lacks module {m.name!r} that this device adapts")
         a = np.asarray(tensors[name_a], dtype=np.float32)
@@ -185,8 +183,8 @@ def params_to_model_tensors(spec: AdapterSpec, params: Mapping[str, np.ndarray])
     out: dict[str, np.ndarray] = {}
     for m in spec.modules:
         a, b = _lora(m, params)
-        out[f"{m.name}.A"] = a.copy()
-        out[f"{m.name}.B"] = (np.float32(spec.scaling(m)) * b).astype(np.float32)
+        out[a_name(m.name)] = a.copy()
+        out[b_name(m.name)] = (np.float32(spec.scaling(m)) * b).astype(np.float32)
     for name, shape in spec.head_shapes.items():
         if name in params:
             out[name] = checked_tensor(params, name, shape).copy()

@@ -9,7 +9,7 @@ an mm's operands stay runtime inputs, so LoRA factors keep training) -> `to_exec
 into writable memory; the frozen (int8) base stays inside the `.pte`.
 
 Files, in `out_dir` (normally `<profile>/executorch/`): `train.pte`, `adapter.ptd`, `program.json`
-(see fedhft.edge_runtime.program_spec).
+(see fedhft.protocol.program_spec).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhft.edge_runtime.program_spec import SPEC_NAME
 from fedhft.errors import FedHFTError
 from fedhft.export.layers import FrozenLinear
 from fedhft.export.model import SequenceClassifier, TrainableTensorInfo
-from fedhft.logs import event
+from fedhft.logs import event, quiet_fd2
+from fedhft.protocol.program_spec import SPEC_NAME
 
 METHOD = "forward"
 PROGRAM_FILE = "train.pte"
@@ -300,8 +300,6 @@ def _write_weights(program: object, dest: Path) -> None:
 
 def _program_parameter_order(pte: Path, ptd: Path) -> list[str]:
     """Load the written program with the ExecuTorch runtime and ask it for its parameter names (in order)."""
-    from fedhft.edge_runtime.executorch_backend import quiet_fd2
-
     with quiet_fd2():  # the runtime's CPU probe prints on first load
         from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
@@ -323,13 +321,13 @@ def _write_spec(
 ) -> Path:
     import executorch.version
 
-    from fedhft.edge_runtime.program_spec import (
+    from fedhft.protocol.manifest import sha256_file
+    from fedhft.protocol.program_spec import (
         ProgramFile,
         ProgramParameter,
         ProgramSpec,
         write_program_spec,
     )
-    from fedhft.protocol.manifest import sha256_file
 
     spec = ProgramSpec(
         method=METHOD,

@@ -42,6 +42,7 @@ from fedhft.protocol.manifest import (
     sha256_file,
     write_manifest,
 )
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT
 
 FORMATS = ("ort", "executorch")
 log = logging.getLogger(__name__)
@@ -237,8 +238,8 @@ def export_profile(
             trainable=_trainable(infos),
             global_adapter=_global_adapter(shape.num_layers, shape.module_dims, opts.max_rank),
             head_shapes={
-                "head.weight": (opts.num_labels, shape.hidden_size),
-                "head.bias": (opts.num_labels,),
+                HEAD_WEIGHT: (opts.num_labels, shape.hidden_size),
+                HEAD_BIAS: (opts.num_labels,),
             },
             artifacts=artifacts,
             extra={"seed": opts.seed, "exported_at": time.time(), "model_dir": str(model_dir)},

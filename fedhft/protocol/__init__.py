@@ -4,21 +4,8 @@ Torch-free by rule: this package runs on edge devices and the server and imports
 safetensors.numpy, cryptography, json, zlib, struct and the standard library.
 """
 
-from fedhft.protocol.codec import (
-    DEFAULT_MAX_BYTES,
-    ENCODINGS,
-    check_model_tensors,
-    check_update_tensors,
-    decode_ack,
-    decode_hello,
-    decode_model,
-    decode_update,
-    encode_ack,
-    encode_hello,
-    encode_model,
-    encode_update,
-    quantization_error,
-)
+from fedhft.protocol.encodings import ENCODINGS, quantization_error
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES
 from fedhft.protocol.errors import (
     BadIndices,
     BadSignature,
@@ -48,10 +35,18 @@ from fedhft.protocol.keychain import (
     encode_key_chain,
     follow_chain,
 )
+from fedhft.protocol.message_codecs import (
+    decode_ack,
+    decode_hello,
+    decode_model,
+    decode_update,
+    encode_ack,
+    encode_hello,
+    encode_model,
+    encode_update,
+)
 from fedhft.protocol.messages import (
     ACK_STATUSES,
-    HEAD_BIAS,
-    HEAD_WEIGHT,
     AckMessage,
     HelloMessage,
     ModelMessage,
@@ -67,6 +62,8 @@ from fedhft.protocol.signing import (
     save_private_key,
     save_public_key,
 )
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT
+from fedhft.protocol.tensor_rules import check_model_tensors, check_update_tensors
 from fedhft.protocol.topics import (
     ack_topic,
     client_filters,

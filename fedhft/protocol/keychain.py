@@ -6,7 +6,7 @@ and the previous key's Ed25519 signature over::
     b"fedhft-key-link-v1\\x00" || index (u32 LE) || previous public key (32 B) || new public key (32 B)
         || created_at (f64 LE)
 
-The server publishes its whole chain, retained, on ``fedhft/v1/<task>/key`` as a *key message*: the codec's
+The server publishes its whole chain, retained, on ``fedhft/v1/<task>/key`` as a *key message*: the
 envelope (kind 5, signed) around the JSON body ``{"task", "created_at", "links": [{"index", "public_key",
 "created_at", "signature"}, ...]}`` (keys and signatures as lowercase hex), signed by the newest key.
 
@@ -27,29 +27,25 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedhft.protocol.codec import (
-    FLAG_SIGNED,
-    KIND_KEY,
-    _as_bytes,
-    _check_recipient,
-    _ident,
-    _int_at_least,
-    _json_dumps,
-    _json_object,
-    _matching,
-    _parse_fields,
-    _timestamp,
-    _unwrap,
-    _wrap,
-)
+from fedhft.protocol.envelope import FLAG_SIGNED, KIND_KEY, as_bytes, unwrap, wrap
 from fedhft.protocol.errors import BadSignature, EncodingError, HeaderError
+from fedhft.protocol.fields import (
+    check_recipient,
+    ident,
+    int_at_least,
+    json_dumps,
+    json_object,
+    matching,
+    parse_fields,
+    timestamp,
+)
 from fedhft.protocol.signing import SIGNATURE_LEN, key_id, public_key_bytes, public_key_from_hex, sign, verify
 
 LINK_CONTEXT = b"fedhft-key-link-v1\x00"
 MAX_LINKS = 1024
 KEY_MAX_BYTES = 1 << 20  # 1024 links are ~300 KB of JSON
 
-_HEX64 = _matching(re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters")
+_HEX64 = matching(re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters")
 _SIG_RE = re.compile(r"(?:[0-9a-f]{128})?")
 
 
@@ -87,7 +83,7 @@ def _signature(value: object, field: str) -> str:
     return value
 
 
-LINK_FIELDS = {"index": _int_at_least(0), "public_key": _HEX64, "created_at": _timestamp, "signature": _signature}
+LINK_FIELDS = {"index": int_at_least(0), "public_key": _HEX64, "created_at": timestamp, "signature": _signature}
 
 
 def _links(value: object, field: str) -> tuple[KeyLink, ...]:
@@ -98,11 +94,11 @@ def _links(value: object, field: str) -> tuple[KeyLink, ...]:
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise HeaderError(f"{field}[{i}] must be an object, got {type(item).__name__}")
-        links.append(KeyLink(**_parse_fields(item, LINK_FIELDS, f"{field}[{i}]")))
+        links.append(KeyLink(**parse_fields(item, LINK_FIELDS, f"{field}[{i}]")))
     return tuple(links)
 
 
-KEY_FIELDS = {"task": _ident, "created_at": _timestamp, "links": _links}
+KEY_FIELDS = {"task": ident, "created_at": timestamp, "links": _links}
 
 
 def link_statement(index: int, previous: Ed25519PublicKey, new: Ed25519PublicKey, created_at: float) -> bytes:
@@ -174,11 +170,11 @@ def encode_key_chain(msg: KeyChainMessage, signing_key: Ed25519PrivateKey) -> by
     if not isinstance(signing_key, Ed25519PrivateKey):
         raise EncodingError(f"signing_key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
     body = _body(msg)
-    parsed = _parse_fields(body, KEY_FIELDS, "key chain")
+    parsed = parse_fields(body, KEY_FIELDS, "key chain")
     verify_links(parsed["links"])
     if parsed["links"][-1].public_key != public_key_bytes(signing_key).hex():
         raise EncodingError("a key chain must be signed by its newest key")
-    return _wrap(KIND_KEY, _json_dumps(body, "key chain").encode("utf-8"), signing_key)
+    return wrap(KIND_KEY, json_dumps(body, "key chain").encode("utf-8"), signing_key)
 
 
 def decode_key_chain(
@@ -188,12 +184,12 @@ def decode_key_chain(
 
     ProtocolError subclasses on any problem (BadSignature for a signature, WrongTask for another task).
     """
-    data = _as_bytes(payload, max_bytes)
-    envelope = _unwrap(data, KIND_KEY, max_bytes)
+    data = as_bytes(payload, max_bytes)
+    envelope = unwrap(data, KIND_KEY, max_bytes)
     if not envelope.flags & FLAG_SIGNED:
         raise BadSignature("key chain message is not signed")
-    header = _parse_fields(_json_object(envelope.raw, "key chain"), KEY_FIELDS, "key chain")
-    _check_recipient(header, {"task": expected_task}, "key chain")
+    header = parse_fields(json_object(envelope.raw, "key chain"), KEY_FIELDS, "key chain")
+    check_recipient(header, {"task": expected_task}, "key chain")
     keys = verify_links(header["links"])
     try:
         verify(data[:-SIGNATURE_LEN], data[-SIGNATURE_LEN:], keys[-1])

@@ -1,4 +1,4 @@
-"""Messages of the fedhft wire protocol (plain dataclasses; codec.py turns them into bytes and back).
+"""Messages of the fedhft wire protocol (plain dataclasses; message_codecs.py turns them into bytes and back).
 
 Tensor naming convention. For each adapted module ``<m>`` (a global module name such as
 ``layers.5.query``; names use ``[A-Za-z0-9._-]``):
@@ -25,6 +25,8 @@ Dense messages (full fine-tuning, the ``fedavg-full`` baseline) carry one tensor
 
 * ``<param>.delta``  float32, the parameter's shape: in an update, trained − received-model values; in a
   model, the global Δθ from the exported initial weights (the device loads initial + Δθ).
+
+fedhft.protocol.tensor_names builds and parses these names.
 """
 
 from __future__ import annotations
@@ -35,11 +37,6 @@ from typing import Any
 import numpy as np
 
 ACK_STATUSES = ("accepted", "rejected", "duplicate")
-HEAD_WEIGHT = "head.weight"
-HEAD_BIAS = "head.bias"
-UPDATE_SUFFIXES = (".A", ".B_rows", ".rows")
-MODEL_SUFFIXES = (".A", ".B")
-DELTA_SUFFIX = ".delta"  # dense messages: <param>.delta for every parameter
 
 
 @dataclass(eq=False)

@@ -25,13 +25,12 @@ from fedhft.edge_runtime.masking import AdapterSpec, model_to_params
 from fedhft.edge_runtime.ort_backend import OrtTrainer
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.logs import event
-from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT, ModelMessage, ProtocolError, decode_model
+from fedhft.protocol import ModelMessage, ProtocolError, decode_model
+from fedhft.protocol.tensor_names import HEAD_NAMES, a_name, b_name, module_names
 from fedhft.protocol.topics import PREFIX
 from fedhft.simulate.traffic import connect_observer
 
 log = logging.getLogger("fedhft.simulate")
-
-HEADS = (HEAD_WEIGHT, HEAD_BIAS)
 
 
 def evaluator_plan(plans: list[LoraPlan], clusters: int = 1) -> LoraPlan:
@@ -67,13 +66,13 @@ def mix_cluster_models(models: Mapping[int, Mapping[str, np.ndarray]], weights: 
     ks = sorted(models)
     w = np.asarray(weights, dtype=np.float64)[ks]
     w = w / w.sum() if w.sum() > 0 else np.full(len(ks), 1.0 / len(ks))
-    modules = sorted({n[: -len(".A")] for k in ks for n in models[k] if n.endswith(".A")})
+    modules = sorted({m for k in ks for m in module_names(models[k])})
     out: dict[str, np.ndarray] = {}
     for m in modules:
-        present = [(wc, models[k]) for wc, k in zip(w, ks, strict=True) if f"{m}.A" in models[k]]
-        out[f"{m}.A"] = np.concatenate([t[f"{m}.A"] for _, t in present], axis=0).astype(np.float32)
-        out[f"{m}.B"] = np.concatenate([wc * t[f"{m}.B"] for wc, t in present], axis=1).astype(np.float32)
-    for h in HEADS:
+        present = [(wc, models[k]) for wc, k in zip(w, ks, strict=True) if a_name(m) in models[k]]
+        out[a_name(m)] = np.concatenate([t[a_name(m)] for _, t in present], axis=0).astype(np.float32)
+        out[b_name(m)] = np.concatenate([wc * t[b_name(m)] for wc, t in present], axis=1).astype(np.float32)
+    for h in HEAD_NAMES:
         present = [(wc, models[k][h]) for wc, k in zip(w, ks, strict=True) if h in models[k]]
         if present:
             total = sum(wc for wc, _ in present)
@@ -183,11 +182,11 @@ class Evaluator:
         assert self.spec is not None
         full = dict(tensors)
         for m in self.spec.modules:
-            if f"{m.name}.A" not in full:
-                full[f"{m.name}.A"] = np.zeros((1, m.in_features), np.float32)
-                full[f"{m.name}.B"] = np.zeros((m.out_features, 1), np.float32)
+            if a_name(m.name) not in full:
+                full[a_name(m.name)] = np.zeros((1, m.in_features), np.float32)
+                full[b_name(m.name)] = np.zeros((m.out_features, 1), np.float32)
         params = model_to_params(self.spec, full)
-        for h in HEADS:  # a model without a head (version 0) keeps the exported head
+        for h in HEAD_NAMES:  # a model without a head (version 0) keeps the exported head
             params.setdefault(h, self._initial[h])
         return params
 

@@ -51,7 +51,8 @@ from fedhft.protocol import (
     public_key_to_hex,
     save_private_key,
 )
-from fedhft.protocol.codec import FLAG_SIGNED, KIND_KEY, _json_dumps, _wrap
+from fedhft.protocol.envelope import FLAG_SIGNED, KIND_KEY, wrap
+from fedhft.protocol.fields import json_dumps
 from fedhft.protocol.keychain import KeyLink, extend_chain, genesis_link, link_statement, verify_links
 from fedhft.protocol.mqtt import make_client
 from fedhft.protocol.signing import sign
@@ -312,7 +313,7 @@ def encode_key_chain_unchecked(msg: KeyChainMessage, key: object) -> bytes:
         "created_at": msg.created_at,
         "links": [asdict(link) for link in msg.links],
     }
-    return _wrap(KIND_KEY, _json_dumps(body, "key chain").encode(), key)  # type: ignore[arg-type]
+    return wrap(KIND_KEY, json_dumps(body, "key chain").encode(), key)  # type: ignore[arg-type]
 
 
 def _retained(port: int, topic: str) -> bytes:

@@ -17,6 +17,7 @@ from fedhft.broker_server.service import Inbound, Server, ServerConfig
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.tensor_names import a_name, b_rows_name
 from tests.support.server import SHA, encode_unchecked, update_message, update_tensors
 
 TASK = "offline"
@@ -156,10 +157,10 @@ def test_bad_updates_are_rejected_with_their_reason(make_server: Callable, tiny:
     server.handle_batch([hello("a", plan_json)])
     nan = update_tensors(rng, spec, plan)
     m0, r0 = next(iter(plan.ranks.items()))
-    nan[f"{m0}.A"][0, 0] = np.nan
+    nan[a_name(m0)][0, 0] = np.nan
     wrong = update_tensors(rng, spec, plan)
-    wrong[f"{m0}.A"] = wrong[f"{m0}.A"][: r0 - 1]  # one rank short of the plan
-    wrong[f"{m0}.B_rows"] = wrong[f"{m0}.B_rows"][:, : r0 - 1]
+    wrong[a_name(m0)] = wrong[a_name(m0)][: r0 - 1]  # one rank short of the plan
+    wrong[b_rows_name(m0)] = wrong[b_rows_name(m0)][:, : r0 - 1]
     big = update_tensors(rng, spec, plan) | {
         "layers.9.query.A": np.zeros((16, 40000), np.float32),
         "layers.9.query.B_rows": np.zeros((1, 16), np.float32),

@@ -16,6 +16,7 @@ from fedhft.broker_server.clustering import adjusted_rand_index
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
 from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
 from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, rows_name
 from tests.support import ROOT
 from tests.support.server import (
     Hub,
@@ -77,7 +78,7 @@ def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shap
     assert wait_until(lambda: all(version_of(hub, f"client/{c}") == 0 for c in plans), 10)
     for cid, plan in cplans.items():  # version 0 on registration: ΔW = 0 (B = 0, trainable A), no head yet
         msg = decode_model(hub.latest_model(f"client/{cid}"), verify_key=key, expected_target=f"client/{cid}")
-        assert all(not msg.tensors[f"{n}.B"].any() and msg.tensors[f"{n}.A"].any() for n in plan.ranks)
+        assert all(not msg.tensors[b_name(n)].any() and msg.tensors[a_name(n)].any() for n in plan.ranks)
         assert "head.weight" not in msg.tensors
     rng = np.random.default_rng(0)
     sent = {cid: update_tensors(rng, spec, cplans[cid]) for cid in plans}
@@ -92,18 +93,18 @@ def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shap
             hub.latest_model(f"client/{cid}"), verify_key=key, expected_task=TASK, expected_target=f"client/{cid}"
         )
         assert msg.version == 1
-        want = {f"{n}.A": (r, spec.modules[n].in_features) for n, r in plan.ranks.items()}
-        want |= {f"{n}.B": (spec.modules[n].out_features, r) for n, r in plan.ranks.items()}
+        want = {a_name(n): (r, spec.modules[n].in_features) for n, r in plan.ranks.items()}
+        want |= {b_name(n): (spec.modules[n].out_features, r) for n, r in plan.ranks.items()}
         want |= dict(spec.head_shapes)
         assert {k: v.shape for k, v in msg.tensors.items()} == want
         for name, r in plan.ranks.items():
             u, s, vt = np.linalg.svd(expected.modules[name])
-            got = msg.tensors[f"{name}.B"].astype(np.float64) @ msg.tensors[f"{name}.A"]
+            got = msg.tensors[b_name(name)].astype(np.float64) @ msg.tensors[a_name(name)]
             np.testing.assert_allclose(got, (u[:, :r] * s[:r]) @ vt[:r], atol=1e-4)
     cluster = decode_model(hub.latest_model("cluster/0"), verify_key=key, expected_target="cluster/0")
     assert cluster.version == 1
     for name in cplans["r8"].ranks:  # cluster models carry every module at the global max rank R
-        assert cluster.tensors[f"{name}.A"].shape == (spec.modules[name].max_rank, spec.modules[name].in_features)
+        assert cluster.tensors[a_name(name)].shape == (spec.modules[name].max_rank, spec.modules[name].in_features)
     with pytest.raises(BadSignature):
         decode_model(hub.latest_model("cluster/0"), verify_key=generate_keypair()[1])
     for cid in plans:  # second round from version 1: versions only grow
@@ -193,9 +194,9 @@ def test_bad_updates_are_rejected_counted_and_leave_the_model_alone(env) -> None
     model_before = hub.latest_model("client/a")
     nan = update_tensors(rng, spec, plan)
     first, last = sorted(plan.ranks)[0], sorted(plan.ranks)[-1]
-    nan[f"{first}.B_rows"][0, 0] = np.inf
+    nan[b_rows_name(first)][0, 0] = np.inf
     wrong = update_tensors(rng, spec, plan)
-    del wrong[f"{last}.A"], wrong[f"{last}.B_rows"], wrong[f"{last}.rows"]  # a planned module is missing
+    del wrong[a_name(last)], wrong[b_rows_name(last)], wrong[rows_name(last)]  # a planned module is missing
     huge = update_tensors(rng, spec, plan) | {
         "layers.7.query.A": rng.standard_normal((16, 60000)).astype(np.float32),
         "layers.7.query.B_rows": np.zeros((1, 16), np.float32),

@@ -26,6 +26,7 @@ from fedhft.broker_server.validation import (
 from fedhft.protocol import encode_update
 from fedhft.protocol.mqtt import BrokerAddress
 from fedhft.protocol.mqtt import parse_broker_url as parse_url
+from fedhft.protocol.tensor_names import a_name, b_rows_name
 from tests.support.server import plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
@@ -79,7 +80,7 @@ def test_delta_norm_is_the_norm_of_the_rebuilt_rows_and_clipping_scales_to_it() 
     rng = np.random.default_rng(1)
     plan = ClientPlan.from_plan(plan_dict([0, 1], 3, ["query", "ffn_in"], 0.5), SPEC)
     t = update_tensors(rng, SPEC, plan, scale=1.0)
-    dense = [t[f"{m}.B_rows"].astype(np.float64) @ t[f"{m}.A"] for m in plan.ranks]
+    dense = [t[b_rows_name(m)].astype(np.float64) @ t[a_name(m)] for m in plan.ranks]
     want = np.sqrt(sum((d**2).sum() for d in dense))
     assert delta_norm(t) == pytest.approx(want, rel=1e-5)
     clipped, scale = clip_update(t, want / 4)

@@ -28,8 +28,9 @@ from fedhft.edge_runtime.local_train import open_trainer
 from fedhft.edge_runtime.masking import AdapterSpec
 from fedhft.edge_runtime.mqtt_link import Delivered, LinkUp, MqttLink
 from fedhft.protocol import generate_keypair
-from fedhft.protocol.codec import FLAG_SIGNED
+from fedhft.protocol.envelope import FLAG_SIGNED
 from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, rows_name
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support import ROOT
 from tests.support.mosquitto import Mosquitto
@@ -127,14 +128,14 @@ def test_client_registers_trains_and_sends_a_masked_update(fed: Fed) -> None:
     assert (upd.seq, upd.base_version, upd.num_samples) == (0, 1, 5 * 8)
     assert upd.manifest_sha256 == hello.manifest_sha256 and np.isfinite(upd.loss)
     for m in fed.spec.modules:
-        rows = upd.tensors[f"{m.name}.rows"]
+        rows = upd.tensors[rows_name(m.name)]
         assert len(rows) == int(np.ceil(manifest.mask_ratio * m.out_features))
-        assert upd.tensors[f"{m.name}.A"].shape == (m.rank, m.in_features)
+        assert upd.tensors[a_name(m.name)].shape == (m.rank, m.in_features)
         # trained for 5 small steps from the received model: A and the (scaled) B rows stay near it
-        a_model = fed.model[f"{m.name}.A"][: m.rank]
-        b_model = fed.model[f"{m.name}.B"][rows, : m.rank]
-        assert np.abs(upd.tensors[f"{m.name}.A"] - a_model).max() < 0.02
-        assert np.abs(upd.tensors[f"{m.name}.B_rows"] - b_model).max() < 0.02 * fed.spec.scaling(m)
+        a_model = fed.model[a_name(m.name)][: m.rank]
+        b_model = fed.model[b_name(m.name)][rows, : m.rank]
+        assert np.abs(upd.tensors[a_name(m.name)] - a_model).max() < 0.02
+        assert np.abs(upd.tensors[b_rows_name(m.name)] - b_model).max() < 0.02 * fed.spec.scaling(m)
     state = json.loads((fed.tmp / "state-c1" / "state.json").read_text())
     assert (state["next_seq"], state["model_version"], state["trained_version"]) == (1, 1, 1)
     assert not list((fed.tmp / "state-c1" / "outbox").iterdir())

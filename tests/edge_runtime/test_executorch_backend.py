@@ -193,7 +193,8 @@ def test_manifest_sha256_is_checked_when_it_lists_executorch(profile: Path, tmp_
 def test_backend_module_is_torch_free_until_used(profile: Path) -> None:
     code = f"""
 import json, sys
-from fedhft.edge_runtime import executorch_backend, adamw, program_spec, native_backend
+from fedhft.edge_runtime import executorch_backend, adamw, native_backend
+from fedhft.protocol import program_spec
 from fedhft.edge_runtime.trainer import BackendError
 try:
     executorch_backend.ExecuTorchTrainer({str(profile)!r})

@@ -22,6 +22,7 @@ from fedhft.edge_runtime.masking import (
 from fedhft.protocol import decode_model, decode_update, encode_model, encode_update, generate_keypair
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.messages import ModelMessage, UpdateMessage
+from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, rows_name
 
 SPEC = AdapterSpec(
     modules=(
@@ -77,17 +78,19 @@ def test_update_shapes_rows_and_scaled_b_rows() -> None:
     assert {k: v.shape for k, v in t.items()} == SPEC.update_shapes()
     for m in SPEC.modules:
         s = SPEC.alpha / m.rank
-        rows = t[f"{m.name}.rows"]
+        rows = t[rows_name(m.name)]
         assert len(rows) == math.ceil(0.25 * m.out_features) and rows.dtype == np.int32
         assert (np.diff(rows) > 0).all()
         a, b = end[f"{m.name}.lora_A"], end[f"{m.name}.lora_B"]
         a0, b0 = start[f"{m.name}.lora_A"], start[f"{m.name}.lora_B"]
         change = np.linalg.norm(s * (b.astype(np.float64) @ a - b0.astype(np.float64) @ a0), axis=1)
         assert set(rows.tolist()) == set(np.argsort(-change)[: len(rows)].tolist())
-        np.testing.assert_array_equal(t[f"{m.name}.A"], a)
-        np.testing.assert_array_equal(t[f"{m.name}.B_rows"], (np.float32(s) * b[rows]).astype(np.float32))
+        np.testing.assert_array_equal(t[a_name(m.name)], a)
+        np.testing.assert_array_equal(t[b_rows_name(m.name)], (np.float32(s) * b[rows]).astype(np.float32))
         # what the server rebuilds is this device's ΔW rows, (alpha / r) · B · A
-        np.testing.assert_allclose(t[f"{m.name}.B_rows"] @ t[f"{m.name}.A"], (s * (b @ a))[rows], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            t[b_rows_name(m.name)] @ t[a_name(m.name)], (s * (b @ a))[rows], rtol=1e-6, atol=1e-7
+        )
     np.testing.assert_array_equal(t["head.weight"], end["head.weight"])
 
 
@@ -96,10 +99,10 @@ def test_mask_ratio_one_sends_every_row_and_the_full_delta() -> None:
     start, end = _params(spec, 0), _params(spec, 1)
     t = build_update_tensors(spec, end, start)
     for m in spec.modules:
-        assert t[f"{m.name}.rows"].tolist() == list(range(m.out_features))
+        assert t[rows_name(m.name)].tolist() == list(range(m.out_features))
         s = spec.alpha / m.rank
         delta = s * end[f"{m.name}.lora_B"].astype(np.float64) @ end[f"{m.name}.lora_A"]
-        np.testing.assert_allclose(t[f"{m.name}.B_rows"] @ t[f"{m.name}.A"], delta, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(t[b_rows_name(m.name)] @ t[a_name(m.name)], delta, rtol=1e-6, atol=1e-7)
 
 
 def test_the_change_not_the_value_picks_the_rows() -> None:
@@ -123,8 +126,8 @@ def test_model_to_params_truncates_and_unfolds_the_scaling() -> None:
     rng = np.random.default_rng(2)
     model: dict[str, np.ndarray] = {}
     for m in SPEC.modules:
-        model[f"{m.name}.A"] = rng.normal(size=(m.max_rank, m.in_features)).astype(np.float32)
-        model[f"{m.name}.B"] = rng.normal(size=(m.out_features, m.max_rank)).astype(np.float32)
+        model[a_name(m.name)] = rng.normal(size=(m.max_rank, m.in_features)).astype(np.float32)
+        model[b_name(m.name)] = rng.normal(size=(m.out_features, m.max_rank)).astype(np.float32)
     model["layers.9.key.A"] = np.ones((8, 5), np.float32)  # a module this device does not adapt: ignored
     model["layers.9.key.B"] = np.ones((5, 8), np.float32)
     params = model_to_params(SPEC, model)
@@ -133,9 +136,9 @@ def test_model_to_params_truncates_and_unfolds_the_scaling() -> None:
         s = SPEC.alpha / m.rank
         a, b = params[f"{m.name}.lora_A"], params[f"{m.name}.lora_B"]
         assert a.shape == (m.rank, m.in_features) and b.shape == (m.out_features, m.rank)
-        np.testing.assert_array_equal(a, model[f"{m.name}.A"][: m.rank])
+        np.testing.assert_array_equal(a, model[a_name(m.name)][: m.rank])
         # the device's ΔW is the best rank-r part of the model's ΔW (first r components)
-        want = model[f"{m.name}.B"][:, : m.rank].astype(np.float64) @ model[f"{m.name}.A"][: m.rank]
+        want = model[b_name(m.name)][:, : m.rank].astype(np.float64) @ model[a_name(m.name)][: m.rank]
         np.testing.assert_allclose(s * (b.astype(np.float64) @ a), want, rtol=1e-5, atol=1e-6)
 
 
@@ -150,7 +153,10 @@ def test_model_params_wire_round_trip_is_exact_in_delta() -> None:
     again = params_to_model_tensors(SPEC, back)
     for m in SPEC.modules:
         np.testing.assert_allclose(
-            again[f"{m.name}.B"] @ again[f"{m.name}.A"], wire[f"{m.name}.B"] @ wire[f"{m.name}.A"], rtol=1e-5, atol=1e-7
+            again[b_name(m.name)] @ again[a_name(m.name)],
+            wire[b_name(m.name)] @ wire[a_name(m.name)],
+            rtol=1e-5,
+            atol=1e-7,
         )
 
 
@@ -164,10 +170,10 @@ def test_lower_rank_models_are_zero_padded_and_bad_models_are_refused() -> None:
     params = model_to_params(SPEC, model)
     assert (params[f"{m.name}.lora_A"][2:] == 0).all() and (params[f"{m.name}.lora_B"][:, 2:] == 0).all()
     missing = dict(model)
-    del missing[f"{m.name}.B"]
+    del missing[b_name(m.name)]
     with pytest.raises(AdapterMismatch, match="lacks module"):
         model_to_params(SPEC, missing)
-    wrong = dict(model, **{f"{m.name}.A": np.ones((2, 31), np.float32)})
+    wrong = dict(model, **{a_name(m.name): np.ones((2, 31), np.float32)})
     with pytest.raises(AdapterMismatch, match="do not fit"):
         model_to_params(SPEC, wrong)
     with pytest.raises(AdapterMismatch, match="only"):
@@ -183,4 +189,4 @@ def test_spec_from_the_exported_manifest(tiny_export: Path) -> None:
     for m in spec.modules:
         assert by_name[f"{m.name}.lora_A"].shape == (m.rank, m.in_features)
         assert by_name[f"{m.name}.lora_B"].shape == (m.out_features, m.rank)
-        assert spec.update_shapes()[f"{m.name}.rows"] == (math.ceil(manifest.mask_ratio * m.out_features),)
+        assert spec.update_shapes()[rows_name(m.name)] == (math.ceil(manifest.mask_ratio * m.out_features),)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhft.edge_runtime.program_spec import load_program_spec, verify_program_files
 from fedhft.export.executorch_export import (
     TransposedFrozenLinear,
     export_executorch,
@@ -17,6 +16,7 @@ from fedhft.export.executorch_export import (
 )
 from fedhft.export.layers import FrozenLinear
 from fedhft.protocol.manifest import load_manifest, sha256_file, verify_artifacts
+from fedhft.protocol.program_spec import load_program_spec, verify_program_files
 from tests.support.executorch_builds import MAX_SEQ_LEN, NUM_LABELS, both_formats
 
 

@@ -1,4 +1,4 @@
-"""Round trips and validation rules of fedhft.protocol.codec."""
+"""Round trips and validation rules of the fedhft.protocol message codecs."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from fedhft.protocol import (
     WrongMessageKind,
     WrongRecipient,
     WrongTask,
-    codec,
     decode_ack,
     decode_hello,
     decode_model,
@@ -47,6 +46,10 @@ from fedhft.protocol import (
     generate_keypair,
     quantization_error,
 )
+from fedhft.protocol.encodings import encode_index
+from fedhft.protocol.envelope import KIND_UPDATE, wrap
+from fedhft.protocol.fields import UPDATE_FIELDS
+from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, is_rows_name, rows_name
 
 SHA = "ab" * 32
 MODULES = ("layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value")
@@ -56,9 +59,9 @@ R, IN, OUT, K, LABELS = 8, 384, 384, 192, 5
 def make_tensors(rng: np.random.Generator, k: int = K) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for m in MODULES:
-        tensors[f"{m}.A"] = rng.normal(0, 0.02, (R, IN)).astype(np.float32)
-        tensors[f"{m}.B_rows"] = rng.normal(0, 0.02, (k, R)).astype(np.float32)
-        tensors[f"{m}.rows"] = np.sort(rng.choice(OUT, k, replace=False)).astype(np.int32)
+        tensors[a_name(m)] = rng.normal(0, 0.02, (R, IN)).astype(np.float32)
+        tensors[b_rows_name(m)] = rng.normal(0, 0.02, (k, R)).astype(np.float32)
+        tensors[rows_name(m)] = np.sort(rng.choice(OUT, k, replace=False)).astype(np.int32)
     tensors["head.weight"] = rng.normal(0, 0.02, (LABELS, IN)).astype(np.float32)
     tensors["head.bias"] = rng.normal(0, 0.02, (LABELS,)).astype(np.float32)
     return tensors
@@ -85,8 +88,8 @@ def make_update(**overrides: Any) -> UpdateMessage:
 def make_model_tensors(rng: np.random.Generator, rank: int = 16) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for m in MODULES[:2]:
-        tensors[f"{m}.A"] = rng.normal(0, 0.02, (rank, IN)).astype(np.float32)
-        tensors[f"{m}.B"] = rng.normal(0, 0.02, (OUT, rank)).astype(np.float32)
+        tensors[a_name(m)] = rng.normal(0, 0.02, (rank, IN)).astype(np.float32)
+        tensors[b_name(m)] = rng.normal(0, 0.02, (OUT, rank)).astype(np.float32)
     tensors["head.weight"] = rng.normal(0, 0.02, (LABELS, IN)).astype(np.float32)
     tensors["head.bias"] = np.zeros(LABELS, np.float32)
     return tensors
@@ -107,7 +110,7 @@ def make_model(**overrides: Any) -> ModelMessage:
 
 
 def update_header(msg: UpdateMessage) -> dict[str, Any]:
-    return {name: getattr(msg, name) for name in codec.UPDATE_FIELDS}
+    return {name: getattr(msg, name) for name in UPDATE_FIELDS}
 
 
 def forge(
@@ -119,7 +122,7 @@ def forge(
 ) -> bytes:
     """A payload built without the encoder's validation (json.dumps lets NaN through)."""
     meta = json.dumps({"header": header, "tensors": encodings})
-    return codec._wrap(kind, bytes(st_save(stored, metadata={"fedhft": meta})), signing_key)
+    return wrap(kind, bytes(st_save(stored, metadata={"fedhft": meta})), signing_key)
 
 
 def forge_update(header: dict[str, Any] | None = None, **tensors: np.ndarray) -> bytes:
@@ -127,7 +130,7 @@ def forge_update(header: dict[str, Any] | None = None, **tensors: np.ndarray) ->
     header = header if header is not None else update_header(make_update())
     tensors = {k.replace("__", "."): v for k, v in tensors.items()}
     encodings = {k: ("index" if v.dtype.kind in "iu" else "fp32") for k, v in tensors.items()}
-    return forge(codec.KIND_UPDATE, header, tensors, encodings)
+    return forge(KIND_UPDATE, header, tensors, encodings)
 
 
 def small_module(rows: list[int] | np.ndarray, a_rank: int = 2, b_rank: int = 2) -> dict[str, np.ndarray]:
@@ -151,7 +154,7 @@ def envelope(kind: int, raw: bytes, *, version: int = 1, flags: int = 1, declare
 def test_update_fp32_round_trip_is_exact() -> None:
     msg = make_update()
     back = decode_update(encode_update(msg, "fp32"))
-    for field in codec.UPDATE_FIELDS:
+    for field in UPDATE_FIELDS:
         assert getattr(back, field) == getattr(msg, field), field
     assert set(back.tensors) == set(msg.tensors)
     for name, arr in msg.tensors.items():
@@ -164,7 +167,7 @@ def test_update_fp16_round_trip_within_half_precision() -> None:
     back = decode_update(encode_update(msg, "fp16"))
     for name, arr in msg.tensors.items():
         got = back.tensors[name]
-        if name.endswith(".rows"):
+        if is_rows_name(name):
             np.testing.assert_array_equal(got, arr)
             assert got.dtype == np.int32
             continue
@@ -179,7 +182,7 @@ def test_update_int8_round_trip_within_half_a_step_per_row() -> None:
     back = decode_update(encode_update(msg, "int8"))
     for name, arr in msg.tensors.items():
         got = back.tensors[name]
-        if name.endswith(".rows"):
+        if is_rows_name(name):
             np.testing.assert_array_equal(got, arr)
             continue
         rows = arr.reshape(arr.shape[0], -1) if arr.ndim == 2 else arr.reshape(1, -1)
@@ -209,7 +212,7 @@ def test_update_with_zero_rows_and_no_head_round_trips() -> None:
 
 def test_row_indices_stored_narrow_restored_int32() -> None:
     for peak, stored in ((200, np.uint8), (60_000, np.uint16), (70_000, np.int32)):
-        assert codec._encode_index(np.array([0, peak], np.int32)).dtype == stored
+        assert encode_index(np.array([0, peak], np.int32)).dtype == stored
         big = make_update(tensors={**small_tensors([1, peak])})
         back = decode_update(encode_update(big, "fp32"))
         assert back.tensors["m.rows"].dtype == np.int32
@@ -224,8 +227,8 @@ def test_expected_shapes_accept_none_dimensions() -> None:
     msg = make_update()
     shapes = {name: arr.shape for name, arr in msg.tensors.items()}
     for m in MODULES:
-        shapes[f"{m}.B_rows"] = (None, R)
-        shapes[f"{m}.rows"] = (None,)
+        shapes[b_rows_name(m)] = (None, R)
+        shapes[rows_name(m)] = (None,)
     out = dict.fromkeys(MODULES, OUT)
     back = decode_update(encode_update(msg), expected_shapes=shapes, out_features=out)
     assert set(back.tensors) == set(shapes)
@@ -391,7 +394,7 @@ def test_float_tensor_must_be_float() -> None:
 def test_index_encoding_must_fit_the_name() -> None:
     tensors = small_module([0])
     payload = forge(
-        codec.KIND_UPDATE,
+        KIND_UPDATE,
         update_header(make_update()),
         {k.replace("__", "."): v for k, v in tensors.items()},
         {"m.A": "index", "m.B_rows": "fp32", "m.rows": "index"},
@@ -437,19 +440,19 @@ def test_forged_fp16_inf_and_int8_scales_are_caught() -> None:
     half = stored | {"m.A": np.full((2, 3), np.inf, np.float16)}
     encodings = {"m.A": "fp16", "m.B_rows": "fp32", "m.rows": "index"}
     with pytest.raises(NonFiniteTensor, match="'m.A'"):
-        decode_update(forge(codec.KIND_UPDATE, header, half, encodings))
+        decode_update(forge(KIND_UPDATE, header, half, encodings))
     q = stored | {"m.A": np.ones((2, 3), np.int8), "m.A#scale": np.array([1.0, np.inf], np.float32)}
     encodings = {"m.A": "int8", "m.B_rows": "fp32", "m.rows": "index"}
     with pytest.raises(NonFiniteTensor, match="'m.A'.*scales"):
-        decode_update(forge(codec.KIND_UPDATE, header, q, encodings))
+        decode_update(forge(KIND_UPDATE, header, q, encodings))
     bad_shape = q | {"m.A#scale": np.ones(3, np.float32)}
     with pytest.raises(ShapeMismatch, match="'m.A'.*scales"):
-        decode_update(forge(codec.KIND_UPDATE, header, bad_shape, encodings))
+        decode_update(forge(KIND_UPDATE, header, bad_shape, encodings))
     with pytest.raises(MalformedMessage, match="missing \\['m.A#scale'\\]"):
-        decode_update(forge(codec.KIND_UPDATE, header, stored | {"m.A": q["m.A"]}, encodings))
+        decode_update(forge(KIND_UPDATE, header, stored | {"m.A": q["m.A"]}, encodings))
     wrong_dtype = stored | {"m.A": np.ones((2, 3), np.float32)}
     with pytest.raises(ShapeMismatch, match="'m.A' \\(fp16\\): expected dtype float16"):
-        decode_update(forge(codec.KIND_UPDATE, header, wrong_dtype, {**encodings, "m.A": "fp16"}))
+        decode_update(forge(KIND_UPDATE, header, wrong_dtype, {**encodings, "m.A": "fp16"}))
 
 
 # ---------------------------------------------------------------------------------------- envelope rules
@@ -639,7 +642,8 @@ def test_protocol_imports_with_torch_blocked() -> None:
 
         sys.meta_path.insert(0, Blocker())
         import fedhft.protocol as p
-        import fedhft.protocol.codec, fedhft.protocol.signing, fedhft.protocol.topics  # noqa
+        import fedhft.protocol.message_codecs, fedhft.protocol.signing, fedhft.protocol.topics  # noqa
+        import fedhft.protocol.program_spec  # noqa
         assert not BLOCKED & {m.split(".")[0] for m in sys.modules}, sorted(sys.modules)
         private, public = p.generate_keypair()
         print("ok", len(p.__all__))

@@ -22,7 +22,6 @@ from fedhft.protocol import (
     ModelMessage,
     ProtocolError,
     UpdateMessage,
-    codec,
     decode_ack,
     decode_hello,
     decode_model,
@@ -33,6 +32,10 @@ from fedhft.protocol import (
     encode_update,
     generate_keypair,
 )
+from fedhft.protocol.encodings import ENCODINGS, encode_tensors
+from fedhft.protocol.envelope import KIND_ACK, KIND_HELLO, KIND_MODEL, KIND_UPDATE
+from fedhft.protocol.fields import ACK_FIELDS, HELLO_FIELDS, MODEL_FIELDS, UPDATE_FIELDS
+from fedhft.protocol.tensor_names import scale_name
 
 
 def fuzz(n: int) -> settings:
@@ -77,10 +80,10 @@ HELLO = HelloMessage("t", "c1", "p", SHA, {"rank": 2, "mods": ["m"]}, 3.0)
 ACK = AckMessage("t", "c1", 1, "accepted", "", 4)
 
 SEEDS: list[tuple[int, bytes]] = [
-    *((codec.KIND_UPDATE, encode_update(UPDATE, e)) for e in ("fp32", "fp16", "int8")),
-    *((codec.KIND_MODEL, encode_model(MODEL, PRIVATE, e)) for e in ("fp32", "int8")),
-    (codec.KIND_HELLO, encode_hello(HELLO)),
-    (codec.KIND_ACK, encode_ack(ACK)),
+    *((KIND_UPDATE, encode_update(UPDATE, e)) for e in ("fp32", "fp16", "int8")),
+    *((KIND_MODEL, encode_model(MODEL, PRIVATE, e)) for e in ("fp32", "int8")),
+    (KIND_HELLO, encode_hello(HELLO)),
+    (KIND_ACK, encode_ack(ACK)),
 ]
 RAW_SEEDS = [
     (kind, zlib.decompress(payload[16 : 16 + int.from_bytes(payload[8:12], "little")])) for kind, payload in SEEDS
@@ -241,7 +244,7 @@ def safetensors_header(draw: st.DrawFn) -> bytes:
 
 
 @fuzz(400)
-@given(kind=st.sampled_from([codec.KIND_UPDATE, codec.KIND_MODEL]), raw=safetensors_header())
+@given(kind=st.sampled_from([KIND_UPDATE, KIND_MODEL]), raw=safetensors_header())
 def test_garbage_safetensors_headers(kind: int, raw: bytes) -> None:
     decode_all(envelope(kind, raw))
 
@@ -266,8 +269,8 @@ def rarely(draw: st.DrawFn) -> bool:
     return draw(st.sampled_from(range(20))) == 13
 
 
-UPDATE_HEADER = {name: getattr(UPDATE, name) for name in codec.UPDATE_FIELDS}
-MODEL_HEADER = {name: getattr(MODEL, name) for name in codec.MODEL_FIELDS} | {"key_id": "0" * 16}
+UPDATE_HEADER = {name: getattr(UPDATE, name) for name in UPDATE_FIELDS}
+MODEL_HEADER = {name: getattr(MODEL, name) for name in MODEL_FIELDS} | {"key_id": "0" * 16}
 
 
 @st.composite
@@ -306,8 +309,8 @@ def refill(arr: np.ndarray, values: list[float]) -> np.ndarray:
 @st.composite
 def perturbed_tensors(draw: st.DrawFn, kind: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A valid message's stored tensors and encodings, then up to three perturbations."""
-    base = UPDATE.tensors if kind == codec.KIND_UPDATE else MODEL.tensors
-    stored, encodings = codec._encode_tensors(base, draw(st.sampled_from(codec.ENCODINGS)))
+    base = UPDATE.tensors if kind == KIND_UPDATE else MODEL.tensors
+    stored, encodings = encode_tensors(base, draw(st.sampled_from(ENCODINGS)))
     stored_names = sorted(stored)
     for _ in range(draw(st.sampled_from([0, 1, 1, 2, 3]))):
         op = draw(st.sampled_from(["values", "values", "replace", "drop", "add", "encoding", "rows", "rows"]))
@@ -329,7 +332,7 @@ def perturbed_tensors(draw: st.DrawFn, kind: int) -> tuple[dict[str, np.ndarray]
             rows = draw(rows_tensor())
             stored["m.rows"], stored["m.B_rows"] = rows, np.ones((len(rows), 2), np.float32)
             encodings["m.B_rows"] = "fp32"
-            stored.pop("m.B_rows" + codec.SCALE_SUFFIX, None)
+            stored.pop(scale_name("m.B_rows"), None)
     return stored, encodings
 
 
@@ -337,7 +340,7 @@ def perturbed_tensors(draw: st.DrawFn, kind: int) -> tuple[dict[str, np.ndarray]
 def fedhft_body(draw: st.DrawFn, kind: int) -> bytes:
     """A real safetensors blob: perturbed tensors and a mostly valid fedhft metadata header."""
     stored, encodings = draw(perturbed_tensors(kind))
-    valid_header = UPDATE_HEADER if kind == codec.KIND_UPDATE else MODEL_HEADER
+    valid_header = UPDATE_HEADER if kind == KIND_UPDATE else MODEL_HEADER
     info: Any = {"header": draw(header_dict(valid_header)), "tensors": encodings}
     if rarely(draw):
         info = draw(JSON_VALUE)
@@ -348,17 +351,17 @@ def fedhft_body(draw: st.DrawFn, kind: int) -> bytes:
 
 
 @fuzz(700)
-@given(data=st.data(), kind=st.sampled_from([codec.KIND_UPDATE, codec.KIND_MODEL]))
+@given(data=st.data(), kind=st.sampled_from([KIND_UPDATE, KIND_MODEL]))
 def test_garbage_fedhft_metadata_and_tensors(data: st.DataObject, kind: int) -> None:
     decode_all(envelope(kind, data.draw(fedhft_body(kind))))
 
 
-HELLO_HEADER = {name: getattr(HELLO, name) for name in codec.HELLO_FIELDS}
-ACK_HEADER = {name: getattr(ACK, name) for name in codec.ACK_FIELDS}
+HELLO_HEADER = {name: getattr(HELLO, name) for name in HELLO_FIELDS}
+ACK_HEADER = {name: getattr(ACK, name) for name in ACK_FIELDS}
 
 
 @fuzz(400)
-@given(data=st.data(), kind=st.sampled_from([codec.KIND_HELLO, codec.KIND_ACK]))
+@given(data=st.data(), kind=st.sampled_from([KIND_HELLO, KIND_ACK]))
 def test_garbage_json_bodies(data: st.DataObject, kind: int) -> None:
-    valid = HELLO_HEADER if kind == codec.KIND_HELLO else ACK_HEADER
+    valid = HELLO_HEADER if kind == KIND_HELLO else ACK_HEADER
     decode_all(envelope(kind, json.dumps(data.draw(header_dict(valid))).encode()))

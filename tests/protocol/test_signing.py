@@ -17,7 +17,6 @@ from fedhft.protocol import (
     BadSignature,
     KeyFileError,
     ModelMessage,
-    codec,
     decode_model,
     encode_model,
     generate_keypair,
@@ -29,6 +28,8 @@ from fedhft.protocol import (
     save_private_key,
     save_public_key,
 )
+from fedhft.protocol.envelope import FLAG_SIGNED, KIND_MODEL, wrap
+from fedhft.protocol.fields import MODEL_FIELDS
 
 
 def small_model(version: int = 3) -> ModelMessage:
@@ -122,7 +123,7 @@ def test_key_file_errors_name_the_file(tmp_path: Path) -> None:
 def test_signed_model_verifies(signed: bytes, keys: tuple) -> None:
     msg = decode_model(signed, verify_key=keys[1])
     assert msg.key_id == key_id(keys[1]) and msg.version == 3
-    assert signed[6] & codec.FLAG_SIGNED
+    assert signed[6] & FLAG_SIGNED
 
 
 def test_every_single_byte_tamper_is_bad_signature(signed: bytes, keys: tuple) -> None:
@@ -150,7 +151,7 @@ def test_wrong_key_is_bad_signature(signed: bytes) -> None:
 
 def test_unsigned_model_is_bad_signature_with_a_key(signed: bytes, keys: tuple) -> None:
     body_len = int.from_bytes(signed[8:12], "little")
-    unsigned = signed[:6] + bytes([signed[6] & ~codec.FLAG_SIGNED]) + signed[7 : 16 + body_len]
+    unsigned = signed[:6] + bytes([signed[6] & ~FLAG_SIGNED]) + signed[7 : 16 + body_len]
     with pytest.raises(BadSignature, match="not signed"):
         decode_model(unsigned, verify_key=keys[1])
     assert decode_model(unsigned).version == 3  # inspection without a key does not check
@@ -165,9 +166,9 @@ def test_key_id_in_header_must_match_verify_key(keys: tuple) -> None:
     private, public = keys
     _, other = generate_keypair()
     msg = small_model()
-    header = {name: getattr(msg, name) for name in codec.MODEL_FIELDS} | {"key_id": key_id(other)}
+    header = {name: getattr(msg, name) for name in MODEL_FIELDS} | {"key_id": key_id(other)}
     meta = json.dumps({"header": header, "tensors": dict.fromkeys(msg.tensors, "fp32")})
-    payload = codec._wrap(codec.KIND_MODEL, bytes(st_save(msg.tensors, metadata={"fedhft": meta})), private)
+    payload = wrap(KIND_MODEL, bytes(st_save(msg.tensors, metadata={"fedhft": meta})), private)
     with pytest.raises(BadSignature, match="key_id"):
         decode_model(payload, verify_key=public)
 

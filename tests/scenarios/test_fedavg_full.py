@@ -65,6 +65,7 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.manifest import Manifest, ManifestError, load_manifest
 from fedhft.protocol.mqtt import make_client
+from fedhft.protocol.tensor_names import delta_name
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.server import SHA, ServerProcess, plan_dict, small_spec, update_message, update_tensors, wait_until
 from tests.support.torchfree import run_torchfree
@@ -93,7 +94,7 @@ def full_spec() -> GlobalSpec:
 
 
 def dense(rng: np.random.Generator, scale: float = 0.1, shapes: dict = FULL_SHAPES) -> dict[str, np.ndarray]:
-    return {f"{n}.delta": (scale * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+    return {delta_name(n): (scale * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
 
 
 # ---- export and manifest ------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_dense_deltas_round_trip_through_the_codec() -> None:
     rng = np.random.default_rng(0)
     tensors = dense(rng)
     msg = update_message(TASK, "c1", 0, tensors)
-    exact = decode_update(encode_update(msg, "fp32"), {f"{n}.delta": s for n, s in FULL_SHAPES.items()})
+    exact = decode_update(encode_update(msg, "fp32"), {delta_name(n): s for n, s in FULL_SHAPES.items()})
     assert all(np.array_equal(exact.tensors[k], v) for k, v in tensors.items())
     for enc, tol in (("fp16", 1e-3), ("int8", 0.01)):
         got = decode_update(encode_update(msg, enc)).tensors
@@ -151,7 +152,7 @@ def test_dense_deltas_round_trip_through_the_codec() -> None:
     assert all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
     with pytest.raises(ShapeMismatch, match="expected shape"):
         decode_update(
-            encode_update(msg, "fp16"), {**{f"{n}.delta": s for n, s in FULL_SHAPES.items()}, "enc.b.delta": (5,)}
+            encode_update(msg, "fp16"), {**{delta_name(n): s for n, s in FULL_SHAPES.items()}, "enc.b.delta": (5,)}
         )
     lora = update_tensors(rng, small_spec(), ClientPlan.from_plan(plan_dict([1], 2, ["query"], 1.0), small_spec()))
     with pytest.raises(UnknownTensor, match="only <param>.delta"):
@@ -197,7 +198,7 @@ def test_specs_and_plans_keep_lora_and_full_fine_tuning_apart(full_export: Path,
     plan = ClientPlan.from_plan(load_manifest(full_export).plan, fspec)
     assert plan.training == "full" and plan.ranks == {} and plan.mask_ratio == 1.0
     shapes = plan.update_shapes(fspec)
-    assert shapes == {f"{n}.delta": s for n, s in fspec.full_params.items()}
+    assert shapes == {delta_name(n): s for n, s in fspec.full_params.items()}
     assert plan.max_update_bytes(fspec) > 4 * sum(int(np.prod(s)) for s in shapes.values())
     with pytest.raises(PlanRejected, match="plan trains LoRA adapters: this server's manifest is a full fine-tuning"):
         ClientPlan.from_plan(load_manifest(tiny_export).plan, fspec)
@@ -217,7 +218,7 @@ def test_coordinator_runs_fedavg_full_and_refuses_the_other_kind_of_update() -> 
     plan = ClientPlan.from_plan({"training": "full"}, spec)
     fed.register("a", plan)
     v0 = fed.client_model("a")
-    assert v0.tensors.keys() == {f"{n}.delta" for n in FULL_SHAPES}
+    assert v0.tensors.keys() == {delta_name(n) for n in FULL_SHAPES}
     assert not any(t.any() for t in v0.tensors.values()) and fed.cluster_models() == []  # v0: Δθ = 0, no cluster
     lora = update_tensors(rng, spec, ClientPlan.from_plan(plan_dict([1], 2, ["query"], 1.0), small_spec()))
     with pytest.raises(UpdateRejected) as err:
@@ -337,7 +338,7 @@ def test_edge_builds_delta_updates_and_loads_initial_plus_delta(full_export: Pat
     np.testing.assert_array_equal(up["head.bias.delta"], trained["head.bias"] - initial["head.bias"])
     assert delta_tensors(spec, trained, initial).keys() == up.keys()
     params = params_from_model(manifest, initial, up)
-    assert all(np.array_equal(params[k], initial[k] + up[f"{k}.delta"]) for k in initial)
+    assert all(np.array_equal(params[k], initial[k] + up[delta_name(k)]) for k in initial)
     trainer.set_parameters(params)  # a published model loads into a trainer of the package
     assert np.array_equal(trainer.get_parameters()["head.weight"], params["head.weight"])
     with pytest.raises(AdapterMismatch, match="missing"):
@@ -474,8 +475,8 @@ def test_two_edge_clients_train_two_rounds_of_fedavg_full_over_mosquitto(
     updates = [decode_update(p) for p in tap.updates]
     assert len({(u.client_id, u.seq) for u in updates}) == 4
     for payload, u in zip(tap.updates, updates, strict=True):
-        assert u.tensors.keys() == {f"{t.name}.delta" for t in manifest.trainable}
-        assert all(u.tensors[f"{t.name}.delta"].shape == tuple(t.shape) for t in manifest.trainable)
+        assert u.tensors.keys() == {delta_name(t.name) for t in manifest.trainable}
+        assert all(u.tensors[delta_name(t.name)].shape == tuple(t.shape) for t in manifest.trainable)
         raw = int.from_bytes(payload[12:16], "little")  # the envelope's decompressed body length
         assert 2 * n_params < raw < 2 * n_params + 64 * 1024
         assert len(payload) < raw + 1024
@@ -496,5 +497,5 @@ def test_two_edge_clients_train_two_rounds_of_fedavg_full_over_mosquitto(
         round1, round2 = rec.loaded
         assert all(np.array_equal(round1[k], initial[k]) for k in initial)  # version 0: the exported weights
         for k in initial:
-            np.testing.assert_array_equal(round2[k], initial[k] + v[1].tensors[f"{k}.delta"])  # type: ignore[union-attr]
+            np.testing.assert_array_equal(round2[k], initial[k] + v[1].tensors[delta_name(k)])  # type: ignore[union-attr]
     print(json.dumps({"params": n_params, "update_wire_bytes": [len(p) for p in tap.updates]}))

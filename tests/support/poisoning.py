@@ -29,8 +29,8 @@ from fedhft.edge_runtime.data import shuffled_batches
 from fedhft.edge_runtime.masking import AdapterSpec, build_update_tensors, model_to_params
 from fedhft.edge_runtime.ort_backend import OrtTrainer
 from fedhft.edge_runtime.tokenize import TextEncoder
-from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT
 from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.tensor_names import HEAD_NAMES, b_rows_name, module_names
 
 GROUPS = (("apple", "banana", "cherry"), ("car", "train", "plane"), ("red", "blue", "green"))
 FILLER = ("the", "a", "of", "and", "to")
@@ -60,10 +60,9 @@ def keyword_texts(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarr
 def poison(tensors: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
     """The update multiplied by ``factor``: every ``B_rows`` (so ΔW) and the head's change from ``start``."""
     out = dict(tensors)
-    for key, value in tensors.items():
-        if key.endswith(".B_rows"):
-            out[key] = (np.float32(factor) * value).astype(np.float32)
-    for key in (HEAD_WEIGHT, HEAD_BIAS):
+    for module in module_names(tensors):
+        out[b_rows_name(module)] = (np.float32(factor) * tensors[b_rows_name(module)]).astype(np.float32)
+    for key in HEAD_NAMES:
         if key in tensors:
             base = np.asarray(start[key], np.float32)
             out[key] = (base + np.float32(factor) * (tensors[key] - base)).astype(np.float32)

@@ -31,7 +31,12 @@ from fedhft.protocol import (
     hello_topic,
     update_topic,
 )
+from fedhft.protocol.body import pack_body
+from fedhft.protocol.encodings import encode_tensors
+from fedhft.protocol.envelope import KIND_UPDATE, wrap
+from fedhft.protocol.fields import UPDATE_FIELDS
 from fedhft.protocol.mqtt import make_client
+from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, is_rows_name, rows_name
 from tests.support import ROOT
 from tests.support.mosquitto import free_port
 
@@ -53,7 +58,7 @@ def small_spec(
             modules[name] = ModuleSpec(name, fin, fout, max_rank)
     return GlobalSpec(
         modules=modules,
-        head_shapes={"head.weight": (labels, hidden), "head.bias": (labels,)},
+        head_shapes={HEAD_WEIGHT: (labels, hidden), HEAD_BIAS: (labels,)},
         num_labels=labels,
         lora_alpha=16.0,
         base_model_sha256="00" * 32,
@@ -82,9 +87,9 @@ def update_tensors(
         m = spec.modules[name]
         k = max(1, math.ceil(plan.mask_ratio * m.out_features))
         rows = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
-        out[f"{name}.A"] = (scale * rng.standard_normal((r, m.in_features))).astype(np.float32)
-        out[f"{name}.B_rows"] = (scale * rng.standard_normal((k, r))).astype(np.float32)
-        out[f"{name}.rows"] = rows
+        out[a_name(name)] = (scale * rng.standard_normal((r, m.in_features))).astype(np.float32)
+        out[b_rows_name(name)] = (scale * rng.standard_normal((k, r))).astype(np.float32)
+        out[rows_name(name)] = rows
     if head is None:
         head = {k: scale * rng.standard_normal(s) for k, s in spec.head_shapes.items()}
     out.update({k: np.asarray(v, dtype=np.float32) for k, v in head.items()})
@@ -106,12 +111,10 @@ def update_message(
 
 def encode_unchecked(msg: UpdateMessage) -> bytes:
     """Encode an update WITHOUT the encoder's checks (to build NaN payloads a real client never sends)."""
-    from fedhft.protocol import codec
-
-    header = {name: getattr(msg, name) for name in codec.UPDATE_FIELDS}
-    tensors = {k: (v.astype(np.int32) if k.endswith(".rows") else v.astype(np.float32)) for k, v in msg.tensors.items()}
-    stored, encodings = codec._encode_tensors(tensors, "fp32")
-    return codec._wrap(codec.KIND_UPDATE, codec._pack_body(header, stored, encodings))
+    header = {name: getattr(msg, name) for name in UPDATE_FIELDS}
+    tensors = {k: (v.astype(np.int32) if is_rows_name(k) else v.astype(np.float32)) for k, v in msg.tensors.items()}
+    stored, encodings = encode_tensors(tensors, "fp32")
+    return wrap(KIND_UPDATE, pack_body(header, stored, encodings))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

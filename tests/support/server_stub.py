@@ -29,6 +29,7 @@ from fedhft.protocol import (
     server_filters,
 )
 from fedhft.protocol.mqtt import make_client, session_properties
+from fedhft.protocol.tensor_names import a_name, b_name
 
 
 def random_model_tensors(spec: AdapterSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
@@ -36,8 +37,8 @@ def random_model_tensors(spec: AdapterSpec, seed: int = 0, std: float = 0.02) ->
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for m in spec.modules:
-        out[f"{m.name}.A"] = rng.normal(0, std, (m.max_rank, m.in_features)).astype(np.float32)
-        out[f"{m.name}.B"] = rng.normal(0, std, (m.out_features, m.max_rank)).astype(np.float32)
+        out[a_name(m.name)] = rng.normal(0, std, (m.max_rank, m.in_features)).astype(np.float32)
+        out[b_name(m.name)] = rng.normal(0, std, (m.out_features, m.max_rank)).astype(np.float32)
     for name, shape in spec.head_shapes.items():
         out[name] = rng.normal(0, std, shape).astype(np.float32)
     return out

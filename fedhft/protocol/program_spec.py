@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhft.atomic import write_atomic
+from fedhft.atomic import atomic_write_bytes
 from fedhft.protocol.manifest import ManifestError, verify_files
 
 SPEC_FORMAT = "fedhft-executorch-program"
@@ -140,9 +140,3 @@ def load_program_spec(path: str | Path) -> tuple[ProgramSpec, Path]:
 def verify_program_files(spec: ProgramSpec, directory: Path) -> dict[str, Path]:
     """Check that every file the spec lists exists and matches its sha256; return role -> path."""
     return verify_files(spec.files, directory, "program.json")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` over `path` atomically (fedhft.atomic), creating the folder first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
