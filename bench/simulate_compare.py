@@ -18,10 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedhft.simulate.methods import METHODS
 from fedhft.simulate.report import goals, plot
 
 RESULTS = Path(__file__).parent / "results"
-ALL = "fedhft,fedhft-no-clustering,fedhft-no-planner,fedavg-lora,hetlora,flexlora,fedavg-full"
+ALL = ",".join(METHODS)  # every built-in method, in the report's order
 PRESETS: dict[str, dict] = {
     "bbc": {
         "dir": "simulate",

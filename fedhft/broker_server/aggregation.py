@@ -1,16 +1,13 @@
-"""Server-side aggregation of LoRA updates (numpy only, pure functions, no I/O).
+"""Masked ΔW aggregation of LoRA updates and the FedBuff flush over cluster states (numpy only, pure functions).
 
 A LoRA adapter on a frozen linear layer W (out x in) is dW = B @ A with A (r x in) and B (out x r).
-Client k trains its own rank r_k and uploads a *masked slice*: the output rows ``rows_k`` it kept,
-``B_rows = B[rows_k]`` and its full ``A``. The server rebuilds dW_k[rows_k] = B_rows @ A exactly and
-knows nothing about the client's other rows.
+Client k trains its own rank r_k and uploads a *masked slice* (:class:`~fedhft.broker_server.
+aggregation_inputs.MaskedFactors`): the output rows ``rows_k`` it kept, ``B_rows = B[rows_k]`` and its full
+``A``. The server rebuilds dW_k[rows_k] = B_rows @ A exactly and knows nothing about the client's other rows.
 
-FedHFT-style aggregation works in dW space: each row of the global dW is the weighted average of
-that row over the clients that sent it; rows nobody sent keep their previous value. The global dW
-is then re-factored per device to that device's planned rank by truncated SVD.
-
-Baselines (fedavg of factors, HetLoRA, FlexLoRA) take dense, unmasked :class:`LoraFactors` of one
-module and exist for comparisons only.
+Aggregation works in dW space: each row of the global dW is the weighted average of that row over the
+clients that sent it; rows nobody sent keep their previous value (:func:`aggregate_delta_w`). The models
+re-factor the global dW per device by truncated SVD (:mod:`fedhft.broker_server.svd`).
 
 Poisoning bounds: the masked ΔW and head aggregation take an optional robust ``rule`` (coordinate-wise
 trimmed mean or median over the clients that sent each row, :mod:`fedhft.broker_server.robust`) in place
@@ -21,120 +18,15 @@ All arithmetic is float64; outputs are float64 arrays that never alias the input
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedhft.broker_server.aggregation_inputs import AggregationError, ClientUpdate, MaskedFactors
 from fedhft.broker_server.robust import capped_samples, check_rule, robust_combine
-from fedhft.errors import FedHFTError
 
-REFACTOR_METHODS = ("svd", "randomized")
 ROBUST_CHUNK = 1 << 20  # values a robust rule sorts at once (senders x rows x in): its temporaries stay ~64 MB
-
-
-class AggregationError(FedHFTError, ValueError):
-    """Inputs to an aggregation step that are malformed or inconsistent."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MaskedFactors:
-    """One module's masked upload: dW[rows] = B_rows @ A; the other rows are unknown.
-
-    Arrays are coerced on construction; shapes are checked by :meth:`check` (a
-    :class:`ClientUpdate` checks each of its modules, naming it).
-    """
-
-    A: np.ndarray  # (r, in)
-    B_rows: np.ndarray  # (k, r)
-    rows: np.ndarray  # (k,) distinct ints in [0, out_features)
-    out_features: int
-
-    def __post_init__(self) -> None:
-        self.A = np.asarray(self.A)
-        self.B_rows = np.asarray(self.B_rows)
-        self.rows = np.asarray(self.rows)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.A.shape[1])
-
-    def check(self, name: str = "<module>") -> None:
-        """Raise AggregationError naming ``name`` unless shapes, row indices and values are valid."""
-        a, b, rows = self.A, self.B_rows, self.rows
-        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
-            raise AggregationError(f"module {name!r}: A must be (r, in) with r, in >= 1, got {a.shape}")
-        if b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise AggregationError(f"module {name!r}: B_rows must be (k, {a.shape[0]}), got {b.shape}")
-        if rows.ndim != 1 or rows.shape[0] != b.shape[0]:
-            raise AggregationError(f"module {name!r}: rows must be ({b.shape[0]},), got {rows.shape}")
-        if rows.size and not np.issubdtype(rows.dtype, np.integer):
-            raise AggregationError(f"module {name!r}: rows must be integers, got {rows.dtype}")
-        if int(self.out_features) < 1:
-            raise AggregationError(f"module {name!r}: out_features must be >= 1, got {self.out_features}")
-        if rows.size and (rows.min() < 0 or rows.max() >= self.out_features):
-            raise AggregationError(f"module {name!r}: rows must lie in [0, {self.out_features})")
-        if np.unique(rows).size != rows.size:
-            raise AggregationError(f"module {name!r}: rows must be distinct")
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise AggregationError(f"module {name!r}: factors contain NaN or inf")
-
-
-@dataclass
-class ClientUpdate:
-    """One client's upload: masked factors per module plus its dense classifier head."""
-
-    client_id: str
-    num_samples: int
-    base_version: int  # global version the client started from
-    modules: dict[str, MaskedFactors]
-    head: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. head.weight (C, H), head.bias (C,)
-
-    def __post_init__(self) -> None:
-        if not self.client_id:
-            raise AggregationError("client_id must be non-empty")
-        if self.num_samples < 0:
-            raise AggregationError(f"client {self.client_id!r}: num_samples must be >= 0")
-        if self.base_version < 0:
-            raise AggregationError(f"client {self.client_id!r}: base_version must be >= 0")
-        for name, factors in self.modules.items():
-            factors.check(name)
-        self.head = {k: np.asarray(v) for k, v in self.head.items()}
-        for key, value in self.head.items():
-            if not np.isfinite(value).all():
-                raise AggregationError(f"client {self.client_id!r}: head {key!r} contains NaN or inf")
-
-
-@dataclass
-class LoraFactors:
-    """Dense (unmasked) LoRA factors of one module, used by the baseline aggregators only."""
-
-    A: np.ndarray  # (r, in)
-    B: np.ndarray  # (out, r)
-
-    def __post_init__(self) -> None:
-        self.A = np.asarray(self.A, dtype=np.float64)
-        self.B = np.asarray(self.B, dtype=np.float64)
-        if self.A.ndim != 2 or self.B.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise AggregationError(f"LoRA factors need A (r, in), B (out, r); got {self.A.shape}, {self.B.shape}")
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> np.ndarray:
-        """The full product B @ A."""
-        return self.B @ self.A
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +44,8 @@ def staleness_weight(current_version: int, base_version: int, exponent: float) -
     return float((1.0 + tau) ** -exponent)
 
 
-def _check_weights(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+def check_weights(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    """One finite weight >= 0 per update, as float64; AggregationError otherwise."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n,):
         raise AggregationError(f"need one weight per update ({n}), got shape {w.shape}")
@@ -232,7 +125,7 @@ def aggregate_delta_w(
     rows nobody sent are as for the mean. ``scales`` (clipping, one per update in (0, 1]) shrink each
     update's sent rows toward the current ones first: previous[rows] + s_k (dW_k[rows] - previous[rows]).
     """
-    w = _check_weights(weights, len(updates))
+    w = check_weights(weights, len(updates))
     s = _check_scales(scales, len(updates))
     check_rule(rule, trim_fraction)
     result: dict[str, AggregatedModule] = {}
@@ -350,7 +243,7 @@ def aggregate_head(
     ``rule`` takes that weighted statistic element by element instead of the mean. ``scales`` shrink each
     sent tensor toward ``previous`` (when it has one) first, as in :func:`aggregate_delta_w`.
     """
-    w = _check_weights(weights, len(updates))
+    w = check_weights(weights, len(updates))
     s = _check_scales(scales, len(updates))
     check_rule(rule, trim_fraction)
     keys = sorted({k for u in updates for k in u.head} | set(previous or {}))
@@ -378,285 +271,14 @@ def aggregate_head(
 
 
 # --------------------------------------------------------------------------------------------------
-# Re-factoring dW into per-device (B, A)
-# --------------------------------------------------------------------------------------------------
-
-
-def _fix_signs(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flip each singular pair so the largest-magnitude entry of u is positive (deterministic output)."""
-    if u.size == 0:
-        return u, vt
-    pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
-    signs = np.where(pivot < 0, -1.0, 1.0)
-    return u * signs, vt * signs[:, None]
-
-
-def _randomized_svd(
-    m: np.ndarray, rank: int, seed: int, oversample: int, power_iters: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``rank`` SVD by Halko-Martinsson-Tropp range finding with re-orthonormalized power iterations."""
-    rng = np.random.default_rng(seed)
-    width = min(rank + oversample, min(m.shape))
-    q, _ = np.linalg.qr(m @ rng.standard_normal((m.shape[1], width)))
-    for _ in range(power_iters):
-        z, _ = np.linalg.qr(m.T @ q)
-        q, _ = np.linalg.qr(m @ z)
-    ub, s, vt = np.linalg.svd(q.T @ m, full_matrices=False)
-    return (q @ ub)[:, :rank], s[:rank], vt[:rank]
-
-
-def truncated_svd(
-    delta_w: np.ndarray,
-    rank: int,
-    method: str = "svd",
-    seed: int = 0,
-    oversample: int = 10,
-    power_iters: int = 2,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-min(rank, min(shape)) singular triplets (U, S, Vt), sign-normalized.
-
-    ``method="randomized"`` falls back to the exact SVD when the sketch would not be smaller than the
-    matrix (rank + oversample >= min(shape)).
-    """
-    if method not in REFACTOR_METHODS:
-        raise AggregationError(f"unknown refactor method {method!r}; use one of {REFACTOR_METHODS}")
-    m = np.asarray(delta_w, dtype=np.float64)
-    if m.ndim != 2:
-        raise AggregationError(f"delta_w must be 2-D, got shape {m.shape}")
-    if rank < 1:
-        raise AggregationError(f"rank must be >= 1, got {rank}")
-    r = min(rank, *m.shape)
-    if method == "randomized" and r + oversample < min(m.shape):
-        u, s, vt = _randomized_svd(m, r, seed, oversample, power_iters)
-    else:
-        u, s, vt = np.linalg.svd(m, full_matrices=False)
-        u, s, vt = u[:, :r], s[:r], vt[:r]
-    u, vt = _fix_signs(u, vt)
-    return u, s, vt
-
-
-def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, A) = (U sqrt(S), sqrt(S) Vt), zero-padded to ``rank``."""
-    root = np.sqrt(s)
-    b = np.zeros((u.shape[0], rank))
-    a = np.zeros((rank, vt.shape[1]))
-    b[:, : s.size] = u * root
-    a[: s.size] = root[:, None] * vt
-    return b, a
-
-
-def refactor(
-    delta_w: np.ndarray,
-    rank: int,
-    method: str = "svd",
-    seed: int = 0,
-    oversample: int = 10,
-    power_iters: int = 2,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best rank-``rank`` factors (B, A) of dW, B = U sqrt(S) (out x rank), A = sqrt(S) Vt (rank x in).
-
-    B @ A is the truncated SVD (Eckart-Young optimal for ``method="svd"``). When rank exceeds
-    min(out, in) the extra columns of B and rows of A are zero, so shapes always match the plan.
-    Deterministic for a given ``seed``.
-    """
-    u, s, vt = truncated_svd(delta_w, rank, method, seed, oversample, power_iters)
-    return _split(u, s, vt, rank)
-
-
-def _module_seed(seed: int, name: str) -> int:
-    """A per-module seed that is stable across processes (no Python hash randomization)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
-
-
-def refactor_for_plan(
-    global_delta: Mapping[str, np.ndarray],
-    ranks: Mapping[str, int],
-    method: str = "svd",
-    seed: int = 0,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(B, A) per module in a device's plan, with exactly the planned rank for each module."""
-    missing = sorted(set(ranks) - set(global_delta))
-    if missing:
-        raise AggregationError(f"plan names modules with no global dW: {missing}")
-    return {
-        name: refactor(global_delta[name], int(r), method=method, seed=_module_seed(seed, name))
-        for name, r in ranks.items()
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Rank collapse
-# --------------------------------------------------------------------------------------------------
-
-
-def _singular_values(delta_w: np.ndarray) -> np.ndarray:
-    m = np.asarray(delta_w, dtype=np.float64)
-    if m.ndim != 2:
-        raise AggregationError(f"delta_w must be 2-D, got shape {m.shape}")
-    return np.linalg.svd(m, compute_uv=False)
-
-
-def singular_energy(delta_w: np.ndarray, rank: int) -> np.ndarray:
-    """sigma_i^2 / sum_j sigma_j^2 for the top ``rank`` directions (zero-padded; all zeros for dW = 0)."""
-    s2 = _singular_values(delta_w) ** 2
-    total = s2.sum()
-    out = np.zeros(rank)
-    if total > 0:
-        top = s2[:rank] / total
-        out[: top.size] = top
-    return out
-
-
-def _check_band(r_low: int, r_high: int) -> None:
-    if not 0 < r_low < r_high:
-        raise AggregationError(f"need 0 < r_low < r_high, got r_low={r_low}, r_high={r_high}")
-
-
-def rank_collapse_ratio(delta_w: np.ndarray, r_low: int, r_high: int) -> float:
-    """Energy of singular directions r_low..r_high-1 over that of the top r_low (0.0 for dW = 0).
-
-    Small values mean the directions only high-rank clients can hold have faded (rank collapse).
-    """
-    _check_band(r_low, r_high)
-    s2 = _singular_values(delta_w) ** 2
-    head = s2[:r_low].sum()
-    return float(s2[r_low:r_high].sum() / head) if head > 0 else 0.0
-
-
-@dataclass
-class CollapseGuard:
-    """Outcome of :func:`guard_rank_collapse`."""
-
-    delta_w: np.ndarray
-    ratio_before: float
-    ratio_after: float
-    gain: float  # factor applied to the singular values r_low..r_high-1 (1.0 when untouched)
-
-
-def guard_rank_collapse(
-    delta_w: np.ndarray,
-    r_low: int,
-    r_high: int,
-    floor: float,
-    max_gain: float = 4.0,
-    min_ratio: float = 1e-12,
-) -> CollapseGuard:
-    """Keep the tail band from fading: rescale sigma_{r_low..r_high-1} so the collapse ratio is >= floor.
-
-    Policy: if min_ratio < ratio < floor, multiply the band's singular values by
-    g = min(sqrt(floor / ratio), max_gain); singular vectors, the top r_low directions and anything
-    beyond r_high are left exactly as they were. A ratio <= ``min_ratio`` (no tail, or only rounding
-    noise) or >= floor is left untouched (gain 1.0): the guard restores faded directions, it never
-    invents new ones.
-    """
-    _check_band(r_low, r_high)
-    if floor < 0 or max_gain < 1:
-        raise AggregationError(f"need floor >= 0 and max_gain >= 1, got {floor}, {max_gain}")
-    m = np.array(delta_w, dtype=np.float64)
-    ratio = rank_collapse_ratio(m, r_low, r_high)
-    if ratio <= min_ratio or ratio >= floor:
-        return CollapseGuard(delta_w=m, ratio_before=ratio, ratio_after=ratio, gain=1.0)
-    gain = min(float(np.sqrt(floor / ratio)), max_gain)
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
-    band = slice(r_low, min(r_high, s.size))
-    m += (gain - 1.0) * (u[:, band] * s[band]) @ vt[band]
-    return CollapseGuard(delta_w=m, ratio_before=ratio, ratio_after=ratio * gain**2, gain=gain)
-
-
-# --------------------------------------------------------------------------------------------------
-# Baselines on dense factors of one module
-# --------------------------------------------------------------------------------------------------
-
-
-def _normalized(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
-    w = _check_weights(weights, n)
-    if n == 0 or w.sum() <= 0:
-        raise AggregationError("need at least one client with positive weight")
-    return w / w.sum()
-
-
-def fedavg_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | np.ndarray) -> LoraFactors:
-    """Naive FedAvg: average A and B separately (all clients must share one rank and shape).
-
-    Note avg(B) @ avg(A) != avg(B @ A) in general; this is the baseline FedHFT improves on.
-    """
-    w = _normalized(weights, len(factors))
-    if len({(f.A.shape, f.B.shape) for f in factors}) != 1:
-        raise AggregationError("fedavg_factors needs identical ranks and shapes for every client")
-    a = sum(wk * f.A for f, wk in zip(factors, w, strict=True))
-    b = sum(wk * f.B for f, wk in zip(factors, w, strict=True))
-    return LoraFactors(A=a, B=b)
-
-
-@dataclass
-class HetLoraResult:
-    """HetLoRA outcome: the padded global factors, each client's truncation, and the weights used."""
-
-    global_factors: LoraFactors  # rank = max client rank
-    per_client: list[LoraFactors]  # client k gets rank r_k
-    weights: np.ndarray  # normalized aggregation weights
-
-
-def hetlora_weights(factors: Sequence[LoraFactors], num_samples: Sequence[float] | np.ndarray) -> np.ndarray:
-    """HetLoRA sparsity-weighted aggregation weights, proportional to n_k * ||B_k A_k||_F."""
-    norms = np.array([np.linalg.norm(f.delta()) for f in factors])
-    return _normalized(_check_weights(num_samples, len(factors)) * norms, len(factors))
-
-
-def hetlora_aggregate(factors: Sequence[LoraFactors], num_samples: Sequence[float] | np.ndarray) -> HetLoraResult:
-    """HetLoRA: zero-pad A and B to the max rank, weighted-average them, truncate back per client."""
-    if not factors:
-        raise AggregationError("hetlora_aggregate needs at least one client")
-    if len({(f.B.shape[0], f.A.shape[1]) for f in factors}) != 1:
-        raise AggregationError("hetlora_aggregate needs one (out, in) shape for every client")
-    w = hetlora_weights(factors, num_samples)
-    r_max = max(f.rank for f in factors)
-    a = np.zeros((r_max, factors[0].A.shape[1]))
-    b = np.zeros((factors[0].B.shape[0], r_max))
-    for f, wk in zip(factors, w, strict=True):
-        a[: f.rank] += wk * f.A
-        b[:, : f.rank] += wk * f.B
-    per_client = [LoraFactors(A=a[: f.rank].copy(), B=b[:, : f.rank].copy()) for f in factors]
-    return HetLoraResult(global_factors=LoraFactors(A=a, B=b), per_client=per_client, weights=w)
-
-
-@dataclass
-class FlexLoraResult:
-    """FlexLoRA outcome: the sample-weighted average dW and each client's SVD re-factoring."""
-
-    delta_w: np.ndarray
-    per_client: list[LoraFactors]
-
-
-def flexlora_aggregate(
-    factors: Sequence[LoraFactors],
-    num_samples: Sequence[float] | np.ndarray,
-    ranks: Sequence[int] | None = None,
-) -> FlexLoraResult:
-    """FlexLoRA: average full dW_k = B_k A_k weighted by samples, then SVD to each client's rank."""
-    w = _normalized(num_samples, len(factors))
-    if len({(f.B.shape[0], f.A.shape[1]) for f in factors}) != 1:
-        raise AggregationError("flexlora_aggregate needs one (out, in) shape for every client")
-    targets = [f.rank for f in factors] if ranks is None else [int(r) for r in ranks]
-    if len(targets) != len(factors):
-        raise AggregationError(f"need one rank per client ({len(factors)}), got {len(targets)}")
-    delta = sum(wk * f.delta() for f, wk in zip(factors, w, strict=True))
-    u, s, vt = truncated_svd(delta, max(targets))
-    per_client = []
-    for r in targets:  # one SVD serves every rank: truncations of it are the rank-r optima
-        b, a = _split(u[:, :r], s[:r], vt[:r], r)
-        per_client.append(LoraFactors(A=a, B=b))
-    return FlexLoraResult(delta_w=delta, per_client=per_client)
-
-
-# --------------------------------------------------------------------------------------------------
 # FedBuff-style buffered, clustered aggregation (pure state transitions)
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ClusterState:
-    """One cluster's global adapter: dW per module and the dense head."""
+    """One cluster's global model as its strategy keeps it (persisted as is): named arrays in ``modules`` (ΔW per
+    module for the ΔW strategies) and the dense head."""
 
     modules: dict[str, np.ndarray]
     head: dict[str, np.ndarray] = field(default_factory=dict)
@@ -763,27 +385,3 @@ def aggregate_buffer(
                 head[key] = _mix(head.get(key, np.zeros_like(value)), value, None, server_lr)
         new_states.append(ClusterState(modules=modules, head=head))
     return new_states
-
-
-def personalized_delta(cluster_states: Sequence[ClusterState], membership_k: np.ndarray) -> ClusterState:
-    """A client's personalized model: sum_c p_kc * state_c for dW and head (p normalized to sum 1)."""
-    p = np.asarray(membership_k, dtype=np.float64)
-    if p.shape != (len(cluster_states),) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-        raise AggregationError(f"membership must be {len(cluster_states)} values >= 0 with a positive sum")
-    p = p / p.sum()
-    first = cluster_states[0]
-    for state in cluster_states[1:]:
-        if set(state.modules) != set(first.modules) or set(state.head) != set(first.head):
-            raise AggregationError("cluster states must hold the same modules and head tensors")
-    return ClusterState(
-        modules={n: _mixture(p, [s.modules[n] for s in cluster_states]) for n in first.modules},
-        head={n: _mixture(p, [s.head[n] for s in cluster_states]) for n in first.head},
-    )
-
-
-def _mixture(p: np.ndarray, arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """sum_c p_c * arrays[c] in float64."""
-    out = np.zeros(np.shape(arrays[0]))
-    for pc, arr in zip(p, arrays, strict=True):
-        out += pc * np.asarray(arr, dtype=np.float64)
-    return out

@@ -1,7 +1,7 @@
 """Client clustering for personalized aggregation (numpy only, pure functions, no I/O).
 
-Each client is summarized by a short, L2-normalized :func:`signature`; clients are grouped by
-k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC, and
+Each client is summarized by a short, L2-normalized :func:`signature` (reduced by :func:`pca`); clients are
+grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC, and
 :func:`update_memberships` keeps cluster indices and client assignments stable across rounds.
 """
 
@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from fedhft.broker_server.aggregation import AggregationError, ClientUpdate, masked_delta
+from fedhft.broker_server.aggregation import masked_delta
+from fedhft.broker_server.aggregation_inputs import AggregationError, ClientUpdate
 
 T = TypeVar("T")
 
@@ -83,6 +84,14 @@ def signature(
         rows, d_rows = masked_delta(f)
         total += left[rows].T @ d_rows @ right  # equals L^T dW R with unsent rows of dW zero
     return _unit(total.ravel()[:projection_dim])
+
+
+def pca(x: np.ndarray, dims: int) -> np.ndarray:
+    """Rows of ``x`` centered and projected on their top ``dims`` principal directions."""
+    centered = x - x.mean(0)
+    dims = max(1, min(dims, *centered.shape))
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    return centered @ vt[:dims].T
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Server state of the ``fedavg-full`` baseline: FedAvg of full fine-tuning (pure numpy, no I/O).
+"""Math of the ``fedavg-full`` strategy: FedAvg of full fine-tuning (pure numpy, no I/O).
 
 Every client trains every weight and uploads, per parameter ``p``, ``<p>.delta`` = its trained value minus
 the value of the model it received. The server keeps the global Δθ from the exported initial weights (the
@@ -16,14 +16,12 @@ the state store commits it like the other aggregators' states.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from fedhft.broker_server.aggregation import AggregationError, ClusterState, staleness_weight
+from fedhft.broker_server.aggregation import ClusterState, staleness_weight
+from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
 from fedhft.protocol.tensor_names import DELTA_SUFFIX
-
-FULL = "fedavg-full"
 
 
 def is_dense_name(name: str) -> bool:
@@ -34,34 +32,6 @@ def is_dense_name(name: str) -> bool:
 def dense_deltas(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Parameter name -> delta, from the ``<param>.delta`` wire tensors (others are ignored)."""
     return {name[: -len(DELTA_SUFFIX)]: arr for name, arr in tensors.items() if is_dense_name(name)}
-
-
-def training_problem(tensors: Mapping[str, np.ndarray], aggregator: str) -> str | None:
-    """Why an update's tensors do not suit ``aggregator`` (None when they do)."""
-    dense = any(is_dense_name(n) for n in tensors)
-    if aggregator == FULL and (not dense or len(dense_deltas(tensors)) != len(tensors)):
-        return f"aggregator {FULL} takes dense parameter deltas (<param>.delta); this update carries LoRA tensors"
-    if aggregator != FULL and dense:
-        return f"aggregator {aggregator} takes LoRA factors; this update carries dense deltas (full fine-tuning)"
-    return None
-
-
-def spec_problem(training: str, aggregator: str) -> str | None:
-    """Why a manifest that trains ``training`` ("lora" | "full") cannot serve ``aggregator`` (None when it can)."""
-    if aggregator == FULL and training != "full":
-        return f"--aggregator {FULL} needs a full fine-tuning manifest (export with full_finetune); this one is LoRA"
-    if aggregator != FULL and training == "full":
-        return f"the manifest is a full fine-tuning export: use --aggregator {FULL}, not {aggregator}"
-    return None
-
-
-@dataclass(frozen=True)
-class DenseUpdate:
-    """One client's upload for the flush: parameter name -> δ (trained − received model)."""
-
-    num_samples: int
-    base_version: int
-    deltas: Mapping[str, np.ndarray]
 
 
 def aggregate_full(

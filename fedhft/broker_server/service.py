@@ -30,15 +30,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedhft.broker_server.federation import (
-    Federation,
-    FederationConfig,
-    ModelFactors,
-    PendingUpdate,
-    virtual_time_of,
-)
+from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate, virtual_time_of
 from fedhft.broker_server.key_rotation import load_chain
 from fedhft.broker_server.metrics import Metrics, MetricsServer
+from fedhft.broker_server.models import ModelFactors
 from fedhft.broker_server.state_store import StagedUpdate, StateError, StateStore, StorageFull
 from fedhft.broker_server.validation import (
     MALFORMED,

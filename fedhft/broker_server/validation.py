@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhft.broker_server.aggregation import ClientUpdate, MaskedFactors
+from fedhft.broker_server.aggregation_inputs import ClientUpdate, MaskedFactors
 from fedhft.errors import FedHFTError
 from fedhft.protocol import (
     BadIndices,

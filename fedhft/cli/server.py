@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
+from fedhft.broker_server.strategies import available as strategy_names
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.signals import stop_on_signals
 
 ROBUST_CHOICES = ("none", "trimmed-mean", "median")  # = robust.ROBUST_RULES (light import)
-AGGREGATOR_CHOICES = ("fedhft", "fedavg", "hetlora", "flexlora", "fedavg-full")  # = factor_aggregation.AGGREGATORS
 
 
 def _clusters(value: str) -> int | None:
@@ -70,13 +70,14 @@ def _clusters(value: str) -> int | None:
 @click.option("--server-lr", default=1.0, show_default=True, help="Server mixing rate eta of FedBuff.")
 @click.option(
     "--aggregator",
-    type=click.Choice(AGGREGATOR_CHOICES),
+    type=click.Choice(strategy_names()),
     default="fedhft",
     show_default=True,
     help="fedhft: masked ΔW + SVD with clustering. Baselines (dense updates only, --clusters 1): flexlora "
     "(ΔW mean + SVD per client rank), fedavg (FedAvg of LoRA factors A, B), hetlora (zero-padded factors "
     "weighted by samples x ||B A||, truncated per client rank), fedavg-full (FedAvg of full fine-tuning: "
-    "sample-weighted mean of dense parameter deltas; needs a full fine-tuning manifest).",
+    "sample-weighted mean of dense parameter deltas; needs a full fine-tuning manifest). More strategies: "
+    "FEDHFT_STRATEGIES=name=module:Class (see fedhft.broker_server.strategies).",
 )
 @click.option("--group", default="fedhft-server", show_default=True, help="Shared-subscription group.")
 @click.option("--client-id", default=None, help="MQTT client id (default fedhft-server-<task>-<group>).")

@@ -1,10 +1,18 @@
-"""The methods `fedhft simulate` compares: how each plans devices, and how its server aggregates."""
+"""The methods `fedhft simulate` compares: how each plans devices, and which server strategy aggregates.
+
+:data:`METHODS` are the comparison's recipes (planner, masking, rounds, learning rate) over the built-in
+strategies; any other registered strategy (:mod:`fedhft.broker_server.strategies`, e.g. one named in
+``FEDHFT_STRATEGIES``) is a method too, of the same name, planned and run as its capabilities say.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedhft.broker_server.strategies import available, get_strategy
 from fedhft.errors import FedHFTError
+
+FULL_FINETUNE_LR = 5e-5  # every weight trains: the usual BERT fine-tuning rate, not the LoRA one (2e-3 diverges)
 
 
 class MethodError(FedHFTError):
@@ -17,12 +25,17 @@ class MethodSpec:
     planner: str  # "legend" (per-device plan) | "uniform" (one LoRA plan) | "fixed-depth" | "full" (no LoRA)
     mask: bool  # upload the FedHFT masked slice (else every row)
     synchronous: bool  # wait for every client (a round) instead of buffered async aggregation
-    aggregator: str  # server: "fedhft" (ΔW + SVD) | "fedavg" | "hetlora" | "flexlora" | "fedavg-full"
+    aggregator: str  # the server's strategy (a name of fedhft.broker_server.strategies.available())
     clustering: bool
     server_args: tuple[str, ...] = field(default_factory=tuple)
     uniform_rank: int = 8
     uniform_targets: tuple[str, ...] = ("query", "value")
     learning_rate: float | None = None  # None: the run's --lr (a LoRA rate); full fine-tuning needs its own
+
+    @property
+    def shared_model(self) -> bool:
+        """Every device gets the one global model, published on cluster/0 (the strategy's capability)."""
+        return get_strategy(self.aggregator).shared_model
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -32,9 +45,31 @@ METHODS: dict[str, MethodSpec] = {
     "fedavg-lora": MethodSpec("fedavg-lora", "uniform", False, True, "fedavg", False),
     "hetlora": MethodSpec("hetlora", "legend", False, True, "hetlora", False),
     "flexlora": MethodSpec("flexlora", "legend", False, True, "flexlora", False),
-    # every weight trains: the usual BERT fine-tuning rate, not the LoRA one (2e-3 diverges, measured: 0.17)
-    "fedavg-full": MethodSpec("fedavg-full", "full", False, True, "fedavg-full", False, learning_rate=5e-5),
+    # measured: fedavg-full at the LoRA rate 2e-3 diverges (accuracy 0.17)
+    "fedavg-full": MethodSpec("fedavg-full", "full", False, True, "fedavg-full", False, learning_rate=FULL_FINETUNE_LR),
 }
+
+
+def strategy_method(name: str) -> MethodSpec:
+    """The method of a strategy no recipe uses: per-device plans (full fine-tuning for a ``full`` strategy),
+    masked uploads when it accepts them, buffered async aggregation, clustering when it clusters."""
+    cls = get_strategy(name)
+    full = cls.training == "full"
+    return MethodSpec(
+        name,
+        "full" if full else "legend",
+        cls.accepts_masked and not full,
+        False,
+        name,
+        cls.clusters,
+        learning_rate=FULL_FINETUNE_LR if full else None,
+    )
+
+
+def methods() -> dict[str, MethodSpec]:
+    """Every method: the recipes, then one per registered strategy that no recipe uses."""
+    used = {m.aggregator for m in METHODS.values()}
+    return METHODS | {name: strategy_method(name) for name in available() if name not in used and name not in METHODS}
 
 
 def method_spec(name: str, no_clustering: bool = False, no_planner: bool = False) -> MethodSpec:
@@ -43,6 +78,7 @@ def method_spec(name: str, no_clustering: bool = False, no_planner: bool = False
         key = "fedhft-no-clustering"
     elif name == "fedhft" and no_planner:
         key = "fedhft-no-planner"
-    if key not in METHODS:
-        raise MethodError(f"unknown method '{name}'; choose from {sorted(METHODS)}")
-    return METHODS[key]
+    known = methods()
+    if key not in known:
+        raise MethodError(f"unknown method '{name}'; choose from {sorted(known)}")
+    return known[key]

@@ -51,7 +51,7 @@ def method_result(
         by_cluster[clusters_of.get(cid, 0)].append(acc)
     n_updates = max(1, snap["messages"].get("update", 0))
     down = snap["bytes"].get("model/client", 0)
-    if cfg.method.aggregator == "fedavg-full":  # one global model on cluster/0, delivered to every device
+    if cfg.method.shared_model:  # one global model on cluster/0, delivered to every device
         down += snap["bytes"].get("model/cluster", 0) * sum(1 for p in assignment if p in dirs)
     client_profile = {f"c{i:03d}": p for i, p in enumerate(assignment)}
     peak_by_profile: dict[str, float] = defaultdict(float)

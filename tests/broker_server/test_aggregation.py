@@ -6,27 +6,27 @@ import numpy as np
 import pytest
 
 from fedhft.broker_server.aggregation import (
-    AggregationError,
-    ClientUpdate,
     ClusterState,
-    LoraFactors,
-    MaskedFactors,
     aggregate_buffer,
     aggregate_delta_w,
     aggregate_head,
+    masked_delta,
+    should_aggregate,
+    staleness_weight,
+)
+from fedhft.broker_server.aggregation_inputs import AggregationError, ClientUpdate, MaskedFactors
+from fedhft.broker_server.cluster_mixing import personalized_delta
+from fedhft.broker_server.factor_aggregation import LoraFactors
+from tests.support.reference_baselines import (
     fedavg_factors,
     flexlora_aggregate,
     guard_rank_collapse,
     hetlora_aggregate,
     hetlora_weights,
-    masked_delta,
-    personalized_delta,
     rank_collapse_ratio,
     refactor,
     refactor_for_plan,
-    should_aggregate,
     singular_energy,
-    staleness_weight,
 )
 
 SHAPES = {"layers.0.query": (12, 10), "layers.0.value": (12, 10), "layers.1.query": (9, 7)}

@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from fedhft.broker_server.aggregation import ClientUpdate, ClusterState, MaskedFactors, aggregate_buffer
+from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
+from fedhft.broker_server.aggregation_inputs import ClientUpdate, MaskedFactors
 from fedhft.broker_server.clustering import (
     adjusted_rand_index,
     align_clusters,

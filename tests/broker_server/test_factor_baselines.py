@@ -9,21 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhft.broker_server.aggregation import (
-    ClusterState,
-    LoraFactors,
-    fedavg_factors,
-    hetlora_aggregate,
-    hetlora_weights,
-)
-from fedhft.broker_server.factor_aggregation import AGGREGATORS, MASKED, FactorAggregator, padded_average
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.broker_server.factor_aggregation import LoraFactors, padded_average
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
 from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.strategies import available
+from fedhft.broker_server.strategies.base import MASKED
+from fedhft.broker_server.strategies.fedavg import FedAvg
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, UpdateRejected
-from fedhft.cli.server import AGGREGATOR_CHOICES
+from fedhft.cli.server import server_run_command
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
+from tests.support.reference_baselines import fedavg_factors, hetlora_aggregate, hetlora_weights
 from tests.support.server import SHA, plan_dict, small_spec, update_message, update_tensors
 
 SPEC = small_spec()
@@ -56,7 +54,7 @@ def flush(aggregator: str, plans: dict[str, ClientPlan], samples: dict[str, int]
 
 
 def test_aggregator_choices_and_config_errors() -> None:
-    assert AGGREGATOR_CHOICES == AGGREGATORS
+    assert next(p.type.choices for p in server_run_command.params if p.name == "aggregator") == available()
     with pytest.raises(FederationError, match="aggregator must be one of"):
         FederationConfig(aggregator="fedprox")
     with pytest.raises(FederationError, match="without clustering"):
@@ -76,7 +74,7 @@ def test_fedavg_model_is_the_sample_weighted_average_of_the_factors() -> None:
         head = sum(wk * sent[c]["head.weight"].astype(np.float64) for wk, c in zip(w, plans, strict=True))
         np.testing.assert_allclose(model["head.weight"], head, rtol=1e-5, atol=1e-6)  # head averaged as usual
     # components no client has keep version 0: LoRA-initialized A rows, zero B columns
-    a0, b0 = fed.factor.global_factors(ClusterState(modules={}), NAME)
+    a0, b0 = fed.strategy.global_factors(ClusterState(modules={}), NAME)
     np.testing.assert_array_equal(fed.states[0].modules[f"{NAME}.A"][2:], a0[2:])
     assert np.all(fed.states[0].modules[f"{NAME}.B"][:, 2:] == 0) and np.all(b0 == 0)
     (cluster,) = fed.cluster_models()
@@ -125,7 +123,7 @@ def test_fedavg_differs_from_flexlora_on_the_same_updates() -> None:
     mean_dw = sum(wk * factors_of(sent[c]).delta() for wk, c in zip(w, plans, strict=True))
     np.testing.assert_allclose(flex.states[0].modules[NAME], mean_dw, rtol=1e-6, atol=1e-7)  # FlexLoRA: mean of B·A
     avg = fedavg_factors([factors_of(sent[c]) for c in plans], w)
-    fedavg_dw = fedavg.factor.delta(fedavg.states[0], NAME)
+    fedavg_dw = fedavg.strategy.delta(fedavg.states[0], NAME)
     np.testing.assert_allclose(fedavg_dw, avg.B @ avg.A, rtol=1e-6, atol=1e-7)  # FedAvg: B̄·Ā
     assert np.linalg.norm(fedavg_dw - mean_dw) > 0.1 * np.linalg.norm(mean_dw)
     for cid in plans:
@@ -177,7 +175,7 @@ def test_factor_state_round_trips_through_the_state_file_format() -> None:
         restored.register(cid, plan)
         got, want = restored.client_model(cid).tensors, fed.client_model(cid).tensors
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-    assert FactorAggregator("fedavg", SPEC, lambda _n: 0).module_names(fed.states[0]) == [
+    assert FedAvg(SPEC).module_names(fed.states[0]) == [
         "layers.1.query",
         "layers.1.value",
     ]

@@ -11,16 +11,15 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedhft.broker_server import aggregation
+from fedhft.broker_server import aggregation, aggregation_inputs
 from fedhft.broker_server.aggregation import (
-    ClientUpdate,
     ClusterState,
-    MaskedFactors,
     aggregate_buffer,
     aggregate_delta_w,
     aggregate_head,
     deviation_norm,
 )
+from fedhft.broker_server.aggregation_inputs import ClientUpdate, MaskedFactors
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.robust import (
     ROBUST_RULES,
@@ -219,7 +218,7 @@ def test_deviation_and_clip_scales_in_the_pure_aggregation() -> None:
     np.testing.assert_allclose(got.modules["m"][[1, 4]], 1.0 + 0.5 * (u.modules["m"].B_rows - 1.0))
     np.testing.assert_array_equal(got.modules["m"][[0, 2, 3, 5]], 1.0)  # unsent rows: untouched
     np.testing.assert_allclose(got.head["head.bias"], [0.5, 0.5])
-    with pytest.raises(aggregation.AggregationError, match="clip scale"):
+    with pytest.raises(aggregation_inputs.AggregationError, match="clip scale"):
         aggregate_buffer([state], [u], 0, 0.0, clip_scales=[1.5])
 
 
@@ -234,7 +233,7 @@ def test_clip_multiple_shrinks_outliers_toward_the_current_model() -> None:
         if i == 4:
             tensors = {k: (v * 30 if k.endswith(".B_rows") else v) for k, v in tensors.items()}
         fed.add_pending(PendingUpdate(i, cid, 0, 0, 10, 0.0, tensors))
-    updates = [p.client_update(SPEC) for p in fed.pending]
+    updates = [p.update for p in fed.pending]
     result = fed.aggregate()
     norms = [deviation_norm(u, {}, {}) for u in updates]  # version 0: ΔW = 0 and no head yet
     assert result.update_norms == pytest.approx(norms) and result.clipped == 1

@@ -16,12 +16,13 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedhft.broker_server.aggregation import AggregationError, ClusterState
-from fedhft.broker_server.factor_aggregation import AGGREGATORS
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
-from fedhft.broker_server.full_aggregation import DenseUpdate, aggregate_full, dense_deltas, full_model_tensors
+from fedhft.broker_server.full_aggregation import aggregate_full, dense_deltas, full_model_tensors
 from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
 from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.strategies import available
 from fedhft.broker_server.validation import (
     WRONG_TRAINING,
     ClientPlan,
@@ -32,7 +33,7 @@ from fedhft.broker_server.validation import (
     decode_checked,
     delta_norm,
 )
-from fedhft.cli.server import AGGREGATOR_CHOICES
+from fedhft.cli.server import server_run_command
 from fedhft.device_profiles.profile import load_profile
 from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
 from fedhft.edge_runtime.full_update import (
@@ -204,7 +205,10 @@ def test_specs_and_plans_keep_lora_and_full_fine_tuning_apart(full_export: Path,
         ClientPlan.from_plan(load_manifest(tiny_export).plan, fspec)
     with pytest.raises(PlanRejected, match="plan is full fine-tuning .* this server's manifest trains LoRA"):
         ClientPlan.from_plan(load_manifest(full_export).plan, lspec)
-    assert AGGREGATOR_CHOICES == AGGREGATORS and "fedavg-full" in AGGREGATORS
+    assert (
+        next(p.type.choices for p in server_run_command.params if p.name == "aggregator") == available()
+        and "fedavg-full" in available()
+    )
     with pytest.raises(FederationError, match="needs a full fine-tuning manifest"):
         Federation(lspec, FederationConfig(aggregator="fedavg-full"))
     with pytest.raises(FederationError, match="use --aggregator fedavg-full"):

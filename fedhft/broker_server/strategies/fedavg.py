@@ -1,0 +1,77 @@
+"""``fedavg``: FedAvg of the LoRA factors A and B (dense uploads only), kept in factor space.
+
+The state holds global factors per module, ``<m>.A`` (R x in) and ``<m>.B`` (out x R); a flush averages each
+module's zero-padded client factors with weights n_k·s_k (samples times staleness) and a client's model is the
+first r_k components (:mod:`fedhft.broker_server.factor_aggregation` has the math and the version-0 factors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer, staleness_weight
+from fedhft.broker_server.aggregation_inputs import ClientUpdate
+from fedhft.broker_server.factor_aggregation import LoraFactors, dense_factors, initial_factors, padded_average
+from fedhft.broker_server.strategies.base import Aggregated, Flush, LoraStrategy, SvdOf
+from fedhft.broker_server.svd import module_seed
+
+
+class FedAvg(LoraStrategy):
+    """FedAvg of LoRA factors: B̄·Ā, not the mean of B_k·A_k."""
+
+    name = "fedavg"
+
+    def weights(self, factors: Sequence[LoraFactors], base: np.ndarray) -> np.ndarray:
+        """Unnormalized weights of the senders of one module: ``base`` (samples x staleness)."""
+        return np.asarray(base, dtype=np.float64)
+
+    def module_names(self, state: ClusterState) -> list[str]:
+        """Modules someone has sent (those the state holds)."""
+        return sorted(k[:-2] for k in state.modules if k.endswith(".A") and k[:-2] in self.spec.modules)
+
+    def global_factors(self, state: ClusterState, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(A (R, in), B (out, R)) of module ``name``: the state's, or version 0's when it has none."""
+        if f"{name}.A" in state.modules:
+            return state.modules[f"{name}.A"], state.modules[f"{name}.B"]
+        return initial_factors(self.spec.modules[name], module_seed(self.settings.seed, name))
+
+    def factors(
+        self, state: ClusterState, name: str, rank: int, version: int, svd: SvdOf
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(B, A) of a client with rank ``rank``: the first ``rank`` components."""
+        a, b = self.global_factors(state, name)
+        return b[:, :rank].copy(), a[:rank].copy()
+
+    def delta(self, state: ClusterState, name: str) -> np.ndarray:
+        """The global ΔW = B·A of module ``name``."""
+        a, b = self.global_factors(state, name)
+        return b @ a
+
+    def aggregate(self, states: Sequence[ClusterState], updates: Sequence[ClientUpdate], flush: Flush) -> Aggregated:
+        """The state after one flush of ``updates`` (dense; inputs are not modified)."""
+        state = states[0]  # no clustering: one state
+        exponent, server_lr = self.settings.staleness_exponent, self.settings.server_lr
+        base = np.array([u.num_samples * staleness_weight(flush.version, u.base_version, exponent) for u in updates])
+        modules = {k: np.array(v, dtype=np.float64) for k, v in state.modules.items()}
+        for name in sorted({n for u in updates for n in u.modules}):
+            senders = [
+                (dense_factors(u.modules[name]), bk) for u, bk in zip(updates, base, strict=True) if name in u.modules
+            ]
+            factors = [f for f, _ in senders]
+            weights = self.weights(factors, np.array([bk for _, bk in senders]))
+            if not weights.sum() > 0:
+                continue
+            avg = padded_average(factors, weights)
+            a, b = (np.array(x, dtype=np.float64) for x in self.global_factors(state, name))
+            c = avg.rank
+            a[:c] = (1.0 - server_lr) * a[:c] + server_lr * avg.A
+            b[:, :c] = (1.0 - server_lr) * b[:, :c] + server_lr * avg.B
+            modules[f"{name}.A"], modules[f"{name}.B"] = a, b
+        heads_only = [replace(u, modules={}) for u in updates]
+        head = aggregate_buffer([ClusterState({}, state.head)], heads_only, flush.version, exponent, None, server_lr)[
+            0
+        ].head
+        return Aggregated([ClusterState(modules=modules, head=head)])

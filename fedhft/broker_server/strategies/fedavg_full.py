@@ -1,0 +1,40 @@
+"""``fedavg-full``: FedAvg of full fine-tuning. Clients send ``<param>.delta`` for every parameter; the state is
+the global Δθ (:mod:`fedhft.broker_server.full_aggregation` has the math) and every client's model is that one
+Δθ, published once per version."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.broker_server.aggregation_inputs import DenseUpdate
+from fedhft.broker_server.full_aggregation import aggregate_full, dense_deltas, full_model_tensors
+from fedhft.broker_server.strategies.base import Aggregated, Flush, Strategy, SvdOf
+
+
+class FedAvgFull(Strategy):
+    """Sample-weighted mean of dense parameter deltas added to the global Δθ."""
+
+    name = "fedavg-full"
+    training = "full"
+    shared_model = True
+
+    def to_update(
+        self, client_id: str, num_samples: int, base_version: int, tensors: Mapping[str, np.ndarray]
+    ) -> DenseUpdate:
+        return DenseUpdate(num_samples, base_version, dense_deltas(tensors))
+
+    def aggregate(self, states: Sequence[ClusterState], updates: Sequence[DenseUpdate], flush: Flush) -> Aggregated:
+        s = self.settings
+        return Aggregated([aggregate_full(states[0], updates, flush.version, s.staleness_exponent, s.server_lr)])
+
+    def delta(self, state: ClusterState, name: str) -> np.ndarray | None:
+        return None  # no low-rank modules: Δθ is the model itself
+
+    def model_tensors(
+        self, state: ClusterState, ranks: Mapping[str, int], version: int, svd: SvdOf
+    ) -> dict[str, np.ndarray]:
+        """``<p>.delta`` = Δθ for every parameter of the spec, whatever the ranks."""
+        return full_model_tensors(state, self.spec.full_params)
