@@ -21,17 +21,7 @@ import numpy as np
 
 from fedhft.broker_server.aggregation import ClusterState, staleness_weight
 from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
-from fedhft.protocol.tensor_names import DELTA_SUFFIX
-
-
-def is_dense_name(name: str) -> bool:
-    """True for a dense wire tensor name ``<param>.delta``."""
-    return name.endswith(DELTA_SUFFIX) and len(name) > len(DELTA_SUFFIX)
-
-
-def dense_deltas(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Parameter name -> delta, from the ``<param>.delta`` wire tensors (others are ignored)."""
-    return {name[: -len(DELTA_SUFFIX)]: arr for name, arr in tensors.items() if is_dense_name(name)}
+from fedhft.protocol.tensor_names import delta_name
 
 
 def aggregate_full(
@@ -77,7 +67,7 @@ def full_model_tensors(state: ClusterState, shapes: Mapping[str, tuple[int, ...]
     out = {}
     for name, shape in shapes.items():
         value = state.modules.get(name)
-        out[f"{name}{DELTA_SUFFIX}"] = (
+        out[delta_name(name)] = (
             np.zeros(shape, dtype=np.float32) if value is None else np.asarray(value, dtype=np.float32)
         )
     return out

@@ -19,7 +19,8 @@ import pytest
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
-from fedhft.broker_server.full_aggregation import aggregate_full, dense_deltas, full_model_tensors
+from fedhft.broker_server.full_aggregation import aggregate_full, full_model_tensors
+from fedhft.protocol.tensor_names import dense_deltas
 from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
 from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
 from fedhft.broker_server.strategies import available

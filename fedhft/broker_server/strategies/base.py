@@ -19,9 +19,17 @@ import numpy as np
 
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.aggregation_inputs import ClientUpdate, DenseUpdate
-from fedhft.broker_server.full_aggregation import dense_deltas, is_dense_name
-from fedhft.broker_server.validation import WRONG_TRAINING, GlobalSpec, module_names, to_client_update
-from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT
+from fedhft.broker_server.validation import WRONG_TRAINING, GlobalSpec, to_client_update
+from fedhft.protocol.tensor_names import (
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    a_name,
+    b_name,
+    dense_deltas,
+    is_delta_name,
+    module_names,
+    rows_name,
+)
 
 MASKED = "masked"  # rejection reason: a dense-only strategy got an update without every row
 
@@ -78,7 +86,7 @@ class Rejection:
 
 def training_problem(tensors: Mapping[str, np.ndarray], training: str, name: str) -> str | None:
     """Why an update's tensors are not the kind strategy ``name`` trains (``training`` "lora" | "full")."""
-    dense = any(is_dense_name(n) for n in tensors)
+    dense = any(is_delta_name(n) for n in tensors)
     if training == "full" and (not dense or len(dense_deltas(tensors)) != len(tensors)):
         return f"aggregator {name} takes dense parameter deltas (<param>.delta); this update carries LoRA tensors"
     if training != "full" and dense:
@@ -91,7 +99,7 @@ def masked_modules(tensors: Mapping[str, np.ndarray], spec: GlobalSpec) -> list[
     return [
         name
         for name in module_names(tensors)
-        if np.unique(np.asarray(tensors[f"{name}.rows"])).size != spec.modules[name].out_features
+        if np.unique(np.asarray(tensors[rows_name(name)])).size != spec.modules[name].out_features
     ]
 
 
@@ -178,8 +186,8 @@ class LoraStrategy(Strategy):
         tensors: dict[str, np.ndarray] = {}
         for name, r in ranks.items():
             b, a = self.factors(state, name, int(r), version, svd)
-            tensors[f"{name}.A"] = a.astype(np.float32)
-            tensors[f"{name}.B"] = b.astype(np.float32)
+            tensors[a_name(name)] = a.astype(np.float32)
+            tensors[b_name(name)] = b.astype(np.float32)
         if HEAD_WEIGHT in state.head and HEAD_BIAS in state.head:
             tensors[HEAD_WEIGHT] = np.asarray(state.head[HEAD_WEIGHT], dtype=np.float32)
             tensors[HEAD_BIAS] = np.asarray(state.head[HEAD_BIAS], dtype=np.float32)

@@ -17,6 +17,7 @@ from fedhft.broker_server.aggregation_inputs import ClientUpdate
 from fedhft.broker_server.factor_aggregation import LoraFactors, dense_factors, initial_factors, padded_average
 from fedhft.broker_server.strategies.base import Aggregated, Flush, LoraStrategy, SvdOf
 from fedhft.broker_server.svd import module_seed
+from fedhft.protocol.tensor_names import a_name, b_name, module_names
 
 
 class FedAvg(LoraStrategy):
@@ -30,12 +31,12 @@ class FedAvg(LoraStrategy):
 
     def module_names(self, state: ClusterState) -> list[str]:
         """Modules someone has sent (those the state holds)."""
-        return sorted(k[:-2] for k in state.modules if k.endswith(".A") and k[:-2] in self.spec.modules)
+        return [m for m in module_names(state.modules) if m in self.spec.modules]
 
     def global_factors(self, state: ClusterState, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(A (R, in), B (out, R)) of module ``name``: the state's, or version 0's when it has none."""
-        if f"{name}.A" in state.modules:
-            return state.modules[f"{name}.A"], state.modules[f"{name}.B"]
+        if a_name(name) in state.modules:
+            return state.modules[a_name(name)], state.modules[b_name(name)]
         return initial_factors(self.spec.modules[name], module_seed(self.settings.seed, name))
 
     def factors(
@@ -69,7 +70,7 @@ class FedAvg(LoraStrategy):
             c = avg.rank
             a[:c] = (1.0 - server_lr) * a[:c] + server_lr * avg.A
             b[:, :c] = (1.0 - server_lr) * b[:, :c] + server_lr * avg.B
-            modules[f"{name}.A"], modules[f"{name}.B"] = a, b
+            modules[a_name(name)], modules[b_name(name)] = a, b
         heads_only = [replace(u, modules={}) for u in updates]
         head = aggregate_buffer([ClusterState({}, state.head)], heads_only, flush.version, exponent, None, server_lr)[
             0
