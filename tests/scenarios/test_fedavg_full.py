@@ -20,7 +20,6 @@ from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.full_aggregation import aggregate_full, full_model_tensors
-from fedhft.protocol.tensor_names import dense_deltas
 from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
 from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
 from fedhft.broker_server.strategies import available
@@ -67,7 +66,7 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.manifest import Manifest, ManifestError, load_manifest
 from fedhft.protocol.mqtt import make_client
-from fedhft.protocol.tensor_names import delta_name
+from fedhft.protocol.tensor_names import delta_name, dense_deltas
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.server import SHA, ServerProcess, plan_dict, small_spec, update_message, update_tensors, wait_until
 from tests.support.torchfree import run_torchfree

@@ -11,8 +11,8 @@ import numpy as np
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.aggregation_inputs import DenseUpdate
 from fedhft.broker_server.full_aggregation import aggregate_full, full_model_tensors
-from fedhft.protocol.tensor_names import dense_deltas
 from fedhft.broker_server.strategies.base import Aggregated, Flush, Strategy, SvdOf
+from fedhft.protocol.tensor_names import dense_deltas
 
 
 class FedAvgFull(Strategy):
