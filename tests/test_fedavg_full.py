@@ -24,8 +24,9 @@ from fedhft.broker_server.cli_server import AGGREGATOR_CHOICES
 from fedhft.broker_server.factor_aggregation import AGGREGATORS
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.full_aggregation import DenseUpdate, aggregate_full, dense_deltas, full_model_tensors
-from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
-from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.ingest import Inbound
+from fedhft.broker_server.service import Server, ServerConfig, ServiceError
+from fedhft.broker_server.state_files import state_from_bytes, state_to_bytes
 from fedhft.broker_server.validation import (
     WRONG_TRAINING,
     ClientPlan,
@@ -276,7 +277,7 @@ def make_server(full_export: Path, tmp_path: Path) -> Iterator[Callable[..., tup
         fed = FederationConfig(buffer_size=100, window_seconds=1e6, staleness_exponent=0, aggregator=aggregator)
         server = Server(ServerConfig("mqtt://127.0.0.1:1", TASK, tmp_path / "state", full_export, federation=fed))
         acks: list = []
-        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        server.ingest.send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
         servers.append(server)
         return server, acks
 

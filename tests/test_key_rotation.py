@@ -29,7 +29,7 @@ from fedhft.broker_server.key_rotation import (
     read_chain,
     rotate_server_key,
 )
-from fedhft.broker_server.state_store import StateLocked, lock_state_dir, unlock_state_dir
+from fedhft.broker_server.state_dir import StateLocked, lock_state_dir, unlock_state_dir
 from fedhft.edge_runtime.client import ClientConfig, EdgeClient
 from fedhft.edge_runtime.trust import TRUST_FILE, ServerTrust
 from fedhft.protocol import (

@@ -20,8 +20,9 @@ from fedhft.broker_server.aggregation import (
 from fedhft.broker_server.cli_server import AGGREGATOR_CHOICES
 from fedhft.broker_server.factor_aggregation import AGGREGATORS, MASKED, FactorAggregator, padded_average
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
-from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
-from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.ingest import Inbound
+from fedhft.broker_server.service import Server, ServerConfig, ServiceError
+from fedhft.broker_server.state_files import state_from_bytes, state_to_bytes
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
@@ -204,7 +205,7 @@ def make_server(tiny_export: Path, tmp_path: Path) -> Iterator[Callable[..., tup
         fed = FederationConfig(buffer_size=100, window_seconds=1e6, staleness_exponent=0, aggregator=aggregator)
         server = Server(ServerConfig("mqtt://127.0.0.1:1", TASK, tmp_path / "state", tiny_export, federation=fed))
         acks: list = []
-        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        server.ingest.send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
         servers.append(server)
         return server, acks
 
