@@ -38,7 +38,8 @@ from fedhft.broker_server.validation import (
     delta_norm,
 )
 from fedhft.device_profiles.profile import load_profile
-from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
+from fedhft.edge_runtime.client import EdgeClient
+from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.full_update import (
     FullSpec,
     bind_initial,

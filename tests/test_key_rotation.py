@@ -30,7 +30,8 @@ from fedhft.broker_server.key_rotation import (
     rotate_server_key,
 )
 from fedhft.broker_server.state_dir import StateLocked, lock_state_dir, unlock_state_dir
-from fedhft.edge_runtime.client import ClientConfig, EdgeClient
+from fedhft.edge_runtime.client import EdgeClient
+from fedhft.edge_runtime.client_config import ClientConfig
 from fedhft.edge_runtime.trust import TRUST_FILE, ServerTrust
 from fedhft.protocol import (
     BadSignature,
