@@ -1,6 +1,6 @@
 """The server's signing key and its key chain in the state dir; `fedhft server rotate-key`.
 
-Files (next to the rest of the server state, see state_store.py)::
+Files (next to the rest of the server state, see state_dir.py and state_store.py)::
 
     server_key.pem        the current Ed25519 private key (0600)
     server_key.pub        its public key (64 hex characters): what new devices are provisioned with
@@ -24,7 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedhft.atomic import fsync_dir, write_atomic
-from fedhft.broker_server.state_store import (
+from fedhft.broker_server.state_dir import (
     KEY_NAME,
     PUB_NAME,
     StateError,

@@ -9,8 +9,12 @@ import math
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from fedhft.errors import FedHFTError
+
+if TYPE_CHECKING:
+    from fedhft.broker_server.federation import Federation
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -112,6 +116,19 @@ class Metrics:
                 for labels, value in sorted(self._values.get(name, {}).items()):
                     lines.append(f"{name}{_labels(labels)} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def refresh_gauges(metrics: Metrics, federation: Federation) -> None:
+    """Set the gauges that describe the federation now: version, pending updates, clusters and their clients."""
+    f = federation
+    metrics.set("fedhft_model_version", f.version)
+    metrics.set("fedhft_pending_updates", len(f.pending))
+    metrics.set("fedhft_clusters", f.num_clusters)
+    counts = f.clients_per_cluster()
+    metrics.replace("fedhft_clients", {(("cluster", str(c)),): float(n) for c, n in enumerate(counts)})
+    if f.version > 0:
+        ratios = f.collapse_ratios()
+        metrics.replace("fedhft_rank_collapse_ratio", {(("cluster", str(c)),): r for c, r in enumerate(ratios)})
 
 
 class MetricsServer:

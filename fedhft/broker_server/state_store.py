@@ -1,5 +1,8 @@
 """Crash-safe server state in ``--state DIR``: SQLite (WAL, synchronous=FULL) plus atomically written tensor files.
 
+The directory's names, lock and errors are in state_dir.py, its tables in state_schema.py, its tensor files in
+state_files.py; this is the store that keeps them in step.
+
 Layout::
 
     DIR/lock                      fcntl.flock'ed by the running server; holds its PID
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -41,86 +43,39 @@ from typing import Any
 
 import numpy as np
 import safetensors
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import safe_open
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from fedhft.atomic import fsync_dir
 from fedhft.broker_server.aggregation import ClusterState
-from fedhft.errors import FedHFTError
-
-SCHEMA_VERSION = 1
-DB_NAME = "state.sqlite3"
-LOCK_NAME = "lock"
-KEY_NAME = "server_key.pem"
-PUB_NAME = "server_key.pub"
-UPDATES_DIR = "updates"
-STATES_DIR = "states"
-TENSOR_SUFFIX = ".safetensors"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY,
-    profile TEXT NOT NULL,
-    manifest_sha256 TEXT NOT NULL,
-    plan_json TEXT NOT NULL,
-    last_seq INTEGER NOT NULL DEFAULT -1,
-    membership_json TEXT,
-    head BLOB,
-    registered_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    client_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    base_version INTEGER NOT NULL,
-    num_samples INTEGER NOT NULL,
-    loss REAL NOT NULL,
-    received_at REAL NOT NULL,
-    tensor_file TEXT,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected')),  -- rejected: dropped at a flush
-    reason TEXT NOT NULL DEFAULT '',
-    clip_scale REAL NOT NULL DEFAULT 1.0,
-    aggregated_version INTEGER,
-    UNIQUE (client_id, seq)
-);
-CREATE INDEX IF NOT EXISTS updates_by_status ON updates (status);
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY,
-    created_at REAL NOT NULL,
-    state_dir TEXT NOT NULL,
-    state_files TEXT NOT NULL,
-    num_updates INTEGER NOT NULL,
-    clusters INTEGER NOT NULL
-);
-"""
-
-
-class StateError(FedHFTError):
-    """The state directory cannot be used (locked, corrupt, another task's, unwritable)."""
-
-
-class StateLocked(StateError):
-    """Another server holds the state directory's lock."""
-
-
-class StorageFull(StateError):
-    """The disk is full: nothing was stored (and nothing is acknowledged)."""
-
-
-@dataclass
-class ClientRow:
-    """A registered client as stored."""
-
-    client_id: str
-    profile: str
-    manifest_sha256: str
-    plan: dict[str, Any]
-    last_seq: int
-    membership: list[float] | None
-    head: dict[str, np.ndarray] | None
+from fedhft.broker_server.key_rotation import load_server_key
+from fedhft.broker_server.state_dir import (
+    DB_NAME,
+    STATES_DIR,
+    TENSOR_SUFFIX,
+    UPDATES_DIR,
+    StateError,
+    StorageFull,
+    lock_state_dir,
+    unlock_state_dir,
+)
+from fedhft.broker_server.state_files import (
+    head_from_blob,
+    head_to_blob,
+    safetensors_bytes_chunks,
+    split_ref,
+    state_from_bytes,
+    state_to_bytes,
+    write_file_durably,
+)
+from fedhft.broker_server.state_schema import (
+    ClientRow,
+    StoredUpdate,
+    VersionRecord,
+    check_meta,
+    first_meta,
+    open_database,
+)
 
 
 @dataclass
@@ -142,127 +97,10 @@ class StagedUpdate:
     virtual_time: float = 0.0  # from the update's metrics; recovered from the payload after a restart
 
 
-@dataclass
-class StoredUpdate:
-    """An update row with its tensor file (status pending unless said otherwise)."""
-
-    id: int
-    client_id: str
-    seq: int
-    base_version: int
-    num_samples: int
-    loss: float
-    received_at: float
-    tensor_file: str | None
-    clip_scale: float
-
-
-@dataclass
-class VersionRecord:
-    """One committed model version."""
-
-    version: int
-    created_at: float
-    state_dir: str
-    state_files: list[str]
-    num_updates: int
-    clusters: int
-
-
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
-
-
-def write_file_durably(path: Path, data: bytes | Sequence[bytes], sync_dir: bool = True) -> None:
-    """Write ``data`` (or its chunks, in order) to ``path`` via temp file + fsync + rename (+ folder fsync)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
-
-
-def safetensors_bytes_chunks(blobs: Sequence[bytes], metadata: Mapping[str, str]) -> list[bytes]:
-    """A safetensors file holding ``blobs[i]`` as uint8 tensor ``"i"``, as chunks to write in order (the
-    blobs themselves are not copied)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for i, blob in enumerate(blobs):
-        header[str(i)] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return [len(text).to_bytes(8, "little"), text, *blobs]
-
-
-def head_to_blob(head: Mapping[str, np.ndarray]) -> bytes:
-    return bytes(st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}))
-
-
-def head_from_blob(blob: bytes | None) -> dict[str, np.ndarray] | None:
-    if not blob:
-        return None
-    return {k: v.astype(np.float64) for k, v in st_load(bytes(blob)).items()}
-
-
-def state_to_bytes(state: ClusterState) -> bytes:
-    tensors = {f"dw/{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in state.modules.items()}
-    tensors.update({f"head/{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in state.head.items()})
-    return bytes(st_save(tensors, metadata={"format": "fedhft-cluster-state-1"}))
-
-
-def state_from_bytes(data: bytes) -> ClusterState:
-    tensors = st_load(data)
-    return ClusterState(
-        modules={k[3:]: v for k, v in tensors.items() if k.startswith("dw/")},
-        head={k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
-    )
-
-
-def _split_ref(ref: str) -> tuple[str, int]:
-    """``<file>#<index>`` -> (file, index); a plain file name is index 0."""
-    name, _, index = ref.partition("#")
-    return name, int(index or 0)
-
-
-def lock_state_dir(directory: Path) -> int:
-    """flock ``directory/lock`` and write our PID into it; StateLocked naming the holder's PID otherwise."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise StateLocked(
-            f"state dir {directory} is in use by another fedhft server (PID {holder}); stop it or "
-            "choose another --state"
-        ) from exc
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    os.fsync(fd)
-    return fd
-
-
-def unlock_state_dir(fd: int) -> None:
-    """Release a lock taken by :func:`lock_state_dir`."""
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 class StateStore:
@@ -278,10 +116,7 @@ class StateStore:
             raise StateError(f"state dir {self.dir}: cannot create it ({exc.strerror or exc})") from exc
         self._lock_fd = self._acquire_lock()
         try:
-            self.db = sqlite3.connect(self.dir / DB_NAME, isolation_level=None, timeout=30.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
+            self.db = open_database(self.dir / DB_NAME)
             self._check_meta(task, spec_fingerprint)
             self.recover()
         except sqlite3.Error as exc:
@@ -311,24 +146,9 @@ class StateStore:
         meta = self.meta()
         if not meta:
             with self.transaction():
-                for key, value in (
-                    ("schema_version", str(SCHEMA_VERSION)),
-                    ("task", task),
-                    ("spec_fingerprint", fingerprint),
-                    ("created_at", repr(time.time())),
-                    ("aggregations", "0"),
-                    ("last_cluster_round", "-1"),
-                ):
-                    self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+                self.db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", first_meta(task, fingerprint))
             return
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise StateError(f"state dir {self.dir}: schema {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-        if meta.get("task") != task:
-            raise StateError(f"state dir {self.dir} belongs to task {meta.get('task')!r}, not {task!r}")
-        if meta.get("spec_fingerprint") != fingerprint:
-            raise StateError(
-                f"state dir {self.dir} was created for another global adapter (manifest); use a fresh --state"
-            )
+        check_meta(meta, self.dir, task, fingerprint)
 
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -356,11 +176,9 @@ class StateStore:
         return StateError(f"state dir {self.dir}: could not {what} ({exc})")
 
     # ---- signing key ----------------------------------------------------------------------------------
-    def signing_key(self):  # noqa: ANN201 - Ed25519PrivateKey
+    def signing_key(self) -> Ed25519PrivateKey:
         """The server's Ed25519 key: loaded from DIR/server_key.pem, generated (with .pub) on first start
         (an interrupted `fedhft server rotate-key` is completed first; see key_rotation.py)."""
-        from fedhft.broker_server.key_rotation import load_server_key
-
         return load_server_key(self.dir)
 
     # ---- clients ----------------------------------------------------------------------------------------
@@ -476,7 +294,7 @@ class StateStore:
         """The stored payload of one update, read without loading the rest of its batch file."""
         if update.tensor_file is None:
             raise StateError(f"update {update.client_id}/{update.seq} has no tensor file")
-        name, index = _split_ref(update.tensor_file)
+        name, index = split_ref(update.tensor_file)
         path = self.dir / UPDATES_DIR / name
         try:
             with safe_open(str(path), framework="numpy") as fh:
@@ -501,12 +319,12 @@ class StateStore:
         for i in ids:
             row = self.db.execute("SELECT tensor_file FROM updates WHERE id = ?", (i,)).fetchone()
             if row and row[0]:
-                out.add(_split_ref(str(row[0]))[0])
+                out.add(split_ref(str(row[0]))[0])
         return out
 
     def _pending_files(self) -> set[str]:
         rows = self.db.execute("SELECT tensor_file FROM updates WHERE status = 'pending'").fetchall()
-        return {_split_ref(str(r[0]))[0] for r in rows if r[0]}
+        return {split_ref(str(r[0]))[0] for r in rows if r[0]}
 
     def _remove_update_files(self, names: set[str]) -> None:
         """Delete batch files no pending update references any more."""

@@ -240,7 +240,8 @@ def run_command(
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
     _torch_free_if(backend)
     from fedhft.credentials import resolve_password
-    from fedhft.edge_runtime.client import ClientConfig, EdgeClient
+    from fedhft.edge_runtime.client import EdgeClient
+    from fedhft.edge_runtime.client_config import ClientConfig
 
     password = resolve_password(password, password_file)
     cfg = ClientConfig(

@@ -84,9 +84,10 @@ def simulate(
     chaos: str | None,
 ) -> None:
     """The whole system on one machine: export, broker, server, N edge runtimes, evaluation, report."""
+    from fedhft.simulate.config import SimConfig, parse_profile_mix
     from fedhft.simulate.methods import method_spec
     from fedhft.simulate.report import load_report, table, write_report
-    from fedhft.simulate.runner import SimConfig, parse_profile_mix, run, with_clean_reference
+    from fedhft.simulate.runner import run, with_clean_reference
 
     mix = parse_profile_mix(profiles_arg)
     specs = [method_spec(m.strip(), no_clustering, no_planner) for m in methods.split(",") if m.strip()]

@@ -22,16 +22,22 @@ WIRE_BYTES_PER_VALUE = 2  # fp16 encoding
 
 @dataclass
 class SimClock:
+    """The :class:`~fedhft.edge_runtime.clock.RoundClock` of a simulated device (clock.round_clock picks it)."""
+
     step_seconds: float
     uplink_mbps: float
     downlink_mbps: float
+    scale: float  # real seconds slept per simulated second
     now: float = 0.0
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> SimClock:
+    def from_manifest(cls, manifest: Manifest, scale: float) -> SimClock:
         est = manifest.plan["estimate"]
         return cls(
-            float(est["step_seconds"]), float(manifest.profile["uplink_mbps"]), float(manifest.profile["downlink_mbps"])
+            float(est["step_seconds"]),
+            float(manifest.profile["uplink_mbps"]),
+            float(manifest.profile["downlink_mbps"]),
+            scale,
         )
 
     @staticmethod
@@ -39,7 +45,7 @@ class SimClock:
         return int(sum(t.size * (4 if t.dtype.kind in "iu" else WIRE_BYTES_PER_VALUE) for t in tensors.values()))
 
     def round(
-        self, model: ModelMessage, steps: int, update: Mapping[str, np.ndarray], scale: float, started: float
+        self, model: ModelMessage, steps: int, update: Mapping[str, np.ndarray], started: float
     ) -> dict[str, float]:
         """Advance the clock by one round, sleep the scaled remainder, return the update's time metrics."""
         meta = model.meta if isinstance(model.meta, Mapping) else {}
@@ -48,7 +54,7 @@ class SimClock:
         up = self.payload_bytes(update) * 8 / (self.uplink_mbps * 1e6)
         duration = steps * self.step_seconds + down + up
         self.now = start + duration
-        remaining = scale * duration - (time.monotonic() - started)
+        remaining = self.scale * duration - (time.monotonic() - started)
         if remaining > 0:
             time.sleep(remaining)
         return {"virtual_time": round(self.now, 4), "virtual_duration": round(duration, 4)}

@@ -12,8 +12,9 @@ import pytest
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.factor_aggregation import LoraFactors, padded_average
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
-from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
-from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.ingest import Inbound
+from fedhft.broker_server.service import Server, ServerConfig, ServiceError
+from fedhft.broker_server.state_files import state_from_bytes, state_to_bytes
 from fedhft.broker_server.strategies import available
 from fedhft.broker_server.strategies.base import MASKED
 from fedhft.broker_server.strategies.fedavg import FedAvg
@@ -202,7 +203,7 @@ def make_server(tiny_export: Path, tmp_path: Path) -> Iterator[Callable[..., tup
         fed = FederationConfig(buffer_size=100, window_seconds=1e6, staleness_exponent=0, aggregator=aggregator)
         server = Server(ServerConfig("mqtt://127.0.0.1:1", TASK, tmp_path / "state", tiny_export, federation=fed))
         acks: list = []
-        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        server.ingest.send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
         servers.append(server)
         return server, acks
 

@@ -24,9 +24,10 @@ from fedhft.broker_server.key_rotation import (
     read_chain,
     rotate_server_key,
 )
-from fedhft.broker_server.state_store import StateLocked, lock_state_dir, unlock_state_dir
+from fedhft.broker_server.state_dir import StateLocked, lock_state_dir, unlock_state_dir
 from fedhft.cli.server import server_rotate_key_command
-from fedhft.edge_runtime.client import ClientConfig, EdgeClient
+from fedhft.edge_runtime.client import EdgeClient
+from fedhft.edge_runtime.client_config import ClientConfig
 from fedhft.edge_runtime.trust import TRUST_FILE, ServerTrust
 from fedhft.protocol import (
     BadSignature,

@@ -13,7 +13,8 @@ import pytest
 
 from fedhft.broker_server import state_store
 from fedhft.broker_server.federation import FederationConfig
-from fedhft.broker_server.service import Inbound, Server, ServerConfig
+from fedhft.broker_server.ingest import Inbound
+from fedhft.broker_server.service import Server, ServerConfig
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
@@ -39,7 +40,7 @@ def make_server(tiny_export: Path, tmp_path: Path) -> Iterator[Callable[..., tup
         )
         server = Server(config)
         acks: list[Ack] = []
-        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        server.ingest.send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
         servers.append(server)
         return server, acks
 

@@ -11,7 +11,8 @@ import pytest
 
 from fedhft.broker_server import state_store
 from fedhft.broker_server.aggregation import ClusterState
-from fedhft.broker_server.state_store import StagedUpdate, StateError, StateLocked, StateStore, StorageFull
+from fedhft.broker_server.state_dir import StateError, StateLocked, StorageFull
+from fedhft.broker_server.state_store import StagedUpdate, StateStore
 from fedhft.broker_server.validation import ClientPlan
 from fedhft.protocol import encode_update
 from tests.support.server import plan_dict, small_spec, update_message, update_tensors

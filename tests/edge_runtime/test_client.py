@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from fedhft.cli import main
-from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
+from fedhft.edge_runtime.client import EdgeClient
+from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.local_train import open_trainer
 from fedhft.edge_runtime.masking import AdapterSpec
 from fedhft.edge_runtime.mqtt_link import Delivered, LinkUp, MqttLink
@@ -328,7 +329,8 @@ def test_a_federated_round_runs_with_torch_blocked(fed: Fed) -> None:
     cfg = fed.config("tf")
     code = (
         "import json, sys\nfrom pathlib import Path\n"
-        "from fedhft.edge_runtime.client import ClientConfig, EdgeClient\n"
+        "from fedhft.edge_runtime.client import EdgeClient\n"
+        "from fedhft.edge_runtime.client_config import ClientConfig\n"
         f"cfg = ClientConfig(artifacts=Path({str(cfg.artifacts)!r}), data=Path({str(cfg.data)!r}), "
         f"broker={cfg.broker!r}, task={TASK!r}, client_id='tf', state_dir=Path({str(cfg.state_dir)!r}), "
         f"server_key=Path({str(fed.key)!r}), local_steps=5, rounds=1)\n"

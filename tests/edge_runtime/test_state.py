@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhft.edge_runtime.client import read_battery_percent
+from fedhft.edge_runtime.battery import read_battery_percent
 from fedhft.edge_runtime.mqtt_link import backoff_delay
 from fedhft.edge_runtime.outbox import Outbox
 from fedhft.edge_runtime.state import EdgeState, StateError, StateStore, write_atomic, write_atomic_with

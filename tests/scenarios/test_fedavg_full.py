@@ -20,8 +20,9 @@ from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.aggregation_inputs import AggregationError, DenseUpdate
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
 from fedhft.broker_server.full_aggregation import aggregate_full, full_model_tensors
-from fedhft.broker_server.service import Inbound, Server, ServerConfig, ServiceError
-from fedhft.broker_server.state_store import state_from_bytes, state_to_bytes
+from fedhft.broker_server.ingest import Inbound
+from fedhft.broker_server.service import Server, ServerConfig, ServiceError
+from fedhft.broker_server.state_files import state_from_bytes, state_to_bytes
 from fedhft.broker_server.strategies import available
 from fedhft.broker_server.validation import (
     WRONG_TRAINING,
@@ -35,7 +36,8 @@ from fedhft.broker_server.validation import (
 )
 from fedhft.cli.server import server_run_command
 from fedhft.device_profiles.profile import load_profile
-from fedhft.edge_runtime.client import ClientConfig, ClientSummary, EdgeClient
+from fedhft.edge_runtime.client import EdgeClient
+from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.full_update import (
     FullSpec,
     bind_initial,
@@ -282,7 +284,7 @@ def make_server(full_export: Path, tmp_path: Path) -> Iterator[Callable[..., tup
         fed = FederationConfig(buffer_size=100, window_seconds=1e6, staleness_exponent=0, aggregator=aggregator)
         server = Server(ServerConfig("mqtt://127.0.0.1:1", TASK, tmp_path / "state", full_export, federation=fed))
         acks: list = []
-        server._send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
+        server.ingest.send_ack = lambda cid, seq, status, reason: acks.append((cid, seq, status, reason))  # type: ignore[method-assign]
         servers.append(server)
         return server, acks
 

@@ -1,0 +1,86 @@
+"""Start-up: the registry and the federation rebuilt from the state store (after its crash recovery).
+
+Clients come back with their plans, seqs, memberships and heads; pending updates are decoded again from the
+payloads they were stored as (scaled as they were when accepted). A stored client whose plan no longer fits
+the manifest is dropped, and a stored update that cannot be read is marked rejected ("lost").
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedhft.broker_server import sim_time
+from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
+from fedhft.broker_server.ingest import ClientInfo
+from fedhft.broker_server.state_dir import StateError
+from fedhft.broker_server.state_store import StateStore
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
+from fedhft.errors import FedHFTError
+from fedhft.logs import event
+from fedhft.protocol import decode_update
+
+log = logging.getLogger("fedhft.server")
+
+RESTORE_MAX_BYTES = 1 << 30  # stored payloads passed their client's size limit when they arrived
+
+
+def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tuple[Federation, dict[str, ClientInfo]]:
+    """The federation at the last committed version with its pending updates, and the client registry."""
+    meta = store.meta()
+    latest = store.latest_version()
+    states = store.load_states(latest) if latest else None
+    rows = store.load_clients()
+    registry: dict[str, ClientInfo] = {}
+    federation = Federation(
+        spec,
+        config,
+        version=latest.version if latest else 0,
+        states=states,
+        memberships={cid: r.membership for cid, r in rows.items() if r.membership},
+        aggregations=int(meta.get("aggregations", "0")),
+        last_cluster_round=int(meta.get("last_cluster_round", "-1")),
+        virtual_time=sim_time.restored(meta),
+    )
+    for cid, row in rows.items():
+        try:
+            plan = ClientPlan.from_plan(row.plan, spec)
+        except PlanRejected as exc:
+            event(log, "dropping a stored client whose plan no longer fits", logging.WARNING, client=cid, error=exc)
+            continue
+        registry[cid] = ClientInfo(plan, row.profile, row.manifest_sha256, row.last_seq)
+        federation.register(cid, plan)
+        if row.head:
+            federation.set_head(cid, row.head)
+    lost = []
+    for stored in store.load_pending():
+        try:
+            payload = store.load_payload(stored)
+            decoded = decode_update(payload, max_bytes=RESTORE_MAX_BYTES)
+            tensors = scale_update(decoded.tensors, stored.clip_scale)
+            to_client_update(stored.client_id, stored.num_samples, stored.base_version, tensors, spec)
+        except (StateError, FedHFTError, KeyError) as exc:
+            event(log, "a stored update cannot be read", logging.ERROR, id=stored.id, error=exc)
+            lost.append(stored.id)
+            continue
+        federation.add_pending(
+            PendingUpdate(
+                stored.id,
+                stored.client_id,
+                stored.seq,
+                stored.base_version,
+                stored.num_samples,
+                stored.received_at,
+                tensors,
+                sim_time.sent_at(decoded),
+            )
+        )
+    store.mark_rejected(lost, "lost")
+    event(
+        log,
+        "state restored",
+        version=federation.version,
+        clients=len(registry),
+        pending=len(federation.pending),
+        clusters=federation.num_clusters,
+    )
+    return federation, registry

@@ -1,0 +1,58 @@
+"""The server's ``--state DIR``: the names of what lives in it, the lock that keeps it to one server, its errors.
+
+Shared by the state store (state_store.py) and the signing key and its chain (key_rotation.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+from fedhft.errors import FedHFTError
+
+DB_NAME = "state.sqlite3"
+LOCK_NAME = "lock"
+KEY_NAME = "server_key.pem"
+PUB_NAME = "server_key.pub"
+UPDATES_DIR = "updates"
+STATES_DIR = "states"
+TENSOR_SUFFIX = ".safetensors"
+
+
+class StateError(FedHFTError):
+    """The state directory cannot be used (locked, corrupt, another task's, unwritable)."""
+
+
+class StateLocked(StateError):
+    """Another server holds the state directory's lock."""
+
+
+class StorageFull(StateError):
+    """The disk is full: nothing was stored (and nothing is acknowledged)."""
+
+
+def lock_state_dir(directory: Path) -> int:
+    """flock ``directory/lock`` and write our PID into it; StateLocked naming the holder's PID otherwise."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateLocked(
+            f"state dir {directory} is in use by another fedhft server (PID {holder}); stop it or "
+            "choose another --state"
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+def unlock_state_dir(fd: int) -> None:
+    """Release a lock taken by :func:`lock_state_dir`."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

@@ -1,0 +1,132 @@
+"""The SQLite side of the server's state dir: its tables, the meta row checked on open, the rows read back.
+
+``meta`` holds the schema version, the task and the global adapter's fingerprint (a state dir serves one
+task and one manifest) plus the federation's counters; a schema change bumps SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhft.broker_server.state_dir import StateError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    plan_json TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT -1,
+    membership_json TEXT,
+    head BLOB,
+    registered_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    received_at REAL NOT NULL,
+    tensor_file TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected')),  -- rejected: dropped at a flush
+    reason TEXT NOT NULL DEFAULT '',
+    clip_scale REAL NOT NULL DEFAULT 1.0,
+    aggregated_version INTEGER,
+    UNIQUE (client_id, seq)
+);
+CREATE INDEX IF NOT EXISTS updates_by_status ON updates (status);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    state_dir TEXT NOT NULL,
+    state_files TEXT NOT NULL,
+    num_updates INTEGER NOT NULL,
+    clusters INTEGER NOT NULL
+);
+"""
+
+
+@dataclass
+class ClientRow:
+    """A registered client as stored."""
+
+    client_id: str
+    profile: str
+    manifest_sha256: str
+    plan: dict[str, Any]
+    last_seq: int
+    membership: list[float] | None
+    head: dict[str, np.ndarray] | None
+
+
+@dataclass
+class StoredUpdate:
+    """An update row with its tensor file (status pending unless said otherwise)."""
+
+    id: int
+    client_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    loss: float
+    received_at: float
+    tensor_file: str | None
+    clip_scale: float
+
+
+@dataclass
+class VersionRecord:
+    """One committed model version."""
+
+    version: int
+    created_at: float
+    state_dir: str
+    state_files: list[str]
+    num_updates: int
+    clusters: int
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Connect in autocommit mode (transactions are explicit), WAL, synchronous=FULL; create missing tables."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def first_meta(task: str, fingerprint: str) -> list[tuple[str, str]]:
+    """The meta rows of a new state dir."""
+    return [
+        ("schema_version", str(SCHEMA_VERSION)),
+        ("task", task),
+        ("spec_fingerprint", fingerprint),
+        ("created_at", repr(time.time())),
+        ("aggregations", "0"),
+        ("last_cluster_round", "-1"),
+    ]
+
+
+def check_meta(meta: Mapping[str, str], directory: Path, task: str, fingerprint: str) -> None:
+    """StateError unless the state dir has this schema and was made for this task and global adapter."""
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise StateError(f"state dir {directory}: schema {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if meta.get("task") != task:
+        raise StateError(f"state dir {directory} belongs to task {meta.get('task')!r}, not {task!r}")
+    if meta.get("spec_fingerprint") != fingerprint:
+        raise StateError(
+            f"state dir {directory} was created for another global adapter (manifest); use a fresh --state"
+        )

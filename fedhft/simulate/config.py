@@ -1,0 +1,56 @@
+"""What one simulation run is told (`fedhft simulate`): SimConfig, and the --profiles mix it parses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedhft.errors import FedHFTError
+from fedhft.simulate.methods import MethodSpec
+
+
+class SimulationError(FedHFTError):
+    """The simulation cannot run."""
+
+
+@dataclass
+class SimConfig:
+    clients: int
+    profiles: dict[str, int]
+    dataset: str
+    alpha: float
+    rounds: int
+    method: MethodSpec
+    out: Path
+    model: str | None = None
+    broker: str | None = None
+    target_accuracy: float | None = None
+    minutes: float | None = None
+    seed: int = 0
+    local_steps: int = 10
+    max_seq_len: int = 64
+    learning_rate: float = 2e-3
+    time_scale: float = 0.0
+    clusters: int = 2
+    split: str = "dirichlet"  # "dirichlet" (label skew by alpha) | "natural" (the data set's groups)
+    chaos: str | None = None  # a fault spec (fedhft.simulate.chaos): the run is named <method>+chaos
+    backend: str = "auto"  # "auto": each profile's own runtime (ORT, else the native ExecuTorch trainer) | "ort"
+    max_test: int | None = 1000  # global test cap; each client's test split is capped at a fifth of it
+    cache_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
+    )
+
+
+def parse_profile_mix(text: str) -> dict[str, int]:
+    """'rpi4-4gb:4,laptop-x86-16gb:2' -> {name: count}."""
+    mix: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.partition(":")
+        try:
+            mix[name] = mix.get(name, 0) + (int(count) if count else 1)
+        except ValueError as e:
+            raise SimulationError(f"--profiles: '{part}' is not NAME:COUNT") from e
+    if not mix:
+        raise SimulationError("--profiles is empty")
+    return mix
