@@ -45,7 +45,6 @@ from fedhft.broker_server.strategies.base import AggregationInput, Flush, Strate
 from fedhft.broker_server.strategies.robust_bounds import RobustBounds
 from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.errors import FedHFTError
-from fedhft.protocol import HEAD_BIAS, HEAD_WEIGHT
 
 CLIP_WINDOW = 64  # flushed update norms remembered for --clip-multiple's running median
 
@@ -173,17 +172,7 @@ class PendingUpdate:
 
     @property
     def head(self) -> dict[str, np.ndarray]:
-        return {k: self.tensors[k] for k in (HEAD_WEIGHT, HEAD_BIAS) if k in self.tensors}
-
-
-def virtual_time_of(metrics: Mapping[str, float]) -> float:
-    """The simulated device clock an update reports (``metrics["virtual_time"]``), 0 when absent or invalid."""
-    value = metrics.get("virtual_time", 0.0) if isinstance(metrics, Mapping) else 0.0
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return value if math.isfinite(value) and value > 0 else 0.0
+        return head_tensors(self.tensors)
 
 
 @dataclass

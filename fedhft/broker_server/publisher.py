@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedhft.broker_server.federation import Federation, ModelFactors
+from fedhft.broker_server.federation import Federation
 from fedhft.broker_server.metrics import Metrics, refresh_gauges
+from fedhft.broker_server.models import ModelFactors
 from fedhft.protocol import (
     KeyChainMessage,
     KeyLink,

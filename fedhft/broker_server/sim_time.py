@@ -7,12 +7,22 @@ update's clock, and keep the latest version's clock in the state's meta across r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-from fedhft.broker_server.federation import virtual_time_of
 from fedhft.protocol import UpdateMessage
 
 META_KEY = "virtual_time"
+
+
+def virtual_time_of(metrics: Mapping[str, float]) -> float:
+    """The simulated device clock an update reports (``metrics["virtual_time"]``), 0 when absent or invalid."""
+    value = metrics.get(META_KEY, 0.0) if isinstance(metrics, Mapping) else 0.0
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def sent_at(update: UpdateMessage) -> float:

@@ -11,8 +11,8 @@ from fedhft.broker_server.federation import (
     FederationConfig,
     FederationError,
     PendingUpdate,
-    virtual_time_of,
 )
+from fedhft.broker_server.sim_time import virtual_time_of
 from fedhft.broker_server.svd import split_factors
 from fedhft.broker_server.validation import ClientPlan
 from tests.support.server import plan_dict, small_spec, update_tensors
