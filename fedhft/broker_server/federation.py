@@ -45,6 +45,7 @@ from fedhft.broker_server.strategies.base import AggregationInput, Flush, Strate
 from fedhft.broker_server.strategies.robust_bounds import RobustBounds
 from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.errors import FedHFTError
+from fedhft.protocol.tensor_names import head_tensors
 
 CLIP_WINDOW = 64  # flushed update norms remembered for --clip-multiple's running median
 
