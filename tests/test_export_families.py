@@ -31,6 +31,7 @@ FAMILIES = {
     "distilbert": ("DistilBertConfig", {}),
     "roberta": ("RobertaConfig", {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}),
     "xlm-roberta": ("XLMRobertaConfig", {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}),
+    "camembert": ("CamembertConfig", {"pad_token_id": 1}),
     "albert": ("AlbertConfig", {"embedding_size": 16, "num_hidden_groups": 1}),
 }
 MAX_SEQ_LEN = 24
@@ -55,7 +56,7 @@ def _vocab_files(family: str, d: Path) -> int:
     import sentencepiece as spm
 
     name, kw = ("spiece", {"control_symbols": SPM_SPECIALS, "pad_id": 0, "unk_id": 1, "bos_id": -1, "eos_id": -1})
-    if family == "xlm-roberta":
+    if family in ("xlm-roberta", "camembert"):
         name, kw = ("sentencepiece.bpe", {})
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS),
@@ -68,7 +69,7 @@ def _vocab_files(family: str, d: Path) -> int:
     )
     (d / f"{name}.vocab").unlink()
     size = spm.SentencePieceProcessor(model_file=str(d / f"{name}.model")).get_piece_size()
-    return size + 2 if family == "xlm-roberta" else size  # XLM-R adds <mask> and shifts ids by one (fairseq)
+    return size if family == "albert" else size + 8  # XLM-R and CamemBERT add fairseq ids around the pieces
 
 
 def make_family_model(family: str, d: Path, **overrides: object) -> Path:
@@ -82,7 +83,7 @@ def make_family_model(family: str, d: Path, **overrides: object) -> Path:
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
     if family == "distilbert":
         sizes = {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64}
-    positions = 40 if family in ("roberta", "xlm-roberta") else 32
+    positions = 40 if family in ("roberta", "xlm-roberta", "camembert") else 32
     config = getattr(transformers, cls_name)(
         vocab_size=vocab, max_position_embeddings=positions, **sizes, **{**kw, **overrides}
     )
