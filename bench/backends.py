@@ -95,7 +95,7 @@ def worker(backend: str, profile_dir: Path, batch: int, seq: int, steps: int, lr
     else:
         import torch
 
-        from fedhft.export.model import packaged_model_dir
+        from fedhft.device_profiles.model_shape import packaged_model_dir
 
         if threads:
             torch.set_num_threads(threads)
@@ -138,17 +138,17 @@ def run_worker(backend: str, profile_dir: Path, a: argparse.Namespace, threads: 
 
 # ---- driver ---------------------------------------------------------------------------------------------
 def export_both(out: Path, int8: bool, profile_name: str) -> Path:
+    from fedhft.device_profiles.model_shape import packaged_model_dir, read_model
     from fedhft.device_profiles.planner import plan_lora
     from fedhft.device_profiles.profile import load_profile
     from fedhft.export import pipeline
     from fedhft.export.executorch_export import export_executorch_for_profile
-    from fedhft.export.model import load_encoder, model_shape, packaged_model_dir
 
     name = f"{profile_name}-{'int8' if int8 else 'fp32'}"
     if (out / name / "executorch" / "program.json").is_file():
         return out / name
     profile = load_profile(profile_name)
-    shape = model_shape(load_encoder(packaged_model_dir()), 5, 128, profile.batch_size)
+    shape = read_model(None).shape(5, 128, profile.batch_size)
     plan = plan_lora(shape, profile, int8=True, runtime="executorch")  # one plan for both base precisions
     opts = pipeline.ExportOptions(num_labels=5, max_seq_len=128, int8=int8)
     formats = tuple(f for f in ("ort", "executorch") if f in pipeline.FORMATS)

@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedhft.device_profiles.model_shape import read_model
 from fedhft.device_profiles.planner import LayerPlan, estimate, plan_lora, uniform_plan
 from fedhft.device_profiles.profile import load_profile
 from fedhft.edge_runtime.stepbench import measure_in_subprocess
-from fedhft.export.model import load_encoder, model_shape, packaged_model_dir
 from fedhft.export.pipeline import ExportOptions, export_profile
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "ort_memory.json")
     a = ap.parse_args()
     profile = load_profile(a.profile)
-    shape = model_shape(load_encoder(packaged_model_dir()), 5, 128, 8)
+    shape = read_model(None).shape(5, 128, 8)
     opts_fp32 = ExportOptions(num_labels=5, int8=False)
     opts_int8 = ExportOptions(num_labels=5, int8=True)
     planned = plan_lora(shape, profile, runtime="ort")

@@ -52,8 +52,8 @@ def tiny_package(root: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
+    from fedhft.device_profiles.model_shape import packaged_model_dir
     from fedhft.device_profiles.profile import load_profile
-    from fedhft.export.model import packaged_model_dir
     from fedhft.export.pipeline import ExportOptions, export_profile
 
     torch.manual_seed(0)

@@ -43,7 +43,8 @@ from fedhft.broker_server.metrics import parse_metrics
 from fedhft.broker_server.service import limit_blas_threads
 from fedhft.broker_server.state_store import StagedUpdate, StateStore
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
-from fedhft.device_profiles.planner import MODULE_KINDS, ModelShape, plan_lora
+from fedhft.device_profiles.model_shape import MODULE_KINDS, ModelShape
+from fedhft.device_profiles.planner import plan_lora
 from fedhft.device_profiles.profile import load_profile
 from fedhft.protocol import (
     HelloMessage,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhft.device_profiles.planner import ModelShape, PlanError, plan_lora
+from fedhft.device_profiles.model_shape import ModelShape
+from fedhft.device_profiles.planner import PlanError, plan_lora
 from fedhft.device_profiles.profile import list_profiles, resource_level
 from fedhft.edge_runtime.masking import AdapterSpec, ModuleSpec, build_update_tensors
 from fedhft.protocol import (

@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from fedhft.export.model import packaged_model_dir
+    from fedhft.device_profiles.model_shape import packaged_model_dir
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-bert")

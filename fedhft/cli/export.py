@@ -47,25 +47,6 @@ def profiles_show(name: str) -> None:
     click.echo(json.dumps(d, indent=2))
 
 
-def _shape_from_config(model: str | None, num_labels: int, seq_len: int, batch: int):  # noqa: ANN202
-    """The model's shape from its config.json alone (no torch needed to plan)."""
-    from fedhft.device_profiles.planner import ModelShape
-    from fedhft.export.model import resolve_model_dir
-
-    cfg = json.loads((resolve_model_dir(model) / "config.json").read_text())
-    return ModelShape(
-        cfg["num_hidden_layers"],
-        cfg["hidden_size"],
-        cfg["intermediate_size"],
-        cfg["num_attention_heads"],
-        cfg["vocab_size"],
-        cfg["max_position_embeddings"],
-        num_labels,
-        seq_len,
-        batch,
-    )
-
-
 @click.command()
 @click.option("--model", default=None, help="Local model directory (default: the packaged MiniLM).")
 @click.option("--profile", "profile_name", required=True, help="Profile name or TOML path.")
@@ -86,11 +67,13 @@ def plan(
     min_compression: float,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
-    from fedhft.device_profiles.planner import plan_lora
+    from fedhft.device_profiles.model_shape import read_model
+    from fedhft.device_profiles.planner import plan_lora, planned_runtime
     from fedhft.device_profiles.profile import load_profile
 
     prof = load_profile(profile_name)
-    shape = _shape_from_config(model, num_labels, max_seq_len, prof.batch_size)
+    shape = read_model(model).shape(num_labels, max_seq_len, prof.batch_size)  # what export reads, torch-free
+    runtime = runtime or planned_runtime(prof)
     p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime, min_compression=min_compression or None)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
@@ -142,13 +125,13 @@ def export(
     min_compression: float,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
+    from fedhft.device_profiles.model_shape import read_model
     from fedhft.device_profiles.profile import load_profile
-    from fedhft.export.model import resolve_model_dir
     from fedhft.export.pipeline import FORMATS, ExportOptions, export_profile
 
     names = [n.strip() for n in profiles_arg.split(",") if n.strip()]
     profs = [load_profile(n) for n in names]  # validate all before exporting any
-    resolve_model_dir(model)
+    read_model(model).check_seq_len(max_seq_len)
     formats = FORMATS if fmt == "all" else (fmt,)
     opts = ExportOptions(
         num_labels=num_labels,

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from fedhft.device_profiles import profile as _profile
+from fedhft.device_profiles.model_shape import MODULE_KINDS, ModelShape
 from fedhft.device_profiles.profile import DeviceProfile
 from fedhft.errors import FedHFTError
 
-# Canonical names of the adaptable linear modules of one transformer encoder layer.
-MODULE_KINDS: tuple[str, ...] = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 # Target sets the planner may choose, smallest first (LoRA's classic q/v first).
 TARGET_LADDER: tuple[tuple[str, ...], ...] = (
     ("query", "value"),
@@ -34,40 +33,6 @@ DEFAULT_MIN_COMPRESSION = 500.0
 
 class PlanError(FedHFTError):
     """No plan fits the device."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs to know about an encoder and the training batch."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    vocab_size: int
-    max_positions: int
-    num_labels: int
-    seq_len: int
-    batch_size: int
-
-    def module_dims(self, kind: str) -> tuple[int, int]:
-        """(in_features, out_features) of one adaptable module kind."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {"ffn_in": (h, i), "ffn_out": (i, h)}.get(kind, (h, h))
-
-    @property
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in (self.module_dims(k) for k in MODULE_KINDS))
-
-    @property
-    def embedding_params(self) -> int:
-        return (self.vocab_size + self.max_positions + 2) * self.hidden_size
-
-    @property
-    def total_params(self) -> int:
-        """Approximate parameter count (linear weights + embeddings + biases and norms)."""
-        small = self.num_layers * (4 * self.hidden_size + self.intermediate_size + 5 * self.hidden_size)
-        return self.num_layers * self.layer_linear_params + self.embedding_params + small
 
 
 @dataclass(frozen=True)
@@ -210,13 +175,26 @@ def download_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], value_bytes
 
 
 def base_weight_bytes(shape: ModelShape, int8: bool) -> float:
-    """Frozen base: linear weights and the word embedding in int8 (+ fp32 row scales), the rest fp32."""
-    linear = shape.num_layers * shape.layer_linear_params
-    small = shape.total_params - linear - shape.vocab_size * shape.hidden_size
+    """Frozen base: linear weights and the word embedding in int8 (+ fp32 row scales), the rest fp32.
+
+    Layers that share weights (ALBERT) store them once; a factorized embedding's projection is a linear weight.
+    """
+    linear = shape.weight_layer_count * shape.layer_linear_params + shape.projection_params
+    words = shape.vocab_size * shape.embedding_dim
+    small = shape.total_params - linear - words
     if not int8:
         return 4.0 * shape.total_params
-    scales = shape.num_layers * sum(o for _, o in (shape.module_dims(k) for k in MODULE_KINDS)) + shape.vocab_size
-    return float(linear + shape.vocab_size * shape.hidden_size + 4 * scales + 4 * small)
+    layer_rows = sum(o for _, o in (shape.module_dims(k) for k in MODULE_KINDS))
+    scales = (
+        shape.weight_layer_count * layer_rows + shape.vocab_size + (shape.hidden_size if shape.projection_params else 0)
+    )
+    return float(linear + words + 4 * scales + 4 * small)
+
+
+def planned_runtime(profile: DeviceProfile) -> str:
+    """The runtime a profile's package is planned for: ORT where the profile runs it (export builds the ORT
+    artifacts as the package's reference), else the profile's default. `plan` and `export` both use it."""
+    return "ort" if "ort" in profile.runtimes else profile.default_runtime
 
 
 def layer_forward_flop(shape: ModelShape) -> float:

@@ -94,16 +94,22 @@ class TransposedFrozenLinear(nn.Module):
 
 
 def transpose_frozen_linears(model: nn.Module) -> int:
-    """Replace every FrozenLinear in `model` (in place) by a TransposedFrozenLinear; return how many."""
+    """Replace every FrozenLinear in `model` (in place) by a TransposedFrozenLinear; return how many.
+
+    A FrozenLinear shared by several parents (ALBERT's layers) gets one shared replacement.
+    """
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, FrozenLinear)
     ]
+    done: dict[int, TransposedFrozenLinear] = {}
     for parent, name, child in swaps:
-        setattr(parent, name, TransposedFrozenLinear(child))
-    return len(swaps)
+        if id(child) not in done:
+            done[id(child)] = TransposedFrozenLinear(child)
+        setattr(parent, name, done[id(child)])
+    return len(done)
 
 
 class TrainingGraph(nn.Module):

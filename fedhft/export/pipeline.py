@@ -14,25 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedhft.device_profiles.model_shape import MODULE_KINDS, PACKAGED_MODEL, packaged_model_dir, read_model
 from fedhft.device_profiles.planner import (
     DEFAULT_MIN_COMPRESSION,
-    MODULE_KINDS,
     LoraPlan,
     full_finetune_plan,
     plan_lora,
+    planned_runtime,
 )
 from fedhft.device_profiles.profile import DeviceProfile
 from fedhft.errors import FedHFTError
-from fedhft.export.model import (
-    PACKAGED_MODEL,
-    TrainableTensorInfo,
-    build_training_model,
-    load_encoder,
-    model_shape,
-    packaged_model_dir,
-    resolve_model_dir,
-    weights_sha256,
-)
+from fedhft.export.model import TrainableTensorInfo, build_training_model, load_encoder, weights_sha256
+from fedhft.export.tokenizer import write_tokenizer
 from fedhft.protocol.manifest import (
     SCHEMA_VERSION,
     AdaptableModule,
@@ -71,21 +64,6 @@ class ExportResult:
     plan: LoraPlan
     artifact_bytes: dict[str, int]
     seconds: float
-
-
-def _copy_tokenizer(model_dir: Path, dest: Path) -> str:
-    src = model_dir / "tokenizer.json"
-    if src.is_file():
-        shutil.copyfile(src, dest / "tokenizer.json")
-        return "tokenizer.json"
-    try:  # a slow-tokenizer-only model: let transformers convert it once, here on the workstation
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, use_fast=True)
-        tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
-        return "tokenizer.json"
-    except Exception as e:
-        raise ExportError(f"{model_dir}: no tokenizer.json and no convertible tokenizer ({e})") from e
 
 
 def _global_adapter(num_layers: int, dims: Callable[[str], tuple[int, int]], max_rank: int) -> list[AdaptableModule]:
@@ -156,14 +134,11 @@ def export_profile(
     if opts.num_labels < 2:
         raise ExportError(f"--num-labels must be >= 2, got {opts.num_labels}")
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(model)
+    spec = read_model(model)
+    model_dir = spec.directory
+    shape = spec.shape(opts.num_labels, opts.max_seq_len, profile.batch_size)
     _check_out_dir(out)
-    encoder = load_encoder(model_dir)
-    max_pos = encoder.config.max_position_embeddings
-    if not 1 <= opts.max_seq_len <= max_pos:
-        raise ExportError(f"--max-seq-len {opts.max_seq_len} is outside 1..{max_pos} (the model's positions)")
-    shape = model_shape(encoder, opts.num_labels, opts.max_seq_len, profile.batch_size)
-    runtime = "ort" if "ort" in profile.runtimes else profile.default_runtime
+    runtime = planned_runtime(profile)
     if full_finetune:
         plan = full_finetune_plan(shape, profile, runtime=runtime, max_rank=opts.max_rank, lora_alpha=opts.lora_alpha)
         check_full_finetune_memory(plan, profile)
@@ -178,11 +153,13 @@ def export_profile(
             fixed_depth=opts.fixed_depth,
             min_compression=opts.min_compression,
         )
-    model_t, infos = build_training_model(
-        encoder, plan, opts.num_labels, int8=opts.int8, seed=opts.seed, full_finetune=full_finetune
-    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))
     try:
+        tokenizer = write_tokenizer(spec, tmp)  # first: a model without a usable tokenizer fails fast
+        encoder = load_encoder(model_dir)
+        model_t, infos = build_training_model(
+            encoder, plan, opts.num_labels, int8=opts.int8, seed=opts.seed, full_finetune=full_finetune
+        )
         artifacts: dict[str, dict[str, ArtifactFile]] = {}
         if "ort" in formats:
             ort_dir = tmp / "ort"
@@ -204,13 +181,12 @@ def export_profile(
                 tmp / "executorch",
                 max_batch=max(profile.batch_size, 1),
                 max_seq_len=opts.max_seq_len,
-                pad_token_id=encoder.config.pad_token_id or 0,
+                pad_token_id=spec.pad_token_id,
             )
             artifacts["executorch"] = {
                 role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
                 for role, p in et.files.items()
             }
-        tokenizer = _copy_tokenizer(model_dir, tmp)
         base_name = PACKAGED_MODEL if model_dir == packaged_model_dir() else model_dir.name
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,

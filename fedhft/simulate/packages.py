@@ -26,7 +26,8 @@ def _cache_key(*parts: object) -> str:
 
 def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labels: int) -> tuple[dict, Path, dict]:
     """Per-profile packages for the method, plus the evaluator's; cached by content hash."""
-    from fedhft.export.model import resolve_model_dir, weights_sha256
+    from fedhft.device_profiles.model_shape import read_model, resolve_model_dir
+    from fedhft.export.model import weights_sha256
     from fedhft.export.pipeline import ExportOptions, export_profile
     from fedhft.protocol.manifest import load_manifest
     from fedhft.simulate.evaluator import evaluator_plan
@@ -53,9 +54,7 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
         if not (d / "manifest.json").is_file():
             plan = None
             if m.planner == "uniform":
-                from fedhft.export.model import load_encoder, model_shape
-
-                shape = model_shape(load_encoder(model_dir), num_labels, cfg.max_seq_len, prof.batch_size)
+                shape = read_model(model_dir).shape(num_labels, cfg.max_seq_len, prof.batch_size)
                 plan = uniform_plan(
                     shape,
                     prof,

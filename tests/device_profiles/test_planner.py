@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
     LoraPlan,
-    ModelShape,
     PlanError,
     adapter_params,
     plan_lora,

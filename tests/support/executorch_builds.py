@@ -23,11 +23,11 @@ _CACHE: dict[str, Path] = {}
 
 def tiny_plan(model_dir: Path, profile_path: Path):  # noqa: ANN201 (LoraPlan, imported lazily)
     """Rank-4 adapters on query, value and ffn_in of the top layer: small, so the export stays fast."""
+    from fedhft.device_profiles.model_shape import read_model
     from fedhft.device_profiles.planner import uniform_plan
     from fedhft.device_profiles.profile import load_profile
-    from fedhft.export.model import load_encoder, model_shape
 
-    shape = model_shape(load_encoder(model_dir), NUM_LABELS, MAX_SEQ_LEN, 8)
+    shape = read_model(model_dir).shape(NUM_LABELS, MAX_SEQ_LEN, 8)
     return uniform_plan(
         shape, load_profile(profile_path), rank=4, depth=1, targets=("query", "value", "ffn_in"), int8=True
     )
