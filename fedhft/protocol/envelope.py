@@ -5,7 +5,7 @@ Layout (all integers little-endian)::
     offset  size  field
     0       4     magic b"FHFT"
     4       1     format version (1)
-    5       1     message kind: 1 update, 2 model, 3 hello, 4 ack, 5 key chain
+    5       1     message kind: 1 update, 2 model, 3 hello, 4 ack, 5 key chain, 6 promise, 7 schedule
     6       1     flags: bit 0 body is zlib-compressed (always set by the encoders), bit 1 signed
     7       1     reserved, 0
     8       4     body length N (bytes on the wire)
@@ -40,7 +40,16 @@ MAGIC = b"FHFT"
 FORMAT_VERSION = 1
 KIND_UPDATE, KIND_MODEL, KIND_HELLO, KIND_ACK = 1, 2, 3, 4
 KIND_KEY = 5  # the server's key chain (fedhft.protocol.keychain)
-KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model", KIND_HELLO: "hello", KIND_ACK: "ack", KIND_KEY: "key"}
+KIND_PROMISE, KIND_SCHEDULE = 6, 7  # virtual time of a simulated fleet (fedhft.protocol.virtual_time)
+KIND_NAMES = {
+    KIND_UPDATE: "update",
+    KIND_MODEL: "model",
+    KIND_HELLO: "hello",
+    KIND_ACK: "ack",
+    KIND_KEY: "key",
+    KIND_PROMISE: "promise",
+    KIND_SCHEDULE: "schedule",
+}
 FLAG_ZLIB = 0x01
 FLAG_SIGNED = 0x02
 ENVELOPE = struct.Struct("<4sBBBBII")

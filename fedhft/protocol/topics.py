@@ -8,6 +8,8 @@ Topics (``<task>`` and ``<client_id>`` are ids: 1-128 characters of ``[A-Za-z0-9
     fedhft/v1/<task>/model/cluster/<k>          server -> clients the model of cluster k (ModelMessage)
     fedhft/v1/<task>/model/client/<client_id>   server -> client  a model for one client (ModelMessage)
     fedhft/v1/<task>/key                        server -> clients the server's key chain, retained (keychain.py)
+    fedhft/v1/<task>/promise/<client_id>        client -> server  simulated fleets: when an update will land
+    fedhft/v1/<task>/schedule/<client_id>       server -> client  simulated fleets: when and from what to train
 
 The server subscribes to ``fedhft/v1/<task>/update/+`` and ``fedhft/v1/<task>/hello/+``, usually as an
 MQTT 5 shared subscription ``$share/<group>/<filter>`` so several server workers split the load.
@@ -25,7 +27,9 @@ UPDATE = "update"
 ACK = "ack"
 MODEL = "model"
 KEY = "key"  # not a parse_topic kind: the key topic has no id level
-KINDS = (HELLO, UPDATE, ACK, MODEL)
+PROMISE = "promise"  # virtual time (fedhft.protocol.virtual_time)
+SCHEDULE = "schedule"
+KINDS = (HELLO, UPDATE, ACK, MODEL, PROMISE, SCHEDULE)
 MAX_ID_LEN = 128
 MAX_CLUSTERS = 10**9
 
@@ -112,6 +116,21 @@ def _client_topic(task: str, kind: str, client_id: str) -> str:
     return f"{PREFIX}/{validate_id(task, 'task')}/{kind}/{validate_id(client_id, 'client_id')}"
 
 
+def promise_topic(task: str, client_id: str) -> str:
+    """Topic a simulated client announces its next update's virtual arrival time on."""
+    return _client_topic(task, PROMISE, client_id)
+
+
+def schedule_topic(task: str, client_id: str) -> str:
+    """Topic the server tells a simulated client when (virtual time) and from which version to train on."""
+    return _client_topic(task, SCHEDULE, client_id)
+
+
+def promise_filter(task: str) -> str:
+    """Filter matching every client's promises of ``task``."""
+    return f"{PREFIX}/{validate_id(task, 'task')}/{PROMISE}/+"
+
+
 def update_filter(task: str) -> str:
     """Filter matching every client's updates of ``task``."""
     return f"{PREFIX}/{validate_id(task, 'task')}/{UPDATE}/+"
@@ -160,7 +179,8 @@ def shared_subscription(group: str, topic_filter: str) -> str:
 def parse_topic(topic: object) -> tuple[str, str, str]:
     """Split a fedhft topic into ``(task, kind, rest)``.
 
-    ``rest`` is the client id for hello/update/ack and ``cluster/<k>`` or ``client/<client_id>`` for model.
+    ``rest`` is the client id for hello/update/ack/promise/schedule and ``cluster/<k>`` or
+    ``client/<client_id>`` for model.
     Anything else (other prefixes, wildcards, bad ids, extra levels) raises TopicError.
     """
     if not isinstance(topic, str):
