@@ -19,10 +19,10 @@ import json
 import math
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import PlanError, plan_lora
@@ -35,7 +35,6 @@ from fedhft.protocol import (
     decode_update,
     encode_model,
     encode_update,
-    generate_keypair,
     quantization_error,
 )
 from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_name, b_rows_name, is_rows_name
@@ -43,6 +42,7 @@ from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_name,
 RESULTS = Path(__file__).parent / "results"
 NUM_LABELS, SEQ = 5, 128
 STD = 0.02
+CREATED_AT = 1_750_000_000.0  # a fixed timestamp: encoded sizes (zlib) must not depend on when the bench ran
 
 
 def minilm_shape(batch: int) -> ModelShape:
@@ -86,7 +86,7 @@ def random_params(spec: AdapterSpec, rng: np.random.Generator, start: bool) -> d
 
 
 def update_message(tensors: dict[str, np.ndarray]) -> UpdateMessage:
-    return UpdateMessage("bench", "device", 0, 0, 64, 0.5, {}, "bench", "0" * 64, time.time(), tensors)
+    return UpdateMessage("bench", "device", 0, 0, 64, 0.5, {}, "bench", "0" * 64, CREATED_AT, tensors)
 
 
 def delta_rel_error(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], spec: AdapterSpec) -> float:
@@ -130,8 +130,8 @@ def lora_qv_r8_dense(shape: ModelShape) -> dict[str, object]:
     tensors[HEAD_WEIGHT] = rng.normal(0, STD, (NUM_LABELS, shape.hidden_size)).astype(np.float32)
     tensors[HEAD_BIAS] = rng.normal(0, STD, (NUM_LABELS,)).astype(np.float32)
     params = int(sum(v.size for v in tensors.values()))
-    key, _ = generate_keypair()
-    encoded = encode_model(ModelMessage("bench", 0, "cluster/0", time.time(), "", {}, tensors), key, "fp32")
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))  # fixed: a random key changes the zlib size
+    encoded = encode_model(ModelMessage("bench", 0, "cluster/0", CREATED_AT, "", {}, tensors), key, "fp32")
     return {"params": params, "raw_bytes": 4 * params, "encoded_bytes": len(encoded)}
 
 
