@@ -32,8 +32,8 @@ MB = 2**20
 # The federation's upload window: a device's adapter must upload whole within this many seconds of its own
 # uplink (or its profile's target_upload_seconds, if shorter). A policy, not a physical limit: any shipped link
 # carries a MiniLM adapter in well under a second, so without it every device would train the largest plan.
-# 50 ms gives 31 kB on a 5 Mbit/s phone, 125 kB on 20 Mbit/s, 250 kB on 40 Mbit/s: at MiniLM's size, q/v
-# ranks 1-2, 4-8 and 8-16 on six layers (bench/wire_bytes.py has the bytes). 0 or None: the profile's target only.
+# 50 ms gives 31 kB on a 5 Mbit/s phone, 125 kB on 20 Mbit/s, 250 kB on 40 Mbit/s: for MiniLM at seq 64, q/v
+# on six layers with top ranks 2, 8 and 16 (README, planner). 0 or None: the profile's target only.
 DEFAULT_UPLOAD_WINDOW = 0.05
 # Optional federation-wide cap: an adapter at least this many times smaller than the fp32 full model. Off by
 # default: one cap for every device is what gave every device the same plan (issue #12).

@@ -53,3 +53,4 @@ def test_each_planner_shapes_the_fleets_packages(fleet: dict, tiny_model_dir: Pa
     assert het["tiny-slow"][0][1] < het["tiny-test"][0][1], "rank by resource"
     homogeneous = plans("fedavg-lora", fleet, tiny_model_dir, tmp_path)
     assert homogeneous["tiny-test"] == homogeneous["tiny-slow"] == het["tiny-slow"], "the weakest device's rank"
+    assert plans("fedavg-full", fleet, tiny_model_dir, tmp_path) == {"tiny-test": [], "tiny-slow": []}, "no LoRA"
