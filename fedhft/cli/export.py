@@ -11,6 +11,15 @@ from pathlib import Path
 import click
 
 from fedhft.cli.errors import OneLineErrorGroup
+from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW  # torch-free, stdlib only
+
+UPLOAD_WINDOW_HELP = (
+    "Upload budget: a device's whole adapter must upload within this many seconds of its own uplink "
+    "(its profile's target_upload_seconds if shorter; 0: that target only)."
+)
+MIN_COMPRESSION_HELP = (
+    "Optional cap for every device: an adapter at least this many times smaller than the model (0: none)."
+)
 
 
 @click.group("profiles", cls=OneLineErrorGroup)
@@ -55,7 +64,8 @@ def profiles_show(name: str) -> None:
 @click.option("--runtime", type=click.Choice(["ort", "executorch"]), default=None)
 @click.option("--fp32-base", is_flag=True, help="Plan for an fp32 base instead of int8.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--min-compression", default=500.0, show_default=True, help="Upload budget (0: none); see export.")
+@click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
+@click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 def plan(
     model: str | None,
     profile_name: str,
@@ -64,21 +74,30 @@ def plan(
     runtime: str | None,
     fp32_base: bool,
     as_json: bool,
+    upload_window: float,
     min_compression: float,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.model_shape import read_model
-    from fedhft.device_profiles.planner import plan_lora, planned_runtime
+    from fedhft.device_profiles.planner import adapter_bytes, plan_lora, planned_runtime, upload_budget
     from fedhft.device_profiles.profile import load_profile
 
     prof = load_profile(profile_name)
     shape = read_model(model).shape(num_labels, max_seq_len, prof.batch_size)  # what export reads, torch-free
     runtime = runtime or planned_runtime(prof)
-    p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime, min_compression=min_compression or None)
+    p = plan_lora(
+        shape,
+        prof,
+        int8=not fp32_base,
+        runtime=runtime,
+        upload_window=upload_window or None,
+        min_compression=min_compression or None,
+    )
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
     e = p.estimate
+    budget = upload_budget(shape, prof, upload_window or None, min_compression or None)
     click.echo(
         f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, {shape.num_layers} layers)"
     )
@@ -89,7 +108,8 @@ def plan(
     click.echo(
         f"memory ~{e.memory_mb:.0f} MB (base {e.base_weights_mb}, activations {e.activations_mb}, "
         f"adapter state {e.adapter_state_mb}, runtime {e.runtime_mb}); step ~{e.step_seconds:.2f} s "
-        f"({e.step_gflop} GFLOP); upload {e.upload_bytes / 1e3:.1f} kB (~{e.upload_seconds:.2f} s); "
+        f"({e.step_gflop} GFLOP); upload {e.upload_bytes / 1e3:.1f} kB (~{e.upload_seconds:.2f} s; whole adapter "
+        f"{adapter_bytes(shape, p.layers) / 1e3:.1f} kB of a {budget / 1e3:.0f} kB budget); "
         f"{e.adapter_params} trainable params"
     )
 
@@ -105,12 +125,8 @@ def plan(
 @click.option("--max-rank", default=16, show_default=True, help="The federation's global maximum LoRA rank.")
 @click.option("--depth", type=int, default=None, help="Force one LoRA depth for every profile (ablation).")
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--min-compression",
-    default=500.0,
-    show_default=True,
-    help="Upload budget: a device's adapter is at least this many times smaller than the full model (0: none).",
-)
+@click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
+@click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 def export(
     model: str | None,
     profiles_arg: str,
@@ -122,6 +138,7 @@ def export(
     max_rank: int,
     depth: int | None,
     seed: int,
+    upload_window: float,
     min_compression: float,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
@@ -140,6 +157,7 @@ def export(
         seed=seed,
         max_rank=max_rank,
         fixed_depth=depth,
+        upload_window=upload_window or None,
         min_compression=min_compression or None,
     )
     for i, prof in enumerate(profs, 1):

@@ -33,7 +33,11 @@ import click
     help="Comma-separated: fedhft, fedavg-lora, hetlora, flexlora (one run each, same split and seed).",
 )
 @click.option("--no-clustering", is_flag=True, help="fedhft ablation: one cluster.")
-@click.option("--no-planner", is_flag=True, help="fedhft ablation: every device gets the same depth.")
+@click.option(
+    "--no-planner",
+    is_flag=True,
+    help="fedhft ablation: every device gets the same depth and ranks, the deepest and largest the weakest holds.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--broker", default=None, help="Use this broker instead of starting one (mqtt://HOST:PORT).")
 @click.option("--target-accuracy", type=float, default=None)

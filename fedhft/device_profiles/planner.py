@@ -1,8 +1,9 @@
 """The LEGEND planner: LoRA depth, per-layer ranks, targets and upload mask for one device, from a cost model.
 
 LEGEND puts LoRA on the layers nearest the output, with higher ranks there: backward stops at the lowest
-adapted layer, so depth sets the activation memory and the backward compute. FedHFT adds a mask: a device
-uploads only a share of the rows of each ΔW = B·A, set by its resource level.
+adapted layer, so depth sets the activation memory and the backward compute (memory and step-time targets
+bound it); the device's link bounds the adapter's size (:func:`upload_budget`), so ranks follow the link.
+FedHFT adds a mask: a device uploads only a share of the rows of each ΔW = B·A, set by its resource level.
 
 All functions here are pure; the numbers come from `ModelShape`, a `DeviceProfile` and `CostModel`.
 """
@@ -10,6 +11,7 @@ All functions here are pure; the numbers come from `ModelShape`, a `DeviceProfil
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -27,8 +29,15 @@ TARGET_LADDER: tuple[tuple[str, ...], ...] = (
 RANK_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 MASK_RATIO_BY_LEVEL: dict[str, float] = {"low": 0.25, "mid": 0.5, "high": 1.0}
 MB = 2**20
-# Default communication budget: an update is >= 500x smaller than the fp32 full model (FedAvg full fine-tuning).
-DEFAULT_MIN_COMPRESSION = 500.0
+# The federation's upload window: a device's adapter must upload whole within this many seconds of its own
+# uplink (or its profile's target_upload_seconds, if shorter). A policy, not a physical limit: any shipped link
+# carries a MiniLM adapter in well under a second, so without it every device would train the largest plan.
+# 50 ms gives 31 kB on a 5 Mbit/s phone, 125 kB on 20 Mbit/s, 250 kB on 40 Mbit/s: for MiniLM at seq 64, q/v
+# on six layers with top ranks 2, 8 and 16 (README, planner). 0 or None: the profile's target only.
+DEFAULT_UPLOAD_WINDOW = 0.05
+# Optional federation-wide cap: an adapter at least this many times smaller than the fp32 full model. Off by
+# default: one cap for every device is what gave every device the same plan (issue #12).
+DEFAULT_MIN_COMPRESSION: float | None = None
 
 
 class PlanError(FedHFTError):
@@ -164,6 +173,11 @@ def upload_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], mask_ratio: f
     return n
 
 
+def adapter_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], cm: CostModel | None = None) -> int:
+    """Bytes of the whole adapter and head on the wire, every value (what :func:`upload_budget` bounds)."""
+    return (cm or CostModel()).bytes_per_upload_value * adapter_params(shape, layers)
+
+
 def download_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...], value_bytes: int = 4) -> int:
     """Bytes of the device's model: dense factors at its own ranks plus the head."""
     n = shape.num_labels * (shape.hidden_size + 1) * value_bytes
@@ -268,11 +282,55 @@ def estimate(
     )
 
 
-def _fits(est: CostEstimate, profile: DeviceProfile) -> bool:
+def fits(est: CostEstimate, profile: DeviceProfile) -> bool:
     return (
         est.memory_mb <= profile.memory_budget_mb
         and est.step_seconds <= profile.target_step_seconds
         and est.upload_seconds <= profile.target_upload_seconds
+    )
+
+
+def upload_budget(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    upload_window: float | None = DEFAULT_UPLOAD_WINDOW,
+    min_compression: float | None = DEFAULT_MIN_COMPRESSION,
+) -> float:
+    """Bytes a device's whole adapter (:func:`adapter_bytes`) may take on the wire: what its uplink carries in the
+    federation's upload window (its own target_upload_seconds if shorter), and, with a `min_compression`
+    floor, no more than the fp32 full model / min_compression. The mask then cuts what is actually sent."""
+    seconds = profile.target_upload_seconds
+    if upload_window:
+        seconds = min(seconds, upload_window)
+    budget = profile.uplink_mbps * 1e6 / 8 * seconds
+    if min_compression:
+        budget = min(budget, 4.0 * shape.total_params / min_compression)
+    return budget
+
+
+def candidates(shape: ModelShape, max_rank: int, depths: Iterable[int]) -> Iterator[tuple[LayerPlan, ...]]:
+    """Every LEGEND-shaped candidate: top `depth` layers, a TARGET_LADDER set, ranks growing toward the output."""
+    for depth in depths:
+        for targets in TARGET_LADDER:
+            for top in (r for r in RANK_CHOICES if r <= max_rank):
+                yield make_layers(shape, depth, top, targets)
+
+
+def size_key(shape: ModelShape, layers: tuple[LayerPlan, ...]) -> tuple[int, int, int]:
+    """What the planner maximizes, in order: depth, the top rank, then trainable parameters (wider targets)."""
+    return len(layers), max((lp.rank for lp in layers), default=0), adapter_params(shape, layers)
+
+
+def _no_plan(shape: ModelShape, profile: DeviceProfile, runtime: str, int8: bool, budget: float) -> PlanError:
+    layers = make_layers(shape, 1, 1, TARGET_LADDER[0])
+    mask_ratio = MASK_RATIO_BY_LEVEL[_profile.resource_level(profile)]
+    smallest = estimate(shape, profile, layers, mask_ratio, int8, runtime)
+    return PlanError(
+        f"no LoRA plan fits profile {profile.name}: even depth 1, rank 1 needs "
+        f"{smallest.memory_mb:.0f} MB (budget {profile.memory_budget_mb:.0f} MB), "
+        f"{smallest.step_seconds:.2f} s/step (target {profile.target_step_seconds} s), "
+        f"{smallest.upload_seconds:.2f} s upload (target {profile.target_upload_seconds} s), "
+        f"{adapter_bytes(shape, layers) / 1e3:.0f} kB adapter (upload budget {budget / 1e3:.0f} kB)"
     )
 
 
@@ -285,49 +343,37 @@ def plan_lora(
     runtime: str | None = None,
     lora_alpha: float = 16.0,
     fixed_depth: int | None = None,
+    upload_window: float | None = DEFAULT_UPLOAD_WINDOW,
     min_compression: float | None = DEFAULT_MIN_COMPRESSION,
     cm: CostModel | None = None,
 ) -> LoraPlan:
-    """Pick the deepest plan, then the one with the most adapter parameters, that fits the profile's memory,
-    step time and upload targets and the federation's upload budget (LEGEND: depth buys the most accuracy, and
-    backward cost grows with it; ranks then grow toward the output).
+    """The largest LEGEND plan (by :func:`size_key`: deepest, then highest top rank, then most parameters) that
+    fits the profile's memory, step-time and upload targets, and whose whole adapter fits the device's
+    :func:`upload_budget` (its link over the federation's upload window, and the optional `min_compression`
+    floor). Depth buys the most accuracy and sets backward cost; ranks halve every two layers down.
 
-    Candidates: depth 1..L (top layers), a target set from TARGET_LADDER, a top rank from RANK_CHOICES up to
-    `max_rank` (ranks halve every two layers down); ties go to the cheaper plan in memory. Raises PlanError
-    when even depth 1, rank 1, q/v does not fit.
-    `fixed_depth` forces one depth (the `--no-planner` ablation). `min_compression` is the federation's
-    communication budget: the device's whole adapter (unmasked) must be at least that many times smaller than
-    the fp32 full model (FedAvg of full fine-tuning), so every device trains an adapter of about the same size
-    and weaker devices upload less of it (their mask); None lifts it.
+    Ties go to the cheaper plan in memory. `fixed_depth` forces one depth (``fedhft export --depth``).
+    Raises PlanError when even depth 1, rank 1, q/v does not fit.
     """
     cm = cm or CostModel()
     runtime = runtime or profile.default_runtime
     mask_ratio = MASK_RATIO_BY_LEVEL[_profile.resource_level(profile)]
-    depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
     if fixed_depth is not None and not 1 <= fixed_depth <= shape.num_layers:
         raise PlanError(f"depth {fixed_depth} is outside 1..{shape.num_layers}")
-    max_upload = 4.0 * shape.total_params / min_compression if min_compression else math.inf
+    depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
+    budget = upload_budget(shape, profile, upload_window, min_compression)
     best: tuple[tuple[float, ...], tuple[LayerPlan, ...], CostEstimate] | None = None
-    for depth in depths:
-        for targets in TARGET_LADDER:
-            for top in (r for r in RANK_CHOICES if r <= max_rank):
-                layers = make_layers(shape, depth, top, targets)
-                est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
-                dense_upload = upload_bytes(shape, layers, 1.0, cm.bytes_per_upload_value)
-                if not _fits(est, profile) or dense_upload > max_upload:
-                    continue
-                key = (depth, est.adapter_params, -est.memory_mb)
-                if best is None or key > best[0]:
-                    best = (key, layers, est)
+    for layers in candidates(shape, max_rank, depths):
+        if adapter_bytes(shape, layers, cm) > budget:
+            continue
+        est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
+        if not fits(est, profile):
+            continue
+        key = (*size_key(shape, layers), -est.memory_mb)
+        if best is None or key > best[0]:
+            best = (key, layers, est)
     if best is None:
-        smallest = estimate(shape, profile, make_layers(shape, 1, 1, TARGET_LADDER[0]), mask_ratio, int8, runtime, cm)
-        raise PlanError(
-            f"no LoRA plan fits profile {profile.name}: even depth 1, rank 1 needs "
-            f"{smallest.memory_mb:.0f} MB (budget {profile.memory_budget_mb:.0f} MB), "
-            f"{smallest.step_seconds:.2f} s/step (target {profile.target_step_seconds} s), "
-            f"{smallest.upload_seconds:.2f} s upload (target {profile.target_upload_seconds} s), "
-            f"{smallest.upload_bytes / 1e3:.0f} kB upload (budget {max_upload / 1e3:.0f} kB)"
-        )
+        raise _no_plan(shape, profile, runtime, int8, budget)
     _, layers, est = best
     return LoraPlan(
         profile=profile.name,
@@ -345,6 +391,38 @@ def plan_lora(
     )
 
 
+def fixed_plan(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    layers: tuple[LayerPlan, ...],
+    *,
+    mask_ratio: float = 1.0,
+    int8: bool = False,
+    runtime: str | None = None,
+    lora_alpha: float = 16.0,
+    max_rank: int = 16,
+    cm: CostModel | None = None,
+) -> LoraPlan:
+    """A plan of given `layers` on `profile`, with its estimate (baselines, ablations, benchmarks)."""
+    runtime = runtime or profile.default_runtime
+    est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
+    top = max((lp.rank for lp in layers), default=0)
+    return LoraPlan(
+        profile.name,
+        runtime,
+        shape.num_layers,
+        layers,
+        max(max_rank, top),
+        mask_ratio,
+        lora_alpha,
+        shape.batch_size,
+        shape.seq_len,
+        int8,
+        profile.memory_budget_mb,
+        est,
+    )
+
+
 def uniform_plan(
     shape: ModelShape,
     profile: DeviceProfile,
@@ -358,24 +436,10 @@ def uniform_plan(
     max_rank: int = 16,
     cm: CostModel | None = None,
 ) -> LoraPlan:
-    """A fixed plan (same rank on the top `depth` layers), for baselines such as homogeneous LoRA."""
-    runtime = runtime or profile.default_runtime
+    """A fixed plan (same rank on the top `depth` layers, every row uploaded), for homogeneous-LoRA baselines."""
     layers = tuple(LayerPlan(shape.num_layers - depth + j, rank, targets) for j in range(depth))
-    mask_ratio = 1.0
-    est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
-    return LoraPlan(
-        profile.name,
-        runtime,
-        shape.num_layers,
-        layers,
-        max(max_rank, rank),
-        mask_ratio,
-        lora_alpha,
-        shape.batch_size,
-        shape.seq_len,
-        int8,
-        profile.memory_budget_mb,
-        est,
+    return fixed_plan(
+        shape, profile, layers, int8=int8, runtime=runtime, lora_alpha=lora_alpha, max_rank=max_rank, cm=cm
     )
 
 
@@ -391,23 +455,5 @@ def full_finetune_plan(
     """Full fine-tuning (the fedavg-full baseline): no adapter layers, every weight trains in fp32 and every
     value is uploaded; the estimate is :func:`estimate`'s full_finetune one. It may not fit the profile's
     memory budget: the caller checks ``plan.estimate.memory_mb`` against ``profile.memory_budget_mb``."""
-    runtime = runtime or profile.default_runtime
-    est = estimate(shape, profile, (), 1.0, False, runtime, cm, full_finetune=True)
-    return LoraPlan(
-        profile.name,
-        runtime,
-        shape.num_layers,
-        (),
-        max_rank,
-        1.0,
-        lora_alpha,
-        shape.batch_size,
-        shape.seq_len,
-        False,
-        profile.memory_budget_mb,
-        est,
-    )
-
-
-def with_estimate(plan: LoraPlan, est: CostEstimate) -> LoraPlan:
-    return replace(plan, estimate=est)
+    plan = fixed_plan(shape, profile, (), runtime=runtime, lora_alpha=lora_alpha, max_rank=max_rank, cm=cm)
+    return replace(plan, estimate=estimate(shape, profile, (), 1.0, False, plan.runtime, cm, full_finetune=True))

@@ -17,6 +17,7 @@ from pathlib import Path
 from fedhft.device_profiles.model_shape import MODULE_KINDS, PACKAGED_MODEL, packaged_model_dir, read_model
 from fedhft.device_profiles.planner import (
     DEFAULT_MIN_COMPRESSION,
+    DEFAULT_UPLOAD_WINDOW,
     LoraPlan,
     full_finetune_plan,
     plan_lora,
@@ -53,8 +54,9 @@ class ExportOptions:
     seed: int = 0
     max_rank: int = 16
     lora_alpha: float = 16.0
-    fixed_depth: int | None = None  # the --no-planner ablation: same depth for every device
-    min_compression: float | None = DEFAULT_MIN_COMPRESSION  # upload budget: full model bytes / this
+    fixed_depth: int | None = None  # `fedhft export --depth`: force one depth for every profile
+    upload_window: float | None = DEFAULT_UPLOAD_WINDOW  # seconds of the device's uplink its adapter may take
+    min_compression: float | None = DEFAULT_MIN_COMPRESSION  # optional cap: full model bytes / this
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def export_profile(
             runtime=runtime,
             lora_alpha=opts.lora_alpha,
             fixed_depth=opts.fixed_depth,
+            upload_window=opts.upload_window,
             min_compression=opts.min_compression,
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))

@@ -19,17 +19,26 @@ class MethodError(FedHFTError):
     """Unknown method or option."""
 
 
+# How a method plans its devices (fedhft.device_profiles.planner and .fleet_plans), all on the same budgets:
+PLANNERS: dict[str, str] = {
+    "legend": "per device: the LEGEND plan (top layers, ranks growing toward the output) its memory, compute "
+    "and link hold",
+    "common": "one LEGEND plan for every device, the deepest and largest the weakest holds (--no-planner)",
+    "uniform": "one plan for every device: every layer, q/v, the rank the weakest device holds",
+    "budget-rank": "per device: every layer, q/v, the largest rank its memory and link hold (rank by resource)",
+    "full": "no LoRA: every weight trains",
+}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    planner: str  # "legend" (per-device plan) | "uniform" (one LoRA plan) | "fixed-depth" | "full" (no LoRA)
+    planner: str  # a key of PLANNERS
     mask: bool  # upload the FedHFT masked slice (else every row)
     synchronous: bool  # wait for every client (a round) instead of buffered async aggregation
     aggregator: str  # the server's strategy (a name of fedhft.broker_server.strategies.available())
     clustering: bool
     server_args: tuple[str, ...] = field(default_factory=tuple)
-    uniform_rank: int = 8
-    uniform_targets: tuple[str, ...] = ("query", "value")
     learning_rate: float | None = None  # None: the run's --lr (a LoRA rate); full fine-tuning needs its own
 
     @property
@@ -41,10 +50,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "fedhft": MethodSpec("fedhft", "legend", True, False, "fedhft", True),
     "fedhft-no-clustering": MethodSpec("fedhft-no-clustering", "legend", True, False, "fedhft", False),
-    "fedhft-no-planner": MethodSpec("fedhft-no-planner", "fixed-depth", True, False, "fedhft", True),
+    # the planner ablation: same depth and ranks on every device (the largest the weakest holds), masks kept
+    "fedhft-no-planner": MethodSpec("fedhft-no-planner", "common", True, False, "fedhft", True),
+    # homogeneous LoRA: one rank everywhere, so the weakest device's
     "fedavg-lora": MethodSpec("fedavg-lora", "uniform", False, True, "fedavg", False),
-    "hetlora": MethodSpec("hetlora", "legend", False, True, "hetlora", False),
-    "flexlora": MethodSpec("flexlora", "legend", False, True, "flexlora", False),
+    # HetLoRA (Cho et al. 2024): each device's rank from its capability, every layer; zero-padded aggregation
+    "hetlora": MethodSpec("hetlora", "budget-rank", False, True, "hetlora", False),
+    # FlexLoRA (Bai et al. 2024): each device's rank from its resource budget; ΔW averaged, SVD to each rank
+    "flexlora": MethodSpec("flexlora", "budget-rank", False, True, "flexlora", False),
     # measured: fedavg-full at the LoRA rate 2e-3 diverges (accuracy 0.17)
     "fedavg-full": MethodSpec("fedavg-full", "full", False, True, "fedavg-full", False, learning_rate=FULL_FINETUNE_LR),
 }

@@ -1,7 +1,8 @@
 """The packages a simulation's devices run: one export per profile for the method, plus the evaluator's.
 
-Exports are cached under ``<cache>/exports/<key>`` by a content hash of the model weights, export options,
-the method's planner settings and the fedhft version, so runs of the same method share them.
+Every device's plan is computed here, for the whole fleet at once (:func:`method_plans`: fedavg-lora and the
+no-planner ablation depend on the weakest device). Exports are cached under ``<cache>/exports/<key>`` by a
+content hash of the model weights, export options, the planner, each device's plan and the fedhft version.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from fedhft.device_profiles.planner import LoraPlan, uniform_plan
-from fedhft.device_profiles.profile import DeviceProfile
+from fedhft.device_profiles.fleet_plans import budget_rank, common_layers, device_shape, every_layer
+from fedhft.device_profiles.model_shape import ModelShape
+from fedhft.device_profiles.planner import (
+    MASK_RATIO_BY_LEVEL,
+    LoraPlan,
+    PlanError,
+    fixed_plan,
+    plan_lora,
+    planned_runtime,
+)
+from fedhft.device_profiles.profile import DeviceProfile, resource_level
 from fedhft.errors import FedHFTError
 from fedhft.simulate.config import SimConfig, SimulationError
 
@@ -22,6 +32,50 @@ def _cache_key(*parts: object) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def method_plans(
+    planner: str, shape: ModelShape, profiles: dict[str, DeviceProfile], max_rank: int = 16
+) -> dict[str, LoraPlan | None]:
+    """Each device's plan under the method's planner (methods.PLANNERS), from the same budgets; None: the
+    exporter's own (full fine-tuning). PlanError when a device (or, for one shared plan, all at once) holds none."""
+    if planner == "full":
+        return {name: None for name in profiles}
+    if planner == "legend":
+        return {
+            n: plan_lora(device_shape(shape, p), p, max_rank=max_rank, runtime=planned_runtime(p))
+            for n, p in profiles.items()
+        }
+    if planner == "common":
+        layers = common_layers(shape, list(profiles.values()), max_rank=max_rank)
+        return {
+            n: fixed_plan(
+                device_shape(shape, p),
+                p,
+                layers,
+                mask_ratio=MASK_RATIO_BY_LEVEL[resource_level(p)],
+                int8=True,
+                runtime=planned_runtime(p),
+                max_rank=max_rank,
+            )
+            for n, p in profiles.items()
+        }
+    ranks = {n: budget_rank(shape, p, max_rank=max_rank) for n, p in profiles.items()}
+    if planner == "uniform":
+        ranks = dict.fromkeys(ranks, min(ranks.values()))
+    elif planner != "budget-rank":
+        raise SimulationError(f"unknown planner {planner!r}")
+    return {
+        n: fixed_plan(
+            device_shape(shape, p),
+            p,
+            every_layer(shape, ranks[n]),
+            int8=True,
+            runtime=planned_runtime(p),
+            max_rank=max_rank,
+        )
+        for n, p in profiles.items()
+    }
 
 
 def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labels: int) -> tuple[dict, Path, dict]:
@@ -35,39 +89,36 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
     model_dir = resolve_model_dir(cfg.model)
     opts = ExportOptions(num_labels=num_labels, max_seq_len=cfg.max_seq_len, seed=cfg.seed, fixed_depth=None)
     m = cfg.method
-    base_key = _cache_key(
-        weights_sha256(model_dir),
-        asdict(opts),
-        m.planner,
-        m.uniform_rank,
-        m.uniform_targets,
-        __import__("fedhft").__version__,
-    )
+    base_key = _cache_key(weights_sha256(model_dir), asdict(opts), m.planner, __import__("fedhft").__version__)
     root = cfg.cache_dir / "exports" / base_key
     dirs: dict[str, Path] = {}
     unable: dict[str, str] = {}
     plans: list[LoraPlan] = []
+    shape = read_model(model_dir).shape(num_labels, cfg.max_seq_len, 8)
+    usable: dict[str, DeviceProfile] = {}
+    for name, prof in profiles.items():  # a device that cannot hold the method even alone stays out
+        try:
+            method_plans(m.planner, shape, {name: prof}, opts.max_rank)
+            usable[name] = prof
+        except PlanError as e:
+            unable[name] = str(e)
+    if not usable:
+        raise SimulationError(f"no profile can take part: {unable}")
+    try:
+        planned = method_plans(m.planner, shape, usable, opts.max_rank)
+    except PlanError as e:
+        raise SimulationError(str(e)) from e
     for name, prof in profiles.items():
+        if name in unable:
+            continue
+        plan = planned[name]
         formats = package_formats(cfg, prof)
-        key = _cache_key(prof.to_dict()) if formats == ("ort",) else _cache_key(prof.to_dict(), formats)
+        key = _cache_key(prof.to_dict(), formats, plan.to_dict() if plan else None)
         d = root / f"{prof.name}-{key}"
         if not (d / "manifest.json").is_file():
-            plan = None
-            if m.planner == "uniform":
-                shape = read_model(model_dir).shape(num_labels, cfg.max_seq_len, prof.batch_size)
-                plan = uniform_plan(
-                    shape,
-                    prof,
-                    rank=m.uniform_rank,
-                    depth=shape.num_layers,
-                    targets=m.uniform_targets,
-                    int8=True,
-                    runtime="ort",
-                )
-            o = opts if m.planner != "fixed-depth" else ExportOptions(**{**asdict(opts), "fixed_depth": 3})
             try:
                 export_profile(
-                    cfg.model, prof, root, formats, opts=o, plan=plan, name=d.name, full_finetune=m.planner == "full"
+                    cfg.model, prof, root, formats, opts=opts, plan=plan, name=d.name, full_finetune=plan is None
                 )
             except FedHFTError as e:
                 unable[name] = str(e)

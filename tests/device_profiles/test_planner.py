@@ -12,9 +12,12 @@ from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
     LoraPlan,
     PlanError,
+    adapter_bytes,
     adapter_params,
     plan_lora,
     rank_schedule,
+    size_key,
+    upload_budget,
     upload_bytes,
 )
 from fedhft.device_profiles.profile import list_profiles, load_profile
@@ -33,9 +36,9 @@ MINILM = ModelShape(
 BASE = load_profile("rpi4-4gb")
 
 
-def capacity(plan: LoraPlan) -> tuple[int, int]:
-    """What the planner maximizes: depth first, then trainable adapter parameters."""
-    return plan.depth, plan.estimate.adapter_params
+def capacity(plan: LoraPlan) -> tuple[int, int, int]:
+    """What the planner maximizes: depth first, then the top rank, then trainable adapter parameters."""
+    return size_key(MINILM, plan.layers)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -81,14 +84,16 @@ def test_slower_devices_get_shallower_plans() -> None:
 
 
 def test_upload_budget_bounds_every_adapter() -> None:
-    full_bytes = 4 * MINILM.total_params
+    """Each device's whole adapter fits what its uplink carries in the upload window; a floor only tightens."""
     for profile in list_profiles():
         plan = plan_lora(MINILM, profile)
-        dense = upload_bytes(MINILM, plan.layers, 1.0, 2)
-        assert dense * 500 <= full_bytes, profile.name
-        assert plan.estimate.upload_bytes <= dense
-    unbounded = plan_lora(MINILM, BASE, min_compression=None)
-    assert capacity(unbounded) >= capacity(plan_lora(MINILM, BASE))
+        link = profile.uplink_mbps * 1e6 / 8 * min(0.05, profile.target_upload_seconds)
+        assert adapter_bytes(MINILM, plan.layers) <= upload_budget(MINILM, profile) == link, profile.name
+        assert plan.estimate.upload_bytes <= upload_bytes(MINILM, plan.layers, 1.0, 2)
+    full_bytes = 4 * MINILM.total_params
+    floored = plan_lora(MINILM, BASE, min_compression=2000)
+    assert adapter_bytes(MINILM, floored.layers) * 2000 <= full_bytes
+    assert capacity(floored) <= capacity(plan_lora(MINILM, BASE)) <= capacity(plan_lora(MINILM, BASE, upload_window=0))
 
 
 def test_no_plan_fits_names_the_problem() -> None:
