@@ -76,3 +76,46 @@ def test_bench_runs_only_what_is_missing(tmp_path: Path, monkeypatch: pytest.Mon
     bench.main()
     out = capsys.readouterr().out
     assert "3 of 4 runs finished; 1 `fedhft simulate` call(s) to go" in out and "seed 1: fedavg-lora" in out
+
+
+def test_bench_keeps_each_finished_run_and_resumes_after_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # noqa: ANN001
+    """`fedhft simulate` replaced by a fake that writes a one-run report: the second call fails, as a session
+    that ends mid-bench; the next bench runs only what is missing and merges everything."""
+    bench = _bench()
+    calls: list[tuple[str, int, str]] = []
+    fail_at = {2}
+
+    def fake_simulate(cmd: list[str], check: bool) -> None:
+        arg = {k: cmd[i + 1] for i, k in enumerate(cmd) if k.startswith("--") and i + 1 < len(cmd)}
+        calls.append((arg["--method"], int(arg["--seed"]), arg["--encoding"]))
+        if len(calls) in fail_at:
+            raise RuntimeError("session over")
+        name = arg["--method"] + ("" if arg["--encoding"] == "fp16" else "+" + arg["--encoding"])
+        curve = [{"version": 1, "accuracy": 0.8, "macro_f1": 0.7, "virtual_time": 10.0, "wall_time": 1.0}]
+        run = {"method": name, "seed": int(arg["--seed"]), "encoding": arg["--encoding"], "accuracy_curve": curve}
+        config = {"dataset": "d", "seed": int(arg["--seed"]), "seeds": [int(arg["--seed"])]}
+        Path(arg["--out"], "report.json").write_text(json.dumps({"config": config, "methods": [run]}))
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.subprocess, "run", fake_simulate)
+    argv = ["simulate_compare.py", "--preset", "clothing", "--seeds", "2", "--encoding", "fp16,int8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(RuntimeError):
+        bench.main()
+    saved = json.loads((tmp_path / "simulate-clothing" / "report.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["methods"]] == [("fedhft", 0)]  # the first call is kept
+    fail_at.clear()
+    calls.clear()
+    bench.main()
+    assert len(calls) == 7 and ("fedhft", 0, "fp16") not in calls  # 8 runs, one finished before
+    report = json.loads((tmp_path / "simulate-clothing" / "report.json").read_text())
+    assert report["config"]["seeds"] == [0, 1] and report["config"]["encodings"] == ["fp16", "int8"]
+    assert sorted((r["method"], r["seed"]) for r in report["methods"]) == sorted(
+        (m + e, s) for m in ("fedhft", "fedavg-lora") for e in ("", "+int8") for s in (0, 1)
+    )
+    assert {s["method"]: s["seeds"] for s in report["summary"]}["fedhft+int8"] == [0, 1]
+    calls.clear()
+    bench.main()
+    assert calls == [] and "8 of 8 runs finished" in capsys.readouterr().out
