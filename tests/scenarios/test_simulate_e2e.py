@@ -22,9 +22,9 @@ WORDS = {
     3: "film actor music award album director",
 }
 FIELDS = (
-    "method final_global_accuracy final_global_macro_f1 mean_personalized_accuracy accuracy_curve bytes_up bytes_down updates "
-    "bytes_up_per_client_round bytes_down_per_client_round simulated_seconds_to_target wall_seconds_to_target "
-    "bytes_up_to_target peak_rss_mb_by_profile unable_to_participate"
+    "method final_global_accuracy final_global_macro_f1 mean_personalized_accuracy accuracy_curve bytes_up "
+    "bytes_down updates bytes_up_per_client_round bytes_down_per_client_round simulated_seconds_to_target "
+    "wall_seconds_to_target bytes_up_to_target peak_rss_mb_by_profile unable_to_participate"
 ).split()
 
 
