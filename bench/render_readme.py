@@ -78,47 +78,73 @@ def server_ingest(d: dict) -> str:
 
 
 def simulate(d: dict) -> str:
+    """mean ± std over seeds of every method, macro-F1 beside accuracy, and the goals, missed ones said so."""
+    from fedhft.simulate.report import pm, reread
+
+    where = d.get("_dir", "bench/results/simulate")
+    d = reread(d)  # summary and goals from the stored runs, with the report's own last k and budget
     c = d["config"]
     split = f"Dirichlet alpha {c['alpha']}" if c.get("split", "dirichlet") == "dirichlet" else "split by department"
+    seeds = c.get("seeds") or [c.get("seed", 0)]
+    budget = c.get("time_budget")
     lines = [
         f"`fedhft simulate` on {c['dataset']}, {c['clients']} devices "
         f"({', '.join(f'{k} x{v}' for k, v in c['profiles'].items())}),"
         f" {split}, {c['rounds']} rounds of {c['local_steps']} local steps per device, seq "
-        f"{c['max_seq_len']}, seed {c['seed']}; every method in the same run, same split and seeds.",
+        f"{c['max_seq_len']}, seeds {', '.join(map(str, seeds))}; every method in the same configuration, same "
+        f"splits and seeds. Figures are mean ± std over seeds (a single value: one seed). *final* = mean over the "
+        f"last {c.get('last_k', 3)} global versions; *at budget* = the newest global version at virtual time "
+        f"{'-' if budget is None else f'{budget:g} s'}; personalized = each client's own model on its test split, "
+        "weighted by test examples; F1 = macro-F1.",
         "",
-        "| method | global acc | personalized acc | up kB / client-round | down kB / client-round | updates | "
-        "simulated s to target | upload MB to target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | seeds | global acc | global F1 | acc at budget | personalized acc | personalized F1 | "
+        "up kB / client-round | simulated s to target | upload MB to target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-
-    def f(v: object, spec: str = ".3f") -> str:
-        return "-" if v is None else format(v, spec)
-
-    for r in d["methods"]:
-        to_target = r["bytes_up_to_target"]
+    for s in d["summary"]:
         lines.append(
-            f"| {r['method']} | {f(r['final_global_accuracy'])} | {f(r['mean_personalized_accuracy'])} | "
-            f"{r['bytes_up_per_client_round'] / 1e3:.1f} | {r['bytes_down_per_client_round'] / 1e3:.1f} | "
-            f"{r['updates']} | {f(r['simulated_seconds_to_target'], '.0f')} | "
-            f"{f(None if to_target is None else to_target / 1e6, '.2f')} |"
+            f"| {s['method']} | {len(s['seeds'])} | {pm(s.get('final_global_accuracy'))} | "
+            f"{pm(s.get('final_global_macro_f1'))} | {pm(s.get('global_accuracy_at_budget'))} | "
+            f"{pm(s.get('mean_personalized_accuracy'))} | {pm(s.get('mean_personalized_macro_f1'))} | "
+            f"{pm(s.get('bytes_up_per_client_round'), '.1f', 1e3)} | "
+            f"{pm(s.get('simulated_seconds_to_target'), '.0f')} | {pm(s.get('bytes_up_to_target'), '.2f', 1e6)} |"
         )
     target = d["methods"][0].get("target_accuracy")
-    unable = {r["method"]: r["unable_to_participate"] for r in d["methods"] if r["unable_to_participate"]}
-    lines += ["", f"Target accuracy {target}."]
+    unable = {r["method"]: r["unable_to_participate"] for r in d["methods"] if r.get("unable_to_participate")}
+    lines += ["", f"Target accuracy {target}; '-' where a figure is missing (e.g. a seed never reached the target)."]
+    if len(seeds) > 1:
+        lines += ["", "Every seed (global acc / global F1 / personalized acc):", ""]
+        for s in d["summary"]:
+            per = [
+                f"{seed}: " + " / ".join(pm({"mean": s[k]["by_seed"][seed], "by_seed": {}}) for k in SEED_FIGURES)
+                for seed in s[SEED_FIGURES[0]]["by_seed"]
+            ]
+            lines.append(f"- {s['method']}: " + "; ".join(per))
     for method, why in unable.items():
         lines.append(f"{method}: unable to participate: " + "; ".join(f"{k} ({v})" for k, v in why.items()) + ".")
     lines += ["", "| goal | measured | need | met |", "|---|---:|---:|---|"]
     for g in d.get("goals", []):
         measured = "-" if g["measured"] is None else g["measured"]
         lines.append(f"| {g['goal']} | {measured} | ≥ {g['need']} | {'yes' if g['met'] else '**no**'} |")
+    missed = [g for g in d.get("goals", []) if not g["met"]]
+    if missed:
+        lines += ["", f"**Goals missed ({len(missed)} of {len(d['goals'])}):** "]
+        lines[-1] += "; ".join(
+            f"{g['goal']}: {'not measured' if g['measured'] is None else g['measured']} against ≥ {g['need']}"
+            + (f" ({g['note']})" if g.get("note") else "")
+            for g in missed
+        )
+        lines[-1] += "."
     lines += [
         "",
-        f"![accuracy]({d.get('_dir', 'bench/results/simulate')}/accuracy.png) "
-        f"![traffic]({d.get('_dir', 'bench/results/simulate')}/traffic.png)",
+        f"![accuracy]({where}/accuracy.png) ![traffic]({where}/traffic.png)",
         "",
         f"Command: `{c.get('command', 'python bench/simulate_compare.py')}`.",
     ]
     return "\n".join(lines)
+
+
+SEED_FIGURES = ("final_global_accuracy", "final_global_macro_f1", "mean_personalized_accuracy")
 
 
 def backends(d: dict) -> str:

@@ -1,12 +1,15 @@
-"""The end-to-end comparison: fedhft, its ablations and the baselines, same split, model and seeds.
+"""The end-to-end comparison: fedhft, its ablations and the baselines, same splits, model and seeds.
 
-Runs `fedhft simulate` and copies report.json, accuracy.png and traffic.png into bench/results/<preset dir>/.
+Runs `fedhft simulate` once per (seed, upload encoding) still missing and merges each finished call into
+bench/results/<preset dir>/report.json at once, so a long bench resumes where it stopped (per method and seed)
+and can span sessions; summary, goals and plots (accuracy.png, traffic.png) are recomputed from the merged
+report, and the table is printed. A report of another configuration (other preset arguments) is replaced.
 Presets: `bbc` (default: BBC News, Dirichlet alpha 0.3, 8 heterogeneous devices), `clothing` (Women's Clothing
 reviews, split by department), `quick` (6 devices, 3 rounds), `chaos` (fedhft clean and under faults).
-`--methods a,b` runs only those and merges them into the preset's existing report (same configuration), so a
-long comparison can be completed in parts; goals and plots are recomputed from the merged report.
+`--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
 
-Usage: `python bench/simulate_compare.py [--preset bbc|clothing|quick|chaos] [--methods ...]` (`make bench`).
+Usage: `python bench/simulate_compare.py [--preset P] [--methods a,b] [--seeds 3|0,1,2] [--encoding fp16,int8]
+[--dry-run] [--fresh]` (`make bench`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedhft.simulate.config import DEFAULT_ENCODING
 from fedhft.simulate.methods import METHODS
-from fedhft.simulate.report import goals, plot
+from fedhft.simulate.plots import plot
+from fedhft.simulate.report import build_report, table
+from fedhft.simulate.resume import merge, pending
+from fedhft.simulate.seeds import parse_encodings, parse_seeds
 
 RESULTS = Path(__file__).parent / "results"
 ALL = ",".join(METHODS)  # every built-in method, in the report's order
@@ -28,22 +35,26 @@ PRESETS: dict[str, dict] = {
         "dir": "simulate",
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
         + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "5", "--local-steps", "8"]
-        + ["--target-accuracy", "0.7", "--time-scale", "0.02", "--backend", "ort"],
+        + ["--target-accuracy", "0.7", "--time-budget", "120", "--time-scale", "0.02", "--backend", "ort"],
         "methods": ALL,
+        "seeds": "3",
     },
     "clothing": {
         "dir": "simulate-clothing",
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
         + ["--dataset", "womens-clothing", "--split", "natural", "--rounds", "4", "--local-steps", "8"]
-        + ["--target-accuracy", "0.8", "--time-scale", "0.02", "--max-test", "600", "--backend", "ort"],
+        + ["--target-accuracy", "0.8", "--time-budget", "100", "--time-scale", "0.02", "--max-test", "600"]
+        + ["--backend", "ort"],
         "methods": "fedhft,fedavg-lora",
+        "seeds": "3",
     },
     "quick": {
         "dir": "simulate-quick",
         "args": ["--clients", "6", "--profiles", "rpi4-4gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
         + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "3", "--local-steps", "8"]
-        + ["--target-accuracy", "0.5", "--time-scale", "0.02"],
+        + ["--target-accuracy", "0.5", "--time-budget", "80", "--time-scale", "0.02"],
         "methods": "fedhft,fedavg-lora,hetlora,flexlora",
+        "seeds": "1",
     },
     "chaos": {
         "dir": "chaos",
@@ -52,25 +63,29 @@ PRESETS: dict[str, dict] = {
         + ["--target-accuracy", "0.6", "--time-scale", "0.02", "--clusters", "1", "--chaos", "default,window=120"]
         + ["--backend", "ort"],
         "methods": "fedhft",
+        "seeds": "1",
     },
 }
 
 
-def _same_run(a: dict, b: dict) -> bool:
-    """Same configuration (runs from before `--backend` existed used ORT on every device)."""
-    norm = [{**{"backend": "ort"}, **{k: v for k, v in c.items() if k != "command"}} for c in (a, b)]
-    return norm[0] == norm[1]
+def run_name(method: str, encoding: str, chaos: bool = False) -> str:
+    """A run's name in the report (as `fedhft simulate` spells it)."""
+    return method + ("" if encoding == DEFAULT_ENCODING else f"+{encoding}") + ("+chaos" if chaos else "")
 
 
-def merge(old: dict | None, new: dict) -> dict:
-    """New method results replace old ones of the same name when the configuration is the same."""
-    if old is None or not _same_run(old["config"], new["config"]):
-        return new
-    names = {r["method"] for r in new["methods"]}
-    methods = [r for r in old["methods"] if r["method"] not in names] + new["methods"]
-    order = {m: i for i, m in enumerate(ALL.split(","))}
-    methods.sort(key=lambda r: (order.get(r["method"].split("+")[0], 99), r["method"]))
-    return {"config": new["config"], "methods": methods}
+def plan_calls(
+    todo: dict[int, list[str]], methods: list[str], encodings: list[str], chaos: bool
+) -> list[tuple[int, str, str]]:
+    """(seed, encoding, method) of each `fedhft simulate` call still needed, one method a call so that an
+    interrupted bench loses at most the run in progress: a method reruns for a seed and encoding when any of its
+    runs (its +chaos twin included) is missing."""
+    return [
+        (seed, enc, m)
+        for seed, names in todo.items()
+        for m in methods
+        for enc in encodings
+        if {run_name(m, enc), run_name(m, enc, chaos)} & set(names)
+    ]
 
 
 def main() -> None:
@@ -78,24 +93,44 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="bbc")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--methods", default=None, help="run only these (merged into the preset's report)")
+    ap.add_argument("--seeds", default=None, help="N seeds from 0, or a list 0,1,2 (default: the preset's)")
+    ap.add_argument("--encoding", default=DEFAULT_ENCODING, help="upload encodings to run, e.g. fp16,int8")
+    ap.add_argument("--dry-run", action="store_true", help="print what is finished and what would run")
+    ap.add_argument("--fresh", action="store_true", help="ignore the preset's report (replaced when done)")
     a = ap.parse_args()
-    preset = PRESETS["quick" if a.quick else a.preset]
-    methods = a.methods or preset["methods"]
+    name = "quick" if a.quick else a.preset
+    preset = PRESETS[name]
+    methods = [m.strip() for m in (a.methods or preset["methods"]).split(",") if m.strip()]
+    seeds, encodings = parse_seeds(a.seeds or preset["seeds"]), parse_encodings(a.encoding)
+    chaos = "--chaos" in preset["args"]
     results = RESULTS / preset["dir"]
-    with tempfile.TemporaryDirectory(prefix="fedhft-compare-") as tmp:
-        out = Path(tmp)
-        cmd = [sys.executable, "-m", "fedhft.cli", "simulate", *preset["args"], "--method", methods, "--out", str(out)]
-        subprocess.run(cmd, check=True)
-        new = json.loads((out / "report.json").read_text())
-    new["config"]["command"] = "python bench/simulate_compare.py" + (
-        f" --preset {a.preset}" if a.preset != "bbc" or a.quick else ""
-    )
     path = results / "report.json"
-    report = merge(json.loads(path.read_text()) if path.is_file() else None, new)
-    report["goals"] = goals(report)
-    results.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    plot(results, report["methods"])
+    report = None if a.fresh or not path.is_file() else json.loads(path.read_text())
+    expected = {**report["config"], "bench_args": preset["args"]} if report else {}
+    names = [run_name(m, e, c) for m in methods for e in encodings for c in sorted({False, chaos})]
+    calls = plan_calls(pending(report, expected, names, seeds), methods, encodings, chaos)
+    done = len(names) * len(seeds) - len(calls) * (1 + chaos)
+    print(f"{name}: {done} of {len(names) * len(seeds)} runs finished; {len(calls)} `fedhft simulate` call(s) to go")
+    for seed, enc, m in calls:
+        print(f"  seed {seed}: {run_name(m, enc)}")
+    if a.dry_run:
+        return
+    command = "python bench/simulate_compare.py" + (f" --preset {name}" if name != "bbc" else "")
+    for seed, enc, m in calls:
+        with tempfile.TemporaryDirectory(prefix="fedhft-compare-") as tmp:
+            out = Path(tmp)
+            cmd = [sys.executable, "-m", "fedhft.cli", "simulate", *preset["args"], "--method", m]
+            cmd += ["--seed", str(seed), "--encoding", enc, "--out", str(out)]
+            subprocess.run(cmd, check=True)
+            new = json.loads((out / "report.json").read_text())
+        new["config"].update(command=command, bench_args=preset["args"])
+        merged = merge(report, new, ALL.split(","))
+        report = build_report(merged["methods"], merged["config"])
+        results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")  # a finished call is never lost
+        plot(results, report)
+    if report is not None:
+        print(table(report))
     print(f"results in {results}")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import click
+
+LAST_K_HELP = "Final accuracy and macro-F1: the mean over the last K global versions."
+BUDGET_HELP = "Also report the newest global version stamped at or before this virtual time (seconds)."
 
 
 @click.command()
@@ -47,7 +49,18 @@ import click
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--time-scale", default=0.02, show_default=True, help="Real seconds slept per simulated second.")
 @click.option("--clusters", default=2, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="The first seed (see --seeds).")
+@click.option("--seeds", "seeds_arg", default=None, help="N (seeds --seed ... --seed+N-1) or a list 0,1,2.")
+@click.option(
+    "--encoding",
+    "encodings",
+    default="fp16",
+    show_default=True,
+    help="The edges' upload encoding, comma-separated to compare (fp32, fp16, int8); runs other than fp16 are "
+    "named METHOD+ENCODING.",
+)
+@click.option("--last-k", default=3, show_default=True, type=click.IntRange(min=1), help=LAST_K_HELP)
+@click.option("--time-budget", type=click.FloatRange(min=0), default=None, help=BUDGET_HELP)
 @click.option(
     "--backend",
     type=click.Choice(["auto", "ort"]),
@@ -84,51 +97,54 @@ def simulate(
     time_scale: float,
     clusters: int,
     seed: int,
+    seeds_arg: str | None,
+    encodings: str,
+    last_k: int,
+    time_budget: float | None,
     backend: str,
     chaos: str | None,
 ) -> None:
     """The whole system on one machine: export, broker, server, N edge runtimes, evaluation, report."""
     from fedhft.simulate.config import SimConfig, parse_profile_mix
-    from fedhft.simulate.methods import method_spec
+    from fedhft.simulate.methods import MethodError, method_spec
     from fedhft.simulate.report import load_report, table, write_report
-    from fedhft.simulate.runner import run, with_clean_reference
+    from fedhft.simulate.seeds import parse_encodings, parse_seeds, run_seeds
 
     mix = parse_profile_mix(profiles_arg)
     specs = [method_spec(m.strip(), no_clustering, no_planner) for m in methods.split(",") if m.strip()]
+    if not specs:
+        raise MethodError("--method names no method")
+    seeds, encs = parse_seeds(seeds_arg, seed), parse_encodings(encodings)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     if chaos:
         from fedhft.simulate.chaos import ChaosSpec
 
         ChaosSpec.parse(chaos)  # a bad spec fails before anything runs
-    for spec in specs:
-        cfg = SimConfig(
-            clients=clients,
-            profiles=mix,
-            dataset=dataset,
-            alpha=alpha,
-            split=split,
-            max_test=max_test,
-            rounds=rounds,
-            method=spec,
-            out=out,
-            model=model,
-            broker=broker,
-            target_accuracy=target_accuracy,
-            minutes=minutes,
-            seed=seed,
-            local_steps=local_steps,
-            max_seq_len=max_seq_len,
-            learning_rate=lr,
-            time_scale=time_scale,
-            clusters=clusters,
-            backend=backend,
-        )
-        clean = run(cfg, progress=lambda line: click.echo(line, err=True))
-        results.append(clean)
-        if chaos:
-            faulty = run(replace(cfg, chaos=chaos), progress=lambda line: click.echo(line, err=True))
-            results.append(with_clean_reference(faulty, clean))
+    base = SimConfig(
+        clients=clients,
+        profiles=mix,
+        dataset=dataset,
+        alpha=alpha,
+        split=split,
+        max_test=max_test,
+        rounds=rounds,
+        method=specs[0],
+        out=out,
+        model=model,
+        broker=broker,
+        target_accuracy=target_accuracy,
+        minutes=minutes,
+        seed=seed,
+        local_steps=local_steps,
+        max_seq_len=max_seq_len,
+        learning_rate=lr,
+        time_scale=time_scale,
+        clusters=clusters,
+        backend=backend,
+        last_k=last_k,
+        time_budget=time_budget,
+    )
+    results = run_seeds(base, specs, seeds, encs, chaos, progress=lambda line: click.echo(line, err=True))
     config = {
         "clients": clients,
         "profiles": mix,
@@ -138,7 +154,11 @@ def simulate(
         "rounds": rounds,
         "local_steps": local_steps,
         "max_seq_len": max_seq_len,
-        "seed": seed,
+        "seed": seeds[0],
+        "seeds": seeds,
+        "encodings": encs,
+        "last_k": last_k,
+        "time_budget": time_budget,
         "time_scale": time_scale,
         "chaos": chaos,
         "backend": backend,
@@ -149,9 +169,11 @@ def simulate(
 
 
 @click.command()
-@click.argument("out", type=click.Path(exists=True, path_type=Path))
-def report(out: Path) -> None:
-    """Print the comparison table of a simulation's report.json."""
-    from fedhft.simulate.report import load_report, table
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--last-k", type=click.IntRange(min=1), default=None, help=LAST_K_HELP + " Default: the report's.")
+@click.option("--time-budget", type=click.FloatRange(min=0), default=None, help=BUDGET_HELP + " Default: the report's.")
+def report(out: Path, last_k: int | None, time_budget: float | None) -> None:
+    """Print the comparison table of a simulation's report.json (re-read with another --last-k/--time-budget)."""
+    from fedhft.simulate.report import load_report, reread, table
 
-    click.echo(table(load_report(out)))
+    click.echo(table(reread(load_report(out), last_k, time_budget)))

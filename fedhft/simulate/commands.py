@@ -94,6 +94,8 @@ def edge_command(
         str(test),
         "--sim-time-scale",
         str(cfg.time_scale),
+        "--encoding",
+        cfg.encoding,
         "--ack-timeout",  # a simulated fleet runs minutes, not days: re-send an unacknowledged update sooner
         "20",
     ]

@@ -9,6 +9,8 @@ from pathlib import Path
 from fedhft.errors import FedHFTError
 from fedhft.simulate.methods import MethodSpec
 
+DEFAULT_ENCODING = "fp16"  # `fedhft edge run`'s default
+
 
 class SimulationError(FedHFTError):
     """The simulation cannot run."""
@@ -37,9 +39,18 @@ class SimConfig:
     chaos: str | None = None  # a fault spec (fedhft.simulate.chaos): the run is named <method>+chaos
     backend: str = "auto"  # "auto": each profile's own runtime (ORT, else the native ExecuTorch trainer) | "ort"
     max_test: int | None = 1000  # global test cap; each client's test split is capped at a fifth of it
+    encoding: str = DEFAULT_ENCODING  # the edges' upload encoding (`fedhft edge run --encoding`); others name the run
+    last_k: int = 3  # final figures: mean over the last k global versions
+    time_budget: float | None = None  # virtual seconds: also report the newest version at or before it
     cache_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
     )
+
+    @property
+    def label(self) -> str:
+        """The run's name in the report: the method, then +ENCODING unless fp16, then +chaos."""
+        enc = "" if self.encoding == DEFAULT_ENCODING else f"+{self.encoding}"
+        return self.method.name + enc + ("+chaos" if self.chaos else "")
 
 
 def parse_profile_mix(text: str) -> dict[str, int]:

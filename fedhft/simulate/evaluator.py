@@ -1,4 +1,5 @@
-"""Accuracy of the published models: the global model on the held-out test set, each client's own model on its split.
+"""Accuracy and macro-F1 of the published models: the global model on the held-out test set, each client's own
+model on its split, and each cluster's model on its members' splits.
 
 The evaluator package is exported with every module any device adapts, at ``clusters`` x the federation's max rank
 R, so that the global model of a clustered run loads exactly: the cluster models (rank-R factors each, ΔW_c = B_c A_c)
@@ -28,6 +29,7 @@ from fedhft.logs import event
 from fedhft.protocol import ModelMessage, ProtocolError, decode_model
 from fedhft.protocol.tensor_names import HEAD_NAMES, a_name, b_name, module_names
 from fedhft.protocol.topics import PREFIX
+from fedhft.simulate.metrics import confusion, macro_f1_of
 from fedhft.simulate.traffic import connect_observer
 
 log = logging.getLogger("fedhft.simulate")
@@ -100,12 +102,39 @@ class EvalPoint:
     loss: float
     virtual_time: float
     wall_time: float
+    macro_f1: float = 0.0
 
 
 @dataclass
 class ClientSplit:
     texts: list[str]
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Score:
+    """Accuracy and macro-F1 of one model on ``n`` test examples."""
+
+    accuracy: float
+    macro_f1: float
+    n: int
+    loss: float = 0.0
+
+
+class _Recorder:
+    """A trainer whose eval steps keep the predicted labels (``evaluate`` reports only accuracy and loss)."""
+
+    def __init__(self, trainer: OrtTrainer) -> None:
+        self.trainer = trainer
+        self.predictions: list[np.ndarray] = []
+
+    def eval_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray):  # noqa: ANN201
+        res = self.trainer.eval_step(input_ids, attention_mask, labels)
+        self.predictions.append(np.asarray(res.logits).argmax(axis=1))
+        return res
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.trainer, name)
 
 
 @dataclass
@@ -119,7 +148,8 @@ class Evaluator:
     labels: np.ndarray
     client_splits: dict[str, ClientSplit] = field(default_factory=dict)
     points: list[EvalPoint] = field(default_factory=list)
-    personalized: dict[str, float] = field(default_factory=dict)
+    personalized: dict[str, Score] = field(default_factory=dict)
+    cluster_scores: dict[int, Score] = field(default_factory=dict)  # each cluster's model on its members' splits
     _q: queue.Queue = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
     _clusters: dict[int, ModelMessage] = field(default_factory=dict)
@@ -175,6 +205,14 @@ class Evaluator:
             self._clients[key] = msg
 
     # ---- evaluating --------------------------------------------------------------------------------------
+    def _score(self, tensors: Mapping[str, np.ndarray], texts: list[str], labels: np.ndarray) -> Score:
+        """Load a model's tensors and score it on (texts, labels)."""
+        self.trainer.set_parameters(self._params(tensors))
+        rec = _Recorder(self.trainer)
+        r = evaluate(rec, self.encoder, texts, labels)  # type: ignore[arg-type]
+        f1 = macro_f1_of(confusion(np.asarray(labels), np.concatenate(rec.predictions)))
+        return Score(r.accuracy, f1, len(texts), r.loss)
+
     def _params(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Evaluator params of a model: its modules zero-padded to the evaluator's rank, absent ones ΔW = 0."""
         if self.full:
@@ -213,14 +251,14 @@ class Evaluator:
         if found is None or found[0] <= self._evaluated:
             return
         version, k, tensors, vt = found
-        self.trainer.set_parameters(self._params(tensors))
-        r = evaluate(self.trainer, self.encoder, self.texts, self.labels)
+        s = self._score(tensors, self.texts, self.labels)
         self._evaluated = version
-        self.points.append(EvalPoint(version, k, r.accuracy, r.loss, vt, time.monotonic() - self._t0))
-        event(log, "evaluated", version=version, clusters=k, accuracy=round(r.accuracy, 4))
+        self.points.append(EvalPoint(version, k, s.accuracy, s.loss, vt, time.monotonic() - self._t0, s.macro_f1))
+        event(log, "evaluated", version=version, clusters=k, accuracy=round(s.accuracy, 4), f1=round(s.macro_f1, 4))
 
-    def evaluate_clients(self) -> dict[str, float]:
-        """Each client's latest personalized model on its own test split (call after the run)."""
+    def evaluate_clients(self) -> dict[str, Score]:
+        """Each client's latest personalized model on its own test split, and each cluster's model of the newest
+        version on its members' splits pooled (call after the run)."""
         with self._busy:
             for cid, split in self.client_splits.items():
                 msg = self._clients.get(cid)
@@ -228,9 +266,22 @@ class Evaluator:
                     msg = self._clusters[0]
                 if msg is None or not len(split.texts):
                     continue
-                self.trainer.set_parameters(self._params(msg.tensors))
-                self.personalized[cid] = evaluate(self.trainer, self.encoder, split.texts, split.labels).accuracy
+                self.personalized[cid] = self._score(msg.tensors, split.texts, split.labels)
+            self._evaluate_clusters()
         return dict(self.personalized)
+
+    def _evaluate_clusters(self) -> None:
+        if self.full or not self._clusters:
+            return
+        newest = max(m.version for m in self._clusters.values())
+        of = self.client_clusters()
+        for c, msg in sorted(self._clusters.items()):
+            members = [cid for cid in self.client_splits if of.get(cid) == c and len(self.client_splits[cid].texts)]
+            if msg.version != newest or not members:
+                continue
+            texts = [t for cid in members for t in self.client_splits[cid].texts]
+            labels = np.concatenate([self.client_splits[cid].labels for cid in members])
+            self.cluster_scores[c] = self._score(mix_cluster_models({c: msg.tensors}, np.ones(c + 1)), texts, labels)
 
     def client_clusters(self) -> dict[str, int]:
         """The cluster (largest membership) of each client's latest model."""

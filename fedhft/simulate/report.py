@@ -1,4 +1,10 @@
-"""Simulation results: one entry per method, the combined report.json, plots and the printed table."""
+"""Simulation results: one entry per (method, seed) run, the summary across seeds, goals, report.json and the
+printed table.
+
+A run's final figures are read off its curve (:mod:`fedhft.simulate.curve`): the mean over the last k global
+versions, the newest version at a virtual-time budget, time and upload bytes to the target on the virtual clock.
+Personalized figures weight each client by its test examples (the unweighted mean is kept beside it).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,82 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedhft.errors import FedHFTError
+from fedhft.simulate.curve import at_budget, by_version, bytes_before, bytes_to, last_k_mean, time_to
+from fedhft.simulate.goals import goals
+from fedhft.simulate.metrics import weighted_mean
+from fedhft.simulate.summary import summarize
+
 REPORT = "report.json"
+LAST_K = 3
 
 
-def _time_to(points: list[dict], target: float | None, key: str) -> float | None:
-    if target is None or not any(p[key] for p in points):
-        return None  # e.g. no simulated time: the server did not stamp one into model meta
-    for p in sorted(points, key=lambda p: p[key]):
-        if p["accuracy"] >= target:
-            return p[key]
-    return None
+class ReportError(FedHFTError):
+    """No readable report."""
 
 
-def _bytes_to(points: list[dict], updates: list[dict], target: float | None) -> int | None:
-    """Upload bytes of every update trained before the first version that reached the target."""
-    if target is None:
-        return None
-    hit = next((p for p in sorted(points, key=lambda p: p["version"]) if p["accuracy"] >= target), None)
-    if hit is None:
-        return None
-    return sum(u["bytes"] for u in updates if u["base_version"] < hit["version"])
+def _round(v: float | None, nd: int = 4) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+def personalized_figures(by_client: dict[str, dict]) -> dict[str, float | None]:
+    """Mean personalized accuracy and macro-F1 over clients: weighted by test examples, and unweighted."""
+    out: dict[str, float | None] = {}
+    n = {cid: c["n"] for cid, c in by_client.items()}
+    for key in ("accuracy", "macro_f1"):
+        vals = {cid: c[key] for cid, c in by_client.items() if c.get(key) is not None}
+        out[f"mean_personalized_{key}"] = _round(weighted_mean(vals, n))
+        out[f"mean_personalized_{key}_unweighted"] = _round(weighted_mean(vals, dict.fromkeys(n, 1)))
+    return out
+
+
+def cluster_figures(by_client: dict[str, dict], models: dict[int, Any]) -> dict[str, dict]:
+    """Per cluster: its clients, their test examples, their weighted personalized figures, and the cluster model
+    of the newest version on its members' splits pooled."""
+    members: dict[int, dict[str, dict]] = defaultdict(dict)
+    for cid, c in by_client.items():
+        members[c.get("cluster", 0)][cid] = c
+    out = {}
+    for k in sorted(set(members) | set(models)):
+        cs = members.get(k, {})
+        p = personalized_figures(cs)
+        m = models.get(k)
+        out[str(k)] = {
+            "clients": len(cs),
+            "test_examples": sum(c["n"] for c in cs.values()),
+            "personalized_accuracy": p["mean_personalized_accuracy"],
+            "personalized_macro_f1": p["mean_personalized_macro_f1"],
+            "model_accuracy": None if m is None else round(m.accuracy, 4),
+            "model_macro_f1": None if m is None else round(m.macro_f1, 4),
+        }
+    return out
+
+
+def readings(result: dict, last_k: int = LAST_K, time_budget: float | None = None) -> dict:
+    """A run entry with every figure that its curve and per-client scores define re-derived (older reports keep
+    what they cannot re-derive: a curve without macro-F1 or upload bytes, clients without test sizes)."""
+    pts, target = result.get("accuracy_curve") or [], result.get("target_accuracy")
+    newest = by_version(pts)[-1] if pts else None
+    budget = at_budget(pts, time_budget)
+    out = dict(
+        result,
+        last_k=last_k,
+        time_budget=time_budget,
+        final_global_accuracy=_round(last_k_mean(pts, "accuracy", last_k)),
+        final_global_macro_f1=_round(last_k_mean(pts, "macro_f1", last_k)),
+        last_version_global_accuracy=None if newest is None else _round(newest["accuracy"]),
+        version_at_budget=None if budget is None else budget["version"],
+        global_accuracy_at_budget=None if budget is None else _round(budget["accuracy"]),
+        global_macro_f1_at_budget=None if budget is None else _round(budget.get("macro_f1")),
+        simulated_seconds_to_target=time_to(pts, target, "virtual_time"),
+        wall_seconds_to_target=time_to(pts, target, "wall_time"),
+    )
+    if pts and all("bytes_up" in p for p in pts):  # upload bytes before each version, stored with the curve
+        hit = next((p for p in by_version(pts) if target is not None and p["accuracy"] >= target), None)
+        out["bytes_up_to_target"] = None if hit is None else hit["bytes_up"]
+    if "personalized_by_client" in result:
+        out.update(personalized_figures(result["personalized_by_client"]))
+    return out
 
 
 def method_result(
@@ -40,15 +102,20 @@ def method_result(
     peaks: dict[str, float],
     seconds: float,
 ) -> dict[str, Any]:
-    points = [dict(vars(p)) for p in (evaluator.points if evaluator else [])]
     snap = traffic.snapshot() if traffic else {"bytes": {}, "messages": {}}
     updates = list(traffic.updates) if traffic else []
-    # Personalized accuracy: each client's latest personalized model, on its own test split.
-    personalized = dict(evaluator.personalized) if evaluator else {}
-    by_cluster: dict[int, list[float]] = defaultdict(list)
+    points = [dict(vars(p), bytes_up=bytes_before(updates, p.version)) for p in (evaluator.points if evaluator else [])]
+    # Personalized: each client's latest personalized model, on its own test split.
     clusters_of = evaluator.client_clusters() if evaluator else {}
-    for cid, acc in personalized.items():
-        by_cluster[clusters_of.get(cid, 0)].append(acc)
+    by_client = {
+        cid: {
+            "accuracy": round(s.accuracy, 4),
+            "macro_f1": round(s.macro_f1, 4),
+            "n": s.n,
+            "cluster": clusters_of.get(cid, 0),
+        }
+        for cid, s in sorted((evaluator.personalized if evaluator else {}).items())
+    }
     n_updates = max(1, snap["messages"].get("update", 0))
     down = snap["bytes"].get("model/client", 0)
     if cfg.method.shared_model:  # one global model on cluster/0, delivered to every device
@@ -58,22 +125,15 @@ def method_result(
     for cid, mb in peaks.items():
         prof = client_profile.get(cid, "?")
         peak_by_profile[prof] = round(max(peak_by_profile[prof], mb), 1)
-    final = max(points, key=lambda p: (p["version"], p["accuracy"]))["accuracy"] if points else None
-    best_final = None
-    if points:
-        top = max(p["version"] for p in points)
-        best_final = max(p["accuracy"] for p in points if p["version"] == top)
-    return {
+    result = {
         "method": cfg.method.name,
+        "seed": cfg.seed,
+        "encoding": cfg.encoding,
         "clients": len(assignment),
         "profiles": dict(cfg.profiles),
         "rounds_per_client": cfg.rounds,
-        "final_global_accuracy": best_final if best_final is not None else final,
-        "mean_personalized_accuracy": (
-            round(sum(personalized.values()) / len(personalized), 4) if personalized else None
-        ),
-        "personalized_accuracy_by_client": {k: round(v, 4) for k, v in sorted(personalized.items())},
-        "personalized_accuracy_by_cluster": {str(c): round(sum(v) / len(v), 4) for c, v in sorted(by_cluster.items())},
+        "personalized_by_client": by_client,
+        "by_cluster": cluster_figures(by_client, dict(evaluator.cluster_scores) if evaluator else {}),
         "accuracy_curve": points,
         "bytes_up": snap["bytes"].get("update", 0),
         "bytes_down": down,
@@ -82,91 +142,124 @@ def method_result(
         "bytes_down_per_client_round": round(down / n_updates),
         "broker_bytes_by_kind": snap["bytes"],
         "target_accuracy": cfg.target_accuracy,
-        "simulated_seconds_to_target": _time_to(points, cfg.target_accuracy, "virtual_time"),
-        "wall_seconds_to_target": _time_to(points, cfg.target_accuracy, "wall_time"),
-        "bytes_up_to_target": _bytes_to(points, updates, cfg.target_accuracy),
+        "bytes_up_to_target": bytes_to(points, updates, cfg.target_accuracy),
         "peak_rss_mb_by_profile": dict(peak_by_profile),
         "unable_to_participate": unable,
         "wall_seconds": round(seconds, 1),
         "artifacts": {k: str(v) for k, v in dirs.items()},
     }
+    return readings(result, cfg.last_k, cfg.time_budget)
 
 
-def recompute(result: dict) -> dict:
-    """Re-derive the time-to-target fields from a result's accuracy curve (for reports of older runs)."""
-    pts, target = result["accuracy_curve"], result.get("target_accuracy")
-    return dict(
-        result,
-        simulated_seconds_to_target=_time_to(pts, target, "virtual_time"),
-        wall_seconds_to_target=_time_to(pts, target, "wall_time"),
-    )
+def recompute(result: dict, last_k: int = LAST_K, time_budget: float | None = None) -> dict:
+    """Re-derive a run's figures from its curve (for reports of older runs, or another k or budget)."""
+    return readings(result, last_k, time_budget)
+
+
+def build_report(runs: list[dict], config: dict) -> dict:
+    """report.json's content: config, runs (re-read with the config's last k and budget), summary, goals."""
+    last_k, budget = int(config.get("last_k") or LAST_K), config.get("time_budget")
+    runs = [readings(r, last_k, budget) for r in runs]
+    report = {"config": config, "methods": runs, "summary": summarize(runs, int(config.get("seed", 0)))}
+    report["goals"] = goals(report)
+    return report
 
 
 def write_report(out: Path, results: list[dict], config: dict) -> Path:
+    from fedhft.simulate.plots import plot
+
     path = out / REPORT
-    report = {"config": config, "methods": results}
-    report["goals"] = goals(report)
+    report = build_report(results, config)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    plot(out, results)
+    plot(out, report)
     return path
 
 
-def plot(out: Path, results: list[dict]) -> list[Path]:
-    """accuracy.png (accuracy vs simulated time) and traffic.png (upload bytes); needs matplotlib."""
+def load_report(out: Path) -> dict:
+    """A report.json (or the directory holding one); one ReportError line when there is none to read."""
+    path = out / REPORT if out.is_dir() else out
+    if not path.is_file():
+        where = f"{out} has no {REPORT}" if out.is_dir() else f"{out} does not exist"
+        raise ReportError(f"no simulation report: {where} (run `fedhft simulate --out DIR` first)")
     try:
-        import matplotlib
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path} is not a readable report: {e}") from e
+    if not isinstance(report, dict) or not isinstance(report.get("methods"), list) or "config" not in report:
+        raise ReportError(f"{path} is not a simulation report (no config and methods)")
+    if not report["methods"]:
+        raise ReportError(f"{path} holds no finished runs")
+    return report
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    made = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        pts = sorted(r["accuracy_curve"], key=lambda p: p["version"])
-        simulated = any(p["virtual_time"] for p in pts)
-        xs = [p["virtual_time"] if simulated else p["wall_time"] for p in pts]
-        ax.plot(xs, [p["accuracy"] for p in pts], marker=".", label=r["method"])
-    ax.set_xlabel("time (s): simulated where the server stamps it, else wall-clock")
-    ax.set_ylabel("global test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    made.append(out / "accuracy.png")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [r["method"] for r in results]
-    ax.bar(names, [r["bytes_up_per_client_round"] / 1e3 for r in results])
-    ax.set_ylabel("upload per client-round (kB)")
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(out / "traffic.png", dpi=120)
-    made.append(out / "traffic.png")
-    plt.close("all")
-    return made
+
+def reread(report: dict, last_k: int | None = None, time_budget: float | None = None) -> dict:
+    """The report re-derived with another last k and/or time budget (None keeps the report's own)."""
+    config = dict(report["config"])
+    if last_k is not None:
+        config["last_k"] = last_k
+    if time_budget is not None:
+        config["time_budget"] = time_budget
+    config.setdefault("seeds", [int(config.get("seed", 0))])
+    return build_report(report["methods"], config)
+
+
+def _f(v: Any, spec: str = ".3f", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v / scale, spec)
+
+
+def pm(fig: dict | None, spec: str = ".3f", scale: float = 1.0) -> str:
+    """'mean ± std' of a summary figure ('-' when missing; the mean alone for one seed)."""
+    if not fig or fig.get("mean") is None:
+        return "-"
+    if len(fig["by_seed"]) < 2:
+        return _f(fig["mean"], spec, scale)
+    return f"{_f(fig['mean'], spec, scale)}±{_f(fig['std'], spec, scale)}"
+
+
+# (header, figure, format, scale) of the table's columns
+COLUMNS = (
+    ("global acc", "final_global_accuracy", ".3f", 1.0),
+    ("global F1", "final_global_macro_f1", ".3f", 1.0),
+    ("acc@budget", "global_accuracy_at_budget", ".3f", 1.0),
+    ("personal acc", "mean_personalized_accuracy", ".3f", 1.0),
+    ("personal F1", "mean_personalized_macro_f1", ".3f", 1.0),
+    ("up kB/rnd", "bytes_up_per_client_round", ".1f", 1e3),
+    ("sim s→tgt", "simulated_seconds_to_target", ".0f", 1.0),
+    ("up MB→tgt", "bytes_up_to_target", ".2f", 1e6),
+    ("wall s", "wall_seconds", ".0f", 1.0),
+)
+SEED_LINES = ("final_global_accuracy", "final_global_macro_f1", "mean_personalized_accuracy")
 
 
 def table(report: dict) -> str:
-    rows = [
-        f"{'method':22} {'global acc':>10} {'personal acc':>12} {'up kB/rnd':>10} {'down kB/rnd':>11} "
-        f"{'updates':>7} {'sim s→tgt':>9} {'up MB→tgt':>9} {'wall s':>7}"
-    ]
-    for r in report["methods"]:
-
-        def f(v: Any, spec: str = ".3f") -> str:
-            return "-" if v is None else format(v, spec)
-
+    """The comparison: one row per method (mean ± std over its seeds), every seed's value of the headline
+    figures, chaos accounting, and the goals."""
+    c = report.get("config", {})
+    summary = report.get("summary") or summarize(report["methods"], int(c.get("seed", 0)))
+    widths = [max(11, len(h)) for h, *_ in COLUMNS]
+    rows = [f"{'method':24} {'seeds':>5} " + " ".join(f"{h:>{w}}" for (h, *_), w in zip(COLUMNS, widths, strict=True))]
+    for s in summary:
+        cells = [pm(s.get(key), spec, scale) for _, key, spec, scale in COLUMNS]
         rows.append(
-            f"{r['method']:22} {f(r['final_global_accuracy']):>10} {f(r['mean_personalized_accuracy']):>12} "
-            f"{r['bytes_up_per_client_round'] / 1e3:>10.1f} {r['bytes_down_per_client_round'] / 1e3:>11.1f} "
-            f"{r['updates']:>7} {f(r['simulated_seconds_to_target'], '.0f'):>9} "
-            f"{f(None if r['bytes_up_to_target'] is None else r['bytes_up_to_target'] / 1e6, '.2f'):>9} "
-            f"{r['wall_seconds']:>7.0f}"
+            f"{s['method']:24} {len(s['seeds']):>5} "
+            + " ".join(f"{v:>{w}}" for v, w in zip(cells, widths, strict=True))
         )
-        if r["unable_to_participate"]:
-            rows.append(f"  unable to participate: {r['unable_to_participate']}")
+        if len(s["seeds"]) > 1:
+            for key in SEED_LINES:
+                if key in s:
+                    vals = ", ".join(f"{seed}: {_f(v)}" for seed, v in s[key]["by_seed"].items())
+                    rows.append(f"  {key} by seed: {vals}")
+    for r in report["methods"]:
+        tag = f"{r['method']} seed {r.get('seed', c.get('seed', 0))}"
+        if r.get("unable_to_participate"):
+            rows.append(f"  {tag}: unable to participate: {r['unable_to_participate']}")
         if r.get("chaos"):
-            rows.append("  " + chaos_line(r["chaos"]))
+            rows.append(f"  {tag}: " + chaos_line(r["chaos"]))
+    k, budget = c.get("last_k", LAST_K), c.get("time_budget")
+    rows.append(
+        f"final = mean of the last {k} global versions; acc@budget = newest version at virtual time "
+        f"{'-' if budget is None else f'{budget:g} s'}; personalized weighted by test examples"
+    )
     for g in report.get("goals") or goals(report):
         measured = "-" if g["measured"] is None else g["measured"]
         rows.append(f"goal: {g['goal']}: {measured} (need >= {g['need']}) {'met' if g['met'] else 'NOT met'}")
@@ -183,65 +276,3 @@ def chaos_line(c: dict[str, Any]) -> str:
         f"{c['acknowledged_but_lost']}, duplicates aggregated {c['duplicates_aggregated']}"
         + ("" if delta is None else f"; accuracy vs clean run {delta:+.1f} points")
     )
-
-
-def load_report(out: Path) -> dict:
-    path = out / REPORT if out.is_dir() else out
-    return json.loads(path.read_text())
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 2)
-
-
-def goals(report: dict) -> list[dict[str, Any]]:
-    """The product's goals for this comparison, measured from the report (only those its methods allow)."""
-    by = {r["method"]: r for r in report["methods"]}
-    out: list[dict[str, Any]] = []
-    fh, lora, full, flat = (
-        by.get("fedhft"),
-        by.get("fedavg-lora"),
-        by.get("fedavg-full"),
-        by.get("fedhft-no-clustering"),
-    )
-
-    def add(goal: str, measured: float | None, need: float, note: str) -> None:
-        out.append(
-            {
-                "goal": goal,
-                "measured": measured,
-                "need": need,
-                "met": measured is not None and measured >= need,
-                "note": note,
-            }
-        )
-
-    if fh and lora:
-        add(
-            "upload bytes to target, fedavg-lora ÷ fedhft",
-            _ratio(lora["bytes_up_to_target"], fh["bytes_up_to_target"]),
-            3.0,
-            f"target accuracy {fh.get('target_accuracy')}; '-' when a method never reached it",
-        )
-        add(
-            "simulated time to target, fedavg-lora ÷ fedhft",
-            _ratio(lora["simulated_seconds_to_target"], fh["simulated_seconds_to_target"]),
-            2.5,
-            "heterogeneous devices, simulated clock",
-        )
-    if fh and full:
-        add(
-            "upload per client-round, fedavg-full ÷ fedhft",
-            _ratio(full["bytes_up_per_client_round"], fh["bytes_up_per_client_round"]),
-            500.0,
-            "",
-        )
-    if fh and flat:
-        a, b = fh["mean_personalized_accuracy"], flat["mean_personalized_accuracy"]
-        add(
-            "personalized accuracy, with clustering − without (points)",
-            None if a is None or b is None else round(100 * (a - b), 1),
-            0.0,
-            f"alpha {report['config'].get('alpha')}",
-        )
-    return out

@@ -25,7 +25,7 @@ from fedhft.datasets import TextDataset
 from fedhft.device_profiles.profile import load_profile
 from fedhft.logs import event
 from fedhft.simulate.commands import edge_command, server_command
-from fedhft.simulate.config import SimConfig, SimulationError
+from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig, SimulationError
 from fedhft.simulate.data import FederatedSplit, cap_test_sets, dirichlet_split, load_dataset, natural_split
 from fedhft.simulate.fleet import Fleet, peak_rss_mb
 from fedhft.simulate.packages import edge_backend, export_packages
@@ -70,12 +70,13 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     profiles = {name: load_profile(name) for name in cfg.profiles}
     say(f"exporting {len(profiles)} profile(s) for {cfg.method.name} (cached) ...")
     dirs, ev_dir, unable = export_packages(cfg, profiles, data.num_labels)
-    label = cfg.method.name + ("+chaos" if cfg.chaos else "")
+    label = cfg.label
     run_dir = cfg.out / label
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     assignment = [prof for prof, n in cfg.profiles.items() for _ in range(n)]
-    task = f"sim-{cfg.method.name}-{cfg.seed}".replace("_", "-")
+    task = f"sim-{cfg.method.name}{'' if cfg.encoding == DEFAULT_ENCODING else '-' + cfg.encoding}-{cfg.seed}"
+    task = task.replace("_", "-")
     broker = None
     if cfg.broker is None:
         broker = EmbeddedBroker(port=0, persistent=bool(cfg.chaos)).start()

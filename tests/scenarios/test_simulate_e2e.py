@@ -22,9 +22,9 @@ WORDS = {
     3: "film actor music award album director",
 }
 FIELDS = (
-    "method final_global_accuracy mean_personalized_accuracy accuracy_curve bytes_up bytes_down updates "
-    "bytes_up_per_client_round bytes_down_per_client_round simulated_seconds_to_target wall_seconds_to_target "
-    "bytes_up_to_target peak_rss_mb_by_profile unable_to_participate"
+    "method final_global_accuracy final_global_macro_f1 mean_personalized_accuracy accuracy_curve bytes_up "
+    "bytes_down updates bytes_up_per_client_round bytes_down_per_client_round simulated_seconds_to_target "
+    "wall_seconds_to_target bytes_up_to_target peak_rss_mb_by_profile unable_to_participate"
 ).split()
 
 
@@ -180,3 +180,39 @@ def test_pi_class_devices_train_on_the_native_executorch_trainer(
     finally:
         db.close()
     assert by_client.get("c001", 0) >= 1, by_client  # the ExecuTorch device's updates went into the model
+
+
+@pytest.mark.slow
+def test_simulate_seeds_and_int8_uploads_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path, mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """--seeds 2 --encoding fp16,int8: four real runs, macro-F1 beside accuracy, mean ± std and every seed."""
+    monkeypatch.setenv("FEDHFT_CACHE", str(tmp_path / "cache"))
+    data = _dataset(tmp_path / "data.jsonl", n=200)
+    args = "simulate --clients 2 --alpha 1.0 --rounds 2 --local-steps 4 --max-seq-len 16 --lr 0.01"
+    args += " --time-scale 0.001 --minutes 3 --method fedhft --clusters 1 --seeds 2 --encoding fp16,int8 --last-k 2"
+    args += " --time-budget 1e6"  # a simulated clock (tiny sleeps), so that a budget reads a version
+    paths = ["--profiles", f"{tiny_profile_path}:2", "--dataset", str(data), "--model", str(tiny_model_dir)]
+    paths += ["--out", str(tmp_path / "out"), "--broker", mosquitto.url]
+    r = CliRunner().invoke(main, args.split() + paths)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["seeds"] == [0, 1] and report["config"]["encodings"] == ["fp16", "int8"]
+    runs = {(res["method"], res["seed"]): res for res in report["methods"]}
+    assert sorted(runs) == [("fedhft", 0), ("fedhft", 1), ("fedhft+int8", 0), ("fedhft+int8", 1)]
+    for (name, seed), res in runs.items():
+        assert (tmp_path / "out" / f"seed-{seed}" / name / "result.json").is_file()
+        assert res["accuracy_curve"] and all(0.0 <= p["macro_f1"] <= 1.0 for p in res["accuracy_curve"])
+        assert res["final_global_macro_f1"] is not None and res["global_accuracy_at_budget"] is not None
+        clients = res["personalized_by_client"]
+        assert clients and all(c["n"] > 0 for c in clients.values()), clients
+        assert res["mean_personalized_accuracy"] is not None and res["by_cluster"]
+    for seed in (0, 1):  # int8 rows are about half the bytes of fp16 ones
+        assert (
+            runs[("fedhft+int8", seed)]["bytes_up_per_client_round"]
+            < runs[("fedhft", seed)]["bytes_up_per_client_round"]
+        )
+    summary = {s["method"]: s for s in report["summary"]}
+    acc = summary["fedhft"]["final_global_accuracy"]
+    assert set(acc["by_seed"]) == {"0", "1"} and acc["mean"] is not None and acc["std"] is not None
+    assert "final_global_accuracy by seed" in r.output

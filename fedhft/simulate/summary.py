@@ -1,0 +1,62 @@
+"""Across seeds: each method's figures as mean ± std with every seed's value (pure; reads run entries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedhft.simulate.metrics import mean_std
+
+# The figures a summary carries, in the table's order.
+FIGURES = (
+    "final_global_accuracy",
+    "final_global_macro_f1",
+    "global_accuracy_at_budget",
+    "global_macro_f1_at_budget",
+    "mean_personalized_accuracy",
+    "mean_personalized_macro_f1",
+    "mean_personalized_accuracy_unweighted",
+    "mean_personalized_macro_f1_unweighted",
+    "simulated_seconds_to_target",
+    "wall_seconds_to_target",
+    "bytes_up_to_target",
+    "bytes_up_per_client_round",
+    "bytes_down_per_client_round",
+    "updates",
+    "wall_seconds",
+)
+
+
+def run_seed(run: dict, default: int = 0) -> int:
+    """A run entry's seed (reports from before --seeds carry it only in their config)."""
+    return int(run.get("seed", default))
+
+
+def figure(values: dict[int, float | None]) -> dict[str, Any]:
+    """{"mean", "std", "by_seed"}: mean and std are None when any seed lacks the value (e.g. never reached the
+    target), so a missing seed cannot flatter the mean."""
+    mean, std = mean_std(values.values())
+    return {"mean": mean, "std": std, "by_seed": {str(s): v for s, v in sorted(values.items())}}
+
+
+def summarize(runs: Sequence[dict], default_seed: int = 0) -> list[dict[str, Any]]:
+    """One entry per method (in the order of first appearance): its seeds and, per figure, mean, std and by_seed."""
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in by_method.items():
+        seeds = {run_seed(r, default_seed): r for r in rs}  # a seed run twice: the later entry counts
+        entry: dict[str, Any] = {"method": method, "seeds": sorted(seeds)}
+        for name in FIGURES:
+            if any(name in r for r in seeds.values()):
+                entry[name] = figure({s: r.get(name) for s, r in seeds.items()})
+        out.append(entry)
+    return out
+
+
+def mean_of(entry: dict | None, name: str) -> float | None:
+    """A summary entry's mean of one figure (None when absent)."""
+    if entry is None or not isinstance(entry.get(name), dict):
+        return None
+    return entry[name]["mean"]
