@@ -84,6 +84,10 @@ class Sink(Protocol[Item_contra]):
         """An arrived update that no promise will ever claim (its device was dropped or promised another)."""
         ...
 
+    def decided(self, action: Action) -> None:
+        """Every decision, as it is taken: a schedule right after the flush that made its version."""
+        ...
+
 
 @dataclass
 class _Client:
@@ -120,6 +124,7 @@ class VirtualClock(Generic[Item]):
         self.delivered: set[str] = set()
         self.dropped = 0
         self._out: list[Action] = []
+        self._sink: Sink[Item] | None = None  # during advance(): decisions go to it as they are taken
         self._discards: list[Item] = []
 
     # ---- inputs (any wall order) ------------------------------------------------------------------------
@@ -132,7 +137,7 @@ class VirtualClock(Generic[Item]):
             self._schedule(client_id, self.now, wall)
         elif c.state == SCHEDULED:
             c.since = wall
-            self._out.append(Schedule(client_id, c.start_at, c.version))
+            self._emit(Schedule(client_id, c.start_at, c.version))
         elif c.state == PROMISED:
             c.hello_again = True
 
@@ -163,6 +168,20 @@ class VirtualClock(Generic[Item]):
     # ---- processing -----------------------------------------------------------------------------------
     def advance(self, wall: float, sink: Sink[Item]) -> list[Action]:
         """Process every event nothing can precede any more; the decisions taken since the last call."""
+        for action in self._out:  # taken by hello() since the last call
+            sink.decided(action)
+        self._sink = sink
+        try:
+            self._run(wall, sink)
+        finally:
+            self._sink = None
+        for item in self._discards:
+            sink.discard(item)
+        self._discards = []
+        out, self._out = self._out, []
+        return out
+
+    def _run(self, wall: float, sink: Sink[Item]) -> None:
         self._expire(wall)
         if self.rule.sync and self.rule.round_due(self.expected, self.delivered, len(self.buffered), 0.0, 0.0):
             self._flush(self.now, wall, sink)  # a dropped device was the last one the round waited for
@@ -172,11 +191,6 @@ class VirtualClock(Generic[Item]):
             if event is None or not self._ready(event):
                 break
             self._process(event, wall, sink)
-        for item in self._discards:
-            sink.discard(item)
-        self._discards = []
-        out, self._out = self._out, []
-        return out
 
     def blocked_on(self) -> str | None:
         """What the clock waits for (a line for logs), None when idle."""
@@ -189,6 +203,11 @@ class VirtualClock(Generic[Item]):
             waiting = sorted(c for c, s in self.clients.items() if s.state == SCHEDULED and s.start_at == start)
             return f"a promise from {waiting[0]} (scheduled at {start})"
         return f"the update of {cid} due at {t}" if kind == UPDATE else None
+
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)
+        if self._sink is not None:
+            self._sink.decided(action)
 
     def _next_event(self) -> tuple[float, int, str] | None:
         events = [(c.due, UPDATE, cid) for cid, c in self.clients.items() if c.state == PROMISED]
@@ -227,7 +246,7 @@ class VirtualClock(Generic[Item]):
             return
         c = self.clients[cid]
         sink.process(self.arrived.pop((cid, c.seq)), t)
-        self._out.append(Processed(cid, c.seq, t))
+        self._emit(Processed(cid, c.seq, t))
         self.buffered.append(t)
         self._discard_held(cid, below=c.seq)
         c.state = DELIVERED
@@ -247,7 +266,7 @@ class VirtualClock(Generic[Item]):
     def _flush(self, t: float, wall: float, sink: Sink[Item]) -> None:
         updates, self.buffered = len(self.buffered), []
         self.version = sink.flush(t)
-        self._out.append(Flushed(t, self.version, updates))
+        self._emit(Flushed(t, self.version, updates))
         if self.rule.sync:
             waiting = sorted(cid for cid, c in self.clients.items() if c.state == DELIVERED and c.finish_at is None)
             for cid in waiting:
@@ -273,7 +292,7 @@ class VirtualClock(Generic[Item]):
 
     def _schedule(self, client_id: str, start_at: float, wall: float) -> None:
         self.clients[client_id] = _Client(SCHEDULED, start_at, self.version, wall)
-        self._out.append(Schedule(client_id, start_at, self.version))
+        self._emit(Schedule(client_id, start_at, self.version))
 
     # ---- dropping -------------------------------------------------------------------------------------
     def _expire(self, wall: float) -> None:
@@ -288,7 +307,7 @@ class VirtualClock(Generic[Item]):
 
     def _drop(self, cid: str, c: _Client, seq: int | None, reason: str, wall: float) -> None:
         self.dropped += 1
-        self._out.append(Dropped(cid, seq, reason))
+        self._emit(Dropped(cid, seq, reason))
         del self.clients[cid]
         self.expected.discard(cid)
         self._discard_held(cid, below=math.inf)
