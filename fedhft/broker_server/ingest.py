@@ -131,9 +131,10 @@ class Ingest:
         self.publisher = publisher
         self.clip_norm = clip_norm
         self.max_staleness = max_staleness
-        # On a simulated fleet's clock (virtual_pacing.py): registrations are reported, and accepted updates
-        # are held there until their virtual time comes instead of entering the federation's buffer at once.
+        # On a simulated fleet's clock (virtual_pacing.py): registrations and refused updates are reported, and
+        # accepted updates are held there until their virtual time comes instead of entering the buffer at once.
         self.on_registered: Callable[[str], None] | None = None
+        self.on_refused: Callable[[str, int], None] | None = None
         self.hold: Callable[[PendingUpdate], None] | None = None
 
     def handle_batch(self, batch: Sequence[Inbound]) -> None:
@@ -315,6 +316,8 @@ class Ingest:
                 self.out.ack(msg.mid, msg.qos)
                 continue
             self._count(v)
+            if v.status == "rejected" and self.on_refused is not None and v.client_id is not None and v.seq is not None:
+                self.on_refused(v.client_id, v.seq)
             if v.client_id is not None and v.seq is not None:
                 reason = v.reason if not v.detail else f"{v.reason}: {v.detail}"
                 self.send_ack(v.client_id, v.seq, v.status, reason[:1000])

@@ -212,6 +212,7 @@ class Server:
             )
             self.ingest.on_registered = self.pacing.registered
             self.ingest.hold = self.pacing.hold
+            self.ingest.on_refused = self.pacing.refused
         refresh_gauges(self.metrics, self.federation)
 
     # ---- startup ------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class VirtualClock(Generic[Item]):
         self.now = now  # virtual time of the latest processed event
         self.timeout = timeout
         self.clients: dict[str, _Client] = {}
-        self.arrived: dict[tuple[str, int], Item] = {}
+        self.arrived: dict[tuple[str, int], Item | None] = {}
         self.buffered: list[float] = []  # virtual times of the updates buffered since the last flush
         self.round_start = now
         self.expected: set[str] = set()  # sync: the devices the current round waits for
@@ -157,11 +157,13 @@ class VirtualClock(Generic[Item]):
         self._discard_held(client_id, below=seq)
         return problem
 
-    def arrive(self, client_id: str, seq: int, item: Item) -> None:
-        """An accepted update: held until its promise's turn (an update may overtake its promise)."""
+    def arrive(self, client_id: str, seq: int, item: Item | None) -> None:
+        """An accepted update (``item``), or None for one the server refused (its promised time still comes,
+        with nothing to buffer): held until its promise's turn (an update may overtake its promise)."""
         c = self.clients.get(client_id)
         if c is None or c.state == DELIVERED:
-            self._discards.append(item)
+            if item is not None:
+                self._discards.append(item)
         else:
             self.arrived[(client_id, seq)] = item
 
@@ -183,7 +185,7 @@ class VirtualClock(Generic[Item]):
 
     def _run(self, wall: float, sink: Sink[Item]) -> None:
         self._expire(wall)
-        if self.rule.sync and self.rule.round_due(self.expected, self.delivered, len(self.buffered), 0.0, 0.0):
+        if self._round_complete():
             self._flush(self.now, wall, sink)  # a dropped device was the last one the round waited for
         while True:
             self._close_finished(wall)
@@ -239,20 +241,19 @@ class VirtualClock(Generic[Item]):
         t, kind, cid = event
         self.now = t
         if kind == TIMER:
-            if self.buffered:
-                self._flush(t, wall, sink)
-            else:  # a sync round's deadline with nothing delivered: the next round starts empty
-                self._new_round(t, set())
+            self._flush(t, wall, sink)
             return
         c = self.clients[cid]
-        sink.process(self.arrived.pop((cid, c.seq)), t)
+        item = self.arrived.pop((cid, c.seq))
+        if item is not None:
+            sink.process(item, t)
+            self.buffered.append(t)
         self._emit(Processed(cid, c.seq, t))
-        self.buffered.append(t)
         self._discard_held(cid, below=c.seq)
         c.state = DELIVERED
         if not self.rule.sync:
             c.finish_at = t
-            if self.rule.buffer_due(len(self.buffered), self.buffered[0], t):
+            if self.buffered and self.rule.buffer_due(len(self.buffered), self.buffered[0], t):
                 self._flush(t, wall, sink)
             return
         if cid in self.expected or c.base_version == self.version:  # trained on this round's model: waits
@@ -260,13 +261,19 @@ class VirtualClock(Generic[Item]):
             self.delivered.add(cid)
         else:  # a straggler of an earlier round: its update counts in this one, it restarts at once
             c.finish_at = t
-        if self.rule.round_due(self.expected, self.delivered, len(self.buffered), self.round_start, t):
+        if self._round_complete():
             self._flush(t, wall, sink)
 
+    def _round_complete(self) -> bool:
+        """Sync: every expected device delivered (something buffered, or refused updates to reschedule)."""
+        return self.rule.sync and bool(self.buffered or self.delivered) and self.expected <= self.delivered
+
     def _flush(self, t: float, wall: float, sink: Sink[Item]) -> None:
+        """Flush what is buffered; a sync round then ends, its waiting devices start the next one at ``t``."""
         updates, self.buffered = len(self.buffered), []
-        self.version = sink.flush(t)
-        self._emit(Flushed(t, self.version, updates))
+        if updates:
+            self.version = sink.flush(t)
+            self._emit(Flushed(t, self.version, updates))
         if self.rule.sync:
             waiting = sorted(cid for cid, c in self.clients.items() if c.state == DELIVERED and c.finish_at is None)
             for cid in waiting:
@@ -317,4 +324,6 @@ class VirtualClock(Generic[Item]):
     def _discard_held(self, cid: str, below: float) -> None:
         """Let go of held updates of ``cid`` with a seq below ``below``: no promise will claim them."""
         for key in sorted(k for k in self.arrived if k[0] == cid and k[1] < below):
-            self._discards.append(self.arrived.pop(key))
+            item = self.arrived.pop(key)
+            if item is not None:
+                self._discards.append(item)

@@ -261,3 +261,38 @@ def test_flush_rules() -> None:
     for bad in ({"mode": "rounds"}, {"buffer_size": 0}, {"window": 0.0}, {"round_deadline": -1.0}):
         with pytest.raises(FlushRuleError):
             FlushRule(**bad)
+
+
+def test_a_refused_update_still_takes_its_turn_and_its_device_goes_on() -> None:
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 1))
+    sink = Buffer()
+    clock.hello("a", 0.0)
+    clock.hello("b", 0.0)
+    clock.promise("a", 1, 0, 3.0, 0.0)
+    clock.promise("b", 1, 0, 5.0, 0.0)
+    clock.arrive("a", 1, None)  # the server rejected it (malformed, too stale, ...)
+    clock.arrive("b", 1, ("b", 1))
+    assert clock.advance(0.0, sink)[2:] == [Processed("a", 1, 3.0), Schedule("a", 3.0, 0)]  # no flush
+    assert not sink.flushes
+
+
+@pytest.mark.parametrize("b_refused", [False, True])
+def test_sync_round_counts_a_refused_update_as_delivered(b_refused: bool) -> None:
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("sync"))
+    sink = Buffer()
+    clock.hello("a", 0.0)
+    clock.hello("b", 0.0)
+    clock.promise("a", 1, 0, 3.0, 0.0)
+    clock.promise("b", 1, 0, 5.0, 0.0)
+    clock.arrive("a", 1, None)
+    clock.arrive("b", 1, None if b_refused else ("b", 1))
+    decisions = clock.advance(0.0, sink)[2:]
+    flush = [] if b_refused else [Flushed(5.0, 1, 1)]  # nothing to flush: the round still ends at 5
+    version = 0 if b_refused else 1
+    assert decisions == [
+        Processed("a", 1, 3.0),
+        Processed("b", 1, 5.0),
+        *flush,
+        Schedule("a", 5.0, version),
+        Schedule("b", 5.0, version),
+    ]

@@ -126,6 +126,14 @@ def test_virtual_time_offline_processes_by_promised_time_and_schedules_after_the
     assert model.version == 2 and model.meta["virtual_time"] == 8.0
 
 
+def test_virtual_time_a_refused_update_reschedules_its_device(make_server: Callable, tiny: tuple) -> None:
+    server, sent = make_server(virtual_time=True, fed={"buffer_size": 1})
+    server.handle_batch([hello(tiny, "a")])
+    rng = np.random.default_rng(3)
+    server.handle_batch([promise("a", 1, 0, 2.5), update(tiny, "a", 1, 7, rng)])  # from a version to come
+    assert schedules(sent) == [("a", 0.0, 0), ("a", 2.5, 0)] and server.federation.version == 0
+
+
 class Listener:
     """Records every model and schedule of the task, in the order the broker delivers them."""
 
