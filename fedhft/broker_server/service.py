@@ -31,7 +31,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedhft.broker_server.coordinator import Coordinator
+from fedhft.broker_server.coordinator import POLL_SECONDS, Coordinator
 from fedhft.broker_server.federation import FederationConfig
 from fedhft.broker_server.flush_rules import FlushRule
 from fedhft.broker_server.ingest import Inbound, Ingest
@@ -324,7 +324,8 @@ class Server:
             self.shutdown()
 
     def _step(self, now: float) -> None:
-        batch = self._drain(self.coordinator.wait_seconds(now))
+        # on virtual time nothing is due on the wall clock: wait for messages (and look at timeouts) each poll
+        batch = self._drain(POLL_SECONDS if self.pacing is not None else self.coordinator.wait_seconds(now))
         if batch:
             self.handle_batch(batch)
         if self.pacing is None:
