@@ -127,7 +127,7 @@ class ServerConfig:
     mode: str = "async"  # async (FedBuff) | sync (rounds): flush_rules.py
     round_deadline: float | None = None  # sync: seconds (virtual ones with virtual_time) a round waits at most
     virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
-    virtual_timeout: float = 300.0  # wall seconds an unanswered schedule or promise is waited for
+    virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""

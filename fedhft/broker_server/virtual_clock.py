@@ -13,8 +13,10 @@ the :class:`~fedhft.broker_server.flush_rules.FlushRule`:
   at times <= T is processed (it keeps training instead of idling);
 - sync (rounds): the devices of a round wait and are all scheduled at the flush, from the new version; a
   straggler's late update goes into the next round's buffer and the straggler restarts at its arrival time.
-A promise whose update has not arrived ``timeout`` wall seconds after it was made (or a schedule never answered
-by a promise) is dropped: the device leaves until it says hello again. That is the only wall-clock decision.
+When the whole fleet has been silent for ``timeout`` wall seconds (no hello, promise or update came and no event
+was processed), every promise still waiting for its update and every schedule still waiting for its promise that
+is older than that is dropped: those devices leave until they say hello again. That is the only wall-clock
+decision; a slow host (many devices training one after another) drops nobody while updates keep coming.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class VirtualClock(Generic[Item]):
         self.expected: set[str] = set()  # sync: the devices the current round waits for
         self.delivered: set[str] = set()
         self.dropped = 0
+        self._activity = -math.inf  # wall time of the latest input or processed event
         self._out: list[Action] = []
         self._sink: Sink[Item] | None = None  # during advance(): decisions go to it as they are taken
         self._discards: list[Item] = []
@@ -130,6 +133,7 @@ class VirtualClock(Generic[Item]):
     # ---- inputs (any wall order) ------------------------------------------------------------------------
     def hello(self, client_id: str, wall: float) -> None:
         """A device (re)registered: a new or dropped one starts now; a scheduled one hears its schedule again."""
+        self._activity = max(self._activity, wall)
         c = self.clients.get(client_id)
         if c is None:
             if self.rule.sync and self.now == self.round_start:
@@ -143,6 +147,7 @@ class VirtualClock(Generic[Item]):
 
     def promise(self, client_id: str, seq: int, base_version: int, due: float, wall: float) -> str | None:
         """Take a promise; the problem with it (one line) when it is ignored or adjusted, else None."""
+        self._activity = max(self._activity, wall)
         c = self.clients.get(client_id)
         if c is None or c.state != SCHEDULED:
             if c is not None and c.state == PROMISED and c.seq == seq:
@@ -157,9 +162,10 @@ class VirtualClock(Generic[Item]):
         self._discard_held(client_id, below=seq)
         return problem
 
-    def arrive(self, client_id: str, seq: int, item: Item | None) -> None:
+    def arrive(self, client_id: str, seq: int, item: Item | None, wall: float) -> None:
         """An accepted update (``item``), or None for one the server refused (its promised time still comes,
         with nothing to buffer): held until its promise's turn (an update may overtake its promise)."""
+        self._activity = max(self._activity, wall)
         c = self.clients.get(client_id)
         if c is None or c.state == DELIVERED:
             if item is not None:
@@ -193,6 +199,7 @@ class VirtualClock(Generic[Item]):
             if event is None or not self._ready(event):
                 break
             self._process(event, wall, sink)
+            self._activity = max(self._activity, wall)
 
     def blocked_on(self) -> str | None:
         """What the clock waits for (a line for logs), None when idle."""
@@ -303,6 +310,8 @@ class VirtualClock(Generic[Item]):
 
     # ---- dropping -------------------------------------------------------------------------------------
     def _expire(self, wall: float) -> None:
+        if wall - self._activity <= self.timeout:
+            return
         for cid in sorted(self.clients):
             c = self.clients[cid]
             if wall - c.since <= self.timeout:
@@ -311,6 +320,7 @@ class VirtualClock(Generic[Item]):
                 self._drop(cid, c, c.seq, f"no update {c.seq} within {self.timeout:g} s of its promise", wall)
             elif c.state == SCHEDULED:
                 self._drop(cid, c, None, f"no promise within {self.timeout:g} s of its schedule", wall)
+        self._activity = wall  # whoever is left gets a fresh timeout
 
     def _drop(self, cid: str, c: _Client, seq: int | None, reason: str, wall: float) -> None:
         self.dropped += 1

@@ -64,11 +64,11 @@ class VirtualPacing:
 
     def hold(self, pending: PendingUpdate) -> None:
         """Ingest accepted and stored an update: it waits for its promised time."""
-        self.clock.arrive(pending.client_id, pending.seq, pending)
+        self.clock.arrive(pending.client_id, pending.seq, pending, time.time())
 
     def refused(self, client_id: str, seq: int) -> None:
         """Ingest rejected an update: its promised time still comes (and the device is rescheduled), empty."""
-        self.clock.arrive(client_id, seq, None)
+        self.clock.arrive(client_id, seq, None, time.time())
 
     def handle_promises(self, batch: Sequence[Inbound]) -> None:
         """Decode and take promises; a bad one costs one log line, never the server."""

@@ -70,8 +70,8 @@ def _clusters(value: str) -> int | None:
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
     show_default=True,
-    help="--virtual-time: wall seconds to wait for a promised update (or for a scheduled device's promise) "
-    "before dropping the device until it says hello again.",
+    help="--virtual-time: after this many wall seconds in which no device sent anything and nothing could be "
+    "processed, drop the devices still owing an update (or a promise) until they say hello again.",
 )
 @click.option("--staleness-exponent", default=0.5, show_default=True, help="Weight (1 + tau) ** -a.")
 @click.option("--max-staleness", default=10, show_default=True, help="Reject updates older than V versions.")

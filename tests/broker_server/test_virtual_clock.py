@@ -62,7 +62,7 @@ def feed(clock: VirtualClock, msg: tuple, wall: float) -> None:
         assert clock.promise(cid, seq, base, due, wall) is None
     else:
         _, cid, seq = msg
-        clock.arrive(cid, seq, (cid, seq))
+        clock.arrive(cid, seq, (cid, seq), 0.0)
 
 
 def run(rule: FlushRule, durations: dict[str, float], order: random.Random | None = None) -> tuple[list, Buffer]:
@@ -178,11 +178,11 @@ def test_an_update_waits_for_devices_that_could_still_deliver_earlier() -> None:
     clock.hello("b", 0.0)
     clock.advance(0.0, sink)
     clock.promise("a", 1, 0, 9.0, 0.0)
-    clock.arrive("a", 1, ("a", 1))
+    clock.arrive("a", 1, ("a", 1), 0.0)
     assert clock.advance(0.0, sink) == [] and clock.blocked_on() == "a promise from b (scheduled at 0.0)"
     clock.promise("b", 1, 0, 4.0, 0.0)
     assert clock.advance(0.0, sink) == [] and clock.blocked_on() == "the update of b due at 4.0"
-    clock.arrive("b", 1, ("b", 1))
+    clock.arrive("b", 1, ("b", 1), 0.0)
     assert [type(d).__name__ for d in clock.advance(0.0, sink)] == ["Processed", "Flushed", "Schedule"]
     assert [b[0][:2] for _, b in sink.flushes] == [("b", 1)]
 
@@ -194,25 +194,26 @@ def test_a_dropped_promise_frees_the_clock_and_a_new_hello_reschedules() -> None
         clock.hello(cid, 0.0)
     clock.advance(0.0, sink)
     clock.promise("a", 1, 0, 3.0, 0.0)
-    clock.arrive("a", 1, ("a", 1))
+    clock.arrive("a", 1, ("a", 1), 0.0)
     clock.promise("b", 1, 0, 5.0, 1.0)  # b is killed: its update never comes
     assert [type(d) for d in clock.advance(5.0, sink)] == [Processed]  # a waits for the round
-    decisions = clock.advance(11.5, sink)  # 10.5 wall seconds after b's promise
+    assert clock.advance(15.0, sink) == []
+    decisions = clock.advance(15.5, sink)  # 10.5 wall seconds of silence since a's update was processed
     assert decisions == [
         Dropped("b", 1, "no update 1 within 10 s of its promise"),
         Flushed(3.0, 1, 1),  # the round no longer waits for b
         Schedule("a", 3.0, 1),
     ]
     assert clock.dropped == 1
-    clock.hello("b", 12.0)  # b restarted
-    assert clock.advance(12.0, sink) == [Schedule("b", 3.0, 1)]
-    clock.arrive("b", 1, ("b", 1))  # its old update from an outbox: held (an update may overtake its promise)
-    clock.promise("b", 2, 1, 6.0, 12.0)  # ... until its next promise shows no promise will claim it
-    clock.arrive("b", 2, ("b", 2))
-    assert clock.advance(12.0, sink) == []  # a (scheduled at 3) could still deliver before 6
-    clock.promise("a", 2, 1, 10.0, 12.0)
-    clock.arrive("a", 2, ("a", 2))
-    assert clock.advance(12.0, sink) == [  # b rejoined at 3, the start of the round: the round waits for it
+    clock.hello("b", 16.0)  # b restarted
+    assert clock.advance(16.0, sink) == [Schedule("b", 3.0, 1)]
+    clock.arrive("b", 1, ("b", 1), 0.0)  # its old update from an outbox: held (an update may overtake its promise)
+    clock.promise("b", 2, 1, 6.0, 16.0)  # ... until its next promise shows no promise will claim it
+    clock.arrive("b", 2, ("b", 2), 0.0)
+    assert clock.advance(16.0, sink) == []  # a (scheduled at 3) could still deliver before 6
+    clock.promise("a", 2, 1, 10.0, 16.0)
+    clock.arrive("a", 2, ("a", 2), 0.0)
+    assert clock.advance(16.0, sink) == [  # b rejoined at 3, the start of the round: the round waits for it
         Processed("b", 2, 6.0),
         Processed("a", 2, 10.0),
         Flushed(10.0, 2, 2),
@@ -230,7 +231,25 @@ def test_a_device_that_said_hello_while_promised_is_rescheduled_when_its_promise
     clock.promise("a", 1, 0, 3.0, 0.0)
     clock.hello("a", 1.0)  # restarted mid-round
     assert clock.advance(1.0, sink) == []
-    assert clock.advance(10.5, sink) == [Dropped("a", 1, "no update 1 within 10 s of its promise"), Schedule("a", 0, 0)]
+    assert clock.advance(10.5, sink) == []  # its hello at wall 1 was activity: 9.5 s of silence
+    assert clock.advance(11.5, sink) == [Dropped("a", 1, "no update 1 within 10 s of its promise"), Schedule("a", 0, 0)]
+
+
+def test_nobody_is_dropped_while_the_fleet_is_busy() -> None:
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 1), timeout=10.0)
+    sink = Buffer()
+    clock.hello("a", 0.0)
+    clock.hello("b", 0.0)
+    clock.advance(0.0, sink)
+    clock.promise("b", 1, 0, 100.0, 0.0)  # b trains slowly on the wall clock (a busy host)
+    for seq in range(1, 7):  # a keeps delivering every 5 wall seconds
+        wall = 5.0 * seq
+        clock.promise("a", seq, seq - 1, 3.0 * seq, wall)
+        clock.arrive("a", seq, ("a", seq), wall)
+        assert not [d for d in clock.advance(wall, sink) if isinstance(d, Dropped)]
+    assert clock.advance(40.0, sink) == []  # 10 s of silence since wall 30 is not more than the timeout
+    dropped = [(d.client_id, d.seq) for d in clock.advance(40.5, sink) if isinstance(d, Dropped)]
+    assert dropped == [("a", None), ("b", 1)]  # then every device the fleet waits for goes
 
 
 def test_an_unanswered_schedule_drops_the_device() -> None:
@@ -270,8 +289,8 @@ def test_a_refused_update_still_takes_its_turn_and_its_device_goes_on() -> None:
     clock.hello("b", 0.0)
     clock.promise("a", 1, 0, 3.0, 0.0)
     clock.promise("b", 1, 0, 5.0, 0.0)
-    clock.arrive("a", 1, None)  # the server rejected it (malformed, too stale, ...)
-    clock.arrive("b", 1, ("b", 1))
+    clock.arrive("a", 1, None, 0.0)  # the server rejected it (malformed, too stale, ...)
+    clock.arrive("b", 1, ("b", 1), 0.0)
     assert clock.advance(0.0, sink)[2:] == [Processed("a", 1, 3.0), Schedule("a", 3.0, 0)]  # no flush
     assert not sink.flushes
 
@@ -284,8 +303,8 @@ def test_sync_round_counts_a_refused_update_as_delivered(b_refused: bool) -> Non
     clock.hello("b", 0.0)
     clock.promise("a", 1, 0, 3.0, 0.0)
     clock.promise("b", 1, 0, 5.0, 0.0)
-    clock.arrive("a", 1, None)
-    clock.arrive("b", 1, None if b_refused else ("b", 1))
+    clock.arrive("a", 1, None, 0.0)
+    clock.arrive("b", 1, None if b_refused else ("b", 1), 0.0)
     decisions = clock.advance(0.0, sink)[2:]
     flush = [] if b_refused else [Flushed(5.0, 1, 1)]  # nothing to flush: the round still ends at 5
     version = 0 if b_refused else 1
