@@ -144,6 +144,7 @@ class Server:
         self.task = validate_id(config.task, "task", ServiceError)
         validate_id(config.group, "share group", ServiceError)
         self.address = parse_broker_url(config.broker, ServiceError, scheme_optional=True)
+        rule = config.flush_rule()
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
         self.store = StateStore(config.state_dir, self.task, self.spec.fingerprint())  # lock before anything else
@@ -196,7 +197,7 @@ class Server:
             self.publisher,
             aggregator=config.federation.aggregator,
             keep_versions=config.keep_versions,
-            rule=config.flush_rule(),
+            rule=rule,
         )
         self.pacing: VirtualPacing | None = None
         if config.virtual_time:
@@ -207,7 +208,7 @@ class Server:
                 self.store,
                 self.metrics,
                 self.out,
-                config.flush_rule(),
+                rule,
                 config.virtual_timeout,
             )
             self.ingest.on_registered = self.pacing.registered
