@@ -128,6 +128,7 @@ class ServerConfig:
     round_deadline: float | None = None  # sync: seconds (virtual ones with virtual_time) a round waits at most
     virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
     virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
+    virtual_fleet: int = 0  # process nothing before this many devices said hello
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
@@ -210,6 +211,7 @@ class Server:
                 self.out,
                 rule,
                 config.virtual_timeout,
+                config.virtual_fleet,
             )
             self.ingest.on_registered = self.pacing.registered
             self.ingest.hold = self.pacing.hold

@@ -17,6 +17,8 @@ When the whole fleet has been silent for ``timeout`` wall seconds (no hello, pro
 was processed), every promise still waiting for its update and every schedule still waiting for its promise that
 is older than that is dropped: those devices leave until they say hello again. That is the only wall-clock
 decision; a slow host (many devices training one after another) drops nobody while updates keep coming.
+With ``fleet`` N, nothing is processed before N devices have said hello: a simulation's first round then does
+not depend on which device process started first.
 """
 
 from __future__ import annotations
@@ -111,9 +113,15 @@ class VirtualClock(Generic[Item]):
     :meth:`advance`: it processes every event that can no longer be preceded and returns what it decided.
     """
 
-    def __init__(self, rule: FlushRule, *, version: int = 0, now: float = 0.0, timeout: float = 300.0) -> None:
+    def __init__(
+        self, rule: FlushRule, *, version: int = 0, now: float = 0.0, timeout: float = 300.0, fleet: int = 0
+    ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"virtual timeout must be > 0 seconds, got {timeout}")
+        if fleet < 0:
+            raise ValueError(f"fleet must be >= 0 devices, got {fleet}")
+        self.fleet = fleet
+        self.registered: set[str] = set()  # every device that said hello
         self.rule = rule
         self.version = version
         self.now = now  # virtual time of the latest processed event
@@ -134,6 +142,7 @@ class VirtualClock(Generic[Item]):
     def hello(self, client_id: str, wall: float) -> None:
         """A device (re)registered: a new or dropped one starts now; a scheduled one hears its schedule again."""
         self._activity = max(self._activity, wall)
+        self.registered.add(client_id)
         c = self.clients.get(client_id)
         if c is None:
             if self.rule.sync and self.now == self.round_start:
@@ -190,6 +199,8 @@ class VirtualClock(Generic[Item]):
         return out
 
     def _run(self, wall: float, sink: Sink[Item]) -> None:
+        if len(self.registered) < self.fleet:
+            return  # the fleet is still starting
         self._expire(wall)
         if self._round_complete():
             self._flush(self.now, wall, sink)  # a dropped device was the last one the round waited for

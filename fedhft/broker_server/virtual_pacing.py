@@ -46,6 +46,7 @@ class VirtualPacing:
         out: Outbound,
         rule: FlushRule,
         timeout: float,
+        fleet: int = 0,
     ) -> None:
         self.task = task
         self.federation = federation
@@ -54,7 +55,7 @@ class VirtualPacing:
         self.metrics = metrics
         self.out = out
         self.clock: VirtualClock[PendingUpdate] = VirtualClock(
-            rule, version=federation.version, now=federation.virtual_time, timeout=timeout
+            rule, version=federation.version, now=federation.virtual_time, timeout=timeout, fleet=fleet
         )
 
     # ---- inputs -----------------------------------------------------------------------------------------

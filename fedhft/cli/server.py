@@ -66,6 +66,14 @@ def _clusters(value: str) -> int | None:
     "each device when (virtual time) and from which version to train, so results do not depend on host load.",
 )
 @click.option(
+    "--virtual-fleet",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--virtual-time: process nothing before this many devices said hello (the simulated fleet's size), so "
+    "the first round does not depend on which device process started first.",
+)
+@click.option(
     "--virtual-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
@@ -139,6 +147,7 @@ def server_run_command(
     window_seconds: float,
     round_deadline: float | None,
     virtual_time: bool,
+    virtual_fleet: int,
     virtual_timeout: float,
     staleness_exponent: float,
     max_staleness: int,
@@ -209,6 +218,7 @@ def server_run_command(
         round_deadline=round_deadline,
         virtual_time=virtual_time,
         virtual_timeout=virtual_timeout,
+        virtual_fleet=virtual_fleet,
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
     with stop_on_signals() as stop:

@@ -252,6 +252,18 @@ def test_nobody_is_dropped_while_the_fleet_is_busy() -> None:
     assert dropped == [("a", None), ("b", 1)]  # then every device the fleet waits for goes
 
 
+def test_with_a_fleet_size_nothing_is_processed_before_the_whole_fleet_said_hello() -> None:
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 1), fleet=2, timeout=10.0)
+    sink = Buffer()
+    clock.hello("a", 0.0)
+    clock.promise("a", 1, 0, 3.0, 0.0)
+    clock.arrive("a", 1, ("a", 1), 0.0)
+    assert clock.advance(100.0, sink) == [Schedule("a", 0.0, 0)]  # no processing, no timeout either
+    clock.hello("b", 100.0)  # the slow process: still scheduled at 0, like a
+    clock.promise("b", 1, 0, 5.0, 100.0)
+    assert clock.advance(100.0, sink)[:3] == [Schedule("b", 0.0, 0), Processed("a", 1, 3.0), Flushed(3.0, 1, 1)]
+
+
 def test_an_unanswered_schedule_drops_the_device() -> None:
     clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 1), timeout=10.0)
     clock.hello("a", 0.0)

@@ -176,7 +176,8 @@ def test_virtual_time_server_over_mosquitto_orders_by_promises_not_arrival(
     rng = np.random.default_rng(2)
     listener = Listener(mosquitto.port)
     hub = Hub(mosquitto.port, TASK)
-    server = ServerProcess(mosquitto.url, TASK, tmp_path / "state", tiny_export, "--virtual-time", "--buffer-size", "1")
+    extra = ("--virtual-time", "--virtual-fleet", "2", "--buffer-size", "1")
+    server = ServerProcess(mosquitto.url, TASK, tmp_path / "state", tiny_export, *extra)
     try:
         server.start()
         for cid in ("fast", "slow"):
@@ -255,11 +256,12 @@ def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tm
         300.0,
     )
     extra = ["--mode", "sync", "--round-deadline", "40", "--virtual-time", "--virtual-timeout", "60"]
+    extra += ["--virtual-fleet", "8"]
     res = CliRunner().invoke(cli_server.server_run_command, [*args, *extra])
     assert res.exit_code == 0, res.output
     config = seen["config"]
     assert (config.mode, config.round_deadline, config.virtual_time, config.virtual_timeout) == ("sync", 40, True, 60)
-    assert config.flush_rule().round_closes_at(10.0) == 50.0
+    assert config.flush_rule().round_closes_at(10.0) == 50.0 and config.virtual_fleet == 8
     res = CliRunner().invoke(cli_server.server_run_command, [*args, "--mode", "rounds"])
     assert res.exit_code == 2 and "rounds" in res.output
     res = CliRunner().invoke(cli_server.server_run_command, [*args, "--round-deadline", "0"])
