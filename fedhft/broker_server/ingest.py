@@ -10,7 +10,7 @@ gets a "duplicate" ack and is never aggregated twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -131,6 +131,11 @@ class Ingest:
         self.publisher = publisher
         self.clip_norm = clip_norm
         self.max_staleness = max_staleness
+        # On a simulated fleet's clock (virtual_pacing.py): registrations and refused updates are reported, and
+        # accepted updates are held there until their virtual time comes instead of entering the buffer at once.
+        self.on_registered: Callable[[str], None] | None = None
+        self.on_refused: Callable[[str, int], None] | None = None
+        self.hold: Callable[[PendingUpdate], None] | None = None
 
     def handle_batch(self, batch: Sequence[Inbound]) -> None:
         """Process messages in arrival order; consecutive updates share one durable commit."""
@@ -184,6 +189,8 @@ class Ingest:
         refresh_gauges(self.metrics, self.federation)
         if changed:  # its model of the current version, at its ranks (version 0: ΔW = 0, LoRA-initialized A)
             self.publisher.publish([self.federation.client_model(hello.client_id)])
+        if self.on_registered is not None:
+            self.on_registered(hello.client_id)
 
     def prepare(self, msg: Inbound) -> Prepared:
         """The expensive, order-free part of validating an update (runs in the decode pool): for a
@@ -292,7 +299,7 @@ class Ingest:
             else:
                 for s, row in zip(staged, stored, strict=True):
                     self.registry[s.client_id].last_seq = max(self.registry[s.client_id].last_seq, s.seq)
-                    self.federation.add_pending(
+                    (self.hold or self.federation.add_pending)(
                         PendingUpdate(
                             row.id,
                             s.client_id,
@@ -309,6 +316,8 @@ class Ingest:
                 self.out.ack(msg.mid, msg.qos)
                 continue
             self._count(v)
+            if v.status == "rejected" and self.on_refused is not None and v.client_id is not None and v.seq is not None:
+                self.on_refused(v.client_id, v.seq)
             if v.client_id is not None and v.seq is not None:
                 reason = v.reason if not v.detail else f"{v.reason}: {v.detail}"
                 self.send_ack(v.client_id, v.seq, v.status, reason[:1000])

@@ -33,6 +33,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "Per cluster: energy of singular directions r_low..R-1 over the top r_low of its ΔW (mean over modules).",
     ),
     "fedhft_ready": ("gauge", "1 once the server is subscribed to its topics."),
+    "fedhft_virtual_time": ("gauge", "--virtual-time: the simulated fleet's clock at the latest flush (seconds)."),
+    "fedhft_virtual_dropped_total": ("counter", "--virtual-time: devices dropped (schedule or promise unanswered)."),
 }
 
 

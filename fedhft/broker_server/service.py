@@ -6,6 +6,9 @@ plan, clip; zlib and numpy release the GIL). The main thread does everything tha
 the durable group commit and the acks (ingest.py), then the MQTT PUBACK (paho sends it when we call ``ack``:
 ``manual_ack=True``); a flush when the FedBuff rule says so and its durable version commit (coordinator.py);
 signed, retained models, encoded in the pool (publisher.py). The metrics endpoint runs in its own thread.
+The flush rule (flush_rules.py) is FedBuff's (``--mode async``) or synchronous rounds (``--mode sync``), on the
+wall clock, or with ``--virtual-time`` on a simulated fleet's clock (virtual_pacing.py: promises in, schedules
+out, updates processed in virtual-time order).
 
 The broker session is persistent (clean_start=False, session expiry), so updates that reached the broker
 while the server was down, or before their PUBACK, are delivered again after a restart; a replayed seq
@@ -28,8 +31,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedhft.broker_server.coordinator import Coordinator
+from fedhft.broker_server.coordinator import POLL_SECONDS, Coordinator
 from fedhft.broker_server.federation import FederationConfig
+from fedhft.broker_server.flush_rules import FlushRule
 from fedhft.broker_server.ingest import Inbound, Ingest
 from fedhft.broker_server.key_rotation import load_chain
 from fedhft.broker_server.metrics import Metrics, MetricsServer, refresh_gauges
@@ -37,11 +41,21 @@ from fedhft.broker_server.publisher import Outbound, Publisher
 from fedhft.broker_server.restore import restore
 from fedhft.broker_server.state_store import StateStore
 from fedhft.broker_server.validation import GlobalSpec
+from fedhft.broker_server.virtual_pacing import VirtualPacing
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
-from fedhft.protocol import hello_filter, key_id, shared_subscription, update_filter, validate_id
+from fedhft.protocol import (
+    ProtocolError,
+    hello_filter,
+    key_id,
+    parse_topic,
+    shared_subscription,
+    update_filter,
+    validate_id,
+)
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
+from fedhft.protocol.topics import PROMISE, promise_filter
 
 log = logging.getLogger("fedhft.server")
 
@@ -77,6 +91,13 @@ def limit_blas_threads(n: int = 1) -> bool:
     return False
 
 
+def _kind(topic: str) -> str:
+    try:
+        return parse_topic(topic)[1]
+    except ProtocolError:
+        return ""
+
+
 class ServiceError(FedHFTError):
     """The server cannot start or keep running (bad broker URL, refused credentials, ...)."""
 
@@ -103,6 +124,16 @@ class ServerConfig:
     session_expiry: int = 3600
     max_batch: int = 64
     decode_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    mode: str = "async"  # async (FedBuff) | sync (rounds): flush_rules.py
+    round_deadline: float | None = None  # sync: seconds (virtual ones with virtual_time) a round waits at most
+    virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
+    virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
+    virtual_fleet: int = 0  # process nothing before this many devices said hello
+
+    def flush_rule(self) -> FlushRule:
+        """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
+        fed = self.federation
+        return FlushRule(self.mode, fed.buffer_size, fed.window_seconds, self.round_deadline)
 
 
 class Server:
@@ -114,6 +145,7 @@ class Server:
         self.task = validate_id(config.task, "task", ServiceError)
         validate_id(config.group, "share group", ServiceError)
         self.address = parse_broker_url(config.broker, ServiceError, scheme_optional=True)
+        rule = config.flush_rule()
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
         self.store = StateStore(config.state_dir, self.task, self.spec.fingerprint())  # lock before anything else
@@ -166,7 +198,24 @@ class Server:
             self.publisher,
             aggregator=config.federation.aggregator,
             keep_versions=config.keep_versions,
+            rule=rule,
         )
+        self.pacing: VirtualPacing | None = None
+        if config.virtual_time:
+            self.pacing = VirtualPacing(
+                self.task,
+                self.federation,
+                self.coordinator,
+                self.store,
+                self.metrics,
+                self.out,
+                rule,
+                config.virtual_timeout,
+                config.virtual_fleet,
+            )
+            self.ingest.on_registered = self.pacing.registered
+            self.ingest.hold = self.pacing.hold
+            self.ingest.on_refused = self.pacing.refused
         refresh_gauges(self.metrics, self.federation)
 
     # ---- startup ------------------------------------------------------------------------------------------
@@ -218,12 +267,13 @@ class Server:
         opts = SubscribeOptions(qos=1)
         # one share name per filter: rumqttd (iotcore) keys shared subscriptions by name alone
         group = self.config.group
-        client.subscribe(
-            [
-                (shared_subscription(f"{group}.update", update_filter(self.task)), opts),
-                (shared_subscription(f"{group}.hello", hello_filter(self.task)), opts),
-            ]
-        )
+        filters = [
+            (shared_subscription(f"{group}.update", update_filter(self.task)), opts),
+            (shared_subscription(f"{group}.hello", hello_filter(self.task)), opts),
+        ]
+        if self.pacing is not None:
+            filters.append((shared_subscription(f"{group}.promise", promise_filter(self.task)), opts))
+        client.subscribe(filters)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: Sequence[object], _p: object) -> None:
         failed = [str(c) for c in codes if getattr(c, "is_failure", False)]
@@ -277,14 +327,25 @@ class Server:
             self.shutdown()
 
     def _step(self, now: float) -> None:
-        batch = self._drain(self.coordinator.wait_seconds(now))
+        # on virtual time nothing is due on the wall clock: wait for messages (and look at timeouts) each poll
+        batch = self._drain(POLL_SECONDS if self.pacing is not None else self.coordinator.wait_seconds(now))
         if batch:
             self.handle_batch(batch)
-        self.coordinator.flush_if_due(time.time())
+        if self.pacing is None:
+            self.coordinator.flush_if_due(time.time())
+        elif not batch:
+            self.pacing.advance(time.time())  # a device that went silent is dropped on the wall clock
 
     def handle_batch(self, batch: Sequence[Inbound]) -> None:
-        """Process drained messages in arrival order (ingest.py); also how tests drive a server offline."""
-        self.ingest.handle_batch(batch)
+        """Process drained messages in arrival order (ingest.py); also how tests drive a server offline.
+        With virtual time, promises go to the virtual clock, which then processes what it can."""
+        if self.pacing is None:
+            self.ingest.handle_batch(batch)
+            return
+        promises = [m for m in batch if _kind(m.topic) == PROMISE]
+        self.ingest.handle_batch([m for m in batch if _kind(m.topic) != PROMISE])
+        self.pacing.handle_promises(promises)
+        self.pacing.advance(time.time())
 
     def aggregate_and_publish(self) -> bool:
         """One flush now (coordinator.py); False when it could not be committed."""

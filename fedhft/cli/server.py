@@ -37,8 +37,50 @@ def _clusters(value: str) -> int | None:
 )
 @click.option("--clusters", default="1", show_default=True, help="Number of clusters K, or 'auto' (BIC).")
 @click.option("--max-clusters", default=8, show_default=True, help="Largest K tried with --clusters auto.")
+@click.option(
+    "--mode",
+    type=click.Choice(["async", "sync"]),
+    default="async",
+    show_default=True,
+    help="async: FedBuff, flush by --buffer-size / --window-seconds. sync: FedHFT's rounds, flush once every "
+    "registered device delivered an update from the current version, or at --round-deadline.",
+)
 @click.option("--buffer-size", default=8, show_default=True, help="Aggregate when M updates are pending ...")
-@click.option("--window-seconds", default=30.0, show_default=True, help="... or W s after the oldest arrived.")
+@click.option(
+    "--window-seconds",
+    default=30.0,
+    show_default=True,
+    help="... or W s after the oldest arrived (virtual seconds with --virtual-time).",
+)
+@click.option(
+    "--round-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="--mode sync: a round flushes what it has S seconds after it started (virtual seconds with "
+    "--virtual-time); default: it waits for every device.",
+)
+@click.option(
+    "--virtual-time",
+    is_flag=True,
+    help="Simulation only (`fedhft simulate`): order updates by the virtual times devices promise and tell "
+    "each device when (virtual time) and from which version to train, so results do not depend on host load.",
+)
+@click.option(
+    "--virtual-fleet",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--virtual-time: process nothing before this many devices said hello (the simulated fleet's size), so "
+    "the first round does not depend on which device process started first.",
+)
+@click.option(
+    "--virtual-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="--virtual-time: after this many wall seconds in which no device sent anything and nothing could be "
+    "processed, drop the devices still owing an update (or a promise) until they say hello again.",
+)
 @click.option("--staleness-exponent", default=0.5, show_default=True, help="Weight (1 + tau) ** -a.")
 @click.option("--max-staleness", default=10, show_default=True, help="Reject updates older than V versions.")
 @click.option("--clip-norm", type=float, default=None, help="Scale down updates whose ΔW L2 norm exceeds C.")
@@ -100,8 +142,13 @@ def server_run_command(
     manifest: Path,
     clusters: str,
     max_clusters: int,
+    mode: str,
     buffer_size: int,
     window_seconds: float,
+    round_deadline: float | None,
+    virtual_time: bool,
+    virtual_fleet: int,
+    virtual_timeout: float,
     staleness_exponent: float,
     max_staleness: int,
     clip_norm: float | None,
@@ -126,7 +173,8 @@ def server_run_command(
     decode_threads: int | None,
     seed: int,
 ) -> None:
-    """Run the federated server: validate and durably store updates, aggregate (FedBuff), publish models."""
+    """Run the federated server: validate and durably store updates, aggregate (FedBuff or sync rounds),
+    publish models."""
     from fedhft.broker_server.federation import FederationConfig
     from fedhft.broker_server.service import Server, ServerConfig
     from fedhft.credentials import resolve_password
@@ -166,6 +214,11 @@ def server_run_command(
         metrics_host=metrics_host,
         keep_versions=keep_versions,
         model_encoding=model_encoding,
+        mode=mode,
+        round_deadline=round_deadline,
+        virtual_time=virtual_time,
+        virtual_timeout=virtual_timeout,
+        virtual_fleet=virtual_fleet,
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
     with stop_on_signals() as stop:
