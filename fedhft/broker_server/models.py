@@ -80,6 +80,12 @@ class VersionModels:
             return self._shared
         return self.strategy.model_tensors(self.mixture(p), ranks, self.version, lambda name: self.svd(p, name))
 
+    def forget(self) -> None:
+        """Drop the cached mixtures, SVDs and shared model (rebuilt on demand): for a superseded version."""
+        self._mix_cache.clear()
+        self._svd_cache.clear()
+        self._shared = None
+
     @staticmethod
     def _no_svd(name: str) -> Triplets:
         raise ValueError(f"a shared model is not factored by SVD (module {name!r})")

@@ -165,7 +165,7 @@ class Server:
             self.metrics,
             self.publisher,
             aggregator=config.federation.aggregator,
-            keep_versions=config.keep_versions,
+            keep_versions=max(config.keep_versions, self.federation.history.depth),  # a restart rebuilds the history
         )
         refresh_gauges(self.metrics, self.federation)
 
