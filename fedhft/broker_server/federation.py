@@ -17,9 +17,8 @@ model is rebuilt from the last ``max_staleness`` + 1 versions this coordinator k
 broker_server.version_history`, restored after a restart from the state store). Updates older than
 ``max_staleness`` versions by then, or whose version is no longer kept, are dropped as ``stale``.
 
-Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, and then every
-``recluster_every``, soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.
-reclustering`); a client's model mixes the cluster states by its membership.
+Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, then every ``recluster_every``,
+soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.reclustering`).
 
 Poisoning bounds (``robust``, ``clip_multiple``; strategies with ``supports_robust``) wrap the strategy
 (:mod:`fedhft.broker_server.strategies.robust_bounds`). Clipping compares an update with the median deviation

@@ -17,6 +17,7 @@ from fedhft.broker_server.federation import Federation, FederationConfig, Pendin
 from fedhft.broker_server.ingest import ClientInfo
 from fedhft.broker_server.state_dir import StateError
 from fedhft.broker_server.state_store import StateStore
+from fedhft.broker_server.strategies import get_strategy
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
 from fedhft.broker_server.version_history import PastVersion
 from fedhft.errors import FedHFTError
@@ -54,6 +55,7 @@ def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tu
     """The federation at the last committed version with its pending updates, and the client registry."""
     meta = store.meta()
     latest = store.latest_version()
+    needs_history = get_strategy(config.aggregator).needs_received  # fedavg-full's uploads are changes already
     states = store.load_states(latest) if latest else None
     rows = store.load_clients()
     registry: dict[str, ClientInfo] = {}
@@ -66,7 +68,7 @@ def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tu
         aggregations=int(meta.get("aggregations", "0")),
         last_cluster_round=int(meta.get("last_cluster_round", "-1")),
         virtual_time=sim_time.restored(meta),
-        history=past_versions(store, config.max_staleness) if latest else (),
+        history=past_versions(store, config.max_staleness) if latest and needs_history else (),
     )
     for cid, row in rows.items():
         try:

@@ -4,7 +4,7 @@ An update trained from version m is aggregated as its change since the model its
 (:mod:`fedhft.broker_server.changes`); that model is rebuilt, deterministically, from version m's cluster states
 and the client's membership then, by the same code that published it (:class:`~fedhft.broker_server.models.
 VersionModels`). The history holds the newest ``depth`` versions (max_staleness + 1 covers every update the
-coordinator accepts); a superseded version keeps its states and memberships but drops its caches. After a
+coordinator accepts); a superseded version keeps its states, memberships and SVDs but drops its mixtures. After a
 restart it is rebuilt from the versions the state store still has (it keeps at least that many); an update
 whose version is in neither is dropped as ``stale``.
 """
@@ -49,7 +49,7 @@ class VersionHistory:
         self._memberships: dict[int, dict[str, np.ndarray]] = {}
 
     def add(self, models: VersionModels, memberships: Mapping[str, Sequence[float] | np.ndarray]) -> None:
-        """Keep ``models`` (a newly applied or restored version); forget the caches of the others and any
+        """Keep ``models`` (a newly applied or restored version); forget the mixtures of the others and any
         version ``depth`` or more older than the newest."""
         for old in self._models.values():
             old.forget()
