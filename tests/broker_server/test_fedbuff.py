@@ -11,7 +11,7 @@ import pytest
 
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
-from fedhft.broker_server.restore import restore
+from fedhft.broker_server.restore import past_versions, restore
 from fedhft.broker_server.state_store import StateStore
 from fedhft.broker_server.validation import ClientPlan
 from fedhft.broker_server.version_history import PastVersion
@@ -241,3 +241,19 @@ def test_a_restart_keeps_the_history_or_drops_what_it_cannot_rebuild(tmp_path: P
     else:  # versions 1 and 2 were pruned from disk: the update's base cannot be rebuilt
         assert restored.history.versions() == [0, 3, 4]
         assert after.dropped == {9: "stale"} and not after.aggregated_ids
+
+
+def test_each_version_keeps_the_memberships_its_models_were_built_with(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    store = StateStore(tmp_path / "state", "task", SPEC.fingerprint())
+    try:
+        two = [ClusterState({NAME: low_rank(rng, 1)}, heads(rng)) for _ in range(2)]
+        for v, p in ((1, [0.25, 0.75]), (2, [1.0, 0.0]), (3, [0.5, 0.5])):
+            store.commit_version(v, two, [], {"a": p}, {}, keep_versions=11)
+        (tmp_path / "state" / "states" / store.versions()[0].state_dir / "memberships.json").unlink()
+        past = past_versions(store, max_staleness=10)
+    finally:
+        store.close()
+    assert [p.version for p in past] == [2]  # version 1 lost its memberships (2 clusters): not rebuildable
+    assert past[0].memberships == {"a": [1.0, 0.0]}
+    np.testing.assert_array_equal(past[0].states[1].modules[NAME], two[1].modules[NAME])
