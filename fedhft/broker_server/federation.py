@@ -314,16 +314,17 @@ class Federation:
         dropped: dict[int, str] = {}
         for p in self.pending:
             tau = self.version - p.base_version
-            base = self.history.received(p.base_version, p.client_id, self.clients) if 0 <= tau else None
+            needs = self.strategy.needs_received and 0 <= tau
+            base = self.history.received(p.base_version, p.client_id, self.clients) if needs else None
             if tau < 0 or tau > cfg.max_staleness:
                 dropped[p.id] = STALE
             elif problem := self.strategy.update_problem(p.tensors):  # e.g. stored under another aggregator
                 dropped[p.id] = problem.reason
-            elif self.strategy.needs_received and base is None:  # its version is no longer kept (a restart)
+            elif needs and base is None:  # its version is no longer kept (after a restart)
                 dropped[p.id] = STALE
             else:
                 keep.append(p)
-                if base is not None:
+                if base is not None:  # one per kept update when the strategy needs them, else none
                     received.append(base)
         if not keep:
             return AggregationResult(
