@@ -1,17 +1,22 @@
-"""Masked ΔW aggregation of LoRA updates and the FedBuff flush over cluster states (numpy only, pure functions).
+"""FedBuff over masked ΔW rows: the changes of a flush, averaged per row and added to cluster states (numpy only).
 
 A LoRA adapter on a frozen linear layer W (out x in) is dW = B @ A with A (r x in) and B (out x r).
 Client k trains its own rank r_k and uploads a *masked slice* (:class:`~fedhft.broker_server.
 aggregation_inputs.MaskedFactors`): the output rows ``rows_k`` it kept, ``B_rows = B[rows_k]`` and its full
 ``A``. The server rebuilds dW_k[rows_k] = B_rows @ A exactly and knows nothing about the client's other rows.
 
-Aggregation works in dW space: each row of the global dW is the weighted average of that row over the
-clients that sent it; rows nobody sent keep their previous value (:func:`aggregate_delta_w`). The models
-re-factor the global dW per device by truncated SVD (:mod:`fedhft.broker_server.svd`).
+Aggregation is FedBuff's (Nguyen et al., AISTATS 2022) in dW space: what is averaged is each client's
+*change* since the model it trained from, δ_k = dW'_k − R_k on the rows it sent (:mod:`fedhft.broker_server.
+changes` builds it), never dW'_k itself. Per row, g = Σ_k n_k s(τ_k) δ_k / Σ_k n_k over the clients that sent
+that row, s(τ) = (1 + τ) ** -a the staleness discount (:func:`aggregate_changes`): as in FedBuff, staleness
+discounts a change and is not normalized away, so a stale change alone in a flush moves its rows by
+server_lr · s(τ) · δ. The cluster's dW row moves by server_lr · g; rows nobody sent stay
+(:func:`aggregate_buffer`). The models re-factor the dW per device by truncated SVD (:mod:`fedhft.broker_server.
+svd`).
 
-Poisoning bounds: the masked ΔW and head aggregation take an optional robust ``rule`` (coordinate-wise
-trimmed mean or median over the clients that sent each row, :mod:`fedhft.broker_server.robust`) in place
-of the weighted mean.
+Poisoning bounds: the row and head aggregation take an optional robust ``rule`` (coordinate-wise trimmed
+mean or median over the clients that sent each module, :mod:`fedhft.broker_server.robust`) in place of the
+weighted mean, and clip scales that shrink changes.
 
 All arithmetic is float64; outputs are float64 arrays that never alias the inputs.
 """
@@ -55,16 +60,16 @@ def check_weights(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# Masked aggregation in dW space
+# Masked aggregation of changes in dW space
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class AggregatedModule:
-    """A module's aggregated dW and, per output row, the total weight of clients that sent it."""
+    """A module's aggregated change per row (zero where no one sent it) and each row's senders' total weight."""
 
-    delta_w: np.ndarray  # (out, in)
-    coverage: np.ndarray  # (out,); 0 where the row kept its previous value
+    change: np.ndarray  # (out, in)
+    coverage: np.ndarray  # (out,); 0 where the row keeps its value
 
     @property
     def covered(self) -> np.ndarray:
@@ -79,17 +84,13 @@ def masked_delta(f: MaskedFactors) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _module_shapes(
-    updates: Sequence[ClientUpdate],
-    shapes: Mapping[str, tuple[int, int]] | None,
-    previous: Mapping[str, np.ndarray] | None,
+    updates: Sequence[ClientUpdate], shapes: Mapping[str, tuple[int, int]] | None
 ) -> dict[str, tuple[int, int]]:
-    """Resolve (out, in) per module from shapes, previous and uploads; raise on any disagreement."""
+    """(out, in) per module sent, from ``shapes`` and the uploads; AggregationError on any disagreement."""
     resolved: dict[str, tuple[int, ...]] = {}
     sources: list[tuple[str, str, tuple[int, ...]]] = []
     for name, shape in (shapes or {}).items():
-        sources.append(("shapes", name, (int(shape[0]), int(shape[1]))))
-    for name, value in (previous or {}).items():
-        sources.append(("previous", name, tuple(int(d) for d in np.shape(value))))
+        sources.append(("shapes", name, tuple(int(d) for d in shape)))
     for u in updates:
         for name, f in u.modules.items():
             sources.append((f"client {u.client_id!r}", name, (int(f.out_features), f.in_features)))
@@ -98,47 +99,43 @@ def _module_shapes(
             raise AggregationError(f"module {name!r}: {origin} gives a non-2-D shape {shape}")
         if resolved.setdefault(name, shape) != shape:
             raise AggregationError(f"module {name!r}: {origin} has shape {shape}, expected {resolved[name]}")
-    return {name: (shape[0], shape[1]) for name, shape in resolved.items()}
+    sent = {name for u in updates for name in u.modules}
+    return {name: (shape[0], shape[1]) for name, shape in resolved.items() if name in sent}
 
 
-def aggregate_delta_w(
-    updates: Sequence[ClientUpdate],
+def aggregate_changes(
+    changes: Sequence[ClientUpdate],
     weights: Sequence[float] | np.ndarray,
     shapes: Mapping[str, tuple[int, int]] | None = None,
-    previous: Mapping[str, np.ndarray] | None = None,
     *,
     rule: str = "none",
     trim_fraction: float = 0.2,
     scales: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, AggregatedModule]:
-    """Row-masked weighted average of client dW per module (FedHFT aggregation).
+    """Per module, row-masked weighted mean of the clients' changes (FedBuff's g, per row).
 
-    Row i of module m becomes sum_k w_k dW_k[i] / sum_k w_k over the clients k that sent row i of m
-    with w_k > 0. Rows with no such client keep ``previous[m][i]`` (zero when ``previous`` is None or
-    lacks m) and get coverage 0. ``weights`` are final per-client weights (the caller multiplies
-    samples, staleness and cluster membership). ``shapes`` ((out, in) per module) is optional and
-    only checked; modules in ``previous`` or ``shapes`` that no client sent are returned unchanged.
-    A robust ``rule`` (trimmed-mean, median) replaces the mean, element by element, by that weighted
-    statistic over every client that sent module m (weight w_k), where a client that did not send row i
-    votes for the row's current value ``previous[m][i]``: the mask uploads the rows that changed most, so
-    an unsent row changed little, and a minority that alone sends a row cannot set it. Coverage and the
-    rows nobody sent are as for the mean. ``scales`` (clipping, one per update in (0, 1]) shrink each
-    update's sent rows toward the current ones first: previous[rows] + s_k (dW_k[rows] - previous[rows]).
+    ``changes`` are updates whose sent rows are changes δ_k = ΔW'_k − R_k (:mod:`fedhft.broker_server.changes`).
+    Row i of module m gets g[i] = Σ_k w_k s_k δ_k[i] / Σ_k w_k over the clients k that sent row i of m with
+    w_k > 0; rows nobody sent get g = 0 and coverage 0. ``weights`` w_k are per-client weights (the caller
+    multiplies samples and cluster membership); ``scales`` s_k (one per change, in (0, 1], default 1) discount
+    each change (staleness times a clip scale) without entering the normalization, so one stale change moves
+    its rows by s_k δ_k. ``shapes`` ((out, in) per module) are only checked.
+    A robust ``rule`` (trimmed-mean, median) takes that weighted statistic, element by element, over every
+    client that sent module m, a client that did not send row i voting for no change: the mask uploads the
+    rows that changed most, so an unsent row changed little, and a minority that alone sends a row cannot
+    set it (the vote is over the discounted changes s_k δ_k).
     """
-    w = check_weights(weights, len(updates))
-    s = _check_scales(scales, len(updates))
+    w = check_weights(weights, len(changes))
+    s = _check_scales(scales, len(changes))
     check_rule(rule, trim_fraction)
     result: dict[str, AggregatedModule] = {}
-    for name, (n_out, n_in) in _module_shapes(updates, shapes, previous).items():
-        old = previous.get(name) if previous is not None else None
-        delta = np.zeros((n_out, n_in)) if old is None else np.array(old, dtype=np.float64)
+    for name, shape in _module_shapes(changes, shapes).items():
         if rule == "none":
-            combined, coverage = _mean_rows(updates, w, s, name, delta)
+            g, coverage = _mean_rows(changes, w, s, name, shape)
         else:
-            combined, coverage = _robust_rows(updates, w, s, name, delta, rule, trim_fraction)
-        hit = coverage > 0
-        delta[hit] = combined[hit]
-        result[name] = AggregatedModule(delta_w=delta, coverage=coverage)
+            g, coverage = _robust_rows(changes, w, s, name, shape, rule, trim_fraction)
+        g[coverage <= 0] = 0.0
+        result[name] = AggregatedModule(change=g, coverage=coverage)
     return result
 
 
@@ -152,42 +149,29 @@ def _check_scales(scales: Sequence[float] | np.ndarray | None, n: int) -> np.nda
     return s
 
 
-def _sent_rows(f: MaskedFactors, current: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, their values) of an upload, shrunk toward ``current`` by ``scale`` (clipping) when < 1."""
-    rows, d_rows = masked_delta(f)
-    if scale != 1.0:
-        d_rows = current[rows] + scale * (d_rows - current[rows])
-    return rows, d_rows
-
-
-def deviation_norm(u: ClientUpdate, modules: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> float:
-    """How far an update moves the model it is aggregated into, as one vector: its sent dW rows minus
-    those rows of ``modules`` (zero where a module is missing) and its head minus ``head`` (tensors
-    ``head`` lacks do not count)."""
+def change_norm(u: ClientUpdate) -> float:
+    """How far a change moves the model it is aggregated into, as one vector: its sent rows and head."""
     total = 0.0
-    for name, f in u.modules.items():
-        rows, d_rows = masked_delta(f)
-        if name in modules:
-            d_rows = d_rows - np.asarray(modules[name], dtype=np.float64)[rows]
+    for f in u.modules.values():
+        _, d_rows = masked_delta(f)
         total += float(np.sum(d_rows * d_rows))
-    for key, value in u.head.items():
-        if key in head:
-            diff = np.asarray(value, np.float64) - np.asarray(head[key], np.float64)
-            total += float(np.sum(diff * diff))
+    for value in u.head.values():
+        v = np.asarray(value, np.float64)
+        total += float(np.sum(v * v))
     return float(np.sqrt(total))
 
 
 def _mean_rows(
-    updates: Sequence[ClientUpdate], w: np.ndarray, s: np.ndarray, name: str, current: np.ndarray
+    changes: Sequence[ClientUpdate], w: np.ndarray, s: np.ndarray, name: str, shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted mean of each row over its senders (0 where none), coverage) of module ``name``."""
-    numerator = np.zeros(current.shape)
-    coverage = np.zeros(current.shape[0])
-    for u, wk, sk in zip(updates, w, s, strict=True):
+    """(weighted mean change of each row over its senders (0 where none), coverage) of module ``name``."""
+    numerator = np.zeros(shape)
+    coverage = np.zeros(shape[0])
+    for u, wk, sk in zip(changes, w, s, strict=True):
         if name not in u.modules or wk == 0:
             continue
-        rows, d_rows = _sent_rows(u.modules[name], current, sk)
-        numerator[rows] += wk * d_rows  # rows are distinct, so fancy += is exact
+        rows, d_rows = masked_delta(u.modules[name])
+        numerator[rows] += (wk * sk) * d_rows  # rows are distinct, so fancy += is exact
         coverage[rows] += wk
     hit = coverage > 0
     numerator[hit] /= coverage[hit, None]
@@ -195,23 +179,23 @@ def _mean_rows(
 
 
 def _robust_rows(
-    updates: Sequence[ClientUpdate],
+    changes: Sequence[ClientUpdate],
     w: np.ndarray,
     s: np.ndarray,
     name: str,
-    current: np.ndarray,
+    shape: tuple[int, int],
     rule: str,
     trim: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(robust ``rule`` of each row over the clients that sent the module, unsent rows voting ``current``;
-    coverage), in chunks of rows."""
-    n_out, n_in = current.shape
+    """(robust ``rule`` of each row's change over the clients that sent the module, unsent rows voting for no
+    change; coverage), in chunks of rows."""
+    n_out, n_in = shape
     senders = []
     coverage = np.zeros(n_out)
-    for u, wk, sk in zip(updates, w, s, strict=True):
+    for u, wk, sk in zip(changes, w, s, strict=True):
         if name in u.modules and wk > 0:
-            rows, d_rows = _sent_rows(u.modules[name], current, sk)
-            senders.append((rows, d_rows, wk))
+            rows, d_rows = masked_delta(u.modules[name])
+            senders.append((rows, sk * d_rows, wk))
             coverage[rows] += wk
     out = np.zeros((n_out, n_in))
     if not senders:
@@ -220,7 +204,7 @@ def _robust_rows(
     step = max(1, ROBUST_CHUNK // (len(senders) * n_in))
     for r0 in range(0, n_out, step):
         r1 = min(n_out, r0 + step)
-        values = np.repeat(current[None, r0:r1], len(senders), axis=0)  # unsent rows vote the current value
+        values = np.zeros((len(senders), r1 - r0, n_in))  # unsent rows vote for no change
         for k, (rows, d_rows, _) in enumerate(senders):
             inside = (rows >= r0) & (rows < r1)
             values[k, rows[inside] - r0] = d_rows[inside]
@@ -228,45 +212,38 @@ def _robust_rows(
     return out, coverage
 
 
-def aggregate_head(
-    updates: Sequence[ClientUpdate],
+def aggregate_head_changes(
+    changes: Sequence[ClientUpdate],
     weights: Sequence[float] | np.ndarray,
-    previous: Mapping[str, np.ndarray] | None = None,
     *,
     rule: str = "none",
     trim_fraction: float = 0.2,
     scales: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Plain weighted average of each dense head tensor over the clients that sent it.
-
-    A tensor with zero total weight keeps its ``previous`` value (zero if there is none). A robust
-    ``rule`` takes that weighted statistic element by element instead of the mean. ``scales`` shrink each
-    sent tensor toward ``previous`` (when it has one) first, as in :func:`aggregate_delta_w`.
-    """
-    w = check_weights(weights, len(updates))
-    s = _check_scales(scales, len(updates))
+    """Weighted mean change of each dense head tensor over the clients that sent it (only tensors with a
+    positive total weight), each change discounted by its scale, as in :func:`aggregate_changes`. A robust
+    ``rule`` takes that weighted statistic element by element instead."""
+    w = check_weights(weights, len(changes))
+    s = _check_scales(scales, len(changes))
     check_rule(rule, trim_fraction)
-    keys = sorted({k for u in updates for k in u.head} | set(previous or {}))
     out: dict[str, np.ndarray] = {}
-    for key in keys:
-        old = None if previous is None or key not in previous else np.asarray(previous[key], np.float64)
-        senders = []
-        for u, wk, sk in zip(updates, w, s, strict=True):
-            if key in u.head:
-                value = np.asarray(u.head[key], np.float64)
-                senders.append((value if old is None or sk == 1.0 else old + sk * (value - old), wk))
-        shapes = {v.shape for v, _ in senders} | (set() if old is None else {old.shape})
-        if len(shapes) != 1:
-            raise AggregationError(f"head {key!r}: inconsistent shapes {sorted(shapes)}")
+    for key in sorted({k for u in changes for k in u.head}):
+        senders = [
+            (sk * np.asarray(u.head[key], np.float64), wk)
+            for u, wk, sk in zip(changes, w, s, strict=True)
+            if key in u.head and wk > 0
+        ]
+        if len({v.shape for v, _ in senders}) > 1:
+            raise AggregationError(f"head {key!r}: inconsistent shapes {sorted({v.shape for v, _ in senders})}")
         total = sum(wk for _, wk in senders)
-        if total > 0 and rule != "none":
+        if not total > 0:
+            continue
+        if rule != "none":
             stacked = np.stack([v for v, _ in senders])
             weights_k = np.array([wk for _, wk in senders]).reshape((-1,) + (1,) * (stacked.ndim - 1))
             out[key] = robust_combine(stacked, weights_k, rule, trim_fraction)
-        elif total > 0:
-            out[key] = sum(wk * v for v, wk in senders) / total
         else:
-            out[key] = np.zeros(shapes.pop()) if old is None else old.copy()
+            out[key] = sum(wk * v for v, wk in senders) / total
     return out
 
 
@@ -317,23 +294,9 @@ def _membership_matrix(
     return np.array(rows).reshape(len(updates), k)
 
 
-def _mix(old: np.ndarray, new: np.ndarray, rows: np.ndarray | None, lr: float) -> np.ndarray:
-    """(1 - lr) old + lr new, on ``rows`` only (all of it when rows is None); old elsewhere, exactly."""
-    out = np.array(old, dtype=np.float64)
-    if rows is None:
-        return (1.0 - lr) * out + lr * new
-    out[rows] = (1.0 - lr) * out[rows] + lr * new[rows]
-    return out
-
-
-def _head_weight(updates: Sequence[ClientUpdate], w: np.ndarray, key: str) -> float:
-    """Total weight of the clients that sent head tensor ``key``."""
-    return float(sum(wk for u, wk in zip(updates, w, strict=True) if key in u.head))
-
-
 def aggregate_buffer(
     cluster_states: Sequence[ClusterState],
-    updates: Sequence[ClientUpdate],
+    changes: Sequence[ClientUpdate],
     current_version: int,
     staleness_exponent: float,
     memberships: Mapping[str, np.ndarray] | None = None,
@@ -343,45 +306,48 @@ def aggregate_buffer(
     trim_fraction: float = 0.2,
     clip_scales: Sequence[float] | np.ndarray | None = None,
 ) -> list[ClusterState]:
-    """One FedBuff flush over K cluster states (K = 1 for plain FedBuff); inputs are not modified.
+    """One FedBuff flush of ``changes`` over K cluster states (K = 1 for plain FedBuff); inputs are not modified.
 
-    Update k weighs samples_k * staleness_k * p_kc in cluster c (p = 1 when ``memberships`` is None).
-    Per cluster, dW_c <- (1 - eta) dW_c + eta * masked_average on rows with coverage > 0 only; other
-    rows are left bit-for-bit as they were. The head mixes the same way when it had positive weight.
-    Modules the state lacks start from zero. eta = ``server_lr`` (> 0). With a robust ``rule`` the
-    masked average is that weighted statistic (same weights, samples capped at the buffer's median
-    count: :func:`fedhft.broker_server.robust.capped_samples`). ``clip_scales`` (one per update, in
-    (0, 1]) shrink each update toward each cluster's current dW rows and head before aggregating.
+    Change k weighs w_kc = n_k · p_kc in cluster c (p = 1 when ``memberships`` is None) and is discounted by
+    s(τ_k) = (1 + τ_k) ** -a, τ_k = current − base version. Per cluster and row: ΔW_c[i] += η · g_c[i] with
+    g_c[i] = Σ_k w_kc s(τ_k) δ_k[i] / Σ_k w_kc over the clients that sent row i (:func:`aggregate_changes`);
+    rows nobody sent stay bit for bit. The head: head_c += η · its g_c. η = ``server_lr`` (> 0). With fresh
+    changes (τ = 0) g is the weighted mean change, so η = 1 with every change from the current model gives
+    the weighted mean of the trained models. A module the state lacks starts from zero (version 0 is ΔW = 0);
+    a head tensor it lacks starts at g (nothing had a head to move from: η does not apply). With a robust
+    ``rule`` g is that weighted statistic (samples capped at the buffer's median count: :func:`fedhft.
+    broker_server.robust.capped_samples`). ``clip_scales`` (one per change, in (0, 1]) shrink changes further.
     """
     if not cluster_states:
         raise AggregationError("need at least one cluster state")
     if not np.isfinite(server_lr) or server_lr <= 0:
         raise AggregationError(f"server_lr must be > 0, got {server_lr}")
     check_rule(rule, trim_fraction)
-    samples = np.array([u.num_samples for u in updates], dtype=np.float64)
+    samples = np.array([u.num_samples for u in changes], dtype=np.float64)
     if rule != "none":
         samples = capped_samples(samples)
-    base = samples * np.array(
-        [staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
+    scales = _check_scales(clip_scales, len(changes)) * np.array(
+        [staleness_weight(current_version, u.base_version, staleness_exponent) for u in changes],
         dtype=np.float64,
     )
-    p = _membership_matrix(updates, memberships, len(cluster_states))
+    p = _membership_matrix(changes, memberships, len(cluster_states))
     new_states = []
     for c, state in enumerate(cluster_states):
-        w = base * p[:, c]
-        agg = aggregate_delta_w(
-            updates, w, previous=state.modules, rule=rule, trim_fraction=trim_fraction, scales=clip_scales
-        )
-        modules = {
-            name: _mix(state.modules.get(name, np.zeros_like(m.delta_w)), m.delta_w, m.covered, server_lr)
-            for name, m in agg.items()
-        }
-        head = {key: np.array(v, dtype=np.float64) for key, v in state.head.items()}
-        heads = aggregate_head(
-            updates, w, previous=state.head, rule=rule, trim_fraction=trim_fraction, scales=clip_scales
-        )
-        for key, value in heads.items():
-            if _head_weight(updates, w, key) > 0:
-                head[key] = _mix(head.get(key, np.zeros_like(value)), value, None, server_lr)
+        w = samples * p[:, c]
+        modules = {k: np.array(v, dtype=np.float64) for k, v in state.modules.items()}
+        for name, m in aggregate_changes(changes, w, rule=rule, trim_fraction=trim_fraction, scales=scales).items():
+            dw = modules.setdefault(name, np.zeros(m.change.shape))
+            if dw.shape != m.change.shape:
+                raise AggregationError(f"module {name!r}: state has shape {dw.shape}, changes {m.change.shape}")
+            hit = m.covered
+            dw[hit] += server_lr * m.change[hit]
+        head = {k: np.array(v, dtype=np.float64) for k, v in state.head.items()}
+        for key, g in aggregate_head_changes(changes, w, rule=rule, trim_fraction=trim_fraction, scales=scales).items():
+            if key not in head:
+                head[key] = g
+            elif head[key].shape != g.shape:
+                raise AggregationError(f"head {key!r}: state has shape {head[key].shape}, changes {g.shape}")
+            else:
+                head[key] = head[key] + server_lr * g
         new_states.append(ClusterState(modules=modules, head=head))
     return new_states

@@ -52,6 +52,15 @@ def mixture_of(states: Sequence[ClusterState], membership: np.ndarray | None) ->
     return personalized_delta(states, membership)
 
 
+def head_mixture(states: Sequence[ClusterState], membership: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The head of :func:`mixture_of` alone (no ΔW is mixed): the head a client with ``membership`` gets."""
+    if membership is None or len(states) == 1:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in states[0].head.items()}
+    p = np.asarray(membership, dtype=np.float64)
+    p = p / p.sum()
+    return {k: _mixture(p, [s.head[k] for s in states]) for k in states[0].head if all(k in s.head for s in states)}
+
+
 def snap_one_hot(resp: np.ndarray) -> np.ndarray:
     """Rows within ONE_HOT_SNAP of one-hot become exactly one-hot; others are renormalized."""
     out = np.array(resp, dtype=np.float64)

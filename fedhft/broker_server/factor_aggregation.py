@@ -5,14 +5,17 @@ module's global max rank, in the wire convention (LoRA scaling folded into B, so
 is LoRA's initialization, A at its Kaiming-uniform scale (the same rows the ΔW path sends at version 0)
 and B = 0; a module keeps it until some client sends that module.
 
-A flush, per module, over the updates that carry it: each client's dense factors are zero-padded to
-c = the largest rank among them and averaged with weights w_k normalized over those clients; the first
-c components become (1 - η)·old + η·average (η = the server lr; 1, i.e. replaced, by default).
-Components beyond c keep their value, so a client with a larger rank still gets live LoRA-initialized A
-rows instead of dead zero ones. Weights: ``fedavg`` n_k·s_k (FedAvg of the factors: B̄·Ā, not the mean
-of B_k·A_k), ``hetlora`` n_k·s_k·‖B_k A_k‖_F (HetLoRA's sparsity weighting); s_k is the FedBuff
-staleness weight (1 with exponent 0). Heads follow the ΔW path's rule. A client's model is the first
-r_k components of every module it adapts (HetLoRA's truncation).
+A flush, per module, over the updates that carry it (FedBuff in factor space): each client's dense factors
+are zero-padded to c = the largest rank among them, and its change is that minus the first c components of
+the global factors at the version it trained from (:func:`padded_change`); the first c components move by
+η · Σ_k w_k s_k Δ_k / Σ_k w_k (η the server lr, s_k the staleness discount (1 + τ_k) ** -a, which is not
+normalized away). With η = 1 and every update from the current version this is the synchronous rule: the
+first c components become the weighted mean of the padded factors (zero padding: a client of rank r < c
+votes for zero beyond r, HetLoRA's self-pruning). Components beyond c keep their value, so a client with a
+larger rank still gets live LoRA-initialized A rows instead of dead zero ones. Weights w_k: ``fedavg`` n_k
+(FedAvg of the factors: B̄·Ā, not the mean of B_k·A_k), ``hetlora`` n_k·‖B_k A_k‖_F (HetLoRA's sparsity
+weighting). Heads follow the ΔW path's rule. A client's model is the first r_k components of every module
+it adapts (HetLoRA's truncation).
 
 Only dense uploads (every output row of every module) are factors, so these strategies reject masked ones
 (:mod:`fedhft.broker_server.strategies.fedavg`, :mod:`~fedhft.broker_server.strategies.hetlora`).
@@ -76,16 +79,31 @@ def delta_norm(f: LoraFactors) -> float:
     return math.sqrt(max(float(np.sum((f.B.T @ f.B) * (f.A @ f.A.T))), 0.0))
 
 
-def padded_average(factors: Sequence[LoraFactors], weights: Sequence[float] | np.ndarray) -> LoraFactors:
-    """Σ_k w_k·pad(F_k) / Σ_k w_k, every A and B zero-padded to the largest rank among ``factors``."""
+def padded_change(
+    factors: Sequence[LoraFactors],
+    bases: Sequence[LoraFactors],
+    weights: Sequence[float] | np.ndarray,
+    discounts: Sequence[float] | np.ndarray | None = None,
+) -> LoraFactors:
+    """Σ_k w_k d_k (pad(F_k) − base_k) / Σ_k w_k: every A and B zero-padded to c = the largest rank among
+    ``factors``, each base (the first c global components the client trained from) of rank c, ``discounts``
+    d_k (staleness, default 1) outside the normalization."""
     w = np.asarray(weights, dtype=np.float64)
-    if not factors or w.shape != (len(factors),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+    n = len(factors)
+    d = np.ones(n) if discounts is None else np.asarray(discounts, dtype=np.float64)
+    if not factors or w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise AggregationError("need one finite weight >= 0 per client and a positive total")
+    if len(bases) != n or d.shape != (n,) or not np.isfinite(d).all() or (d < 0).any():
+        raise AggregationError("need one base and one discount >= 0 per client")
     w = w / w.sum()
     rank = max(f.rank for f in factors)
     a = np.zeros((rank, factors[0].A.shape[1]))
     b = np.zeros((factors[0].B.shape[0], rank))
-    for f, wk in zip(factors, w, strict=True):
-        a[: f.rank] += wk * f.A
-        b[:, : f.rank] += wk * f.B
+    for f, base, wk, dk in zip(factors, bases, w, d, strict=True):
+        if base.A.shape != (rank, a.shape[1]) or base.B.shape != (b.shape[0], rank):
+            raise AggregationError(f"base factors {base.A.shape} / {base.B.shape} are not of rank {rank}")
+        a -= (wk * dk) * base.A
+        b -= (wk * dk) * base.B
+        a[: f.rank] += (wk * dk) * f.A
+        b[:, : f.rank] += (wk * dk) * f.B
     return LoraFactors(A=a, B=b)

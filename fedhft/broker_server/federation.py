@@ -11,13 +11,14 @@ dense-only strategy with reason ``masked``, or dropped at a flush when stored un
 flush changes the cluster states, and the model tensors of a state. The coordinator owns the rest.
 
 Flush rule (FedBuff): M pending updates, or W seconds since the oldest one arrived. A flush takes every
-pending update (more than M under load), so the server never falls behind and, with server_lr 1, a
-row's new value is the weighted mean over all of them rather than over the last M only. Updates older
-than ``max_staleness`` versions by then are dropped, not aggregated.
+pending update (more than M under load), so the server never falls behind. The strategy adds the server lr
+times the staleness-discounted mean of the updates' *changes* since the model each client trained from; that
+model is rebuilt from the last ``max_staleness`` + 1 versions this coordinator keeps (:mod:`fedhft.
+broker_server.version_history`, restored after a restart from the state store). Updates older than
+``max_staleness`` versions by then, or whose version is no longer kept, are dropped as ``stale``.
 
-Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, and then every
-``recluster_every``, soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.
-reclustering`); a client's model mixes the cluster states by its membership.
+Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, then every ``recluster_every``,
+soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.reclustering`).
 
 Poisoning bounds (``robust``, ``clip_multiple``; strategies with ``supports_robust``) wrap the strategy
 (:mod:`fedhft.broker_server.strategies.robust_bounds`). Clipping compares an update with the median deviation
@@ -41,9 +42,10 @@ from fedhft.broker_server.models import ModelFactors, VersionModels
 from fedhft.broker_server.reclustering import recluster
 from fedhft.broker_server.robust import ROBUST_RULES
 from fedhft.broker_server.strategies import StrategyError, available, get_strategy, names_where
-from fedhft.broker_server.strategies.base import AggregationInput, Flush, Strategy, StrategySettings
+from fedhft.broker_server.strategies.base import AggregationInput, Flush, Received, Strategy, StrategySettings
 from fedhft.broker_server.strategies.robust_bounds import RobustBounds
 from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected
+from fedhft.broker_server.version_history import PastVersion, VersionHistory, mean_membership
 from fedhft.errors import FedHFTError
 from fedhft.protocol.tensor_names import head_tensors
 
@@ -211,7 +213,9 @@ class Federation:
         aggregations: int = 0,
         last_cluster_round: int = -1,
         virtual_time: float = 0.0,
+        history: Sequence[PastVersion] = (),
     ) -> None:
+        """``history``: earlier versions (from the state store) to rebuild what stale updates trained from."""
         self.spec = spec
         self.config = config
         self.strategy = config.strategy(spec)
@@ -231,7 +235,13 @@ class Federation:
         self.heads: dict[str, dict[str, np.ndarray]] = {}
         self.pending: list[PendingUpdate] = []
         self._norms: deque[float] = deque(maxlen=CLIP_WINDOW)  # recent update deviations (clip_multiple)
+        self.history = VersionHistory(config.max_staleness + 1 if self.strategy.needs_received else 1)
+        version_0 = PastVersion(0, [self.strategy.initial_state()])  # never stored: it is the strategy's start
+        for past in sorted([version_0, *history], key=lambda h: h.version):
+            if self.version - self.history.depth < past.version < self.version:
+                self.history.add(self._version_models(past.states, past.version), past.memberships)
         self.models = self._version_models()
+        self.history.add(self.models, self.memberships)
 
     # ---- registry ---------------------------------------------------------------------------------------
     @property
@@ -269,12 +279,7 @@ class Federation:
 
     def prior(self) -> np.ndarray:
         """The mean membership of clients that have one (uniform when none has)."""
-        k = self.num_clusters
-        known = [p for cid, p in self.memberships.items() if cid in self.clients]
-        if not known:
-            return np.full(k, 1.0 / k)
-        mean = np.mean(known, axis=0)
-        return mean / mean.sum()
+        return mean_membership(self.memberships, self.clients, self.num_clusters)
 
     def membership_of(self, client_id: str) -> np.ndarray:
         p = self.memberships.get(client_id)
@@ -305,15 +310,22 @@ class Federation:
         t0 = time.perf_counter()
         cfg = self.config
         keep: list[PendingUpdate] = []
+        received: list[Received] = []
         dropped: dict[int, str] = {}
         for p in self.pending:
             tau = self.version - p.base_version
+            needs = self.strategy.needs_received and 0 <= tau
+            base = self.history.received(p.base_version, p.client_id, self.clients) if needs else None
             if tau < 0 or tau > cfg.max_staleness:
                 dropped[p.id] = STALE
             elif problem := self.strategy.update_problem(p.tensors):  # e.g. stored under another aggregator
                 dropped[p.id] = problem.reason
+            elif needs and base is None:  # its version is no longer kept (after a restart)
+                dropped[p.id] = STALE
             else:
                 keep.append(p)
+                if base is not None:  # one per kept update when the strategy needs them, else none
+                    received.append(base)
         if not keep:
             return AggregationResult(
                 version=self.version,
@@ -330,7 +342,7 @@ class Federation:
         memberships = None
         if self.num_clusters > 1:
             memberships = {p.client_id: self.membership_of(p.client_id) for p in keep}
-        flush = Flush(self.version, memberships, tuple(self._norms))
+        flush = Flush(self.version, memberships, tuple(self._norms), received=tuple(received))
         out = self.strategy.aggregate(self.states, [self._input(p) for p in keep], flush)
         states = out.states
         aggregations = self.aggregations + 1
@@ -371,6 +383,7 @@ class Federation:
         self.virtual_time = result.virtual_time
         self._norms.extend(result.update_norms)
         self.models = self._version_models()
+        self.history.add(self.models, self.memberships)
 
     def _recluster_due(self, aggregations: int) -> bool:
         cfg = self.config
@@ -396,16 +409,19 @@ class Federation:
         )
 
     # ---- models -----------------------------------------------------------------------------------------
-    def _version_models(self) -> VersionModels:
+    def _version_models(
+        self, states: Sequence[ClusterState] | None = None, version: int | None = None
+    ) -> VersionModels:
+        """The models of the current version (or of earlier ``states`` at ``version``)."""
         cfg = self.config
         return VersionModels(
             self.spec,
             self.strategy,
-            self.states,
-            self.version,
+            self.states if states is None else states,
+            self.version if version is None else version,
             seed=cfg.seed,
             randomized_min_dim=cfg.randomized_min_dim,
-            virtual_time=self.virtual_time,
+            virtual_time=self.virtual_time if version is None else 0.0,
         )
 
     def cluster_models(self) -> list[ModelFactors]:

@@ -1,11 +1,13 @@
 """Math of the ``fedavg-full`` strategy: FedAvg of full fine-tuning (pure numpy, no I/O).
 
 Every client trains every weight and uploads, per parameter ``p``, ``<p>.delta`` = its trained value minus
-the value of the model it received. The server keeps the global Δθ from the exported initial weights (the
-same on every client: no clustering, no masks, no factors). A flush, per parameter, over the updates that
-carry it: Δθ ← Δθ + η · Σ_k w_k δ_k / Σ_k w_k with w_k = n_k · s_k (samples times the FedBuff staleness
-weight, 1 with exponent 0) and η the server lr. With η = 1 and fresh updates this is FedAvg: the new model
-is the sample-weighted mean of the clients' trained models. Version 0 is Δθ = 0 (the exported weights).
+the value of the model it received: already FedBuff's change, so the server needs no earlier version. It keeps
+the global Δθ from the exported initial weights (the same on every client: no clustering, no masks, no
+factors). A flush, per parameter, over the updates that carry it: Δθ ← Δθ + η · Σ_k n_k s_k δ_k / Σ_k n_k
+with n_k the samples, s_k = (1 + τ_k) ** -a the FedBuff staleness discount (outside the normalization: a
+stale update alone moves Δθ by η s_k δ_k) and η the server lr. With η = 1 and fresh updates this is FedAvg:
+the new model is the sample-weighted mean of the clients' trained models. Version 0 is Δθ = 0 (the exported
+weights).
 
 Models carry ``<p>.delta`` = Δθ for every parameter, in float32; a device loads initial + Δθ.
 
@@ -31,33 +33,35 @@ def aggregate_full(
     staleness_exponent: float,
     server_lr: float = 1.0,
 ) -> ClusterState:
-    """The state after one flush: Δθ_p + η · (weighted mean of δ_p over the updates carrying p).
+    """The state after one flush: Δθ_p + η · (discounted weighted mean of δ_p over the updates carrying p).
 
     Inputs are not modified; a parameter no update carries keeps its value. AggregationError on a shape that
     differs from the state's or another update's, on non-finite values, or on a bad weight or server lr.
     """
     if not np.isfinite(server_lr) or server_lr <= 0:
         raise AggregationError(f"server_lr must be > 0, got {server_lr}")
-    weights = np.array(
-        [u.num_samples * staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates],
-        dtype=np.float64,
-    )
+    weights = np.array([u.num_samples for u in updates], dtype=np.float64)
+    discounts = [staleness_weight(current_version, u.base_version, staleness_exponent) for u in updates]
     if not np.isfinite(weights).all() or (weights < 0).any():
         raise AggregationError("update weights must be finite and >= 0")
     modules = {k: np.array(v, dtype=np.float64) for k, v in state.modules.items()}
     for name in sorted({n for u in updates for n in u.deltas}):
-        senders = [(np.asarray(u.deltas[name]), w) for u, w in zip(updates, weights, strict=True) if name in u.deltas]
-        total = sum(w for _, w in senders)
+        senders = [
+            (np.asarray(u.deltas[name]), w, d)
+            for u, w, d in zip(updates, weights, discounts, strict=True)
+            if name in u.deltas
+        ]
+        total = sum(w for _, w, _ in senders)
         if not total > 0:
             continue
         shape = modules[name].shape if name in modules else senders[0][0].shape
         acc = np.zeros(shape)
-        for delta, w in senders:
+        for delta, w, d in senders:
             if delta.shape != shape:
                 raise AggregationError(f"parameter {name!r}: delta of shape {delta.shape}, expected {shape}")
             if not np.isfinite(delta).all():
                 raise AggregationError(f"parameter {name!r}: delta contains NaN or inf")
-            acc += (w / total) * delta.astype(np.float64)
+            acc += (w * d / total) * delta.astype(np.float64)
         modules[name] = modules.get(name, 0.0) + server_lr * acc
     return ClusterState(modules=modules, head={})
 

@@ -80,6 +80,13 @@ class VersionModels:
             return self._shared
         return self.strategy.model_tensors(self.mixture(p), ranks, self.version, lambda name: self.svd(p, name))
 
+    def forget(self) -> None:
+        """Drop the cached mixtures (a full ΔW each) and shared model, rebuilt on demand: for a superseded version.
+        The SVDs stay (small: (out + in) x R per module and membership), so rebuilding what a client received at
+        this version costs no new SVD."""
+        self._mix_cache.clear()
+        self._shared = None
+
     @staticmethod
     def _no_svd(name: str) -> Triplets:
         raise ValueError(f"a shared model is not factored by SVD (module {name!r})")

@@ -1,8 +1,11 @@
 """Start-up: the registry and the federation rebuilt from the state store (after its crash recovery).
 
 Clients come back with their plans, seqs, memberships and heads; pending updates are decoded again from the
-payloads they were stored as (scaled as they were when accepted). A stored client whose plan no longer fits
-the manifest is dropped, and a stored update that cannot be read is marked rejected ("lost").
+payloads they were stored as (scaled as they were when accepted). The versions up to ``max_staleness`` before
+the latest come back too, where the store still has their states and memberships, so stale updates are
+aggregated as changes since the models they trained from (:mod:`fedhft.broker_server.version_history`). A
+stored client whose plan no longer fits the manifest is dropped, and a stored update that cannot be read is
+marked rejected ("lost").
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from fedhft.broker_server.federation import Federation, FederationConfig, Pendin
 from fedhft.broker_server.ingest import ClientInfo
 from fedhft.broker_server.state_dir import StateError
 from fedhft.broker_server.state_store import StateStore
+from fedhft.broker_server.strategies import get_strategy
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
+from fedhft.broker_server.version_history import PastVersion
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.protocol import decode_update
@@ -24,10 +29,33 @@ log = logging.getLogger("fedhft.server")
 RESTORE_MAX_BYTES = 1 << 30  # stored payloads passed their client's size limit when they arrived
 
 
+def past_versions(store: StateStore, max_staleness: int) -> list[PastVersion]:
+    """The versions before the latest, back to ``max_staleness`` older, whose states and memberships the store
+    still has (a multi-cluster version without memberships cannot be rebuilt and is left out)."""
+    records = store.versions()
+    if not records:
+        return []
+    newest = records[-1].version
+    out = []
+    for record in records[:-1]:
+        if record.version < newest - max_staleness:
+            continue
+        memberships = store.load_memberships(record)
+        if memberships is None and record.clusters > 1:
+            continue
+        try:
+            states = store.load_states(record)
+        except StateError:  # pruned
+            continue
+        out.append(PastVersion(record.version, states, memberships or {}))
+    return out
+
+
 def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tuple[Federation, dict[str, ClientInfo]]:
     """The federation at the last committed version with its pending updates, and the client registry."""
     meta = store.meta()
     latest = store.latest_version()
+    needs_history = get_strategy(config.aggregator).needs_received  # fedavg-full's uploads are changes already
     states = store.load_states(latest) if latest else None
     rows = store.load_clients()
     registry: dict[str, ClientInfo] = {}
@@ -40,6 +68,7 @@ def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tu
         aggregations=int(meta.get("aggregations", "0")),
         last_cluster_round=int(meta.get("last_cluster_round", "-1")),
         virtual_time=sim_time.restored(meta),
+        history=past_versions(store, config.max_staleness) if latest and needs_history else (),
     )
     for cid, row in rows.items():
         try:

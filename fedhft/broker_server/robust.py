@@ -14,21 +14,21 @@ Few values: both rules are defined whenever the total weight is positive, and th
 of refusing. One value: itself. Two: their (weighted) mean for the trimmed mean, their mean or the heavier
 one's value for the median. A trimmed mean removes an outlier completely once beta x n reaches 1 and only
 down-weights it below that. Masked uploads would leave many rows with only a few senders, so the ΔW
-aggregation (:func:`fedhft.broker_server.aggregation.aggregate_delta_w`) gives every client that sent a
-module a vote on each of its rows: a row it did not send votes for the row's current value. What stays
-unprotected is a module only a minority sends at all; clipping (below) bounds that.
+aggregation (:func:`fedhft.broker_server.aggregation.aggregate_changes`, over changes since the received
+model) gives every client that sent a module a vote on each of its rows: a row it did not send votes for no
+change. What stays unprotected is a module only a minority sends at all; clipping (below) bounds that.
 
-Weights: the caller's weights (samples x staleness x cluster membership) enter the statistics as weights.
+Weights: the caller's weights (samples x cluster membership) enter the statistics as weights; the staleness
+discount scales the changes that vote.
 Because ``num_samples`` is self-reported, :func:`capped_samples` caps each sender's count at the median
 count before a robust rule uses it, so a minority cannot win the vote by claiming a huge data set.
 
-Clipping bounds how far one update may move the model: its norm is its deviation from the model it is
-aggregated into (sent ΔW rows and head minus the current ones, :func:`fedhft.broker_server.aggregation.
-deviation_norm`), the bound is a multiple of the median such norm (:func:`clip_bound`, over the buffer
-and a window of recent ones), and an update above it is shrunk toward the current model by
-:func:`clip_scales` (the aggregation applies the scale). Bounding the deviation, not the adapter's
-absolute ΔW, is what stops a sign flip: the adapter grows as training goes on, the per-round change does
-not.
+Clipping bounds how far one update may move the model: its norm is the norm of its change since the
+model its client trained from (sent ΔW rows and head, :func:`fedhft.broker_server.aggregation.change_norm`),
+the bound is a multiple of the median such norm (:func:`clip_bound`, over the buffer and a window of recent
+ones), and a change above it is shrunk by :func:`clip_scales` (the aggregation applies the scale).
+Bounding the change, not the adapter's absolute ΔW, is what stops a sign flip: the adapter grows as training
+goes on, the per-round change does not.
 
 No NaN is ever produced: coordinates with no weight get ``fill``.
 """

@@ -197,7 +197,7 @@ class Server:
             self.metrics,
             self.publisher,
             aggregator=config.federation.aggregator,
-            keep_versions=config.keep_versions,
+            keep_versions=max(config.keep_versions, self.federation.history.depth),  # a restart rebuilds the history
             rule=rule,
         )
         self.pacing: VirtualPacing | None = None

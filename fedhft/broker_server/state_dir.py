@@ -19,6 +19,7 @@ PUB_NAME = "server_key.pub"
 UPDATES_DIR = "updates"
 STATES_DIR = "states"
 TENSOR_SUFFIX = ".safetensors"
+MEMBERSHIPS_FILE = "memberships.json"  # per version folder: the memberships its models were built with
 
 
 class StateError(FedHFTError):

@@ -12,6 +12,7 @@ Layout::
     DIR/server_keys.json          the key chain: every key this server had, each signed by the one before
     DIR/updates/batch-<uuid>.safetensors  one group commit: tensor '<i>' = update i's payload as received (uint8)
     DIR/states/v<version>/cluster-<k>.safetensors   per-cluster ΔW ("dw/<module>") and head ("head/<key>"), float64
+    DIR/states/v<version>/memberships.json         the clients' memberships that version's models were built with
 
 An update is stored as the payload it arrived in (the wire encoding is half the size of decoded float32
 and the exact record of what the client sent), as a uint8 tensor of a safetensors file (no pickle); the
@@ -51,6 +52,7 @@ from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.key_rotation import load_server_key
 from fedhft.broker_server.state_dir import (
     DB_NAME,
+    MEMBERSHIPS_FILE,
     STATES_DIR,
     TENSOR_SUFFIX,
     UPDATES_DIR,
@@ -355,6 +357,15 @@ class StateStore:
         except OSError as exc:
             raise StateError(f"{folder}: cannot read the state of version {record.version} ({exc})") from exc
 
+    def load_memberships(self, record: VersionRecord) -> dict[str, list[float]] | None:
+        """The memberships version ``record``'s models were built with; None when its folder has none (pruned,
+        or written before they were kept)."""
+        path = self.dir / STATES_DIR / record.state_dir / MEMBERSHIPS_FILE
+        try:
+            return {str(k): [float(x) for x in v] for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
     def commit_version(
         self,
         version: int,
@@ -379,6 +390,8 @@ class StateStore:
             tmp.mkdir()
             for name, state in zip(files, states, strict=True):
                 write_file_durably(tmp / name, state_to_bytes(state), sync_dir=False)
+            members = {cid: [float(x) for x in p] for cid, p in memberships.items()}
+            write_file_durably(tmp / MEMBERSHIPS_FILE, json.dumps(members).encode(), sync_dir=False)
             fsync_dir(tmp)
             if final.exists():  # left by a crash before its commit: it was never a committed version
                 shutil.rmtree(final)

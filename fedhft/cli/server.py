@@ -81,15 +81,27 @@ def _clusters(value: str) -> int | None:
     help="--virtual-time: after this many wall seconds in which no device sent anything and nothing could be "
     "processed, drop the devices still owing an update (or a promise) until they say hello again.",
 )
-@click.option("--staleness-exponent", default=0.5, show_default=True, help="Weight (1 + tau) ** -a.")
-@click.option("--max-staleness", default=10, show_default=True, help="Reject updates older than V versions.")
+@click.option(
+    "--staleness-exponent",
+    default=0.5,
+    show_default=True,
+    help="FedBuff staleness discount (1 + tau) ** -a of an update tau versions old: it scales the update's change "
+    "and is not normalized away.",
+)
+@click.option(
+    "--max-staleness",
+    default=10,
+    show_default=True,
+    help="Drop updates older than V versions; the server keeps the last V + 1 versions (in memory and on disk) "
+    "to rebuild the model each update trained from.",
+)
 @click.option("--clip-norm", type=float, default=None, help="Scale down updates whose ΔW L2 norm exceeds C.")
 @click.option(
     "--clip-multiple",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Poisoning bound: at each flush, shrink toward the current model every update whose deviation from "
-    "it (ΔW rows and head) exceeds this multiple of the running median deviation, e.g. 2 (fedhft, flexlora).",
+    help="Poisoning bound: at each flush, shrink every update whose change since the model it trained from "
+    "(ΔW rows and head) exceeds this multiple of the running median change norm, e.g. 2 (fedhft, flexlora).",
 )
 @click.option(
     "--robust",
@@ -97,7 +109,8 @@ def _clusters(value: str) -> int | None:
     default="none",
     show_default=True,
     help="Poisoning bound: aggregate ΔW and the head by a coordinate-wise weighted trimmed mean or median "
-    "instead of the mean; a row a client did not send counts as unchanged (aggregators fedhft, flexlora).",
+    "instead of the mean of the changes; a row a client did not send counts as unchanged (aggregators fedhft, "
+    "flexlora).",
 )
 @click.option(
     "--trim-fraction",
@@ -109,7 +122,13 @@ def _clusters(value: str) -> int | None:
 @click.option("--warmup-aggregations", default=2, show_default=True, help="Aggregations before clustering.")
 @click.option("--recluster-every", default=5, show_default=True, help="Re-estimate memberships every N.")
 @click.option("--hysteresis", default=0.1, show_default=True, help="Membership margin needed to switch.")
-@click.option("--server-lr", default=1.0, show_default=True, help="Server mixing rate eta of FedBuff.")
+@click.option(
+    "--server-lr",
+    default=1.0,
+    show_default=True,
+    help="FedBuff server learning rate eta: each flush adds eta x the discounted mean change of its updates since "
+    "the models they trained from (1 with fresh updates: the weighted mean of the trained models).",
+)
 @click.option(
     "--aggregator",
     type=click.Choice(strategy_names()),
@@ -131,7 +150,13 @@ def _clusters(value: str) -> int | None:
 @click.option("--tls-ca", type=click.Path(path_type=Path, exists=True), default=None, help="CA file for TLS.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port.")
-@click.option("--keep-versions", default=2, show_default=True, help="Cluster-state versions kept on disk.")
+@click.option(
+    "--keep-versions",
+    default=2,
+    show_default=True,
+    help="Cluster-state versions kept on disk (at least max-staleness + 1, so a restart still rebuilds what "
+    "stale updates trained from).",
+)
 @click.option("--model-encoding", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--decode-threads", type=int, default=None, help="Threads decoding updates (default min(4, CPUs)).")
 @click.option("--seed", default=0, show_default=True)

@@ -1,4 +1,7 @@
-"""Masked dW aggregation, re-factoring, rank-collapse metrics, baselines and buffered aggregation."""
+"""Masked dW aggregation of changes, re-factoring, rank-collapse metrics, baselines and buffered aggregation.
+
+The FedBuff arithmetic against hand-computed examples (changes since the received model, staleness, server lr)
+is in test_fedbuff.py; here the row aggregation of changes is checked against a loop reference."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import pytest
 from fedhft.broker_server.aggregation import (
     ClusterState,
     aggregate_buffer,
-    aggregate_delta_w,
-    aggregate_head,
+    aggregate_changes,
+    aggregate_head_changes,
     masked_delta,
     should_aggregate,
     staleness_weight,
@@ -54,30 +57,30 @@ def random_update(rng: np.random.Generator, cid: str, full: bool = False, base_v
     return ClientUpdate(cid, int(rng.integers(1, 100)), base_version, modules, head)
 
 
-def loop_reference(updates, weights, previous):
-    """Row-by-row, client-by-client reference for the masked average."""
+def loop_reference(updates, weights, scales):
+    """Row-by-row, client-by-client reference for the masked mean change: Σ w s δ / Σ w over a row's senders."""
     out = {}
     for name, (n_out, n_in) in SHAPES.items():
-        delta = np.array(previous[name], dtype=float)
+        change = np.zeros((n_out, n_in))
         coverage = np.zeros(n_out)
         for i in range(n_out):
             num, den = np.zeros(n_in), 0.0
-            for u, w in zip(updates, weights, strict=True):
+            for u, w, sc in zip(updates, weights, scales, strict=True):
                 f = u.modules.get(name)
                 if f is None or w == 0 or i not in list(f.rows):
                     continue
                 j = list(f.rows).index(i)
-                num += w * (f.B_rows[j] @ f.A)
+                num += w * sc * (f.B_rows[j] @ f.A)
                 den += w
             coverage[i] = den
             if den > 0:
-                delta[i] = num / den
-        out[name] = (delta, coverage)
+                change[i] = num / den
+        out[name] = (change, coverage)
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Masked aggregation
+# Masked aggregation of changes
 # --------------------------------------------------------------------------------------------------
 
 
@@ -87,24 +90,26 @@ def test_masked_aggregation_matches_loop_reference(seed: int) -> None:
     updates = [random_update(rng, f"c{i}") for i in range(6)]
     weights = rng.uniform(0.1, 3.0, size=len(updates))
     weights[rng.integers(len(updates))] = 0.0
-    previous = {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
-    got = aggregate_delta_w(updates, weights, shapes=SHAPES, previous=previous)
-    want = loop_reference(updates, weights, previous)
-    assert set(got) == set(SHAPES)
-    for name, (delta, coverage) in want.items():
-        np.testing.assert_allclose(got[name].delta_w, delta, rtol=1e-12, atol=1e-12)
+    scales = rng.uniform(0.2, 1.0, size=len(updates))  # staleness discounts: outside the normalization
+    got = aggregate_changes(updates, weights, shapes=SHAPES, scales=scales)
+    want = loop_reference(updates, weights, scales)
+    sent = {n for u in updates for n in u.modules}
+    assert set(got) == sent
+    for name in sent:
+        change, coverage = want[name]
+        np.testing.assert_allclose(got[name].change, change, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got[name].coverage, coverage, rtol=1e-12)
 
 
-def test_full_masks_equal_weighted_fedavg_of_delta_w() -> None:
+def test_full_masks_equal_weighted_fedavg_of_changes() -> None:
     rng = np.random.default_rng(1)
     updates = [random_update(rng, f"c{i}", full=True) for i in range(4)]
     weights = np.array([u.num_samples for u in updates], dtype=float)
-    got = aggregate_delta_w(updates, weights)
+    got = aggregate_changes(updates, weights)
     for name in SHAPES:
         dense = [u.modules[name].B_rows[np.argsort(u.modules[name].rows)] @ u.modules[name].A for u in updates]
         want = sum(w * d for w, d in zip(weights, dense, strict=True)) / weights.sum()
-        np.testing.assert_allclose(got[name].delta_w, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[name].change, want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got[name].coverage, weights.sum())
 
 
@@ -128,52 +133,57 @@ def test_fedavg_factors_rejects_mixed_ranks() -> None:
 def test_unsent_rows_and_zero_weight_rows_keep_previous_exactly() -> None:
     rng = np.random.default_rng(3)
     name, (out, inp) = "layers.0.query", SHAPES["layers.0.query"]
-    a = ClientUpdate("a", 10, 0, {name: masked(rng, out, inp, 3, 0)})
-    a.modules[name] = MaskedFactors(rng.standard_normal((3, inp)), rng.standard_normal((2, 3)), [1, 4], out)
-    b = ClientUpdate("b", 10, 0, {name: MaskedFactors(rng.standard_normal((2, inp)), np.ones((2, 2)), [4, 7], out)})
-    previous = {name: rng.standard_normal((out, inp))}
-    got = aggregate_delta_w([a, b], [2.0, 0.0], previous=previous)[name]
+    a = ClientUpdate(
+        "a", 2, 0, {name: MaskedFactors(rng.standard_normal((3, inp)), rng.standard_normal((2, 3)), [1, 4], out)}
+    )
+    b = ClientUpdate("b", 0, 0, {name: MaskedFactors(rng.standard_normal((2, inp)), np.ones((2, 2)), [4, 7], out)})
+    got = aggregate_changes([a, b], [2.0, 0.0])[name]
     untouched = [i for i in range(out) if i not in (1, 4)]  # row 7 only came from a zero-weight client
-    assert np.array_equal(got.delta_w[untouched], previous[name][untouched])
+    assert np.array_equal(got.change[untouched], np.zeros((len(untouched), inp)))
     assert np.array_equal(got.coverage, np.where(np.isin(np.arange(out), [1, 4]), 2.0, 0.0))
-    np.testing.assert_allclose(got.delta_w[[1, 4]], masked_delta(a.modules[name])[1])
+    np.testing.assert_allclose(got.change[[1, 4]], masked_delta(a.modules[name])[1])
     assert list(np.flatnonzero(got.covered)) == [1, 4]
+    previous = ClusterState({name: rng.standard_normal((out, inp))})
+    (new,) = aggregate_buffer([previous], [a, b], 0, 0.5)
+    assert np.array_equal(new.modules[name][untouched], previous.modules[name][untouched])  # bit for bit
 
 
-def test_missing_previous_is_zero_and_unsent_modules_pass_through() -> None:
+def test_missing_modules_start_at_zero_and_unsent_modules_pass_through() -> None:
     rng = np.random.default_rng(4)
     f = MaskedFactors(rng.standard_normal((2, 10)), rng.standard_normal((3, 2)), [0, 5, 11], 12)
     u = ClientUpdate("a", 5, 0, {"layers.0.query": f})
     kept = rng.standard_normal((9, 7))
-    got = aggregate_delta_w([u], [1.0], previous={"layers.1.query": kept})
+    (got,) = aggregate_buffer([ClusterState({"layers.1.query": kept})], [u], 0, 0.5)
     rest = np.setdiff1d(np.arange(12), [0, 5, 11])
-    assert np.array_equal(got["layers.0.query"].delta_w[rest], np.zeros((rest.size, 10)))
-    assert np.array_equal(got["layers.1.query"].delta_w, kept)
-    assert not got["layers.1.query"].covered.any()
-    assert got["layers.1.query"].delta_w is not kept
+    assert np.array_equal(got.modules["layers.0.query"][rest], np.zeros((rest.size, 10)))
+    np.testing.assert_allclose(got.modules["layers.0.query"][[0, 5, 11]], masked_delta(f)[1])
+    assert np.array_equal(got.modules["layers.1.query"], kept)
+    assert got.modules["layers.1.query"] is not kept
 
 
 def test_aggregation_does_not_modify_inputs() -> None:
     rng = np.random.default_rng(5)
     updates = [random_update(rng, f"c{i}") for i in range(3)]
-    previous = {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
-    snapshot = {k: v.copy() for k, v in previous.items()}
-    aggregate_delta_w(updates, [1, 2, 3], previous=previous)
-    for k in previous:
-        assert np.array_equal(previous[k], snapshot[k])
+    state = ClusterState({name: rng.standard_normal(shape) for name, shape in SHAPES.items()})
+    snapshot = state.copy()
+    aggregate_buffer([state], updates, 0, 0.5)
+    for k in state.modules:
+        assert np.array_equal(state.modules[k], snapshot.modules[k])
 
 
 def test_shape_disagreements_are_errors() -> None:
     f = MaskedFactors(np.ones((2, 10)), np.ones((1, 2)), [0], 12)
     u = ClientUpdate("a", 5, 0, {"m": f})
     with pytest.raises(AggregationError, match="'m'"):
-        aggregate_delta_w([u], [1.0], shapes={"m": (12, 11)})
+        aggregate_changes([u], [1.0], shapes={"m": (12, 11)})
     with pytest.raises(AggregationError, match="'m'"):
-        aggregate_delta_w([u], [1.0], previous={"m": np.zeros((13, 10))})
+        aggregate_buffer([ClusterState({"m": np.zeros((13, 10))})], [u], 0, 0.5)
     with pytest.raises(AggregationError):
-        aggregate_delta_w([u], [1.0, 2.0])
+        aggregate_changes([u], [1.0, 2.0])
     with pytest.raises(AggregationError):
-        aggregate_delta_w([u], [-1.0])
+        aggregate_changes([u], [-1.0])
+    with pytest.raises(AggregationError):
+        aggregate_changes([u], [1.0], scales=[1.5])
 
 
 @pytest.mark.parametrize(
@@ -205,16 +215,15 @@ def test_client_update_rejects_non_finite_and_bad_metadata() -> None:
         ClientUpdate("a", 1, 0, {}, head={"head.bias": np.array([np.inf])})
 
 
-def test_head_is_a_plain_weighted_average() -> None:
+def test_head_change_is_a_discounted_weighted_average() -> None:
     rng = np.random.default_rng(6)
     updates = [random_update(rng, f"c{i}") for i in range(3)]
-    w = np.array([1.0, 2.0, 5.0])
-    got = aggregate_head(updates, w)
+    w, sc = np.array([1.0, 2.0, 5.0]), np.array([1.0, 0.5, 0.25])
+    got = aggregate_head_changes(updates, w, scales=sc)
     for key in ("head.weight", "head.bias"):
-        want = sum(wk * u.head[key] for u, wk in zip(updates, w, strict=True)) / w.sum()
+        want = sum(wk * sk * u.head[key] for u, wk, sk in zip(updates, w, sc, strict=True)) / w.sum()
         np.testing.assert_allclose(got[key], want)
-    prev = {"head.bias": np.arange(3.0), "head.weight": np.ones((3, 4))}
-    assert np.array_equal(aggregate_head(updates, np.zeros(3), previous=prev)["head.bias"], prev["head.bias"])
+    assert aggregate_head_changes(updates, np.zeros(3)) == {}  # no weight: no change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,23 +346,25 @@ def test_should_aggregate() -> None:
         should_aggregate(1, 0, 1.0, 1.0)
 
 
-def test_aggregate_buffer_single_cluster_matches_masked_average() -> None:
+def test_aggregate_buffer_single_cluster_adds_the_discounted_mean_change() -> None:
     rng = np.random.default_rng(12)
     updates = [random_update(rng, f"c{i}", base_version=int(rng.integers(0, 5))) for i in range(5)]
-    state = ClusterState({n: rng.standard_normal(s) for n, s in SHAPES.items()}, {"head.bias": np.zeros(3)})
+    state = ClusterState({n: rng.standard_normal(s) for n, s in SHAPES.items()}, {"head.bias": np.ones(3)})
     before = state.copy()
-    w = np.array([u.num_samples * staleness_weight(5, u.base_version, 0.5) for u in updates])
-    (new,) = aggregate_buffer([state], updates, current_version=5, staleness_exponent=0.5)
-    want = aggregate_delta_w(updates, w, previous=state.modules)
+    n = np.array([u.num_samples for u in updates], dtype=float)
+    sc = np.array([staleness_weight(5, u.base_version, 0.5) for u in updates])
+    (new,) = aggregate_buffer([state], updates, current_version=5, staleness_exponent=0.5, server_lr=0.7)
+    want = aggregate_changes(updates, n, scales=sc)
     for name in SHAPES:
-        np.testing.assert_allclose(new.modules[name], want[name].delta_w)
-    np.testing.assert_allclose(new.head["head.bias"], aggregate_head(updates, w)["head.bias"])
-    assert set(new.head) == {"head.bias", "head.weight"}
+        np.testing.assert_allclose(new.modules[name], state.modules[name] + 0.7 * want[name].change)
+    heads = aggregate_head_changes(updates, n, scales=sc)
+    np.testing.assert_allclose(new.head["head.bias"], 1.0 + 0.7 * heads["head.bias"])
+    np.testing.assert_allclose(new.head["head.weight"], heads["head.weight"])  # a first head: taken as sent
     for name in SHAPES:  # the input state is not modified
         assert np.array_equal(state.modules[name], before.modules[name])
 
 
-def test_aggregate_buffer_server_lr_mixes_covered_rows_only() -> None:
+def test_aggregate_buffer_server_lr_moves_covered_rows_only() -> None:
     rng = np.random.default_rng(13)
     name = "layers.0.query"
     f = MaskedFactors(rng.standard_normal((2, 10)), rng.standard_normal((2, 2)), [3, 8], 12)
@@ -361,7 +372,7 @@ def test_aggregate_buffer_server_lr_mixes_covered_rows_only() -> None:
     old = rng.standard_normal((12, 10))
     (new,) = aggregate_buffer([ClusterState({name: old})], [u], 2, 1.0, server_lr=0.25)
     rows, d_rows = masked_delta(f)
-    np.testing.assert_allclose(new.modules[name][rows], 0.75 * old[rows] + 0.25 * d_rows)
+    np.testing.assert_allclose(new.modules[name][rows], old[rows] + 0.25 * d_rows)
     rest = np.setdiff1d(np.arange(12), rows)
     assert np.array_equal(new.modules[name][rest], old[rest])
     with pytest.raises(ValueError):

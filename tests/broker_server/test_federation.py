@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.clustering import adjusted_rand_index
 from fedhft.broker_server.federation import (
     Federation,
@@ -15,6 +16,7 @@ from fedhft.broker_server.federation import (
 from fedhft.broker_server.sim_time import virtual_time_of
 from fedhft.broker_server.svd import split_factors
 from fedhft.broker_server.validation import ClientPlan
+from fedhft.broker_server.version_history import PastVersion
 from tests.support.server import plan_dict, small_spec, update_tensors
 
 SPEC = small_spec()
@@ -56,7 +58,9 @@ def test_flush_when_buffer_full_or_window_expired() -> None:
 
 
 def test_staleness_discounts_old_updates_and_versions_increase() -> None:
-    fed = Federation(SPEC, FederationConfig(buffer_size=2, staleness_exponent=0.5, max_staleness=10), version=4)
+    # version 4 is ΔW = 0 and version 1 is kept in the history, also ΔW = 0: each change is the update itself
+    cfg = FederationConfig(buffer_size=2, staleness_exponent=0.5, max_staleness=10)
+    fed = Federation(SPEC, cfg, version=4, history=[PastVersion(1, [ClusterState({}, {})])])
     rng = np.random.default_rng(1)
     t1, d1 = full_rows_update(rng)
     t2, d2 = full_rows_update(rng)
@@ -64,8 +68,8 @@ def test_staleness_discounts_old_updates_and_versions_increase() -> None:
     pending(fed, 2, "old", t2, base=1, samples=30)
     result = fed.aggregate()
     assert fed.version == 4 and len(fed.pending) == 2  # aggregate() changes nothing by itself
-    w1, w2 = 10 * 1.0, 30 * (1 + 3) ** -0.5
-    want = (w1 * d1 + w2 * d2) / (w1 + w2)
+    s2 = (1 + 3) ** -0.5  # the stale change is discounted, and the discount is not normalized away
+    want = (10 * d1 + 30 * s2 * d2) / (10 + 30)
     np.testing.assert_allclose(result.states[0].modules[NAME], want, rtol=1e-6, atol=1e-6)
     assert result.version == 5 and sorted(result.aggregated_ids) == [1, 2]
     fed.apply(result)
@@ -76,6 +80,7 @@ def test_staleness_discounts_old_updates_and_versions_increase() -> None:
         r = fed.aggregate()
         fed.apply(r)
         assert fed.version == v
+    assert fed.history.versions() == [0, 1, 4, 5, 6, 7]  # version 0 is always rebuildable
 
 
 def test_models_carry_the_simulated_time_of_their_latest_update() -> None:
@@ -97,8 +102,9 @@ def test_too_stale_updates_are_dropped_without_a_version() -> None:
     fed = Federation(SPEC, FederationConfig(buffer_size=1, max_staleness=2), version=5)
     t, _ = full_rows_update(np.random.default_rng(2))
     pending(fed, 1, "late", t, base=2)
+    pending(fed, 2, "unknown base", t, base=4)  # within max_staleness, but version 4 is not kept (a restart)
     result = fed.aggregate()
-    assert result.dropped == {1: "stale"} and not result.aggregated_ids and result.version == 5
+    assert result.dropped == {1: "stale", 2: "stale"} and not result.aggregated_ids and result.version == 5
     fed.apply(result)
     assert fed.version == 5 and not fed.pending
 

@@ -1,4 +1,5 @@
-"""Robust aggregation math (trimmed mean, median, sample caps, clipping) and its wiring into the coordinator."""
+"""Robust aggregation math (trimmed mean, median, sample caps, clipping) on changes, and its wiring into the
+coordinator."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from fedhft.broker_server import aggregation, aggregation_inputs
 from fedhft.broker_server.aggregation import (
     ClusterState,
     aggregate_buffer,
-    aggregate_delta_w,
-    aggregate_head,
-    deviation_norm,
+    aggregate_changes,
+    aggregate_head_changes,
+    change_norm,
 )
 from fedhft.broker_server.aggregation_inputs import ClientUpdate, MaskedFactors
 from fedhft.broker_server.federation import Federation, FederationConfig, FederationError, PendingUpdate
@@ -120,13 +121,13 @@ def test_sample_caps_and_clip_bounds() -> None:
 
 
 def masked_update(cid: str, rows: list[int], values: np.ndarray, n_in: int = 3, n_out: int = 6) -> ClientUpdate:
-    """An update whose ΔW rows ``rows`` are ``values`` exactly (A = identity-like, rank n_in)."""
+    """A change whose rows ``rows`` are ``values`` exactly (A = identity-like, rank n_in)."""
     a = np.eye(n_in)
     return ClientUpdate(cid, 10, 0, {"m": MaskedFactors(A=a, B_rows=values, rows=np.array(rows), out_features=n_out)})
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
-def test_masks_unsent_rows_vote_for_the_current_value(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_masks_unsent_rows_vote_for_no_change(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(4)
     senders = {
         f"c{i}": sorted(int(r) for r in rng.choice(5, size=int(rng.integers(1, 5)), replace=False)) for i in range(7)
@@ -135,8 +136,7 @@ def test_masks_unsent_rows_vote_for_the_current_value(rule: str, monkeypatch: py
     updates = [masked_update(c, rows, rng.standard_normal((len(rows), 3))) for c, rows in senders.items()]
     updates.append(ClientUpdate("other", 10, 0, {}))  # adapts no module: no vote on m
     weights = rng.uniform(0.5, 2.0, size=len(updates))
-    previous = {"m": rng.standard_normal((6, 3))}
-    got = aggregate_delta_w(updates, weights, previous=previous, rule=rule, trim_fraction=0.2)["m"]
+    got = aggregate_changes(updates, weights, rule=rule, trim_fraction=0.2)["m"]
     for row in range(6):
         votes, sent = [], 0.0
         for u, wk in zip(updates[:-1], weights[:-1], strict=True):
@@ -145,29 +145,28 @@ def test_masks_unsent_rows_vote_for_the_current_value(rule: str, monkeypatch: py
                 votes.append(f.B_rows[list(f.rows).index(row)])
                 sent += wk
             else:
-                votes.append(previous["m"][row])
+                votes.append(np.zeros(3))
         assert got.coverage[row] == pytest.approx(sent)
-        if not sent:  # nobody sent it: previous, bit for bit
-            np.testing.assert_array_equal(got.delta_w[row], previous["m"][row])
+        if not sent:  # nobody sent it: no change
+            np.testing.assert_array_equal(got.change[row], 0.0)
             continue
         want = robust_combine(np.array(votes), weights[:-1, None], rule, 0.2)
-        np.testing.assert_allclose(got.delta_w[row], want, atol=1e-12)
+        np.testing.assert_allclose(got.change[row], want, atol=1e-12)
     monkeypatch.setattr(aggregation, "ROBUST_CHUNK", 7 * 3)  # one row per chunk: the same result
-    chunked = aggregate_delta_w(updates, weights, previous=previous, rule=rule, trim_fraction=0.2)["m"]
-    np.testing.assert_array_equal(chunked.delta_w, got.delta_w)
+    chunked = aggregate_changes(updates, weights, rule=rule, trim_fraction=0.2)["m"]
+    np.testing.assert_array_equal(chunked.change, got.change)
 
 
 def test_a_row_only_a_minority_sends_keeps_its_value_under_robust_rules() -> None:
     honest = [masked_update(f"h{i}", [0, 1], np.ones((2, 3))) for i in range(8)]
     attackers = [masked_update(f"a{i}", [0, 5], np.full((2, 3), -50.0)) for i in range(2)]
-    previous = {"m": np.zeros((6, 3))}
     for rule in ("median", "trimmed-mean"):
-        got = aggregate_delta_w(honest + attackers, np.ones(10), previous=previous, rule=rule)["m"]
-        assert np.all((got.delta_w[1] > 0.9) & (got.delta_w[1] <= 1.0))  # honest rows: (nearly) the honest value
-        np.testing.assert_allclose(got.delta_w[5], 0.0)  # the attackers' own row: outvoted by "unchanged"
-        assert got.delta_w[0].min() > 0.5
-    mean = aggregate_delta_w(honest + attackers, np.ones(10), previous=previous)["m"]
-    np.testing.assert_allclose(mean.delta_w[5], -50.0)
+        got = aggregate_changes(honest + attackers, np.ones(10), rule=rule)["m"]
+        assert np.all((got.change[1] > 0.9) & (got.change[1] <= 1.0))  # honest rows: (nearly) the honest change
+        np.testing.assert_allclose(got.change[5], 0.0)  # the attackers' own row: outvoted by "unchanged"
+        assert got.change[0].min() > 0.5
+    mean = aggregate_changes(honest + attackers, np.ones(10))["m"]
+    np.testing.assert_allclose(mean.change[5], -50.0)
 
 
 def test_a_poisoned_minority_moves_the_mean_but_not_the_robust_rules() -> None:
@@ -187,7 +186,7 @@ def test_a_poisoned_minority_moves_the_mean_but_not_the_robust_rules() -> None:
     for rule in ("median", "trimmed-mean"):
         assert np.abs(results[rule].modules["m"] - 1.0).max() < 0.3
         np.testing.assert_allclose(results[rule].head["head.bias"], [1.0, 2.0, 3.0])
-    head = aggregate_head(updates, np.ones(10), rule="median")
+    head = aggregate_head_changes(updates, np.ones(10), rule="median")
     np.testing.assert_allclose(head["head.bias"], [1.0, 2.0, 3.0])
 
 
@@ -206,23 +205,20 @@ def test_config_checks_the_new_options() -> None:
     FederationConfig(robust="trimmed-mean", aggregator="flexlora", clip_multiple=3.0)
 
 
-def test_deviation_and_clip_scales_in_the_pure_aggregation() -> None:
+def test_change_norm_and_clip_scales_in_the_pure_aggregation() -> None:
     u = masked_update("a", [1, 4], np.array([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
     u.head = {"head.bias": np.array([1.0, 1.0])}
-    current = {"m": np.ones((6, 3))}
-    want = np.sqrt(np.sum((u.modules["m"].B_rows - 1.0) ** 2) + 0.0)  # the head has no reference: not counted
-    assert deviation_norm(u, current, {}) == pytest.approx(want)
-    assert deviation_norm(u, {}, {"head.bias": np.zeros(2)}) == pytest.approx(np.sqrt(25.0 + 2.0))
+    assert change_norm(u) == pytest.approx(np.sqrt(25.0 + 2.0))
     state = ClusterState(modules={"m": np.ones((6, 3))}, head={"head.bias": np.zeros(2)})
     (got,) = aggregate_buffer([state], [u], 0, 0.0, clip_scales=[0.5])
-    np.testing.assert_allclose(got.modules["m"][[1, 4]], 1.0 + 0.5 * (u.modules["m"].B_rows - 1.0))
+    np.testing.assert_allclose(got.modules["m"][[1, 4]], 1.0 + 0.5 * u.modules["m"].B_rows)
     np.testing.assert_array_equal(got.modules["m"][[0, 2, 3, 5]], 1.0)  # unsent rows: untouched
     np.testing.assert_allclose(got.head["head.bias"], [0.5, 0.5])
     with pytest.raises(aggregation_inputs.AggregationError, match="clip scale"):
         aggregate_buffer([state], [u], 0, 0.0, clip_scales=[1.5])
 
 
-def test_clip_multiple_shrinks_outliers_toward_the_current_model() -> None:
+def test_clip_multiple_shrinks_outlying_changes() -> None:
     plan = ClientPlan.from_plan(plan_dict([0, 1], 4, ["query", "value"], 0.5), SPEC)
     fed = Federation(SPEC, FederationConfig(buffer_size=5, staleness_exponent=0.0, clip_multiple=2.0))
     rng = np.random.default_rng(6)
@@ -235,7 +231,7 @@ def test_clip_multiple_shrinks_outliers_toward_the_current_model() -> None:
         fed.add_pending(PendingUpdate(i, cid, 0, 0, 10, 0.0, tensors))
     updates = [p.update for p in fed.pending]
     result = fed.aggregate()
-    norms = [deviation_norm(u, {}, {}) for u in updates]  # version 0: ΔW = 0 and no head yet
+    norms = [change_norm(u) for u in updates]  # version 0: ΔW = 0 and no head yet, so the change is the update
     assert result.update_norms == pytest.approx(norms) and result.clipped == 1
     scales = clip_scales(norms, 2.0 * float(np.median(norms)))
     assert scales[4] < 0.2 and np.all(scales[:4] == 1.0)
@@ -244,15 +240,16 @@ def test_clip_multiple_shrinks_outliers_toward_the_current_model() -> None:
         np.testing.assert_allclose(result.states[0].modules[name], value, rtol=1e-12)
     fed.apply(result)
     assert list(fed._norms) == pytest.approx(norms)
-    # next flush: the same client moves its head by 50 from the current model; that deviation is clipped
+    # next flush: the same client moves its head by 50 from the model it received; that change is clipped
     current = fed.states[0]
     moved = update_tensors(rng, SPEC, plan, scale=0.1, head={k: v + 50.0 for k, v in current.head.items()})
     fed.add_pending(PendingUpdate(9, "c0", 1, 1, 10, 0.0, moved))
     result = fed.aggregate()
     (norm,) = result.update_norms
-    assert norm == pytest.approx(
-        deviation_norm(to_client_update("c0", 10, 1, moved, SPEC), current.modules, current.head)
-    )
+    received = fed.history.received(1, "c0", fed.clients)
+    change = fed.strategy.inner.change(to_client_update("c0", 10, 1, moved, SPEC), received, dict)
+    np.testing.assert_allclose(change.head["head.bias"], 50.0, rtol=1e-5)
+    assert norm == pytest.approx(change_norm(change))
     assert result.clipped == 1
     scale = 2.0 * float(np.median(norms + [norm])) / norm
     new_bias = result.states[0].head["head.bias"]

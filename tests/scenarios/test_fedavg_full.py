@@ -169,16 +169,20 @@ def test_dense_deltas_round_trip_through_the_codec() -> None:
 # ---- server: pure math, validation, coordinator ------------------------------------------------------------------
 
 
-def test_aggregate_full_is_the_weighted_mean_of_the_deltas_added_to_the_state() -> None:
+def test_aggregate_full_is_the_discounted_weighted_mean_of_the_deltas_added_to_the_state() -> None:
     rng = np.random.default_rng(1)
     state = ClusterState(modules={"w": rng.standard_normal((3, 2)), "b": np.ones(3)})
     before = state.copy()
     d1, d2 = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
     ups = [DenseUpdate(10, 4, {"w": d1, "b": np.full(3, 2.0)}), DenseUpdate(30, 3, {"w": d2})]
     out = aggregate_full(state, ups, current_version=4, staleness_exponent=0.5, server_lr=0.5)
-    w1, w2 = 10 * 1.0, 30 * 2**-0.5  # samples x (1 + tau) ** -a
-    np.testing.assert_allclose(out.modules["w"], before.modules["w"] + 0.5 * (w1 * d1 + w2 * d2) / (w1 + w2))
+    s2 = 2**-0.5  # (1 + tau) ** -a discounts the stale delta; the samples alone normalize (FedBuff)
+    np.testing.assert_allclose(out.modules["w"], before.modules["w"] + 0.5 * (10 * d1 + 30 * s2 * d2) / 40)
     np.testing.assert_allclose(out.modules["b"], 1.0 + 0.5 * 2.0)  # only client 1 sent b: its delta, at eta
+    alone = aggregate_full(state, ups[1:], current_version=4, staleness_exponent=0.5, server_lr=0.5)
+    np.testing.assert_allclose(alone.modules["w"], before.modules["w"] + 0.5 * s2 * d2)  # stale alone: eta s δ
+    sync = aggregate_full(state, [replace(u, base_version=4) for u in ups], 4, 0.5)  # fresh, eta 1: FedAvg
+    np.testing.assert_allclose(sync.modules["w"], before.modules["w"] + (10 * d1 + 30 * d2) / 40)
     assert all(np.array_equal(state.modules[k], before.modules[k]) for k in before.modules)  # inputs untouched
     fresh = aggregate_full(ClusterState(modules={}), [DenseUpdate(1, 0, {"v": np.ones(2)})], 0, 0.0)
     np.testing.assert_array_equal(fresh.modules["v"], np.ones(2))  # version 0 is Δθ = 0

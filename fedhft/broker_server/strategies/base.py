@@ -1,12 +1,14 @@
 """The strategy interface: what an aggregation method decides, as pure functions of states and typed updates.
 
 A strategy says, in class-level capabilities, what it can serve (``training``, ``accepts_masked``,
-``supports_robust``, ``clusters``, ``shared_model``) and implements: the check of an update's wire tensors
-(:meth:`Strategy.update_problem`), the typed aggregation input built once per update (:meth:`Strategy.to_update`),
-one flush over the cluster states (:meth:`Strategy.aggregate`, which returns new states and changes nothing), and
-the model tensors of a state at a client's ranks (:meth:`Strategy.model_tensors`). The coordinator
-(:mod:`fedhft.broker_server.federation`) owns the buffer, versions, memberships, clustering and persistence;
-a strategy does no I/O and keeps no state between calls.
+``supports_robust``, ``clusters``, ``shared_model``, ``needs_received``) and implements: the check of an
+update's wire tensors (:meth:`Strategy.update_problem`), the typed aggregation input built once per update
+(:meth:`Strategy.to_update`), one flush over the cluster states (:meth:`Strategy.aggregate`, which returns new
+states and changes nothing), and the model tensors of a state at a client's ranks (:meth:`Strategy.
+model_tensors`). Aggregation is FedBuff's: a flush adds the staleness-discounted mean *change* since the model
+each client trained from; the coordinator hands a strategy that model (:class:`Received`, rebuilt from the
+versions it keeps) for every update. The coordinator (:mod:`fedhft.broker_server.federation`) owns the buffer,
+versions, memberships, clustering and persistence; a strategy does no I/O and keeps no state between calls.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class StrategySettings:
     """The coordinator settings a strategy's math uses."""
 
     staleness_exponent: float = 0.5  # FedBuff weight (1 + tau) ** -a
-    server_lr: float = 1.0  # eta: new = (1 - eta) old + eta aggregate
+    server_lr: float = 1.0  # eta: new = old + eta * (discounted mean change)
     seed: int = 0
 
 
@@ -58,6 +60,15 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class Received:
+    """The model an update's client trained from: its base version, and ``tensors(ranks)``, that version's wire
+    tensors of the client's model at ``ranks`` (module -> rank): exactly what the server published to it."""
+
+    version: int
+    tensors: Callable[[Mapping[str, int]], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class Flush:
     """What one flush knows besides the states and the updates."""
 
@@ -65,6 +76,7 @@ class Flush:
     memberships: Mapping[str, np.ndarray] | None = None  # client -> membership over the states; None: one cluster
     recent_norms: Sequence[float] = ()  # deviations of recently flushed updates (for clipping)
     bounds: Bounds = field(default_factory=Bounds)
+    received: Sequence[Received] = ()  # per update, the model it trained from (strategies with needs_received)
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,8 @@ class Strategy(ABC):
     supports_robust: bool = False  # may be wrapped in RobustBounds (implements deviation())
     clusters: bool = False  # may run with K > 1 clusters
     shared_model: bool = False  # every client gets the same model, published once on cluster/0
+    needs_received: bool = True  # aggregates changes since the received model (Flush.received); False: uploads
+    # are changes already (fedavg-full: devices send trained − received)
 
     def __init__(self, spec: GlobalSpec, settings: StrategySettings | None = None) -> None:
         self.spec = spec
@@ -145,8 +159,10 @@ class Strategy(ABC):
     ) -> Aggregated:
         """The states after one flush of ``updates`` (inputs are not modified)."""
 
-    def deviation(self, update: AggregationInput, model: ClusterState) -> float:
-        """How far ``update`` moves ``model`` (robust-capable strategies: the norm clipping bounds)."""
+    def deviation(self, update: AggregationInput, received: Received, current_head: Mapping[str, np.ndarray]) -> float:
+        """How far ``update`` moves the model: the norm of its change since ``received`` (robust-capable
+        strategies: the norm clipping bounds); ``current_head``, its client's current head, stands in for a
+        received model without one."""
         raise NotImplementedError(f"strategy {self.name} does not measure deviations (supports_robust is False)")
 
     def module_names(self, state: ClusterState) -> list[str]:

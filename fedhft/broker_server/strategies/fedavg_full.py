@@ -1,6 +1,7 @@
 """``fedavg-full``: FedAvg of full fine-tuning. Clients send ``<param>.delta`` for every parameter; the state is
 the global Δθ (:mod:`fedhft.broker_server.full_aggregation` has the math) and every client's model is that one
-Δθ, published once per version."""
+Δθ, published once per version. Devices upload trained − received, FedBuff's change already, so this strategy
+needs no earlier version (``needs_received`` False)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from fedhft.protocol.tensor_names import dense_deltas
 
 
 class FedAvgFull(Strategy):
-    """Sample-weighted mean of dense parameter deltas added to the global Δθ."""
+    """Staleness-discounted, sample-weighted mean of dense parameter deltas added to the global Δθ."""
 
     name = "fedavg-full"
     training = "full"
     shared_model = True
+    needs_received = False
 
     def to_update(
         self, client_id: str, num_samples: int, base_version: int, tensors: Mapping[str, np.ndarray]

@@ -2,10 +2,10 @@
 
 :class:`RobustBounds` is that strategy with a robust rule and/or clipping. The rule (:mod:`fedhft.broker_server.
 robust`) swaps the weighted mean (ΔW rows and head) for a coordinate-wise weighted trimmed mean or median over
-the clients that sent the module, a client that did not send a row voting for its current value, with samples
-capped at the buffer's median. Clipping shrinks every flushed update whose deviation from its client's current
-model exceeds ``clip_multiple`` x the median deviation (this buffer and the coordinator's recently flushed
-updates) toward that model, down to the bound. The inner strategy applies both through :class:`~fedhft.
+the clients that sent the module, over their changes, a client that did not send a row voting for no change,
+with samples capped at the buffer's median. Clipping shrinks every flushed change whose norm (its deviation
+from the model its client trained from) exceeds ``clip_multiple`` x the median norm (this buffer and the
+coordinator's recently flushed updates), down to the bound. The inner strategy applies both through :class:`~fedhft.
 broker_server.strategies.base.Bounds`; everything else is the inner one's.
 """
 
@@ -17,13 +17,14 @@ from dataclasses import replace
 import numpy as np
 
 from fedhft.broker_server.aggregation import ClusterState
-from fedhft.broker_server.cluster_mixing import mixture_of
+from fedhft.broker_server.cluster_mixing import head_mixture
 from fedhft.broker_server.robust import RobustError, check_rule, clip_bound, clip_scales
 from fedhft.broker_server.strategies.base import (
     Aggregated,
     AggregationInput,
     Bounds,
     Flush,
+    Received,
     Rejection,
     Strategy,
     SvdOf,
@@ -45,6 +46,7 @@ class RobustBounds(Strategy):
         self.name, self.training = inner.name, inner.training
         self.accepts_masked, self.supports_robust = inner.accepts_masked, inner.supports_robust
         self.clusters, self.shared_model = inner.clusters, inner.shared_model
+        self.needs_received = inner.needs_received
 
     def aggregate(
         self, states: Sequence[ClusterState], updates: Sequence[AggregationInput], flush: Flush
@@ -58,19 +60,19 @@ class RobustBounds(Strategy):
     def _clip(
         self, states: Sequence[ClusterState], updates: Sequence[AggregationInput], flush: Flush
     ) -> tuple[list[float], np.ndarray | None]:
-        """(deviations, clip scales) under clip_multiple, ([], None) without it: each update's deviation from its
-        client's current model (cluster mixture), and the scale that brings it down to multiple x the median
-        deviation of this buffer and the recently flushed ones."""
+        """(deviations, clip scales) under clip_multiple, ([], None) without it: each update's change norm since
+        the model it trained from, and the scale that brings it down to multiple x the median deviation of this
+        buffer and the recently flushed ones."""
         if self.clip_multiple is None:
             return [], None
-        models: dict[bytes, ClusterState] = {}
+        heads: dict[bytes, dict[str, np.ndarray]] = {}
         norms = []
-        for u in updates:
+        for u, received in zip(updates, flush.received, strict=True):
             p = None if flush.memberships is None else flush.memberships[u.client_id]
             key = b"" if p is None else p.tobytes()
-            if key not in models:
-                models[key] = mixture_of(states, p)
-            norms.append(self.inner.deviation(u, models[key]))
+            if key not in heads:
+                heads[key] = head_mixture(states, p)
+            norms.append(self.inner.deviation(u, received, heads[key]))
         return norms, clip_scales(norms, clip_bound([*flush.recent_norms, *norms], self.clip_multiple))
 
     # ---- the inner strategy's -----------------------------------------------------------------------------------
@@ -85,8 +87,8 @@ class RobustBounds(Strategy):
     ) -> AggregationInput:
         return self.inner.to_update(client_id, num_samples, base_version, tensors)
 
-    def deviation(self, update: AggregationInput, model: ClusterState) -> float:
-        return self.inner.deviation(update, model)
+    def deviation(self, update: AggregationInput, received: Received, current_head: Mapping[str, np.ndarray]) -> float:
+        return self.inner.deviation(update, received, current_head)
 
     def module_names(self, state: ClusterState) -> list[str]:
         return self.inner.module_names(state)
