@@ -9,6 +9,7 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 
+UNIT_NAME = "fedhft-edge.service"  # the systemd unit a device bundle may hold
 CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
 
 
@@ -87,12 +88,11 @@ def device_group() -> click.Group:
         click.echo(f"device {b.client_id} in task {b.task}: bundle {b.dir} (copy it to the device; keep it secret)")
         for w in b.warnings:
             click.echo(f"warning: {w}", err=True)
-        click.echo(
-            f"on the device: fedhft edge run --broker {b.broker_url} --task {b.task} --client-id {b.client_id} "
-            f"--username {b.client_id} --password-file password"
-            + (" --tls-ca ca.crt" if (b.dir / "ca.crt").exists() else "")
-            + " --server-key server_key.pub ..."
-        )
+        click.echo("on the device, in the bundle folder with the exported profile as model/ and the data as data.csv:")
+        click.echo(b.edge_run_line())
+        if (b.dir / UNIT_NAME).exists():
+            enable = f"sudo cp {UNIT_NAME} /etc/systemd/system/ && sudo systemctl enable --now {UNIT_NAME}"
+            click.echo(f"or, to start it at boot: {enable}")
         _reload(reload_pid, pid_file)
 
     @device.command("revoke")

@@ -62,6 +62,16 @@ class DeviceBundle:
     password: str
     warnings: tuple[str, ...] = ()
 
+    def edge_run_line(self) -> str:
+        """The exact `fedhft edge run` command of this device: run in its bundle folder on the device, with the
+        exported profile directory copied in as ``model/`` and the device's local data as ``data.csv``."""
+        tls = " --tls-ca ca.crt" if (self.dir / "ca.crt").exists() else ""
+        return (
+            f"fedhft edge run --broker {self.broker_url} --task {self.task} --client-id {self.client_id} "
+            f"--username {self.client_id} --password-file password{tls} --server-key server_key.pub "
+            "--artifacts model --data data.csv --state-dir state"
+        )
+
 
 @dataclass(frozen=True)
 class DeviceEntry:
