@@ -62,9 +62,9 @@ def device_group() -> click.Group:
     @click.option("--client-id", required=True, help="The device's id (also its broker user name).")
     @click.option(
         "--server-key",
-        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        type=click.Path(path_type=Path, dir_okay=False),
         default=None,
-        help="The server's server_key.pub (its state dir): copied into the bundle.",
+        help="The server's STATE/server_key.pub (`fedhft server init --state STATE`): copied into the bundle.",
     )
     @click.option("--broker-url", default=None, help="URL the device uses (default: from the listener).")
     @click.option("--rotate-password", is_flag=True, help="The device exists: give it a new password.")

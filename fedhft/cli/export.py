@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from fedhft.cli.errors import OneLineErrorGroup
+from fedhft.cli.numbers import dumps_rounded
 
 
 @click.group("profiles", cls=OneLineErrorGroup)
@@ -44,7 +45,7 @@ def profiles_show(name: str) -> None:
     d = p.to_dict()
     d["memory_budget_mb"] = p.memory_budget_mb
     d["resource_level"] = resource_level(p)
-    click.echo(json.dumps(d, indent=2))
+    click.echo(dumps_rounded(d))
 
 
 @click.command()
@@ -76,7 +77,7 @@ def plan(
     runtime = runtime or planned_runtime(prof)
     p = plan_lora(shape, prof, int8=not fp32_base, runtime=runtime, min_compression=min_compression or None)
     if as_json:
-        click.echo(json.dumps(p.to_dict(), indent=2))
+        click.echo(json.dumps(p.to_dict(), indent=2))  # exact: equal to the manifest's plan
         return
     e = p.estimate
     click.echo(

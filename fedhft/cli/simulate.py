@@ -7,6 +7,18 @@ from pathlib import Path
 
 import click
 
+from fedhft.cli.errors import CliInputError
+
+
+class MethodOption(click.Option):
+    """--method, whose help lists every method `fedhft simulate` accepts (read when help is shown)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from fedhft.simulate.methods import methods
+
+        self.help = (self.help or "").replace("{methods}", ", ".join(methods()))
+        return super().get_help_record(ctx)
+
 
 @click.command()
 @click.option("--clients", type=int, required=True, help="Number of edge runtimes.")
@@ -21,6 +33,12 @@ import click
     help="dirichlet: label skew by --alpha; natural: by the data set's own groups (e.g. department).",
 )
 @click.option(
+    "--group-column",
+    default=None,
+    help="Your own CSV/JSONL --dataset: the column whose values (a user, a department, ...) are the groups of "
+    "--split natural.",
+)
+@click.option(
     "--max-test", default=1000, show_default=True, help="Cap on the global test set (and 1/5 of it per client)."
 )
 @click.option("--rounds", default=5, show_default=True, help="Local rounds per client.")
@@ -28,9 +46,10 @@ import click
 @click.option(
     "--method",
     "methods",
+    cls=MethodOption,
     default="fedhft",
     show_default=True,
-    help="Comma-separated: fedhft, fedavg-lora, hetlora, flexlora (one run each, same split and seed).",
+    help="Comma-separated (one run each, same split and seed): {methods}.",
 )
 @click.option("--no-clustering", is_flag=True, help="fedhft ablation: one cluster.")
 @click.option("--no-planner", is_flag=True, help="fedhft ablation: every device gets the same depth.")
@@ -64,6 +83,7 @@ def simulate(
     dataset: str,
     alpha: float,
     split: str,
+    group_column: str | None,
     max_test: int,
     rounds: int,
     minutes: float | None,
@@ -119,6 +139,7 @@ def simulate(
             time_scale=time_scale,
             clusters=clusters,
             backend=backend,
+            group_column=group_column,
         )
         clean = run(cfg, progress=lambda line: click.echo(line, err=True))
         results.append(clean)
@@ -144,10 +165,27 @@ def simulate(
     click.echo(f"report: {path}")
 
 
-@click.command()
-@click.argument("out", type=click.Path(exists=True, path_type=Path))
-def report(out: Path) -> None:
-    """Print the comparison table of a simulation's report.json."""
-    from fedhft.simulate.report import load_report, table
+def _report_or_fail(out: Path) -> dict:
+    """The report.json of OUT (a `fedhft simulate --out` directory, or the file); one error line when unusable."""
+    from fedhft.simulate.report import REPORT, load_report
 
-    click.echo(table(load_report(out)))
+    path = out / REPORT if out.is_dir() else out
+    if not path.is_file():
+        what = f"{out} holds no {REPORT}" if out.is_dir() else f"{out} does not exist"
+        raise CliInputError(f"{what}: give the --out directory of a finished `fedhft simulate` run")
+    try:
+        rep = load_report(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CliInputError(f"{path} is not a fedhft simulate report ({type(e).__name__}: {e})") from e
+    if not isinstance(rep, dict) or not isinstance(rep.get("methods"), list):
+        raise CliInputError(f"{path} is not a fedhft simulate report (it has no 'methods' list)")
+    return rep
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=Path))
+def report(out: Path) -> None:
+    """Print the comparison table of a simulation's report.json (OUT: its --out directory, or the file)."""
+    from fedhft.simulate.report import table
+
+    click.echo(table(_report_or_fail(out)))

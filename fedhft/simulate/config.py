@@ -37,6 +37,7 @@ class SimConfig:
     chaos: str | None = None  # a fault spec (fedhft.simulate.chaos): the run is named <method>+chaos
     backend: str = "auto"  # "auto": each profile's own runtime (ORT, else the native ExecuTorch trainer) | "ort"
     max_test: int | None = 1000  # global test cap; each client's test split is capped at a fifth of it
+    group_column: str | None = None  # a user file's column whose values are the natural groups (--split natural)
     cache_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
     )

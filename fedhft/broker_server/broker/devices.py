@@ -169,6 +169,11 @@ def add_device(
     conf_dir = Path(conf_dir)
     validate_id(client_id, "client id", DeviceError)
     validate_id(task, "task", DeviceError)
+    if server_pub is not None and not Path(server_pub).exists():
+        raise DeviceError(
+            f"--server-key {server_pub} does not exist: create the server's key first with "
+            "`fedhft server init --state DIR` (then give DIR/server_key.pub)"
+        )
     if server_pub is not None:
         try:
             load_public_key(server_pub)
