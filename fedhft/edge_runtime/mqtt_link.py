@@ -189,7 +189,7 @@ class MqttLink:
         """After a failed connect or a dropped connection: report it, then wait the backoff delay."""
         if self._stop.is_set():
             return
-        reason, self._why = self._why or reason, None
+        reason, self._why = (self._why or reason).rstrip("."), None  # paho's "The connection was lost."
         was_up, self._up = self._up, False
         self.connected.clear()
         delay = backoff_delay(self._attempt, self.backoff_base, self.backoff_cap, self.rng)
