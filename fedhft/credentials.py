@@ -6,6 +6,8 @@ from pathlib import Path
 
 from fedhft.errors import FedHFTError
 
+CREDENTIALS_HEADER = "# fedhft broker credentials: user password (keep secret; give each device its own line)"
+
 
 class CredentialsError(FedHFTError):
     """A password file that cannot be used."""
@@ -17,6 +19,11 @@ def read_password_file(path: Path) -> str:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CredentialsError(f"cannot read password file {path} ({exc})") from exc
+    if lines and lines[0].strip() == CREDENTIALS_HEADER:
+        raise CredentialsError(
+            f"{path} is the broker's credentials.txt (one `user password` line per user), not a password file: "
+            "give the server <server user>.password from `fedhft broker config`, a device its bundle's password"
+        )
     for line in lines:
         if line.strip() and not line.lstrip().startswith("#"):
             return line.strip()

@@ -135,11 +135,33 @@ def load_chain(directory: Path, key: Ed25519PrivateKey) -> tuple[KeyLink, ...]:
     return chain
 
 
+def init_server_state(directory: Path) -> tuple[Path, str, bool]:
+    """`fedhft server init`: create ``directory`` with the signing key, server_key.pub and the key chain, so
+    devices can be provisioned before the server first starts. Keeps a key that is already there.
+
+    Returns (server_key.pub, the key's id, whether a new key was made); the state dir's lock is held meanwhile."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyRotationError(f"state dir {directory}: cannot create it ({exc.strerror or exc})") from exc
+    fd = lock_state_dir(directory)
+    try:
+        new = not (directory / KEY_NAME).exists()
+        key = load_server_key(directory)
+        load_chain(directory, key)
+    finally:
+        unlock_state_dir(fd)
+    return directory / PUB_NAME, key_id(key), new
+
+
 def rotate_server_key(directory: Path) -> Rotation:
     """Replace the signing key by a new one that the old key signs into the chain (server must be stopped)."""
     directory = Path(directory)
     if not (directory / KEY_NAME).exists():
-        raise KeyRotationError(f"{directory} holds no server key ({KEY_NAME}); start the server once first")
+        raise KeyRotationError(
+            f"{directory} holds no server key ({KEY_NAME}); create it with `fedhft server init --state {directory}`"
+        )
     fd = lock_state_dir(directory)
     try:
         old = load_server_key(directory)

@@ -54,13 +54,12 @@ from fedhft.protocol import (
     validate_id,
 )
 from fedhft.protocol.manifest import load_manifest
-from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
+from fedhft.protocol.mqtt import AUTH_REFUSALS, make_client, parse_broker_url, session_properties
 from fedhft.protocol.topics import PROMISE, promise_filter
 
 log = logging.getLogger("fedhft.server")
 
 QUEUE_SIZE = 128  # inbound messages held (each may carry its decoded tensors)
-AUTH_FAILURES = (134, 135)  # MQTT v5: bad user name or password, not authorized
 
 
 def limit_blas_threads(n: int = 1) -> bool:
@@ -260,7 +259,7 @@ class Server:
         code = getattr(reason, "value", 0)
         if getattr(reason, "is_failure", False):
             event(log, "broker refused the connection", logging.ERROR, reason=str(reason))
-            if code in AUTH_FAILURES:
+            if code in AUTH_REFUSALS:
                 self._fatal = f"the broker refused the server's credentials ({reason})"
             return
         event(log, "connected to the broker", session_present=getattr(flags, "session_present", None))

@@ -42,6 +42,12 @@ def broker_run_command(port: int, bind: str, backend: str) -> None:
 @click.option("--data-dir", default="/var/lib/mosquitto/", show_default=True, help="Mosquitto persistence.")
 @click.option("--no-tls", is_flag=True, help="Plain listener (testing on a private network only).")
 @click.option("--no-persistence", is_flag=True, help="Keep no retained messages or sessions across restarts.")
+@click.option(
+    "--pid-file",
+    default=None,
+    help="Mosquitto writes its PID here (e.g. /run/mosquitto/mosquitto.pid, a folder the mosquitto user may "
+    "write): `fedhft device add|revoke --pid-file` signals it.",
+)
 def broker_config_command(
     out: Path,
     task: str,
@@ -55,6 +61,7 @@ def broker_config_command(
     data_dir: str,
     no_tls: bool,
     no_persistence: bool,
+    pid_file: str | None,
 ) -> None:
     """Write a production Mosquitto config: TLS listener, password file, per-client ACL, credentials.
 
@@ -74,9 +81,11 @@ def broker_config_command(
         tls=tls,
         data_dir=data_dir,
         persistence=not no_persistence,
+        pid_file=pid_file,
     )
     click.echo(f"wrote {cfg.conf}, {cfg.passwd}, {cfg.acl}")
     click.echo(f"credentials (mode 0600): {cfg.credentials}")
+    click.echo(f"server: fedhft server run --username {server_user} --password-file {cfg.server_password} ...")
     click.echo(f"run: mosquitto -c {cfg.conf}")
 
 

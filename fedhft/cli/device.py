@@ -9,6 +9,7 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 
+UNIT_NAME = "fedhft-edge.service"  # the systemd unit a device bundle may hold
 CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
 
 
@@ -61,9 +62,9 @@ def device_group() -> click.Group:
     @click.option("--client-id", required=True, help="The device's id (also its broker user name).")
     @click.option(
         "--server-key",
-        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        type=click.Path(path_type=Path, dir_okay=False),
         default=None,
-        help="The server's server_key.pub (its state dir): copied into the bundle.",
+        help="The server's STATE/server_key.pub (`fedhft server init --state STATE`): copied into the bundle.",
     )
     @click.option("--broker-url", default=None, help="URL the device uses (default: from the listener).")
     @click.option("--rotate-password", is_flag=True, help="The device exists: give it a new password.")
@@ -87,12 +88,11 @@ def device_group() -> click.Group:
         click.echo(f"device {b.client_id} in task {b.task}: bundle {b.dir} (copy it to the device; keep it secret)")
         for w in b.warnings:
             click.echo(f"warning: {w}", err=True)
-        click.echo(
-            f"on the device: fedhft edge run --broker {b.broker_url} --task {b.task} --client-id {b.client_id} "
-            f"--username {b.client_id} --password-file password"
-            + (" --tls-ca ca.crt" if (b.dir / "ca.crt").exists() else "")
-            + " --server-key server_key.pub ..."
-        )
+        click.echo("on the device, in the bundle folder with the exported profile as model/ and the data as data.csv:")
+        click.echo(b.edge_run_line())
+        if (b.dir / UNIT_NAME).exists():
+            enable = f"sudo cp {UNIT_NAME} /etc/systemd/system/ && sudo systemctl enable --now {UNIT_NAME}"
+            click.echo(f"or, to start it at boot: {enable}")
         _reload(reload_pid, pid_file)
 
     @device.command("revoke")

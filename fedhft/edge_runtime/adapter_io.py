@@ -1,9 +1,13 @@
 """Save a trained adapter in the Hugging Face peft LoRA format (plus the classifier head), torch-free.
 
-``OUT/adapter_config.json`` + ``OUT/adapter_model.safetensors`` load with
-``PeftModel.from_pretrained(BertModel.from_pretrained(base), OUT)``: per-module ``rank_pattern`` and
-``alpha_pattern`` make peft's scaling alpha / r equal ours. ``OUT/head.safetensors`` holds ``head.weight``
-and ``head.bias`` of the classifier that sits on the masked mean of the last hidden states.
+For a BERT model, ``OUT/adapter_config.json`` + ``OUT/adapter_model.safetensors`` are a ``SEQ_CLS`` adapter whose
+base is the exported model (its local directory, or the hub id of the packaged MiniLM): they load with
+``AutoPeftModelForSequenceClassification.from_pretrained(OUT, num_labels=N)`` or
+``PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base, num_labels=N), OUT)``, the head
+as peft's ``modules_to_save`` ``classifier``. Per-module ``rank_pattern`` and ``alpha_pattern`` make peft's
+scaling alpha / r equal ours. fedhft's head sits on the masked mean of the last hidden states (not on BERT's
+pooler): the edge's logits are ``classifier(masked_mean(model.bert(...).last_hidden_state))``. Other model types
+get a ``FEATURE_EXTRACTION`` adapter of their encoder. ``OUT/head.safetensors`` also holds the head.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEAD_NAME = "head.safetensors"
 PEFT_PREFIX = "base_model.model."
+HEAD_MODULE = "classifier"  # the head's name in BertForSequenceClassification, peft's modules_to_save
+SEQ_CLS_ENCODERS = {"bert": "bert"}  # model type -> encoder attribute of its ...ForSequenceClassification, whose
+# `classifier` is one linear layer (hidden -> labels), as fedhft's head is
 
 
 class AdapterSaveError(FedHFTError):
@@ -47,16 +54,28 @@ def hf_module_path(module: str) -> str:
     return f"encoder.layer.{parts[1]}.{HF_PATHS[parts[2]]}"
 
 
+def peft_base(manifest: Manifest) -> str:
+    """What the adapter names as its base: the packaged model's hub id, else the exported model's directory
+    (both from the manifest; an old manifest without them gives its base model's name)."""
+    return str(manifest.extra.get("hub_id") or manifest.extra.get("model_dir") or manifest.base_model)
+
+
+def _encoder(manifest: Manifest) -> str | None:
+    """The encoder attribute of the sequence classifier (None: save a feature-extraction adapter)."""
+    return SEQ_CLS_ENCODERS.get(str(manifest.extra.get("model_type", "bert")))  # exports before the field: BERT
+
+
 def peft_config(manifest: Manifest) -> dict[str, object]:
     """The peft LoraConfig (as JSON) of this device's adapter."""
     spec = AdapterSpec.from_manifest(manifest)
     if not spec.modules:
         raise AdapterSaveError("the manifest adapts no module; nothing to save as a LoRA adapter")
     paths = {m.name: hf_module_path(m.name) for m in spec.modules}
+    seq_cls = _encoder(manifest) is not None
     return {
         "peft_type": "LORA",
-        "task_type": "FEATURE_EXTRACTION",
-        "base_model_name_or_path": manifest.base_model,
+        "task_type": "SEQ_CLS" if seq_cls else "FEATURE_EXTRACTION",
+        "base_model_name_or_path": peft_base(manifest),
         "r": max(m.rank for m in spec.modules),
         "lora_alpha": spec.alpha,
         "rank_pattern": {paths[m.name]: m.rank for m in spec.modules},
@@ -69,7 +88,7 @@ def peft_config(manifest: Manifest) -> dict[str, object]:
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": [HEAD_MODULE] if seq_cls else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -77,15 +96,22 @@ def peft_config(manifest: Manifest) -> dict[str, object]:
 
 
 def peft_tensors(manifest: Manifest, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """peft state-dict keys -> LoRA factors (lora_A (r, in), lora_B (out, r)), float32."""
+    """peft state-dict keys -> LoRA factors (lora_A (r, in), lora_B (out, r)) and, for a sequence classifier,
+    the head as ``classifier.weight``/``.bias``; float32."""
     spec = AdapterSpec.from_manifest(manifest)
+    encoder = _encoder(manifest)
+    prefix = PEFT_PREFIX + (f"{encoder}." if encoder else "")
     out: dict[str, np.ndarray] = {}
     for m in spec.modules:
-        base = PEFT_PREFIX + hf_module_path(m.name)
+        base = prefix + hf_module_path(m.name)
         a = checked_tensor(params, f"{m.name}.lora_A", (m.rank, m.in_features))
         b = checked_tensor(params, f"{m.name}.lora_B", (m.out_features, m.rank))
         out[f"{base}.lora_A.weight"] = np.ascontiguousarray(a)
         out[f"{base}.lora_B.weight"] = np.ascontiguousarray(b)
+    if encoder:
+        for name, shape in manifest.head_shapes.items():  # head.weight, head.bias
+            value = checked_tensor(params, name, tuple(shape))
+            out[f"{PEFT_PREFIX}{HEAD_MODULE}.{name.rsplit('.', 1)[1]}"] = np.ascontiguousarray(value, dtype=np.float32)
     return out
 
 

@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from fedhft.edge_runtime.full_update import bind_initial, spec_for, update_tenso
 from fedhft.edge_runtime.local_train import evaluate, open_trainer, train_local
 from fedhft.edge_runtime.masking import AdapterMismatch
 from fedhft.edge_runtime.model_receiver import ModelReceiver
-from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink
+from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkRefused, LinkUp, MqttLink
 from fedhft.edge_runtime.outbox import Outbox
 from fedhft.edge_runtime.state import EdgeState, StateStore, restart_seq
 from fedhft.edge_runtime.tokenize import TextEncoder
@@ -78,7 +79,9 @@ class EdgeClient:
         *,
         battery: BatteryReader | None = read_battery_percent,
         trainer: Trainer | None = None,
+        status: Callable[[str], None] | None = None,
     ) -> None:
+        """``status`` gets one line per connection state change (`fedhft edge run` prints it); default: logged."""
         validate_id(cfg.task, "task")
         validate_id(cfg.client_id, "client_id")
         parse_broker_url(cfg.broker)
@@ -133,6 +136,8 @@ class EdgeClient:
         self.summary.model_version = self.state.model_version
         self._link: MqttLink | None = None
         self._stop = threading.Event()
+        self._status = status or (lambda line: event(log, line))
+        self._last_status: tuple[str, str] | None = None
 
     @property
     def server_key(self) -> Ed25519PublicKey:
@@ -242,13 +247,37 @@ class EdgeClient:
         elif isinstance(ev, LinkUp):
             self._on_link_up(ev)
         elif isinstance(ev, LinkDown):
-            event(log, "disconnected from the broker", logging.WARNING, reason=ev.reason)
+            self._on_link_down(ev)
+        elif isinstance(ev, LinkRefused):
+            raise ClientError(
+                f"the broker at {self._broker_address()} refused the connection ({ev.reason}): "
+                "check --username and --password (or --password-file)"
+            )
         elif isinstance(ev, Delivered):
             self.uploads.on_delivered(ev)
 
+    def _broker_address(self) -> str:
+        a = parse_broker_url(self.cfg.broker)
+        return f"{a.host}:{a.port}"
+
+    def _say(self, kind: str, reason: str, line: str) -> None:
+        """Report a connection state change once (the same failure again is not a change)."""
+        if self._last_status != (kind, reason):
+            self._last_status = (kind, reason)
+            self._status(line)
+
+    def _on_link_down(self, ev: LinkDown) -> None:
+        where = self._broker_address()
+        delay = f"retrying in {ev.retry_in:.0f} s" if ev.retry_in >= 1 else f"retrying in {ev.retry_in:.1f} s"
+        if ev.was_up:
+            self._say("lost", ev.reason, f"lost the connection to {where}: {ev.reason}, {delay}")
+        else:
+            self._say("unreachable", ev.reason, f"cannot reach {where}: {ev.reason}, {delay}")
+
     def _on_link_up(self, ev: LinkUp) -> None:
         assert self._link is not None
-        event(log, "connected to the broker", session_present=ev.session_present)
+        self._say("up", "", f"connected to {self._broker_address()}")
+        event(log, "connected to the broker", logging.DEBUG, session_present=ev.session_present)
         self._link.subscribe([key_topic(self.cfg.task)])  # first: the retained chain comes before the models
         self._link.subscribe([ack_topic(self.cfg.task, self.cfg.client_id), *self.models.topics()])
         self.models.subscribed_cluster = self.state.cluster

@@ -34,44 +34,58 @@ def load_labelled_file(
     label_names: Sequence[str] | None = None,
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Read ``(texts, labels, label_names)`` from a CSV/TSV or JSONL file; ``label_names[i]`` names id i."""
+    texts, labels, names, _ = load_grouped_file(path, None, text_column, label_column, label_names)
+    return texts, labels, names
+
+
+def load_grouped_file(
+    path: str | Path,
+    group_column: str | None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+) -> tuple[list[str], np.ndarray, list[str], list[str] | None]:
+    """As :func:`load_labelled_file`, plus each row's ``group_column`` value as a string (a natural partition key,
+    e.g. a user or a department; None without a group column)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
     suffix = p.suffix.lower()
+    columns = (text_column, label_column) + ((group_column,) if group_column else ())
     if suffix in CSV_SUFFIXES:
-        texts, raw = _read_csv(p, text_column, label_column, delimiter="\t" if suffix == ".tsv" else ",")
+        rows = _read_csv(p, columns, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix in JSONL_SUFFIXES:
-        texts, raw = _read_jsonl(p, text_column, label_column)
+        rows = _read_jsonl(p, columns)
     else:
         raise DataError(f"{p}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
-    if not texts:
+    if not rows:
         raise DataError(f"{p}: no labelled rows")
-    labels, names = label_ids(raw, label_names, source=str(p))
-    return texts, labels, names
+    labels, names = label_ids([r[1] for r in rows], label_names, source=str(p))
+    groups = [str(r[2]) for r in rows] if group_column else None
+    return [str(r[0]) for r in rows], labels, names, groups
 
 
-def _read_csv(p: Path, text_column: str, label_column: str, delimiter: str) -> tuple[list[str], list[object]]:
+def _read_csv(p: Path, columns: Sequence[str], delimiter: str) -> list[list[object]]:
+    """One ``[text, label, *more]`` list per row (``columns`` in that order), every value present."""
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            _check_columns(p, columns, text_column, label_column)
-            texts: list[str] = []
-            raw: list[object] = []
+            _check_columns(p, reader.fieldnames or [], columns)
+            rows: list[list[object]] = []
             for row in reader:
-                text, label = row.get(text_column), row.get(label_column)
-                if text is None or label is None or label.strip() == "":
-                    raise DataError(f"{p}:{reader.line_num}: row lacks a {text_column!r} or {label_column!r} value")
-                texts.append(text)
-                raw.append(label.strip())
+                values = [row.get(c) for c in columns]
+                if any(v is None for v in values) or any(str(v).strip() == "" for v in values[1:]):
+                    lacks = " or ".join(repr(c) for c in columns)
+                    raise DataError(f"{p}:{reader.line_num}: row lacks a {lacks} value")
+                rows.append([values[0], *(str(v).strip() for v in values[1:])])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{p}: cannot read as CSV ({e})") from e
-    return texts, raw
+    return rows
 
 
-def _read_jsonl(p: Path, text_column: str, label_column: str) -> tuple[list[str], list[object]]:
-    texts: list[str] = []
-    raw: list[object] = []
+def _read_jsonl(p: Path, columns: Sequence[str]) -> list[list[object]]:
+    """One ``[text, label, *more]`` list per object; text a string, the others strings or integers."""
+    rows: list[list[object]] = []
     try:
         with open(p, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
@@ -83,26 +97,23 @@ def _read_jsonl(p: Path, text_column: str, label_column: str) -> tuple[list[str]
                     raise DataError(f"{p}:{number}: not valid JSON ({e.msg})") from e
                 if not isinstance(obj, dict):
                     raise DataError(f"{p}:{number}: expected a JSON object, got {type(obj).__name__}")
-                if text_column not in obj or label_column not in obj:
-                    _check_columns(p, list(obj), text_column, label_column, where=f":{number}")
-                text, label = obj[text_column], obj[label_column]
-                if not isinstance(text, str):
-                    raise DataError(f"{p}:{number}: {text_column!r} must be a string, got {type(text).__name__}")
-                if isinstance(label, bool) or not isinstance(label, (int, str)):
-                    raise DataError(
-                        f"{p}:{number}: {label_column!r} must be a string or an integer, got {type(label).__name__}"
-                    )
-                texts.append(text)
-                raw.append(label)
+                _check_columns(p, list(obj), columns, where=f":{number}")
+                values = [obj[c] for c in columns]
+                if not isinstance(values[0], str):
+                    raise DataError(f"{p}:{number}: {columns[0]!r} must be a string, got {type(values[0]).__name__}")
+                for c, v in zip(columns[1:], values[1:], strict=True):
+                    if isinstance(v, bool) or not isinstance(v, (int, str)):
+                        raise DataError(f"{p}:{number}: {c!r} must be a string or an integer, got {type(v).__name__}")
+                rows.append(values)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read as JSONL ({e})") from e
-    return texts, raw
+    return rows
 
 
-def _check_columns(p: Path, columns: Sequence[str], text: str, label: str, where: str = "") -> None:
-    missing = [c for c in (text, label) if c not in columns]
+def _check_columns(p: Path, found: Sequence[str], wanted: Sequence[str], where: str = "") -> None:
+    missing = [c for c in wanted if c not in found]
     if missing:
-        raise DataError(f"{p}{where}: missing column(s) {missing}; found {list(columns)[:20]}")
+        raise DataError(f"{p}{where}: missing column(s) {missing}; found {list(found)[:20]}")
 
 
 def label_ids(

@@ -2,8 +2,10 @@
 
 * MQTT v5, ``clean_start=False`` and a session expiry, so the broker keeps subscriptions and QoS 1
   messages across short disconnects; paho resends unacknowledged QoS 1 publishes after a reconnect.
-* Reconnects forever with exponential backoff and jitter (``backoff_delay``), never faster than its base.
-* Callbacks only put events (LinkUp, LinkDown, Incoming, Delivered) on the caller's queue; the caller's
+* Reconnects with exponential backoff and jitter (``backoff_delay``), never faster than its base; each failed
+  attempt or lost connection is a LinkDown (reason, delay). A broker that refuses the credentials
+  (``AUTH_REFUSALS``) ends the link with LinkRefused: retrying cannot help.
+* Callbacks only put events (LinkUp, LinkDown, LinkRefused, Incoming, Delivered) on the caller's queue; the caller's
   publish/subscribe requests go through a command queue, so paho is only ever touched by its own thread.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from fedhft.logs import event
-from fedhft.protocol.mqtt import make_client, parse_broker_url, session_properties
+from fedhft.protocol.mqtt import AUTH_REFUSALS, make_client, parse_broker_url, session_properties
 
 log = logging.getLogger(__name__)
 DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600
@@ -34,6 +36,15 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return d / 2 + rng.uniform(0.0, d / 2)
 
 
+def os_reason(e: BaseException) -> str:
+    """An OS or TLS error as a short reason: "Connection refused", not "[Errno 111] Connection refused"."""
+    if isinstance(e, ssl.SSLError):
+        return getattr(e, "verify_message", None) or e.reason or str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
 # ---- events the link puts on the caller's queue ----------------------------------------------------------
 @dataclass(frozen=True)
 class LinkUp:
@@ -42,6 +53,17 @@ class LinkUp:
 
 @dataclass(frozen=True)
 class LinkDown:
+    """A connect attempt failed (``was_up`` False) or the connection was lost; the next try is in ``retry_in`` s."""
+
+    reason: str
+    retry_in: float = 0.0
+    was_up: bool = False
+
+
+@dataclass(frozen=True)
+class LinkRefused:
+    """The broker refused the credentials (bad user name or password, not authorized); the link has stopped."""
+
     reason: str
 
 
@@ -61,7 +83,7 @@ class Delivered:
     reason: str
 
 
-LinkEvent = LinkUp | LinkDown | Incoming | Delivered
+LinkEvent = LinkUp | LinkDown | LinkRefused | Incoming | Delivered
 
 
 class MqttLink:
@@ -95,6 +117,8 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._tokens: dict[int, object] = {}
         self._attempt = 0
+        self._up = False  # a CONNACK accepted the current connection
+        self._why: str | None = None  # what the broker said when it closed or refused the last connection
         c = make_client(client_id, username=username, password=password, tls=self.address.tls, tls_ca=tls_ca)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -158,16 +182,19 @@ class MqttLink:
                 self._client.reconnect()
             return True
         except (OSError, ssl.SSLError) as e:
-            self._lost(f"connect to {a.host}:{a.port} failed: {e}")
+            self._lost(os_reason(e))
             return False
 
     def _lost(self, reason: str) -> None:
         """After a failed connect or a dropped connection: report it, then wait the backoff delay."""
-        if self.connected.is_set():
-            self.connected.clear()
-            self.events.put(LinkDown(reason))
+        if self._stop.is_set():
+            return
+        reason, self._why = (self._why or reason).rstrip("."), None  # paho's "The connection was lost."
+        was_up, self._up = self._up, False
+        self.connected.clear()
         delay = backoff_delay(self._attempt, self.backoff_base, self.backoff_cap, self.rng)
         self._attempt += 1
+        self.events.put(LinkDown(reason, delay, was_up))
         event(log, "mqtt reconnect scheduled", logging.DEBUG, reason=reason, delay_s=round(delay, 2))
         self._stop.wait(delay)
 
@@ -207,16 +234,22 @@ class MqttLink:
     # ---- paho callbacks (network thread; thin: they only queue events) -----------------------------
     def _on_connect(self, _c: mqtt.Client, _u: object, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            event(log, "mqtt connection refused by the broker", logging.WARNING, reason=str(reason))
+            event(log, "mqtt connection refused by the broker", logging.DEBUG, reason=str(reason))
+            self._why = f"refused by the broker ({reason})"
+            if reason.value in AUTH_REFUSALS:
+                self.events.put(LinkRefused(str(reason)))
+                self._stop.set()
             return
         self._attempt = 0
+        self._up = True
         self.connected.set()
         self.events.put(LinkUp(bool(flags.session_present)))
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: Any, reason: Any, _p: Any) -> None:
-        if self.connected.is_set():
-            self.connected.clear()
-            self.events.put(LinkDown(str(reason)))
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, flags: Any, reason: Any, _p: Any) -> None:
+        """Only notes the broker's reason: the failed loop() that follows reports it (LinkDown) with its delay."""
+        self.connected.clear()
+        if self._why is None and getattr(flags, "is_disconnect_packet_from_server", False):
+            self._why = f"disconnected by the broker ({reason})"
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.events.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhft.device_profiles.model_shape import MODULE_KINDS, PACKAGED_MODEL, packaged_model_dir, read_model
+from fedhft.device_profiles.model_shape import (
+    MODULE_KINDS,
+    PACKAGED_MODEL,
+    PACKAGED_MODEL_HUB_ID,
+    packaged_model_dir,
+    read_model,
+)
 from fedhft.device_profiles.planner import (
     DEFAULT_MIN_COMPRESSION,
     DEFAULT_UPLOAD_WINDOW,
@@ -190,7 +196,8 @@ def export_profile(
                 role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
                 for role, p in et.files.items()
             }
-        base_name = PACKAGED_MODEL if model_dir == packaged_model_dir() else model_dir.name
+        packaged = model_dir == packaged_model_dir()
+        base_name = PACKAGED_MODEL if packaged else model_dir.name
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             base_model=base_name,
@@ -221,7 +228,13 @@ def export_profile(
                 HEAD_BIAS: (opts.num_labels,),
             },
             artifacts=artifacts,
-            extra={"seed": opts.seed, "exported_at": time.time(), "model_dir": str(model_dir)},
+            extra={
+                "seed": opts.seed,
+                "exported_at": time.time(),
+                "model_dir": str(model_dir),  # what a saved peft adapter names as its base (with the hub id)
+                "model_type": spec.model_type,
+                **({"hub_id": PACKAGED_MODEL_HUB_ID} if packaged else {}),
+            },
         )
         manifest.validate("export")
         write_manifest(manifest, tmp)

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from fedhft.errors import FedHFTError
 
+AUTH_REFUSALS = (134, 135)  # MQTT v5 CONNACK: bad user name or password, not authorized (retrying cannot help)
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 
 

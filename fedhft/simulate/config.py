@@ -42,6 +42,7 @@ class SimConfig:
     encoding: str = DEFAULT_ENCODING  # the edges' upload encoding (`fedhft edge run --encoding`); others name the run
     last_k: int = 3  # final figures: mean over the last k global versions
     time_budget: float | None = None  # virtual seconds: also report the newest version at or before it
+    group_column: str | None = None  # a user file's column whose values are the natural groups (--split natural)
     cache_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
     )

@@ -17,16 +17,21 @@ REGISTRY: dict[str, Callable[[], TextDataset]] = {
 }
 
 
-def load_dataset(name_or_path: str) -> TextDataset:
-    """A registered data set name, or a CSV/JSONL file with `text` and `label` columns."""
+def load_dataset(name_or_path: str, group_column: str | None = None) -> TextDataset:
+    """A registered data set name, or a CSV/JSONL file with `text` and `label` columns; its ``group_column``
+    (e.g. a user or a department) gives the groups that `--split natural` deals out to clients."""
     if name_or_path in REGISTRY:
+        if group_column is not None:
+            raise DatasetError(
+                f"--group-column is for your own CSV/JSONL files; '{name_or_path}' brings its own groups (or none)"
+            )
         return REGISTRY[name_or_path]()
     path = Path(name_or_path)
     if path.is_file():
-        from fedhft.edge_runtime.data import load_labelled_file
+        from fedhft.edge_runtime.data import load_grouped_file
 
-        texts, labels, names = load_labelled_file(path)
-        return TextDataset(path.stem, list(texts), [int(y) for y in labels], list(names))
+        texts, labels, names, groups = load_grouped_file(path, group_column)
+        return TextDataset(path.stem, list(texts), [int(y) for y in labels], list(names), groups)
     raise DatasetError(f"unknown data set '{name_or_path}': not a file and not one of {sorted(REGISTRY)}")
 
 

@@ -64,7 +64,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda _s: None)
     if sum(cfg.profiles.values()) != cfg.clients:
         raise SimulationError(f"--profiles counts sum to {sum(cfg.profiles.values())}, --clients is {cfg.clients}")
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset, cfg.group_column)
     labels = np.asarray(data.labels)
     split = make_split(data, cfg)
     profiles = {name: load_profile(name) for name in cfg.profiles}

@@ -156,3 +156,57 @@ def test_cli_add_list_revoke_and_a_revoked_device_is_refused_by_the_running_brok
         assert res.output.split() == ["dev-1", TASK, "revoked", "-"]
     with pytest.raises(DeviceError, match="no PID"):
         pid_from_file(pid_file)
+
+
+def test_server_init_makes_the_key_devices_need_and_keeps_it(tmp_path: Path) -> None:
+    from fedhft.broker_server.key_rotation import read_chain
+    from fedhft.cli import main
+
+    state = tmp_path / "state"
+    first = CliRunner().invoke(main, ["server", "init", "--state", str(state)])
+    assert first.exit_code == 0 and first.output.startswith("created the server key"), first.output
+    pub = load_public_key(state / "server_key.pub")
+    assert read_chain(state) is not None and len(read_chain(state) or ()) == 1
+    again = CliRunner().invoke(main, ["server", "init", "--state", str(state)])
+    assert again.exit_code == 0 and again.output.startswith(f"kept the server key {key_id(pub)}"), again.output
+    assert load_public_key(state / "server_key.pub") == pub
+    bundle = add_device_after_init(tmp_path, state)
+    assert load_public_key(bundle / "server_key.pub") == pub
+
+
+def add_device_after_init(tmp_path: Path, state: Path) -> Path:
+    out = tmp_path / "conf"
+    write_production_config(out, TASK, "srv", [], tls=make_tls_files(tmp_path), persistence=False)
+    return add_device(out, TASK, "dev-1", state / "server_key.pub").dir
+
+
+def test_broker_config_writes_the_server_password_file_and_the_pid_file_line(tmp_path: Path) -> None:
+    from fedhft.cli import main
+    from fedhft.credentials import read_password_file
+
+    out, pid = tmp_path / "conf", tmp_path / "run" / "mosquitto.pid"
+    args = ["broker", "config", "--out", str(out), "--task", TASK, "--server-user", "srv", "--client", "dev-0"]
+    res = CliRunner().invoke(main, [*args, "--no-tls", "--no-persistence", "--pid-file", str(pid)])
+    assert res.exit_code == 0, res.output
+    server_file = out / "srv.password"
+    assert read_password_file(server_file) == read_credentials(out / "credentials.txt")["srv"]
+    assert server_file.stat().st_mode & 0o777 == 0o600
+    assert f"--password-file {server_file}" in res.output
+    assert f"pid_file {pid}\n" in (out / "mosquitto.conf").read_text()
+    res = CliRunner().invoke(main, [*args, "--no-tls", "--no-persistence"])
+    assert "pid_file" not in (out / "mosquitto.conf").read_text()
+
+
+def test_device_add_prints_the_exact_edge_run_line(conf: Path, server_pub: Path) -> None:
+    res = CliRunner().invoke(
+        device_group(), ["add", "--conf", str(conf), "--task", TASK, "--client-id", "dev-9", "--server-key",
+                         str(server_pub), "--broker-url", "mqtts://broker.example.org:8883"]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    line = (
+        f"fedhft edge run --broker mqtts://broker.example.org:8883 --task {TASK} --client-id dev-9 --username dev-9 "
+        "--password-file password --tls-ca ca.crt --server-key server_key.pub --artifacts model --data data.csv "
+        "--state-dir state"
+    )
+    assert line in res.stdout.splitlines()
+    assert "..." not in res.stdout

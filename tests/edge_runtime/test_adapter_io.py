@@ -1,4 +1,5 @@
-"""The peft-format adapter: config, tensor keys and shapes, and the merged weight delta (α/r)·B·A."""
+"""The peft-format adapter: config, tensor keys and shapes, the merged weight delta (α/r)·B·A, and the saved
+adapter loaded by peft both ways (PeftModel, AutoPeftModelForSequenceClassification) giving the edge's logits."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _merged_deltas(out: Path) -> dict[str, np.ndarray]:
     tensors = load_file(str(out / "adapter_model.safetensors"))
     deltas = {}
     for path in config["target_modules"]:
-        key = f"base_model.model.{path}"
+        key = f"base_model.model.bert.{path}"
         a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         scaling = config["alpha_pattern"][path] / config["rank_pattern"][path]
         deltas[path] = scaling * (b.astype(np.float64) @ a)
@@ -49,17 +50,21 @@ def test_saved_adapter_has_peft_keys_shapes_and_config(tiny_export: Path, tmp_pa
     config = json.loads((out / "adapter_config.json").read_text())
     ranks = manifest.module_ranks()
     alpha = manifest.lora["alpha"]
-    assert config["peft_type"] == "LORA" and config["task_type"] == "FEATURE_EXTRACTION"
-    assert config["base_model_name_or_path"] == manifest.base_model
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["base_model_name_or_path"] == manifest.extra["model_dir"]  # a real, local base
+    assert Path(config["base_model_name_or_path"], "config.json").is_file()
+    assert config["modules_to_save"] == ["classifier"]
     assert config["r"] == max(ranks.values()) and config["lora_alpha"] == alpha
     assert config["rank_pattern"] == {hf_module_path(m): r for m, r in ranks.items()}
     assert config["alpha_pattern"] == {hf_module_path(m): alpha for m in ranks}
     assert sorted(config["target_modules"]) == sorted(hf_module_path(m) for m in ranks)
     tensors = load_file(str(out / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * len(ranks)
+    assert len(tensors) == 2 * len(ranks) + 2
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.weight"], params["head.weight"])
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.bias"], params["head.bias"])
     glob = manifest.global_modules()
     for m, r in ranks.items():
-        key = f"base_model.model.{hf_module_path(m)}"
+        key = f"base_model.model.bert.{hf_module_path(m)}"
         assert tensors[f"{key}.lora_A.weight"].shape == (r, glob[m].in_features)
         assert tensors[f"{key}.lora_B.weight"].shape == (glob[m].out_features, r)
     deltas = _merged_deltas(out)
@@ -93,14 +98,63 @@ def test_peft_merges_the_same_delta_when_installed(tiny_export: Path, tiny_model
         return
     import torch
     from peft import PeftModel
-    from transformers import BertModel
+    from transformers import BertForSequenceClassification
 
-    base = BertModel.from_pretrained(tiny_model_dir)
+    base = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=manifest.num_labels)
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     after = merged.state_dict()
     for path, delta in deltas.items():
-        got = (after[f"{path}.weight"] - before[f"{path}.weight"]).double().numpy()
+        got = (after[f"bert.{path}.weight"] - before[f"bert.{path}.weight"]).double().numpy()
         np.testing.assert_allclose(got, delta, atol=2e-6)
-    untouched = [k for k in before if k.endswith(".weight") and k[: -len(".weight")] not in deltas]
+    np.testing.assert_array_equal(after["classifier.weight"].numpy(), params["head.weight"])  # modules_to_save
+    adapted = {f"bert.{path}" for path in deltas} | {"classifier"}
+    untouched = [k for k in before if k.endswith(".weight") and k[: -len(".weight")] not in adapted]
     assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tiny_model_dir: Path, tiny_profile_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported with an fp32 base, so the edge computes what transformers computes."""
+    from fedhft.device_profiles.profile import load_profile
+    from fedhft.export.pipeline import ExportOptions, export_profile
+
+    opts = ExportOptions(num_labels=3, max_seq_len=32, min_compression=None, int8=False)
+    out = tmp_path_factory.mktemp("fp32-export")
+    return export_profile(tiny_model_dir, load_profile(tiny_profile_path), out, opts=opts).directory
+
+
+def test_peft_loads_the_adapter_both_ways_with_the_edge_logits(fp32_export: Path, tmp_path: Path) -> None:
+    import torch  # peft: the dev extra installs it
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedhft.edge_runtime.ort_backend import OrtTrainer
+    from fedhft.edge_runtime.tokenize import TextEncoder
+
+    manifest = load_manifest(fp32_export)
+    trainer = OrtTrainer(fp32_export)
+    params = {k: v * 20 if ".lora_" in k else v for k, v in _random_params(manifest, seed=2).items()}
+    trainer.set_parameters(params)  # large enough that a missing or misplaced factor shows in the logits
+    ids, mask = TextEncoder.for_manifest(manifest, fp32_export).encode(["a short text", "another one, longer", "x"])
+    edge = trainer.eval_step(ids, mask, np.zeros(len(ids), np.int64)).logits
+    out = save_peft_adapter(tmp_path / "adapter", manifest, trainer.get_parameters())
+    base_dir = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+    def logits(model: torch.nn.Module) -> np.ndarray:
+        """fedhft's head on the masked mean of the last hidden states, through the peft model's own modules."""
+        model.eval()
+        inner = model.get_base_model()
+        m = torch.from_numpy(mask)
+        with torch.no_grad():
+            hidden = inner.bert(input_ids=torch.from_numpy(ids), attention_mask=m).last_hidden_state
+            mf = m.unsqueeze(-1).float()
+            return inner.classifier((hidden * mf).sum(1) / mf.sum(1).clamp_min(1.0)).numpy()
+
+    plain = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=manifest.num_labels)
+    via_peft_model = logits(PeftModel.from_pretrained(plain, str(out)))
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=manifest.num_labels)
+    np.testing.assert_allclose(via_peft_model, edge, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits(auto), edge, atol=1e-4, rtol=1e-4)
+    with auto.disable_adapter():
+        assert np.abs(logits(auto) - edge).max() > 1e-2  # the LoRA factors and the head change the logits

@@ -27,7 +27,7 @@ from fedhft.edge_runtime.client import EdgeClient
 from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.local_train import open_trainer
 from fedhft.edge_runtime.masking import AdapterSpec
-from fedhft.edge_runtime.mqtt_link import Delivered, LinkUp, MqttLink
+from fedhft.edge_runtime.mqtt_link import Delivered, LinkDown, LinkUp, MqttLink
 from fedhft.protocol import generate_keypair
 from fedhft.protocol.envelope import FLAG_SIGNED
 from fedhft.protocol.manifest import load_manifest
@@ -365,10 +365,14 @@ def test_link_connects_once_a_late_broker_comes_up(tmp_path: Path) -> None:
     events: queue.Queue[object] = queue.Queue()
     link = MqttLink(broker.url, "late-client", events, backoff_base=0.1, backoff_cap=0.5).start()
     try:
-        time.sleep(0.5)  # a few refused attempts
-        assert events.empty() and not link.connected.is_set()
+        time.sleep(0.5)  # a few refused attempts, each reported with its retry delay
+        downs = [events.get_nowait() for _ in range(events.qsize())]
+        assert downs and all(isinstance(d, LinkDown) and not d.was_up and d.retry_in > 0 for d in downs)
+        assert not link.connected.is_set()
         broker.start()
-        assert isinstance(events.get(timeout=10), LinkUp)
+        while isinstance(ev := events.get(timeout=10), LinkDown):
+            pass
+        assert isinstance(ev, LinkUp)
         link.publish("fedhft/test", b"x", token="t")
         delivered = events.get(timeout=10)
         assert isinstance(delivered, Delivered) and delivered.token == "t" and delivered.ok

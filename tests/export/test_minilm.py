@@ -92,3 +92,14 @@ def test_minilm_trains_torch_free_on_real_sentences(minilm_exports: dict[str, Pa
     )
     assert res["torch"] is False
     assert res["losses"][-1] < 0.5 * res["losses"][0], res["losses"]
+
+
+def test_the_packaged_model_is_named_by_its_hub_id_in_a_peft_adapter(minilm_exports: dict[str, Path]) -> None:
+    from fedhft.edge_runtime.adapter_io import peft_config
+
+    manifest = load_manifest(next(iter(minilm_exports.values())))
+    assert manifest.extra["hub_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest.extra["model_type"] == "bert"
+    config = peft_config(manifest)
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]

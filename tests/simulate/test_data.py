@@ -80,3 +80,47 @@ def test_womens_clothing_reviews_load_from_the_installed_wheel() -> None:
     assert data.groups is not None and len(set(data.groups)) == 6 and "Dresses" in data.groups
     rating = load_dataset("womens-clothing-rating")
     assert rating.num_labels == 5 and sorted(set(rating.labels)) == [0, 1, 2, 3, 4]
+
+
+def _user_file(folder, suffix: str = ".csv"):  # noqa: ANN001, ANN202
+    """120 reviews by 3 users of unequal size (50/40/30), labels pos/neg; CSV or JSONL."""
+    import json
+
+    users = ["ann"] * 50 + ["bob"] * 40 + ["cy"] * 30
+    rows = [{"text": f"review {i} by {u}", "label": "pos" if i % 3 else "neg", "user": u} for i, u in enumerate(users)]
+    path = folder / f"reviews{suffix}"
+    if suffix == ".csv":
+        path.write_text("text,label,user\n" + "".join(f"{r['text']},{r['label']},{r['user']}\n" for r in rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, users
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_user_file_splits_naturally_by_its_group_column(tmp_path, suffix: str) -> None:  # noqa: ANN001
+    from fedhft.simulate.config import SimConfig
+    from fedhft.simulate.methods import method_spec
+    from fedhft.simulate.runner import make_split
+
+    path, users = _user_file(tmp_path, suffix)
+    data = load_dataset(str(path), "user")
+    assert data.groups == users and data.label_names == ["neg", "pos"]
+    assert load_dataset(str(path)).groups is None  # without --group-column: no groups, as before
+    cfg = SimConfig(3, {"x": 3}, str(path), 0.5, 1, method_spec("fedhft"), tmp_path, split="natural",
+                    group_column="user", max_test=None)  # fmt: skip
+    split = make_split(load_dataset(cfg.dataset, cfg.group_column), cfg)
+    held = [{users[i] for i in np.concatenate([c.train, c.test])} for c in split.clients]
+    assert sorted(map(sorted, held)) == [["ann"], ["bob"], ["cy"]]  # each client holds one user's reviews only
+
+
+def test_group_column_errors_are_one_line(tmp_path) -> None:  # noqa: ANN001
+    from fedhft.edge_runtime.data import DataError
+
+    path, _ = _user_file(tmp_path)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['dept'\]"):
+        load_dataset(str(path), "dept")
+    with pytest.raises(DatasetError, match="--group-column is for your own CSV/JSONL files"):
+        load_dataset("bbc-news", "user")
+    path.write_text("text,label,user\nok,pos,ann\nfine,neg,\n")
+    with pytest.raises(DataError, match=r"reviews.csv:3: row lacks a 'text' or 'label' or 'user' value"):
+        load_dataset(str(path), "user")

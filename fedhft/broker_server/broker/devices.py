@@ -62,6 +62,16 @@ class DeviceBundle:
     password: str
     warnings: tuple[str, ...] = ()
 
+    def edge_run_line(self) -> str:
+        """The exact `fedhft edge run` command of this device: run in its bundle folder on the device, with the
+        exported profile directory copied in as ``model/`` and the device's local data as ``data.csv``."""
+        tls = " --tls-ca ca.crt" if (self.dir / "ca.crt").exists() else ""
+        return (
+            f"fedhft edge run --broker {self.broker_url} --task {self.task} --client-id {self.client_id} "
+            f"--username {self.client_id} --password-file password{tls} --server-key server_key.pub "
+            "--artifacts model --data data.csv --state-dir state"
+        )
+
 
 @dataclass(frozen=True)
 class DeviceEntry:
@@ -159,6 +169,11 @@ def add_device(
     conf_dir = Path(conf_dir)
     validate_id(client_id, "client id", DeviceError)
     validate_id(task, "task", DeviceError)
+    if server_pub is not None and not Path(server_pub).exists():
+        raise DeviceError(
+            f"--server-key {server_pub} does not exist: create the server's key first with "
+            "`fedhft server init --state DIR` (then give DIR/server_key.pub)"
+        )
     if server_pub is not None:
         try:
             load_public_key(server_pub)

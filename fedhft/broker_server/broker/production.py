@@ -1,8 +1,9 @@
 """`fedhft broker config`: write a production Mosquitto setup into a config directory.
 
 mosquitto.conf (mosquitto_config.py), passwd and acl (acl.py), credentials.txt and ``fedhft-broker.json``
-(registry.py), which records tasks, identities and revocations so ``fedhft device add|revoke`` (devices.py)
-regenerate passwd and acl with the same code.
+(registry.py), and ``<server user>.password`` (0600), what `fedhft server run --password-file` reads. The
+registry records tasks, identities and revocations so ``fedhft device add|revoke`` (devices.py) regenerate
+passwd and acl with the same code.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ProductionConfig:
     acl: Path
     credentials: Path
     passwords: dict[str, str]
+    server_password: Path  # the server identity's password alone: `fedhft server run --password-file`
 
 
 def write_production_config(
@@ -48,9 +50,11 @@ def write_production_config(
     tls: TlsFiles | None = DEFAULT_TLS,
     data_dir: str = "/var/lib/mosquitto/",
     persistence: bool = True,
+    pid_file: str | None = None,
     iterations: int = MOSQUITTO_ITERATIONS,
 ) -> ProductionConfig:
-    """Write mosquitto.conf, passwd, acl, credentials.txt (0600) and the registry into ``out``.
+    """Write mosquitto.conf, passwd, acl, credentials.txt (0600), the server's password file (0600) and the
+    registry into ``out``; with ``pid_file``, Mosquitto writes its PID there (`fedhft device add --pid-file`).
 
     Adds to what ``out`` already holds: other tasks, this task's earlier clients (``fedhft device add``) and
     every known password are kept, so re-running to add clients rotates nothing.
@@ -76,9 +80,11 @@ def write_production_config(
         known = read_credentials(credentials)
         passwords = {u: known.get(u) or secrets.token_urlsafe(18) for u in registry.users()}
         save_broker_files(out, registry, passwords, iterations)
-    conf = out / "mosquitto.conf"
+    conf, server_password = out / "mosquitto.conf", out / f"{server_user}.password"
+    text = production_config_text(out, port, bind, tls, data_dir, persistence, pid_file)
     try:
-        write_atomic(conf, production_config_text(out, port, bind, tls, data_dir, persistence).encode(), 0o644)
+        write_atomic(server_password, (passwords[server_user] + "\n").encode(), 0o600)
+        write_atomic(conf, text.encode(), 0o644)
     except OSError as exc:
-        raise BrokerError(f"cannot write {conf} ({exc.strerror or exc})") from exc
-    return ProductionConfig(conf, out / "passwd", out / "acl", credentials, passwords)
+        raise BrokerError(f"cannot write into {out} ({exc.strerror or exc})") from exc
+    return ProductionConfig(conf, out / "passwd", out / "acl", credentials, passwords, server_password)

@@ -19,6 +19,7 @@ from fedhft.atomic import write_atomic
 from fedhft.broker_server.broker.acl import MOSQUITTO_ITERATIONS, TaskUsers, acl_text, mosquitto_password_hash
 from fedhft.broker_server.broker.errors import BrokerError
 from fedhft.broker_server.broker.mosquitto_config import TlsFiles
+from fedhft.credentials import CREDENTIALS_HEADER
 from fedhft.protocol.topics import validate_id
 
 REGISTRY_NAME = "fedhft-broker.json"
@@ -141,7 +142,7 @@ def save_broker_files(
     missing = [u for u in users if u not in passwords]
     if missing:
         raise BrokerError(f"no password for users {missing}")
-    cred = "# fedhft broker credentials: user password (keep secret; give each device its own line)\n"
+    cred = CREDENTIALS_HEADER + "\n"
     cred += "".join(f"{u} {passwords[u]}\n" for u in users)
     passwd = "".join(f"{u}:{mosquitto_password_hash(passwords[u], iterations=iterations)}\n" for u in users)
     try:
