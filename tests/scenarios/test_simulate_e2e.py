@@ -133,7 +133,9 @@ def test_simulate_baselines_end_to_end(
     by_method = {res["method"]: res for res in report["methods"]}
     assert sorted(by_method) == ["fedavg-full", "fedavg-lora", "flexlora"]
     full, lora = by_method["fedavg-full"], by_method["fedavg-lora"]
-    assert full["bytes_up_per_client_round"] > 5 * lora["bytes_up_per_client_round"]  # every weight travels
+    # every weight travels; fedavg-lora takes the weakest device's budget rank (16 of this 32-wide tiny model),
+    # so its update is already a sizeable share of the whole model here
+    assert full["bytes_up_per_client_round"] > 3 * lora["bytes_up_per_client_round"]
     assert full["bytes_down"] > 0 and full["mean_personalized_accuracy"] is not None
     for name, aggregator in (("fedavg-lora", "fedavg"), ("flexlora", "flexlora"), ("fedavg-full", "fedavg-full")):
         res = by_method[name]
