@@ -1,8 +1,9 @@
 """Client clustering for personalized aggregation (numpy only, pure functions, no I/O).
 
 Each client is summarized by a short, L2-normalized :func:`signature` (reduced by :func:`pca`); clients are
-grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC, and
-:func:`update_memberships` keeps cluster indices and client assignments stable across rounds.
+grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC among the K whose
+clusters all hold a minimum number of clients, and :func:`update_memberships` keeps cluster indices and client
+assignments stable across rounds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -265,22 +266,37 @@ def gmm_bic(result: GMMResult, n: int) -> float:
 
 @dataclass
 class BICChoice:
-    """The K with the lowest BIC, every K's BIC, and the fitted mixture for the chosen K."""
+    """The eligible K with the lowest BIC, every K's BIC, the K rejected for a too-small cluster, and the
+    fitted mixture for the chosen K."""
 
     k: int
     bics: dict[int, float]
     model: GMMResult
+    rejected: list[int] = field(default_factory=list)
 
 
-def choose_k_bic(x: np.ndarray, k_max: int, seed: int = 0, k_min: int = 1) -> BICChoice:
-    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC."""
+def hard_sizes(resp: np.ndarray) -> np.ndarray:
+    """(k,) number of points whose largest responsibility is each cluster."""
+    return np.bincount(np.asarray(resp).argmax(1), minlength=resp.shape[1])
+
+
+def choose_k_bic(x: np.ndarray, k_max: int, seed: int = 0, k_min: int = 1, min_size: int = 1) -> BICChoice:
+    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC among those whose hard
+    assignment gives every cluster at least ``min_size`` points (K = 1 always qualifies); ClusteringError when
+    no K in the range does."""
     data = _check_data(x, k_min)
     if k_max < k_min:
         raise ClusteringError(f"need k_max >= k_min, got {k_max} < {k_min}")
     fits = {k: gmm_fit(data, k, seed=seed) for k in range(k_min, min(k_max, data.shape[0]) + 1)}
     bics = {k: gmm_bic(m, data.shape[0]) for k, m in fits.items()}
-    best = min(bics, key=lambda k: bics[k])
-    return BICChoice(k=best, bics=bics, model=fits[best])
+    rejected = [k for k, m in fits.items() if k > 1 and hard_sizes(m.resp).min() < min_size]
+    eligible = [k for k in bics if k not in rejected]
+    if not eligible:
+        raise ClusteringError(
+            f"no K in {k_min}..{max(fits)} keeps every cluster >= {min_size} of {data.shape[0]} clients"
+        )
+    best = min(eligible, key=lambda k: bics[k])
+    return BICChoice(k=best, bics=bics, model=fits[best], rejected=rejected)
 
 
 # --------------------------------------------------------------------------------------------------

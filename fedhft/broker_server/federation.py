@@ -28,24 +28,30 @@ at ingest by the service.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from fedhft.broker_server.aggregation import ClusterState, should_aggregate
+from fedhft.broker_server.aggregation_inputs import ClientUpdate
+from fedhft.broker_server.cluster_figures import ClusterFigures, cluster_figures
 from fedhft.broker_server.models import ModelFactors, VersionModels
-from fedhft.broker_server.reclustering import recluster
+from fedhft.broker_server.reclustering import ClusterSettings, client_signatures, delta_sketch, recluster
 from fedhft.broker_server.robust import ROBUST_RULES
 from fedhft.broker_server.strategies import StrategyError, available, get_strategy, names_where
 from fedhft.broker_server.strategies.base import AggregationInput, Flush, Strategy, StrategySettings
 from fedhft.broker_server.strategies.robust_bounds import RobustBounds
 from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.errors import FedHFTError
+from fedhft.logs import event
 from fedhft.protocol.tensor_names import head_tensors
+
+log = logging.getLogger("fedhft.server")
 
 CLIP_WINDOW = 64  # flushed update norms remembered for --clip-multiple's running median
 
@@ -62,8 +68,12 @@ class FederationConfig:
     window_seconds: float = 30.0
     staleness_exponent: float = 0.5
     max_staleness: int = 10
-    clusters: int | None = 1  # None: choose K by BIC
+    clusters: int | None = 1  # None: choose K by BIC in min_clusters..max_clusters
+    min_clusters: int = 1
     max_clusters: int = 8
+    min_cluster_size: int = 2  # a fit leaving a cluster with fewer clients (hard assignment) is not used
+    membership_floor: float = 0.1  # memberships = (1 - floor) x posterior + floor / K: never degenerate
+    cluster_signature: str = "head"  # head | delta | both (reclustering.SIGNATURES)
     warmup_aggregations: int = 2
     recluster_every: int = 5
     hysteresis: float = 0.1
@@ -86,14 +96,9 @@ class FederationConfig:
             problems.append(f"staleness exponent must be >= 0, got {self.staleness_exponent}")
         if self.max_staleness < 0:
             problems.append(f"max staleness must be >= 0, got {self.max_staleness}")
-        if self.clusters is not None and self.clusters < 1:
-            problems.append(f"clusters must be >= 1 or auto, got {self.clusters}")
-        if self.max_clusters < 1:
-            problems.append(f"max clusters must be >= 1, got {self.max_clusters}")
         if self.warmup_aggregations < 0 or self.recluster_every < 1:
             problems.append("warmup aggregations must be >= 0 and recluster-every >= 1")
-        if not 0 <= self.hysteresis <= 1:
-            problems.append(f"hysteresis must lie in [0, 1], got {self.hysteresis}")
+        problems += self.cluster_settings.problems()
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             problems.append(f"server lr must be > 0, got {self.server_lr}")
         strategy = self._strategy_class(problems)
@@ -124,6 +129,10 @@ class FederationConfig:
         except StrategyError as exc:
             problems.append(str(exc))
             return None
+
+    @property
+    def cluster_settings(self) -> ClusterSettings:
+        return ClusterSettings(**{f.name: getattr(self, f.name) for f in fields(ClusterSettings)})
 
     @property
     def clustering(self) -> bool:
@@ -229,6 +238,8 @@ class Federation:
         self.last_cluster_round = int(last_cluster_round)
         self.clients: dict[str, ClientPlan] = {}
         self.heads: dict[str, dict[str, np.ndarray]] = {}
+        self.sketches: dict[str, np.ndarray] = {}  # client -> ΔW sketch of its latest update (delta signatures)
+        self._cluster_notes: set[str] = set()  # K fallbacks already logged
         self.pending: list[PendingUpdate] = []
         self._norms: deque[float] = deque(maxlen=CLIP_WINDOW)  # recent update deviations (clip_multiple)
         self.models = self._version_models()
@@ -258,6 +269,15 @@ class Federation:
         self.pending.append(pending)
         if pending.head:
             self.set_head(pending.client_id, pending.head)
+        self._keep_sketch(pending)
+
+    def _keep_sketch(self, pending: PendingUpdate) -> None:
+        """The ΔW sketch of the client's latest update, when the clustering signature uses it."""
+        cfg = self.config
+        if cfg.clustering and cfg.cluster_signature != "head" and isinstance(pending.update, ClientUpdate):
+            sketch = delta_sketch(pending.update, seed=cfg.seed)
+            if sketch is not None:
+                self.sketches[pending.client_id] = sketch
 
     def _input(self, pending: PendingUpdate) -> AggregationInput:
         """The update's typed aggregation input (built on first use)."""
@@ -379,21 +399,17 @@ class Federation:
         return self.last_cluster_round < 0 or aggregations - self.last_cluster_round >= cfg.recluster_every
 
     def _recluster(self, states: list[ClusterState]) -> tuple[list[ClusterState], dict[str, np.ndarray]] | None:
-        """New memberships (and states when K changes) from the clients' head signatures."""
+        """New memberships (and states when K changes) from the clients' signatures (``cluster_signature``)."""
         cfg = self.config
-        return recluster(
-            states,
-            self.heads,
-            sorted(cid for cid in self.heads if cid in self.clients),
-            self.memberships,
-            self.prior(),
-            self.spec,
-            clusters=cfg.clusters,
-            max_clusters=cfg.max_clusters,
-            pca_dims=cfg.pca_dims,
-            hysteresis=cfg.hysteresis,
-            seed=cfg.seed,
-        )
+        prior = self.prior()
+        ids, x = client_signatures(cfg.cluster_signature, self.clients, self.heads, self.sketches, states, prior)
+        out = recluster(states, x, ids, self.memberships, prior, self.spec, cfg.cluster_settings)
+        if out is None:
+            return None
+        if out.fit.note and out.fit.note not in self._cluster_notes:
+            self._cluster_notes.add(out.fit.note)
+            event(log, "clusters: " + out.fit.note, logging.WARNING, min_cluster_size=cfg.min_cluster_size)
+        return out.states, out.memberships
 
     # ---- models -----------------------------------------------------------------------------------------
     def _version_models(self) -> VersionModels:
@@ -410,7 +426,11 @@ class Federation:
 
     def cluster_models(self) -> list[ModelFactors]:
         """Each cluster's model at every module's global max rank R (modules someone has sent)."""
-        return self.models.cluster_models()
+        figures, size = self.cluster_figures(), self.config.min_cluster_size
+        return [
+            replace(m, meta={**m.meta, **figures.meta(int(m.meta["cluster"]), size)})
+            for m in self.models.cluster_models()
+        ]
 
     def client_model(self, client_id: str) -> ModelFactors:
         """The client's personalized mixture factored to exactly its planned ranks."""
@@ -431,8 +451,9 @@ class Federation:
                 low[name] = min(r, low.get(name, r))
         return self.models.collapse_ratios(low)
 
+    def cluster_figures(self) -> ClusterFigures:
+        """Registered clients per cluster, hard (largest membership) and soft (sum of memberships)."""
+        return cluster_figures([self.membership_of(cid) for cid in self.clients], self.num_clusters)
+
     def clients_per_cluster(self) -> list[int]:
-        counts = [0] * self.num_clusters
-        for cid in self.clients:
-            counts[int(np.argmax(self.membership_of(cid)))] += 1
-        return counts
+        return self.cluster_figures().hard
