@@ -1,10 +1,12 @@
 """Choosing K under a minimum cluster size, and soft memberships (numpy only, pure functions, no I/O).
 
-:func:`fit_clusters` fits diagonal GMMs for K in a range (a fixed K is the range K..K) and keeps the K with the
-lowest BIC among those whose hard assignment leaves no cluster below ``min_size`` clients; when none in the range
-does, the largest smaller K that does, with a note saying so. :func:`soften` turns a posterior into memberships
-that are never degenerate: a floor shared by every cluster (exact one-hot posteriors stay shared rows, so clients
-of one cluster still share one factorization).
+:func:`fit_clusters` fits diagonal GMMs for K in a range (a fixed K is the range K..K). A fit whose hard
+assignment leaves a cluster below ``min_size`` clients has its smallest cluster merged away: that component is
+dropped, its clients go to the others by posterior, and EM refits K - 1 components, until every cluster holds
+the minimum (an outlier joins its nearest group instead of forming its own). Among the fits that land in the
+range the lowest BIC wins; when none does, the largest K below the range, with a note saying so.
+:func:`soften` turns a posterior into memberships that are never degenerate: a floor shared by every cluster
+(exact one-hot posteriors stay shared rows, so clients of one cluster still share one factorization).
 """
 
 from __future__ import annotations
@@ -14,47 +16,63 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedhft.broker_server.cluster_mixing import snap_one_hot
-from fedhft.broker_server.clustering import ClusteringError, choose_k_bic
+from fedhft.broker_server.clustering import (
+    ClusteringError,
+    GMMResult,
+    gmm_bic,
+    gmm_fit,
+    gmm_refit_without,
+    hard_sizes,
+)
 
 
 @dataclass
 class ClusterFit:
-    """The chosen K, its GMM posterior (n, K), every tried K's BIC, the K rejected for a cluster below the
-    minimum size, and ``note``: why K lies outside the asked range ("" when it does not)."""
+    """The chosen K and its GMM posterior (n, K); ``bics``: the BIC of each K reached (directly or by merging);
+    ``merged``: the K whose direct fit left a cluster below the minimum size; ``note``: why K lies outside the
+    asked range ("" when it does not)."""
 
     k: int
     resp: np.ndarray
     bics: dict[int, float] = field(default_factory=dict)
-    rejected: list[int] = field(default_factory=list)
+    merged: list[int] = field(default_factory=list)
     note: str = ""
+
+
+def merge_small(x: np.ndarray, fit: GMMResult, min_size: int) -> GMMResult:
+    """``fit`` with its smallest cluster merged away (:func:`gmm_refit_without`) while any cluster holds fewer
+    than ``min_size`` points by hard assignment; one cluster always qualifies."""
+    while fit.means.shape[0] > 1 and (sizes := hard_sizes(fit.resp)).min() < min_size:
+        fit = gmm_refit_without(x, fit, int(sizes.argmin()))
+    return fit
 
 
 def fit_clusters(x: np.ndarray, *, k_min: int, k_max: int, min_size: int, seed: int = 0) -> ClusterFit:
     """GMM clustering of the rows of ``x`` with K in k_min..k_max (clipped to the number of rows) chosen by BIC,
-    every cluster holding >= ``min_size`` rows by hard assignment; falls back to the largest smaller K that
-    holds it (K = 1 always does)."""
-    n = np.asarray(x).shape[0]
+    every cluster holding >= ``min_size`` rows by hard assignment (see the module docstring)."""
+    data = np.asarray(x, dtype=np.float64)
+    n = data.shape[0]
     if not 1 <= k_min <= k_max:
         raise ClusteringError(f"need 1 <= min clusters <= max clusters, got {k_min}..{k_max}")
     if min_size < 1:
         raise ClusteringError(f"min cluster size must be >= 1, got {min_size}")
-    low, high = min(k_min, n), min(k_max, n)
-    rejected: list[int] = []
-    try:
-        choice = choose_k_bic(x, k_max=high, seed=seed, k_min=low, min_size=min_size)
-        return ClusterFit(choice.k, choice.model.resp, choice.bics, choice.rejected)
-    except ClusteringError:
-        rejected = list(range(low, high + 1))
-    for k in range(low - 1, 0, -1):
-        try:
-            choice = choose_k_bic(x, k_max=k, seed=seed, k_min=k, min_size=min_size)
-        except ClusteringError:
-            rejected.append(k)
-            continue
+    best: dict[int, tuple[float, GMMResult]] = {}  # K reached -> (BIC, fit)
+    merged = []
+    for k in range(min(k_min, n), min(k_max, n) + 1):
+        fit = gmm_fit(data, k, seed=seed)
+        if hard_sizes(fit.resp).min() < min_size and k > 1:
+            merged.append(k)
+            fit = merge_small(data, fit, min_size)
+        reached, bic = fit.means.shape[0], gmm_bic(fit, n)
+        if reached not in best or bic < best[reached][0]:
+            best[reached] = (bic, fit)
+    in_range = [k for k in best if k >= k_min]
+    k = min(in_range, key=lambda c: best[c][0]) if in_range else max(best)
+    note = ""
+    if not in_range:
         asked = f"K = {k_min}" if k_min == k_max else f"K in {k_min}..{k_max}"
         note = f"no fit with {asked} keeps every cluster >= {min_size} of {n} clients; using K = {k}"
-        return ClusterFit(choice.k, choice.model.resp, choice.bics, rejected, note)
-    raise AssertionError("K = 1 always holds the minimum size")  # pragma: no cover
+    return ClusterFit(k, best[k][1].resp, {c: b for c, (b, _) in sorted(best.items())}, merged, note)
 
 
 def soften(resp: np.ndarray, floor: float) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Client clustering for personalized aggregation (numpy only, pure functions, no I/O).
 
 Each client is summarized by a short, L2-normalized :func:`signature` (reduced by :func:`pca`); clients are
-grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC among the K whose
-clusters all hold a minimum number of clients, and :func:`update_memberships` keeps cluster indices and client
-assignments stable across rounds.
+grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC, and
+:func:`update_memberships` keeps cluster indices and client assignments stable across rounds (the minimum
+cluster size is :mod:`fedhft.broker_server.cluster_fit`'s).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -234,9 +234,31 @@ def gmm_fit(
     log-likelihood improves by less than ``tol``.
     """
     data = _check_data(x, k)
-    floor = reg_covar * max(float(data.var(0).mean()), 1e-12)
     labels = kmeans(data, k, seed=seed).labels
-    means, variances, weights = _m_step(data, np.eye(k)[labels], floor)
+    return _em(data, np.eye(k)[labels], _variance_floor(data, reg_covar), max_iter, tol)
+
+
+def gmm_refit_without(
+    x: np.ndarray, fit: GMMResult, drop: int, max_iter: int = 200, tol: float = 1e-6, reg_covar: float = 1e-3
+) -> GMMResult:
+    """EM restarted from ``fit`` with component ``drop`` removed: its points go to the remaining components by
+    their posterior, then the K - 1 components are refitted."""
+    data = _check_data(x, 1)
+    keep = [c for c in range(fit.means.shape[0]) if c != drop]
+    if not keep:
+        raise ClusteringError("cannot drop the only component")
+    weights = fit.weights[keep] / fit.weights[keep].sum()
+    _, resp = _e_step(data, fit.means[keep], fit.variances[keep], weights)
+    return _em(data, resp, _variance_floor(data, reg_covar), max_iter, tol)
+
+
+def _variance_floor(data: np.ndarray, reg_covar: float) -> float:
+    return reg_covar * max(float(data.var(0).mean()), 1e-12)
+
+
+def _em(data: np.ndarray, resp: np.ndarray, floor: float, max_iter: int, tol: float) -> GMMResult:
+    """EM from initial responsibilities ``resp`` (n, k)."""
+    means, variances, weights = _m_step(data, resp, floor)
     previous, converged, n_iter = -np.inf, False, 0
     while n_iter < max_iter:
         per_point, resp = _e_step(data, means, variances, weights)
@@ -266,13 +288,11 @@ def gmm_bic(result: GMMResult, n: int) -> float:
 
 @dataclass
 class BICChoice:
-    """The eligible K with the lowest BIC, every K's BIC, the K rejected for a too-small cluster, and the
-    fitted mixture for the chosen K."""
+    """The K with the lowest BIC, every K's BIC, and the fitted mixture for the chosen K."""
 
     k: int
     bics: dict[int, float]
     model: GMMResult
-    rejected: list[int] = field(default_factory=list)
 
 
 def hard_sizes(resp: np.ndarray) -> np.ndarray:
@@ -280,23 +300,16 @@ def hard_sizes(resp: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(resp).argmax(1), minlength=resp.shape[1])
 
 
-def choose_k_bic(x: np.ndarray, k_max: int, seed: int = 0, k_min: int = 1, min_size: int = 1) -> BICChoice:
-    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC among those whose hard
-    assignment gives every cluster at least ``min_size`` points (K = 1 always qualifies); ClusteringError when
-    no K in the range does."""
+def choose_k_bic(x: np.ndarray, k_max: int, seed: int = 0, k_min: int = 1) -> BICChoice:
+    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC (no minimum cluster
+    size: see :func:`fedhft.broker_server.cluster_fit.fit_clusters` for that)."""
     data = _check_data(x, k_min)
     if k_max < k_min:
         raise ClusteringError(f"need k_max >= k_min, got {k_max} < {k_min}")
     fits = {k: gmm_fit(data, k, seed=seed) for k in range(k_min, min(k_max, data.shape[0]) + 1)}
     bics = {k: gmm_bic(m, data.shape[0]) for k, m in fits.items()}
-    rejected = [k for k, m in fits.items() if k > 1 and hard_sizes(m.resp).min() < min_size]
-    eligible = [k for k in bics if k not in rejected]
-    if not eligible:
-        raise ClusteringError(
-            f"no K in {k_min}..{max(fits)} keeps every cluster >= {min_size} of {data.shape[0]} clients"
-        )
-    best = min(eligible, key=lambda k: bics[k])
-    return BICChoice(k=best, bics=bics, model=fits[best], rejected=rejected)
+    best = min(bics, key=lambda k: bics[k])
+    return BICChoice(k=best, bics=bics, model=fits[best])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ def client_signatures(
     prior: np.ndarray,
 ) -> tuple[list[str], np.ndarray]:
     """(ids, (n, d) signatures) of the ``clients`` that have what ``source`` needs, sorted: the head minus the
-    global head (:func:`reference_head`) for "head", the ΔW sketch (:func:`delta_sketch`) for "delta", both unit
-    vectors side by side (each scaled by 1/√2) for "both"."""
+    global head (:func:`reference_head`) for "head", the ΔW sketch (:func:`delta_sketch`) for "delta", both side
+    by side for "both", each block centered and scaled to unit mean squared norm so that neither outweighs the
+    other in the PCA."""
     if source not in SIGNATURES:
         raise ClusteringError(f"cluster signature must be one of {', '.join(SIGNATURES)}, got {source!r}")
     use_head, use_delta = source in ("head", "both"), source in ("delta", "both")
@@ -106,7 +107,16 @@ def client_signatures(
         parts.append(np.stack([signature(ClientUpdate(c, 1, 0, {}, dict(heads[c])), reference_head=ref) for c in ids]))
     if use_delta:
         parts.append(np.stack([sketches[c] for c in ids]))
-    return ids, np.hstack(parts) / np.sqrt(len(parts))
+    if len(parts) == 1:
+        return ids, parts[0]
+    return ids, np.hstack([_standardized(b) for b in parts])
+
+
+def _standardized(block: np.ndarray) -> np.ndarray:
+    """Rows centered, then scaled so their mean squared norm is 1 (unchanged when they are all equal)."""
+    centered = block - block.mean(0)
+    rms = float(np.sqrt((centered**2).sum(1).mean()))
+    return centered / rms if rms > 0 else centered
 
 
 @dataclass
@@ -129,11 +139,12 @@ def recluster(
 ) -> Reclustered | None:
     """(states, memberships) from the signatures ``x`` (one row per client of ``ids``): K = ``settings.clusters``,
     or by BIC in min_clusters..max_clusters when None, every cluster holding >= ``min_cluster_size`` clients (else
-    a smaller K); memberships softened by ``membership_floor``. None with fewer than two clients. ``prior`` is the mean
-    membership over the current K clusters, the membership of a client that has none."""
-    if len(ids) < 2:
-        return None
+    a smaller K, merged); memberships softened by ``membership_floor``. None with fewer than two clients (or
+    than a fixed K). ``prior`` is the mean membership over the current K clusters, the membership of a client
+    that has none."""
     cfg = settings
+    if len(ids) < max(2, cfg.clusters or 1):
+        return None
     xp = pca(x, min(cfg.pca_dims, len(ids) - 1))
     k_min, k_max = (cfg.min_clusters, cfg.max_clusters) if cfg.clusters is None else (cfg.clusters, cfg.clusters)
     fit = fit_clusters(xp, k_min=k_min, k_max=k_max, min_size=cfg.min_cluster_size, seed=cfg.seed)
