@@ -73,14 +73,14 @@ class FederationConfig:
     max_clusters: int = 8
     min_cluster_size: int = 2  # a fit leaving a cluster with fewer clients (hard assignment) is not used
     membership_floor: float = 0.1  # memberships = (1 - floor) x posterior + floor / K: never degenerate
-    cluster_signature: str = "head"  # head | delta | both (reclustering.SIGNATURES)
+    cluster_signature: str = "delta"  # head | delta | both (reclustering.SIGNATURES): bench/cluster_signature.py
     warmup_aggregations: int = 2
     recluster_every: int = 5
     hysteresis: float = 0.1
     server_lr: float = 1.0
     seed: int = 0
     randomized_min_dim: int = 128  # modules with min(out, in) >= this use randomized SVD
-    pca_dims: int = 8
+    pca_dims: int = 3  # signatures reduced to this many principal components (bench/cluster_signature.py)
     robust: str = "none"  # none | trimmed-mean | median (poisoning bound; see the module docstring)
     trim_fraction: float = 0.2  # weight cut off each tail by robust="trimmed-mean"
     clip_multiple: float | None = None  # clip flushed updates to this x the running median deviation

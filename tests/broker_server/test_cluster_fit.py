@@ -168,7 +168,14 @@ def outlier_round(fed: Federation, rng: np.random.Generator, uid0: int) -> None:
 
 
 def test_federation_holds_the_minimum_size_logs_once_and_reports_figures(caplog: pytest.LogCaptureFixture) -> None:
-    cfg = FederationConfig(buffer_size=7, clusters=3, min_cluster_size=2, warmup_aggregations=1, recluster_every=1)
+    cfg = FederationConfig(
+        buffer_size=7,
+        clusters=3,
+        min_cluster_size=2,
+        warmup_aggregations=1,
+        recluster_every=1,
+        cluster_signature="head",
+    )
     fed = Federation(SPEC, cfg)
     rng = np.random.default_rng(6)
     with caplog.at_level(logging.WARNING, logger="fedhft.server"):
@@ -192,7 +199,9 @@ def test_federation_holds_the_minimum_size_logs_once_and_reports_figures(caplog:
 
 
 def test_auto_k_stays_within_the_range() -> None:
-    cfg = FederationConfig(buffer_size=7, clusters=None, min_clusters=2, max_clusters=2, warmup_aggregations=1)
+    cfg = FederationConfig(
+        buffer_size=7, clusters=None, min_clusters=2, max_clusters=2, warmup_aggregations=1, cluster_signature="head"
+    )
     fed = Federation(SPEC, cfg)
     outlier_round(fed, np.random.default_rng(7), 0)
     fed.apply(fed.aggregate())

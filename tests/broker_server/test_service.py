@@ -233,7 +233,7 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     n, k = 9, 3
     server = start(
         "--buffer-size", str(n), "--window-seconds", "60", "--clusters", str(k),
-        "--warmup-aggregations", "1", "--recluster-every", "1",
+        "--warmup-aggregations", "1", "--recluster-every", "1", "--cluster-signature", "head",
     )  # fmt: skip
     plan = plan_dict([1], 2, ["query"], 0.5)
     cplan = ClientPlan.from_plan(plan, spec)
@@ -268,4 +268,5 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     metrics = server.scrape()
     assert metrics["fedhft_clusters"] == 3.0
     assert sorted(metrics[f'fedhft_clients{{cluster="{c}"}}'] for c in range(k)) == [3.0, 3.0, 3.0]
+    assert all(metrics[f'fedhft_clients_soft{{cluster="{c}"}}'] == pytest.approx(3.0) for c in range(k))
     assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))
