@@ -16,8 +16,9 @@ row's new value is the weighted mean over all of them rather than over the last 
 than ``max_staleness`` versions by then are dropped, not aggregated.
 
 Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, and then every
-``recluster_every``, soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.
-reclustering`); a client's model mixes the cluster states by its membership.
+``recluster_every``, soft memberships are re-estimated from the clients' signatures (ΔW sketch, head or both;
+every cluster at least ``min_cluster_size`` clients: :mod:`fedhft.broker_server.reclustering`); a client's model
+mixes the cluster states by its membership.
 
 Poisoning bounds (``robust``, ``clip_multiple``; strategies with ``supports_robust``) wrap the strategy
 (:mod:`fedhft.broker_server.strategies.robust_bounds`). Clipping compares an update with the median deviation
@@ -239,7 +240,7 @@ class Federation:
         self.clients: dict[str, ClientPlan] = {}
         self.heads: dict[str, dict[str, np.ndarray]] = {}
         self.sketches: dict[str, np.ndarray] = {}  # client -> ΔW sketch of its latest update (delta signatures)
-        self._cluster_notes: set[str] = set()  # K fallbacks already logged
+        self._fallbacks: set[int] = set()  # K the clustering fell back to, already logged
         self.pending: list[PendingUpdate] = []
         self._norms: deque[float] = deque(maxlen=CLIP_WINDOW)  # recent update deviations (clip_multiple)
         self.models = self._version_models()
@@ -406,8 +407,8 @@ class Federation:
         out = recluster(states, x, ids, self.memberships, prior, self.spec, cfg.cluster_settings)
         if out is None:
             return None
-        if out.fit.note and out.fit.note not in self._cluster_notes:
-            self._cluster_notes.add(out.fit.note)
+        if out.fit.note and out.fit.k not in self._fallbacks:
+            self._fallbacks.add(out.fit.k)
             event(log, "clusters: " + out.fit.note, logging.WARNING, min_cluster_size=cfg.min_cluster_size)
         return out.states, out.memberships
 
