@@ -99,13 +99,14 @@ def evaluate(
     xp = pca(x, min(cfg.pca_dims, len(ids) - 1))
     auto = fit_clusters(xp, k_min=K_RANGE[0], k_max=K_RANGE[1], min_size=cfg.min_cluster_size, seed=seed)
     fixed = fit_clusters(xp, k_min=groups, k_max=groups, min_size=cfg.min_cluster_size, seed=seed)
-    return {
+    figures = {
         "ari_auto": adjusted_rand_index(truth, auto.resp.argmax(1)),
         "k_auto": float(auto.k),
         "ari_fixed": adjusted_rand_index(truth, fixed.resp.argmax(1)),
         "entropy_raw": membership_entropy(fixed.resp),
         "entropy_floored": membership_entropy(soften(fixed.resp, cfg.membership_floor)),
     }
+    return {k: round(v, 4) for k, v in figures.items()}
 
 
 def summary(dims: int, scenario: str, n: int, groups: int, source: str, seeds: list[dict[str, float]]) -> dict:
@@ -131,6 +132,12 @@ def print_table(rows: list[dict]) -> None:
             f"{ms['ari_fixed']:>6.3f} ± {r['ari_fixed']['std']:.3f} {ms['entropy_raw']:>6.3f} "
             f"{ms['entropy_floored']:>9.3f}"
         )
+
+
+def dump(result: dict) -> str:
+    """The result as JSON with one line per table row."""
+    head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)[:-2]
+    return head + ',\n "rows": [\n  ' + ",\n  ".join(json.dumps(r) for r in result["rows"]) + "\n ]\n}\n"
 
 
 def main() -> None:
@@ -189,12 +196,12 @@ def main() -> None:
         "k_range": list(K_RANGE),
         "min_cluster_size": default.min_cluster_size,
         "membership_floor": default.membership_floor,
-        "mean_ari_auto": {f"pca{d}/{s}": v for (d, s), v in score.items()},
-        "worst_scenario_ari_auto": {f"pca{d}/{s}": v for (d, s), v in worst.items()},
+        "mean_ari_auto": {f"pca{d}/{s}": round(v, 4) for (d, s), v in score.items()},
+        "worst_scenario_ari_auto": {f"pca{d}/{s}": round(v, 4) for (d, s), v in worst.items()},
         "best": {"cluster_signature": best[1], "pca_dims": best[0]},
         "rows": rows,
     }
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    a.out.write_text(dump(result))
 
 
 if __name__ == "__main__":
