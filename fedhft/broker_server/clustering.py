@@ -2,7 +2,8 @@
 
 Each client is summarized by a short, L2-normalized :func:`signature` (reduced by :func:`pca`); clients are
 grouped by k-means or a diagonal Gaussian mixture (soft memberships), K is chosen by BIC, and
-:func:`update_memberships` keeps cluster indices and client assignments stable across rounds.
+:func:`update_memberships` keeps cluster indices and client assignments stable across rounds (the minimum
+cluster size is :mod:`fedhft.broker_server.cluster_fit`'s).
 """
 
 from __future__ import annotations
@@ -233,9 +234,31 @@ def gmm_fit(
     log-likelihood improves by less than ``tol``.
     """
     data = _check_data(x, k)
-    floor = reg_covar * max(float(data.var(0).mean()), 1e-12)
     labels = kmeans(data, k, seed=seed).labels
-    means, variances, weights = _m_step(data, np.eye(k)[labels], floor)
+    return _em(data, np.eye(k)[labels], _variance_floor(data, reg_covar), max_iter, tol)
+
+
+def gmm_refit_without(
+    x: np.ndarray, fit: GMMResult, drop: int, max_iter: int = 200, tol: float = 1e-6, reg_covar: float = 1e-3
+) -> GMMResult:
+    """EM restarted from ``fit`` with component ``drop`` removed: its points go to the remaining components by
+    their posterior, then the K - 1 components are refitted."""
+    data = _check_data(x, 1)
+    keep = [c for c in range(fit.means.shape[0]) if c != drop]
+    if not keep:
+        raise ClusteringError("cannot drop the only component")
+    weights = fit.weights[keep] / fit.weights[keep].sum()
+    _, resp = _e_step(data, fit.means[keep], fit.variances[keep], weights)
+    return _em(data, resp, _variance_floor(data, reg_covar), max_iter, tol)
+
+
+def _variance_floor(data: np.ndarray, reg_covar: float) -> float:
+    return reg_covar * max(float(data.var(0).mean()), 1e-12)
+
+
+def _em(data: np.ndarray, resp: np.ndarray, floor: float, max_iter: int, tol: float) -> GMMResult:
+    """EM from initial responsibilities ``resp`` (n, k)."""
+    means, variances, weights = _m_step(data, resp, floor)
     previous, converged, n_iter = -np.inf, False, 0
     while n_iter < max_iter:
         per_point, resp = _e_step(data, means, variances, weights)
@@ -272,8 +295,14 @@ class BICChoice:
     model: GMMResult
 
 
+def hard_sizes(resp: np.ndarray) -> np.ndarray:
+    """(k,) number of points whose largest responsibility is each cluster."""
+    return np.bincount(np.asarray(resp).argmax(1), minlength=resp.shape[1])
+
+
 def choose_k_bic(x: np.ndarray, k_max: int, seed: int = 0, k_min: int = 1) -> BICChoice:
-    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC."""
+    """Fit mixtures for K = k_min..min(k_max, n) and return the one with the lowest BIC (no minimum cluster
+    size: see :func:`fedhft.broker_server.cluster_fit.fit_clusters` for that)."""
     data = _check_data(x, k_min)
     if k_max < k_min:
         raise ClusteringError(f"need k_max >= k_min, got {k_max} < {k_min}")

@@ -17,8 +17,10 @@ model is rebuilt from the last ``max_staleness`` + 1 versions this coordinator k
 broker_server.version_history`, restored after a restart from the state store). Updates older than
 ``max_staleness`` versions by then, or whose version is no longer kept, are dropped as ``stale``.
 
-Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, then every ``recluster_every``,
-soft memberships are re-estimated from the clients' heads (:mod:`fedhft.broker_server.reclustering`).
+Clustering (strategies with ``clusters``): after ``warmup_aggregations`` flushes, and then every
+``recluster_every``, soft memberships are re-estimated from the clients' signatures (ΔW sketch, head or both;
+every cluster at least ``min_cluster_size`` clients: :mod:`fedhft.broker_server.reclustering`); a client's model
+mixes the cluster states by its membership.
 
 Poisoning bounds (``robust``, ``clip_multiple``; strategies with ``supports_robust``) wrap the strategy
 (:mod:`fedhft.broker_server.strategies.robust_bounds`). Clipping compares an update with the median deviation
@@ -29,17 +31,20 @@ at ingest by the service.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from fedhft.broker_server.aggregation import ClusterState, should_aggregate
+from fedhft.broker_server.aggregation_inputs import ClientUpdate
+from fedhft.broker_server.cluster_figures import ClusterFigures, cluster_figures
 from fedhft.broker_server.models import ModelFactors, VersionModels
-from fedhft.broker_server.reclustering import recluster
+from fedhft.broker_server.reclustering import ClusterSettings, client_signatures, delta_sketch, recluster
 from fedhft.broker_server.robust import ROBUST_RULES
 from fedhft.broker_server.strategies import StrategyError, available, get_strategy, names_where
 from fedhft.broker_server.strategies.base import AggregationInput, Flush, Received, Strategy, StrategySettings
@@ -47,7 +52,10 @@ from fedhft.broker_server.strategies.robust_bounds import RobustBounds
 from fedhft.broker_server.validation import STALE, ClientPlan, GlobalSpec, UpdateRejected
 from fedhft.broker_server.version_history import PastVersion, VersionHistory, mean_membership
 from fedhft.errors import FedHFTError
+from fedhft.logs import event
 from fedhft.protocol.tensor_names import head_tensors
+
+log = logging.getLogger("fedhft.server")
 
 CLIP_WINDOW = 64  # flushed update norms remembered for --clip-multiple's running median
 
@@ -64,15 +72,19 @@ class FederationConfig:
     window_seconds: float = 30.0
     staleness_exponent: float = 0.5
     max_staleness: int = 10
-    clusters: int | None = 1  # None: choose K by BIC
+    clusters: int | None = 1  # None: choose K by BIC in min_clusters..max_clusters
+    min_clusters: int = 1
     max_clusters: int = 8
+    min_cluster_size: int = 2  # a fit leaving a cluster with fewer clients (hard assignment) is not used
+    membership_floor: float = 0.1  # memberships = (1 - floor) x posterior + floor / K: never degenerate
+    cluster_signature: str = "delta"  # head | delta | both (reclustering.SIGNATURES): bench/cluster_signature.py
     warmup_aggregations: int = 2
     recluster_every: int = 5
     hysteresis: float = 0.1
     server_lr: float = 1.0
     seed: int = 0
     randomized_min_dim: int = 128  # modules with min(out, in) >= this use randomized SVD
-    pca_dims: int = 8
+    pca_dims: int = 3  # signatures reduced to this many principal components (bench/cluster_signature.py)
     robust: str = "none"  # none | trimmed-mean | median (poisoning bound; see the module docstring)
     trim_fraction: float = 0.2  # weight cut off each tail by robust="trimmed-mean"
     clip_multiple: float | None = None  # clip flushed updates to this x the running median deviation
@@ -88,14 +100,9 @@ class FederationConfig:
             problems.append(f"staleness exponent must be >= 0, got {self.staleness_exponent}")
         if self.max_staleness < 0:
             problems.append(f"max staleness must be >= 0, got {self.max_staleness}")
-        if self.clusters is not None and self.clusters < 1:
-            problems.append(f"clusters must be >= 1 or auto, got {self.clusters}")
-        if self.max_clusters < 1:
-            problems.append(f"max clusters must be >= 1, got {self.max_clusters}")
         if self.warmup_aggregations < 0 or self.recluster_every < 1:
             problems.append("warmup aggregations must be >= 0 and recluster-every >= 1")
-        if not 0 <= self.hysteresis <= 1:
-            problems.append(f"hysteresis must lie in [0, 1], got {self.hysteresis}")
+        problems += self.cluster_settings.problems()
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             problems.append(f"server lr must be > 0, got {self.server_lr}")
         strategy = self._strategy_class(problems)
@@ -126,6 +133,10 @@ class FederationConfig:
         except StrategyError as exc:
             problems.append(str(exc))
             return None
+
+    @property
+    def cluster_settings(self) -> ClusterSettings:
+        return ClusterSettings(**{f.name: getattr(self, f.name) for f in fields(ClusterSettings)})
 
     @property
     def clustering(self) -> bool:
@@ -233,6 +244,8 @@ class Federation:
         self.last_cluster_round = int(last_cluster_round)
         self.clients: dict[str, ClientPlan] = {}
         self.heads: dict[str, dict[str, np.ndarray]] = {}
+        self.sketches: dict[str, np.ndarray] = {}  # client -> ΔW sketch of its latest update (delta signatures)
+        self._fallbacks: set[int] = set()  # K the clustering fell back to, already logged
         self.pending: list[PendingUpdate] = []
         self._norms: deque[float] = deque(maxlen=CLIP_WINDOW)  # recent update deviations (clip_multiple)
         self.history = VersionHistory(config.max_staleness + 1 if self.strategy.needs_received else 1)
@@ -268,6 +281,15 @@ class Federation:
         self.pending.append(pending)
         if pending.head:
             self.set_head(pending.client_id, pending.head)
+        self._keep_sketch(pending)
+
+    def _keep_sketch(self, pending: PendingUpdate) -> None:
+        """The ΔW sketch of the client's latest update, when the clustering signature uses it."""
+        cfg = self.config
+        if cfg.clustering and cfg.cluster_signature != "head" and isinstance(pending.update, ClientUpdate):
+            sketch = delta_sketch(pending.update, seed=cfg.seed)
+            if sketch is not None:
+                self.sketches[pending.client_id] = sketch
 
     def _input(self, pending: PendingUpdate) -> AggregationInput:
         """The update's typed aggregation input (built on first use)."""
@@ -392,21 +414,17 @@ class Federation:
         return self.last_cluster_round < 0 or aggregations - self.last_cluster_round >= cfg.recluster_every
 
     def _recluster(self, states: list[ClusterState]) -> tuple[list[ClusterState], dict[str, np.ndarray]] | None:
-        """New memberships (and states when K changes) from the clients' head signatures."""
+        """New memberships (and states when K changes) from the clients' signatures (``cluster_signature``)."""
         cfg = self.config
-        return recluster(
-            states,
-            self.heads,
-            sorted(cid for cid in self.heads if cid in self.clients),
-            self.memberships,
-            self.prior(),
-            self.spec,
-            clusters=cfg.clusters,
-            max_clusters=cfg.max_clusters,
-            pca_dims=cfg.pca_dims,
-            hysteresis=cfg.hysteresis,
-            seed=cfg.seed,
-        )
+        prior = self.prior()
+        ids, x = client_signatures(cfg.cluster_signature, self.clients, self.heads, self.sketches, states, prior)
+        out = recluster(states, x, ids, self.memberships, prior, self.spec, cfg.cluster_settings)
+        if out is None:
+            return None
+        if out.fit.note and out.fit.k not in self._fallbacks:
+            self._fallbacks.add(out.fit.k)
+            event(log, "clusters: " + out.fit.note, logging.WARNING, min_cluster_size=cfg.min_cluster_size)
+        return out.states, out.memberships
 
     # ---- models -----------------------------------------------------------------------------------------
     def _version_models(
@@ -426,7 +444,11 @@ class Federation:
 
     def cluster_models(self) -> list[ModelFactors]:
         """Each cluster's model at every module's global max rank R (modules someone has sent)."""
-        return self.models.cluster_models()
+        figures, size = self.cluster_figures(), self.config.min_cluster_size
+        return [
+            replace(m, meta={**m.meta, **figures.meta(int(m.meta["cluster"]), size)})
+            for m in self.models.cluster_models()
+        ]
 
     def client_model(self, client_id: str) -> ModelFactors:
         """The client's personalized mixture factored to exactly its planned ranks."""
@@ -447,8 +469,9 @@ class Federation:
                 low[name] = min(r, low.get(name, r))
         return self.models.collapse_ratios(low)
 
+    def cluster_figures(self) -> ClusterFigures:
+        """Registered clients per cluster, hard (largest membership) and soft (sum of memberships)."""
+        return cluster_figures([self.membership_of(cid) for cid in self.clients], self.num_clusters)
+
     def clients_per_cluster(self) -> list[int]:
-        counts = [0] * self.num_clusters
-        for cid in self.clients:
-            counts[int(np.argmax(self.membership_of(cid)))] += 1
-        return counts
+        return self.cluster_figures().hard

@@ -27,6 +27,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "fedhft_model_version": ("gauge", "The current global model version."),
     "fedhft_pending_updates": ("gauge", "Accepted updates waiting for the next aggregation."),
     "fedhft_clients": ("gauge", "Registered clients, by the cluster of their largest membership."),
+    "fedhft_clients_soft": ("gauge", "Registered clients' summed memberships, by cluster."),
     "fedhft_clusters": ("gauge", "Number of clusters."),
     "fedhft_rank_collapse_ratio": (
         "gauge",
@@ -126,8 +127,9 @@ def refresh_gauges(metrics: Metrics, federation: Federation) -> None:
     metrics.set("fedhft_model_version", f.version)
     metrics.set("fedhft_pending_updates", len(f.pending))
     metrics.set("fedhft_clusters", f.num_clusters)
-    counts = f.clients_per_cluster()
-    metrics.replace("fedhft_clients", {(("cluster", str(c)),): float(n) for c, n in enumerate(counts)})
+    figures = f.cluster_figures()
+    metrics.replace("fedhft_clients", {(("cluster", str(c)),): float(n) for c, n in enumerate(figures.hard)})
+    metrics.replace("fedhft_clients_soft", {(("cluster", str(c)),): n for c, n in enumerate(figures.soft)})
     if f.version > 0:
         ratios = f.collapse_ratios()
         metrics.replace("fedhft_rank_collapse_ratio", {(("cluster", str(c)),): r for c, r in enumerate(ratios)})

@@ -11,6 +11,7 @@ from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.signals import stop_on_signals
 
 ROBUST_CHOICES = ("none", "trimmed-mean", "median")  # = robust.ROBUST_RULES (light import)
+SIGNATURE_CHOICES = ("head", "delta", "both")  # = reclustering.SIGNATURES (light import)
 
 
 def _clusters(value: str) -> int | None:
@@ -35,8 +36,35 @@ def _clusters(value: str) -> int | None:
     required=True,
     help="manifest.json (or its profile directory) of any exported profile: the global adapter spec.",
 )
-@click.option("--clusters", default="1", show_default=True, help="Number of clusters K, or 'auto' (BIC).")
+@click.option(
+    "--clusters", default="1", show_default=True, help="Number of clusters K, or 'auto' (BIC within the range)."
+)
+@click.option("--min-clusters", default=1, show_default=True, help="Smallest K tried with --clusters auto.")
 @click.option("--max-clusters", default=8, show_default=True, help="Largest K tried with --clusters auto.")
+@click.option(
+    "--min-cluster-size",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Fewest clients a cluster may hold (by largest membership): a K whose fit leaves a smaller cluster is not "
+    "used (with a fixed --clusters, the largest smaller K that holds it, logged once).",
+)
+@click.option(
+    "--membership-floor",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Soft memberships: (1 - F) x the mixture posterior + F / K, so no client's membership is degenerate.",
+)
+@click.option(
+    "--cluster-signature",
+    type=click.Choice(SIGNATURE_CHOICES),
+    default="delta",
+    show_default=True,
+    help="What clusters clients: head (its classifier head minus the global one), delta (a fixed random sketch "
+    "of its uploaded ΔW rows) or both; delta clustered synthetic label- and domain-skewed clients best "
+    "(bench/cluster_signature.py).",
+)
 @click.option(
     "--mode",
     type=click.Choice(["async", "sync"]),
@@ -166,8 +194,12 @@ def server_run_command(
     state_dir: Path,
     manifest: Path,
     clusters: str,
+    min_clusters: int,
     max_clusters: int,
     mode: str,
+    min_cluster_size: int,
+    membership_floor: float,
+    cluster_signature: str,
     buffer_size: int,
     window_seconds: float,
     round_deadline: float | None,
@@ -212,7 +244,11 @@ def server_run_command(
         staleness_exponent=staleness_exponent,
         max_staleness=max_staleness,
         clusters=_clusters(clusters),
+        min_clusters=min_clusters,
         max_clusters=max_clusters,
+        min_cluster_size=min_cluster_size,
+        membership_floor=membership_floor,
+        cluster_signature=cluster_signature,
         warmup_aggregations=warmup_aggregations,
         recluster_every=recluster_every,
         hysteresis=hysteresis,

@@ -169,7 +169,15 @@ def test_clustering_recovers_planted_groups(clusters: int | None) -> None:
     rng = np.random.default_rng(5)
     labels = [i % 3 for i in range(12)]
     centers = make_centers(rng)
-    cfg = FederationConfig(buffer_size=12, clusters=clusters, max_clusters=5, warmup_aggregations=1, recluster_every=1)
+    cfg = FederationConfig(  # no membership floor: a client takes exactly its cluster's model
+        buffer_size=12,
+        clusters=clusters,
+        max_clusters=5,
+        warmup_aggregations=1,
+        recluster_every=1,
+        membership_floor=0,
+        cluster_signature="head",  # the groups are planted in the heads
+    )
     fed = Federation(SPEC, cfg)
     planted_round(fed, rng, centers, labels, 0)
     result = fed.aggregate()
@@ -191,7 +199,9 @@ def test_memberships_stay_put_under_hysteresis() -> None:
     rng = np.random.default_rng(6)
     labels = [i % 3 for i in range(12)]
     centers = make_centers(rng)
-    cfg = FederationConfig(buffer_size=12, clusters=3, warmup_aggregations=1, recluster_every=1, hysteresis=0.5)
+    cfg = FederationConfig(
+        buffer_size=12, clusters=3, warmup_aggregations=1, recluster_every=1, hysteresis=0.5, cluster_signature="head"
+    )
     fed = Federation(SPEC, cfg)
     planted_round(fed, rng, centers, labels, 0)
     fed.apply(fed.aggregate())

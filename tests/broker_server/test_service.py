@@ -233,7 +233,7 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     n, k = 9, 3
     server = start(
         "--buffer-size", str(n), "--window-seconds", "60", "--clusters", str(k),
-        "--warmup-aggregations", "1", "--recluster-every", "1",
+        "--warmup-aggregations", "1", "--recluster-every", "1", "--cluster-signature", "head",
     )  # fmt: skip
     plan = plan_dict([1], 2, ["query"], 0.5)
     cplan = ClientPlan.from_plan(plan, spec)
@@ -253,9 +253,20 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     models = [decode_model(hub.latest_model(f"client/c{i}")) for i in range(n)]
     found = [int(m.meta["cluster"]) for m in models]
     assert adjusted_rand_index(labels, found) == 1.0
+    clusters = [decode_model(hub.latest_model(f"cluster/{c}")) for c in range(k)]
     for m, g in zip(models, labels, strict=True):
-        np.testing.assert_allclose(m.tensors["head.weight"], centers[g]["head.weight"], atol=0.1)
+        # soft memberships (default floor 0.1): 1 - 0.1 * 2/3 on its cluster, 0.1 / 3 on the others
+        p = np.array([float(x) for x in m.meta["membership"].split(",")])
+        np.testing.assert_allclose(np.sort(p), [0.1 / 3, 0.1 / 3, 1 - 0.2 / 3], atol=1e-5)
+        mixed = sum(pc * cm.tensors["head.weight"] for pc, cm in zip(p, clusters, strict=True))
+        np.testing.assert_allclose(m.tensors["head.weight"], mixed, atol=1e-4)
+        dist = [np.linalg.norm(m.tensors["head.weight"] - c["head.weight"]) for c in centers]
+        assert int(np.argmin(dist)) == g
+    for cm in clusters:  # per-cluster figures for the report
+        assert (cm.meta["members"], cm.meta["min_cluster_size"], cm.meta["smallest_cluster"]) == (3, 2, 3)
+        assert cm.meta["soft_members"] == pytest.approx(3.0, abs=1e-3)
     metrics = server.scrape()
     assert metrics["fedhft_clusters"] == 3.0
     assert sorted(metrics[f'fedhft_clients{{cluster="{c}"}}'] for c in range(k)) == [3.0, 3.0, 3.0]
+    assert all(metrics[f'fedhft_clients_soft{{cluster="{c}"}}'] == pytest.approx(3.0) for c in range(k))
     assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))
