@@ -224,6 +224,8 @@ class EdgeClient:
             backoff_cap=cfg.backoff_cap,
         ).start()
         self.models.link = self.uploads.link = self._link
+        if self.virtual is not None:
+            self.virtual.link = self._link
         self._link_ups = 0
         self.uploads.publish_queued()  # a previous run's unacknowledged updates: same seq, same bytes
         try:
@@ -255,7 +257,7 @@ class EdgeClient:
         return bool(self.cfg.rounds) and self.summary.rounds_trained >= self.cfg.rounds
 
     def _done(self) -> bool:
-        finished = self._rounds_reached() or (self.virtual is not None and self.virtual.finished)
+        finished = self._rounds_reached() or (self.virtual is not None and self.virtual.left)
         return finished and not len(self.outbox)
 
     def _wants_round(self) -> bool:
@@ -289,6 +291,8 @@ class EdgeClient:
             event(log, "disconnected from the broker", logging.WARNING, reason=ev.reason)
         elif isinstance(ev, Delivered):
             self.uploads.on_delivered(ev)
+            if self.virtual is not None:
+                self.virtual.on_delivered(ev)
 
     def _on_link_up(self, ev: LinkUp) -> None:
         assert self._link is not None
@@ -328,6 +332,8 @@ class EdgeClient:
             self.models.on_model(rest, ev.payload)
         elif kind == "schedule" and rest == self.cfg.client_id and self.virtual is not None:
             self.virtual.on_schedule(ev.payload)
+            if self.virtual.finished:
+                self.store.save(self.state)  # a restart then exits at once instead of waiting for a schedule
 
     # ---- training ---------------------------------------------------------------------------------------
     def _train_round(self, model: ModelMessage, schedule: ScheduleMessage | None = None) -> None:

@@ -6,7 +6,9 @@ planned step time + upload(update) is known from the plan (sim_clock.py) -> trai
 ``virtual_time`` = S + d. The server orders updates by these times, so host load changes how long a run takes,
 never what it computes. A schedule already acted on (redelivered after a reconnect, or retained) is not run
 twice: the last one taken is kept in state.json. ``until_version`` / ``until_time`` end the device's run: a
-schedule from that model version, or starting at that virtual time, or later, is declined.
+schedule from that model version, or starting at that virtual time, or later, is declined, and the device
+leaves by promising its next update at the end of virtual time (:data:`LEAVE_AT`, the largest due the contract
+takes), so the server never waits on it and processes every earlier event; it then exits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from fedhft.edge_runtime.full_update import AnySpec
+from fedhft.edge_runtime.mqtt_link import Delivered, MqttLink
 from fedhft.edge_runtime.sim_clock import DeviceTimes, payload_bytes, planned_payload_bytes
 from fedhft.edge_runtime.state import EdgeState
 from fedhft.logs import event
@@ -24,6 +27,7 @@ from fedhft.protocol.topics import promise_topic, schedule_topic
 from fedhft.protocol.virtual_time import PromiseMessage, ScheduleMessage, decode_schedule, encode_promise
 
 log = logging.getLogger("fedhft.edge_runtime.client")  # the edge client's log, whichever part of it speaks
+LEAVE_AT = 1e12  # the end of virtual time: a device that stops promises its next update there
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,10 @@ class VirtualRounds:
         self.update_bytes = planned_payload_bytes(spec.update_shapes())
         self.until_version, self.until_time = until_version, until_time
         self.pending: ScheduleMessage | None = None
-        self.finished = False  # a schedule past the bounds came: no more rounds
+        self.link: MqttLink | None = None
+        last = state.last_schedule
+        self.finished = last is not None and self._beyond_bounds(float(last[0]), int(last[1]))  # no more rounds
+        self.left = self.finished  # the broker took the promise to leave (or an earlier run left already)
 
     def topics(self) -> list[str]:
         return [schedule_topic(self.task, self.client_id)]
@@ -83,15 +90,28 @@ class VirtualRounds:
             return  # redelivered: this round was trained already
         if self.pending is not None and msg.start_at < self.pending.start_at:
             return
-        if self._beyond_bounds(msg):
-            event(log, "schedule past this run's end: no more rounds", start_at=msg.start_at, version=msg.version)
+        if self._beyond_bounds(msg.start_at, msg.version):
+            event(log, "schedule past this run's end: leaving", start_at=msg.start_at, version=msg.version)
             self.finished, self.pending = True, None
+            self.state.last_schedule = [msg.start_at, msg.version]
+            self._leave(msg.version)
             return
         self.pending = msg
 
-    def _beyond_bounds(self, msg: ScheduleMessage) -> bool:
-        late = self.until_time is not None and msg.start_at >= self.until_time
-        return late or (self.until_version is not None and msg.version >= self.until_version)
+    def _beyond_bounds(self, start_at: float, version: int) -> bool:
+        late = self.until_time is not None and start_at >= self.until_time
+        return late or (self.until_version is not None and version >= self.until_version)
+
+    def _leave(self, version: int) -> None:
+        if self.link is None:
+            return
+        seq = self.state.next_seq
+        msg = PromiseMessage(self.task, self.client_id, seq, version, LEAVE_AT, time.time())
+        self.link.publish(promise_topic(self.task, self.client_id), encode_promise(msg), qos=1, token=("leave", seq))
+
+    def on_delivered(self, ev: Delivered) -> None:
+        if isinstance(ev.token, tuple) and ev.token[0] == "leave" and ev.ok:
+            self.left = True
 
     def ready(self, model: ModelMessage | None) -> ScheduleMessage | None:
         """The pending schedule once the model it names (or a newer one) is held, else None."""

@@ -18,12 +18,14 @@ import pytest
 from fedhft.edge_runtime.client import EdgeClient
 from fedhft.edge_runtime.client_config import ClientConfig, ClientError
 from fedhft.edge_runtime.masking import AdapterSpec, build_update_tensors, params_to_model_tensors
+from fedhft.edge_runtime.mqtt_link import Delivered
 from fedhft.edge_runtime.sim_clock import DeviceTimes, payload_bytes, planned_payload_bytes
 from fedhft.edge_runtime.state import EdgeState
-from fedhft.edge_runtime.virtual_rounds import VirtualRounds, round_on_clock
+from fedhft.edge_runtime.virtual_rounds import LEAVE_AT, VirtualRounds, round_on_clock
 from fedhft.protocol import ModelMessage, UpdateMessage
 from fedhft.protocol.manifest import load_manifest
-from fedhft.protocol.virtual_time import ScheduleMessage, encode_schedule
+from fedhft.protocol.topics import promise_topic
+from fedhft.protocol.virtual_time import ScheduleMessage, decode_promise, encode_schedule
 from tests.edge_runtime.test_client import ClientThread, Fed, fed  # noqa: F401 - fed is a fixture
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.mosquitto import Mosquitto
@@ -96,12 +98,32 @@ def test_a_round_waits_for_its_schedule_and_for_the_model_it_names(tiny_export: 
     assert vr.pending is None and not vr.finished
 
 
-def test_schedules_past_the_bounds_end_the_run(tiny_export: Path) -> None:
+class _Link:
+    """Records what would be published."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, object]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> None:
+        self.sent.append((topic, payload, token))
+
+
+def test_past_its_bounds_a_device_promises_the_end_of_time_and_leaves(tiny_export: Path) -> None:
     vr = _rounds(tiny_export, until_version=3, until_time=50.0)
+    vr.link = link = _Link()  # type: ignore[assignment]
+    vr.state.next_seq = 7
     vr.on_schedule(_schedule(10.0, 2))
-    assert vr.pending is not None and not vr.finished
+    assert vr.pending is not None and not vr.finished and not link.sent
     vr.on_schedule(_schedule(11.0, 3))
-    assert vr.finished and vr.pending is None
+    assert vr.finished and vr.pending is None and not vr.left
+    ((topic, payload, token),) = link.sent
+    leave = decode_promise(payload)
+    assert topic == promise_topic("sst", "c1") and (leave.seq, leave.base_version, leave.due) == (7, 3, LEAVE_AT)
+    vr.on_delivered(Delivered(token, True, ""))
+    assert vr.left
+    spec = AdapterSpec.from_manifest(load_manifest(tiny_export))
+    again = VirtualRounds("sst", "c1", spec, vr.times, vr.state, until_version=3)  # a restart: still gone
+    assert again.finished and again.left
     late = _rounds(tiny_export, until_time=50.0)
     late.on_schedule(_schedule(50.0, 1))
     assert late.finished
