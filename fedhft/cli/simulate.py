@@ -75,7 +75,8 @@ import click
     "--virtual-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Virtual time: passed to `fedhft server run --virtual-timeout` (when a promise that never comes expires).",
+    help="Virtual time: `fedhft server run --virtual-timeout` (wall seconds of fleet-wide silence before a "
+    "promise that never comes expires); default: the server's, 30 under --chaos.",
 )
 @click.option(
     "--time-scale",

@@ -52,18 +52,23 @@ def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: P
         str(cfg.seed),
         "--aggregator",
         m.aggregator,
-        *_clock_args(cfg),
+        *_clock_args(cfg, n_active),
         *m.server_args,
     ]
 
 
-def _clock_args(cfg: SimConfig) -> list[str]:
-    """The server's virtual-time and mode options (on the wall clock only an explicit --mode)."""
+CHAOS_VIRTUAL_TIMEOUT = 30.0  # wall seconds of fleet-wide silence before a killed device's promise expires
+
+
+def _clock_args(cfg: SimConfig, n_active: int) -> list[str]:
+    """The server's virtual-time and mode options (on the wall clock only an explicit --mode). The first round
+    waits for the whole fleet's hello; under chaos a killed device's promise expires sooner than by default."""
     args = ["--mode", run_mode(cfg)] if cfg.virtual_time or cfg.mode else []
     if cfg.virtual_time:
-        args.append("--virtual-time")
-        if cfg.virtual_timeout is not None:
-            args += ["--virtual-timeout", str(cfg.virtual_timeout)]
+        args += ["--virtual-time", "--virtual-fleet", str(n_active)]
+        timeout = cfg.virtual_timeout or (CHAOS_VIRTUAL_TIMEOUT if cfg.chaos else None)
+        if timeout is not None:
+            args += ["--virtual-timeout", str(timeout)]
     if cfg.round_deadline is not None:
         args += ["--round-deadline", str(cfg.round_deadline)]
     return args

@@ -37,6 +37,8 @@ def _opt(cmd: list[str], name: str) -> str | None:
 def test_virtual_time_is_the_default_and_rounds_count_server_versions() -> None:
     server, edge = _server(_cfg()), _edge(_cfg())
     assert "--virtual-time" in server and _opt(server, "--mode") == "async" and "--round-deadline" not in server
+    assert _opt(server, "--virtual-fleet") == "4" and "--virtual-timeout" not in server  # the server's default
+    assert _opt(_server(_cfg(chaos="default")), "--virtual-timeout") == "30.0"  # killed devices expire sooner
     assert "--virtual-time" in edge and "--sim-time-scale" not in edge
     assert (_opt(edge, "--rounds"), _opt(edge, "--until-version"), _opt(edge, "--until-time")) == ("0", "5", None)
 
