@@ -371,6 +371,9 @@ class EdgeClient:
         seq = self.state.next_seq
         try:
             tensors = update_tensors(self.spec, params, start)
+            # virtual time: no host timing in the update, its created_at in whole seconds (same bytes every run)
+            wall = {"train_seconds": report.seconds} if schedule is None else {}
+            created_at = time.time() if schedule is None else float(int(time.time()))
             if schedule is None:
                 extra |= self.clock.round(model, report.steps, tensors, t_round)
             msg = UpdateMessage(
@@ -380,15 +383,10 @@ class EdgeClient:
                 base_version=version,
                 num_samples=max(1, report.samples),
                 loss=report.loss,
-                metrics={
-                    "train_accuracy": report.accuracy,
-                    "train_seconds": report.seconds,
-                    "steps": report.steps,
-                    **extra,
-                },
+                metrics={"train_accuracy": report.accuracy, "steps": report.steps, **wall, **extra},
                 profile=self.manifest.profile_name,
                 manifest_sha256=self.manifest_sha256,
-                created_at=time.time(),
+                created_at=created_at,
                 tensors=tensors,
             )
             payload = encode_update(msg, cfg.encoding)

@@ -6,6 +6,7 @@ The server side is a stub here: tests/scenarios/test_virtual_time_determinism.py
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from fedhft.edge_runtime.client import EdgeClient
 from fedhft.edge_runtime.client_config import ClientConfig, ClientError
+from fedhft.edge_runtime.local_train import open_trainer
 from fedhft.edge_runtime.masking import AdapterSpec, build_update_tensors, params_to_model_tensors
 from fedhft.edge_runtime.mqtt_link import Delivered
 from fedhft.edge_runtime.sim_clock import DeviceTimes, payload_bytes, planned_payload_bytes
@@ -26,7 +28,7 @@ from fedhft.protocol import ModelMessage, UpdateMessage
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.topics import promise_topic
 from fedhft.protocol.virtual_time import ScheduleMessage, decode_promise, encode_schedule
-from tests.edge_runtime.test_client import ClientThread, Fed, fed  # noqa: F401 - fed is a fixture
+from tests.edge_runtime.test_client import ClientThread, Fed, _HookedTrainer, fed  # noqa: F401 - fed: a fixture
 from tests.edge_runtime.test_local_train import write_csv
 from tests.support.mosquitto import Mosquitto
 from tests.support.server_stub import ServerStub, random_model_tensors, wait_until
@@ -140,7 +142,16 @@ def test_virtual_time_and_scaled_sleeps_exclude_each_other(fed: Fed) -> None:  #
 def test_the_device_trains_when_scheduled_and_promises_before_training(fed: Fed) -> None:  # noqa: F811
     stub, manifest = fed.stub, load_manifest(fed.export)
     stub.publish_model(0, "client/c1", fed.model)
-    run = ClientThread(EdgeClient(fed.config(virtual_time=True, rounds=2, local_steps=5)), timeout=40)
+    promised_at_first_step: list[int] = []
+
+    def first_step() -> None:  # training starts: the promise must already be on its way to the server
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: stub.promises, 10, "the promise")
+        promised_at_first_step.append(len(stub.promises))
+
+    cfg = fed.config(virtual_time=True, rounds=2, local_steps=5)
+    trainer = _HookedTrainer(open_trainer("ort", fed.export, manifest, learning_rate=cfg.learning_rate), first_step)
+    run = ClientThread(EdgeClient(cfg, trainer=trainer), timeout=40)  # type: ignore[arg-type]
     wait_until(lambda: stub.hellos, 20, "the hello")
     time.sleep(1.0)
     assert not stub.promises and not stub.updates  # a model alone starts nothing
@@ -158,7 +169,8 @@ def test_the_device_trains_when_scheduled_and_promises_before_training(fed: Fed)
     assert (p0.seq, p0.base_version, p0.due) == (0, 1, 10.0 + d) and u0.base_version == 1
     assert u0.metrics["virtual_time"] == p0.due and u0.metrics["virtual_duration"] == d
     assert stub.arrivals[:2] == [("promise", "c1", 0), ("update", "c1", 0)]
-    assert p0.created_at <= u0.created_at - u0.metrics["train_seconds"]  # promised before training began
+    assert promised_at_first_step == [1]  # promised before the first training step
+    assert "train_seconds" not in u0.metrics and u0.created_at == int(u0.created_at)  # no host timing in it
     stub.publish_schedule("c1", 10.0, 1)  # the same schedule again: already done
     time.sleep(1.0)
     assert len(stub.promises) == 1
