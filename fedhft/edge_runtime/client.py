@@ -371,9 +371,9 @@ class EdgeClient:
         seq = self.state.next_seq
         try:
             tensors = update_tensors(self.spec, params, start)
-            # virtual time: no host timing in the update, its created_at in whole seconds (same bytes every run)
+            # virtual time: no host timing in the update, created on the virtual clock (the same bytes every run)
             wall = {"train_seconds": report.seconds} if schedule is None else {}
-            created_at = time.time() if schedule is None else float(int(time.time()))
+            created_at = time.time() if schedule is None else extra["virtual_time"]
             if schedule is None:
                 extra |= self.clock.round(model, report.steps, tensors, t_round)
             msg = UpdateMessage(
