@@ -25,8 +25,19 @@ SAME = (
 ).split()
 
 
+def _slow_profile(tiny: Path) -> Path:
+    """The tiny profile as a device 10x slower to compute and on a 400x slower uplink."""
+    slow = tiny.with_name("tiny-slow.toml")
+    text = tiny.read_text().replace('name = "tiny-test"', 'name = "tiny-slow"')
+    slow.write_text(
+        text.replace("fp32_gflops = 50.0", "fp32_gflops = 5.0").replace("uplink_mbps = 20.0", "uplink_mbps = 0.05")
+    )
+    return slow
+
+
 def _run(out: Path, data: Path, model: Path, profile: Path, mode: str) -> dict:
-    args = ["simulate", "--clients", "3", "--profiles", f"{profile}:3", "--dataset", str(data), "--alpha", "1.0"]
+    mix = f"{profile}:2,{_slow_profile(profile)}:1"
+    args = ["simulate", "--clients", "3", "--profiles", mix, "--dataset", str(data), "--alpha", "1.0"]
     args += ["--rounds", "4", "--local-steps", "6", "--max-seq-len", "16", "--lr", "0.01", "--clusters", "1"]
     args += ["--model", str(model), "--out", str(out), "--minutes", "6", "--target-accuracy", "0.5", "--mode", mode]
     r = CliRunner().invoke(main, args)
