@@ -44,6 +44,7 @@ from fedhft.edge_runtime.masking import AdapterMismatch
 from fedhft.edge_runtime.model_receiver import ModelReceiver
 from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkUp, MqttLink
 from fedhft.edge_runtime.outbox import Outbox
+from fedhft.edge_runtime.sim_clock import DeviceTimes
 from fedhft.edge_runtime.state import EdgeState, StateStore, restart_seq
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
@@ -147,8 +148,6 @@ class EdgeClient:
         self._failed_version: int | None = None  # a model that produced no valid update: not trained again
 
     def _virtual_rounds(self) -> VirtualRounds:
-        from fedhft.edge_runtime.sim_clock import DeviceTimes
-
         cfg = self.cfg
         return VirtualRounds(
             cfg.task,
