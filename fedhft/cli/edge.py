@@ -200,6 +200,31 @@ def _torch_free_if(backend: str) -> None:
     help="Simulation: sleep this x the profile's simulated round time (0: off).",
 )
 @click.option(
+    "--virtual-time",
+    is_flag=True,
+    help="Simulation (`fedhft server run --virtual-time`): start each round when the server's schedule says, "
+    "promise when its update lands by the profile's step time and link speeds, never sleep.",
+)
+@click.option(
+    "--until-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --virtual-time: stop once scheduled from this model version or a later one.",
+)
+@click.option(
+    "--until-time",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --virtual-time: stop once scheduled at this virtual time (seconds) or later.",
+)
+@click.option(
+    "--max-rounds-per-version",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Rounds trained on one model version; 0: keep training on the newest model until a newer one comes.",
+)
+@click.option(
     "--reset-state",
     is_flag=True,
     help="Start this device over (after a 'corrupt' state error or a re-export): delete the saved state, "
@@ -235,6 +260,10 @@ def run_command(
     eval_data: Path | None,
     mask_ratio: float | None,
     sim_time_scale: float,
+    virtual_time: bool,
+    until_version: int | None,
+    until_time: float | None,
+    max_rounds_per_version: int,
     reset_state: bool,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
@@ -273,6 +302,10 @@ def run_command(
         eval_data=eval_data,
         mask_ratio=mask_ratio,
         sim_time_scale=sim_time_scale,
+        virtual_time=virtual_time,
+        until_version=until_version,
+        until_time=until_time,
+        max_rounds_per_version=max_rounds_per_version,
         reset_state=reset_state,
     )
     client = EdgeClient(cfg, status=lambda line: click.echo(line, err=True))  # connection state changes

@@ -42,7 +42,12 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
 @click.option(
     "--max-test", default=1000, show_default=True, help="Cap on the global test set (and 1/5 of it per client)."
 )
-@click.option("--rounds", default=5, show_default=True, help="Local rounds per client.")
+@click.option(
+    "--rounds",
+    default=5,
+    show_default=True,
+    help="Length of the run: server versions (virtual time), or local rounds per client (--wall-clock).",
+)
 @click.option("--minutes", type=float, default=None, help="Stop after this many minutes.")
 @click.option(
     "--method",
@@ -65,7 +70,44 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
 @click.option("--local-steps", default=10, show_default=True)
 @click.option("--max-seq-len", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
-@click.option("--time-scale", default=0.02, show_default=True, help="Real seconds slept per simulated second.")
+@click.option(
+    "--virtual-time/--wall-clock",
+    default=True,
+    show_default=True,
+    help="Order arrivals by the devices' simulated clocks (deterministic, no sleeping), or by the host's clock.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["async", "sync"]),
+    default=None,
+    help="Server aggregation: buffered asynchronous (FedBuff) or synchronous rounds. Default: sync for the "
+    "synchronous baselines (fedavg-lora, hetlora, flexlora, fedavg-full), async otherwise.",
+)
+@click.option(
+    "--round-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="--mode sync: virtual seconds a round waits for stragglers (default: the server's).",
+)
+@click.option(
+    "--virtual-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Virtual time: no round starts after this many simulated seconds.",
+)
+@click.option(
+    "--virtual-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Virtual time: `fedhft server run --virtual-timeout` (wall seconds of fleet-wide silence before a "
+    "promise that never comes expires); default: the server's, 30 under --chaos.",
+)
+@click.option(
+    "--time-scale",
+    default=0.02,
+    show_default=True,
+    help="--wall-clock: real seconds slept per simulated second.",
+)
 @click.option("--clusters", default=2, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="The first seed (see --seeds).")
 @click.option("--seeds", "seeds_arg", default=None, help="N (seeds --seed ... --seed+N-1) or a list 0,1,2.")
@@ -113,6 +155,11 @@ def simulate(
     local_steps: int,
     max_seq_len: int,
     lr: float,
+    virtual_time: bool,
+    mode: str | None,
+    round_deadline: float | None,
+    virtual_budget: float | None,
+    virtual_timeout: float | None,
     time_scale: float,
     clusters: int,
     seed: int,
@@ -158,6 +205,11 @@ def simulate(
         max_seq_len=max_seq_len,
         learning_rate=lr,
         time_scale=time_scale,
+        virtual_time=virtual_time,
+        mode=mode,
+        round_deadline=round_deadline,
+        virtual_budget=virtual_budget,
+        virtual_timeout=virtual_timeout,
         clusters=clusters,
         backend=backend,
         last_k=last_k,
@@ -179,7 +231,11 @@ def simulate(
         "encodings": encs,
         "last_k": last_k,
         "time_budget": time_budget,
-        "time_scale": time_scale,
+        "time_scale": None if virtual_time else time_scale,
+        "virtual_time": virtual_time,
+        "mode": mode,
+        "round_deadline": round_deadline,
+        "virtual_budget": virtual_budget,
         "chaos": chaos,
         "backend": backend,
     }

@@ -1,7 +1,11 @@
 """`fedhft edge run`: the device's federated loop over MQTT, crash-safe.
 
 Register (hello) -> wait for a signed model -> load it -> train the local steps -> build the masked update ->
-put it in the outbox (on disk) -> publish it (QoS 1) -> wait for the server's ack -> repeat on a newer model.
+put it in the outbox (on disk) -> publish it (QoS 1) -> wait for the server's ack -> repeat on the newest model
+held: a device that finishes keeps training instead of idling until a newer version comes (FedBuff), at most
+--max-rounds-per-version rounds per version, and never while an earlier update still waits for its ack.
+Under `fedhft simulate --virtual-time` a round starts only when the server's schedule says so, and the device
+promises when its update lands before training (virtual_rounds.py).
 
 Crash safety. An update gets its seq when it is created, and is written to the outbox together with that
 seq *before* it is published; state.json then records next_seq. A restart (after kill -9 or a power cut)
@@ -11,7 +15,7 @@ An update leaves the outbox only when an ack (accepted / duplicate / rejected) n
 
 The parts: models and the server key come in through model_receiver.py (key rotation: the retained key chain
 is read first, ``fedhft/v1/<task>/key``), updates go out and acks come back through uploads.py, and the
-round's clock is the wall clock, or under `fedhft simulate` a simulated one (clock.py).
+round's clock is the wall clock, a scaled simulated one (clock.py) or the virtual clock (virtual_rounds.py).
 
 Threads: the MQTT link's network thread only queues events; everything else (verification, training,
 state, publishing) happens here, in the thread that calls ``EdgeClient.run``.
@@ -41,11 +45,13 @@ from fedhft.edge_runtime.masking import AdapterMismatch
 from fedhft.edge_runtime.model_receiver import ModelReceiver
 from fedhft.edge_runtime.mqtt_link import Delivered, Incoming, LinkDown, LinkRefused, LinkUp, MqttLink
 from fedhft.edge_runtime.outbox import Outbox
+from fedhft.edge_runtime.sim_clock import DeviceTimes
 from fedhft.edge_runtime.state import EdgeState, StateStore, restart_seq
 from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
 from fedhft.edge_runtime.trust import ServerTrust
 from fedhft.edge_runtime.uploads import Uploads
+from fedhft.edge_runtime.virtual_rounds import VirtualRounds
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.protocol import (
@@ -66,6 +72,7 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from fedhft.protocol.mqtt import parse_broker_url
+from fedhft.protocol.virtual_time import ScheduleMessage
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,10 @@ class EdgeClient:
             raise ClientError(f"--encoding must be one of {ENCODINGS}, got {cfg.encoding!r}")
         if cfg.local_steps < 1 or cfg.rounds < 0:
             raise ClientError(f"--local-steps must be >= 1 and --rounds >= 0 (got {cfg.local_steps}, {cfg.rounds})")
+        if cfg.virtual_time and cfg.sim_time_scale > 0:
+            raise ClientError("--virtual-time and --sim-time-scale exclude each other: pick one simulated clock")
+        if cfg.max_rounds_per_version < 0:
+            raise ClientError(f"--max-rounds-per-version must be >= 0, got {cfg.max_rounds_per_version}")
         self.cfg = cfg
         self.battery = BatteryGate(battery, cfg.battery_min_percent, cfg.battery_check_seconds)
         self.manifest = load_manifest(cfg.artifacts)
@@ -128,6 +139,7 @@ class EdgeClient:
             self.spec = bind_initial(self.spec, self.trainer)  # full fine-tuning: the exported weights, pre-checkpoint
             self.models = ModelReceiver(cfg.task, cfg.client_id, self.spec, trust, self.store, self.state, self.summary)
             self.uploads = Uploads(self.outbox, cfg.task, cfg.client_id, cfg.ack_timeout)
+            self.virtual = self._virtual_rounds() if cfg.virtual_time else None
             self._recover()
         except BaseException:
             self.store.close()
@@ -138,6 +150,19 @@ class EdgeClient:
         self._stop = threading.Event()
         self._status = status or (lambda line: event(log, line))
         self._last_status: tuple[str, str] | None = None
+        self._failed_version: int | None = None  # a model that produced no valid update: not trained again
+
+    def _virtual_rounds(self) -> VirtualRounds:
+        cfg = self.cfg
+        return VirtualRounds(
+            cfg.task,
+            cfg.client_id,
+            self.spec,
+            DeviceTimes.from_manifest(self.manifest),
+            self.state,
+            until_version=cfg.until_version,
+            until_time=cfg.until_time,
+        )
 
     @property
     def server_key(self) -> Ed25519PublicKey:
@@ -168,7 +193,7 @@ class EdgeClient:
                 self.outbox.remove(seq)
                 continue
             if self.state.trained_version is None or upd.base_version > self.state.trained_version:
-                self.state.trained_version = upd.base_version
+                self.state.trained_version, self.state.version_rounds = upd.base_version, 1
         self.store.save(self.state)
         event(
             log,
@@ -203,6 +228,8 @@ class EdgeClient:
             backoff_cap=cfg.backoff_cap,
         ).start()
         self.models.link = self.uploads.link = self._link
+        if self.virtual is not None:
+            self.virtual.link = self._link
         self._link_ups = 0
         self.uploads.publish_queued()  # a previous run's unacknowledged updates: same seq, same bytes
         try:
@@ -215,13 +242,15 @@ class EdgeClient:
                     pass
                 self._drain_events()
                 self.uploads.check_ack_timeouts()
-                if (
-                    self.state.needs_training()
-                    and self.models.model is not None
-                    and not self._rounds_reached()
-                    and self.battery.ok()
-                ):
-                    self._train_round(self.models.model)
+                model = self.models.model
+                if model is None or self._rounds_reached() or not self.battery.ok():
+                    continue
+                if self.virtual is not None:
+                    schedule = self.virtual.ready(model)
+                    if schedule is not None:
+                        self._train_round(model, schedule)
+                elif self._wants_round():
+                    self._train_round(model)
         finally:
             self._link.stop()
             self.store.save(self.state)
@@ -232,7 +261,23 @@ class EdgeClient:
         return bool(self.cfg.rounds) and self.summary.rounds_trained >= self.cfg.rounds
 
     def _done(self) -> bool:
-        return self._rounds_reached() and not len(self.outbox)
+        finished = self._rounds_reached() or (self.virtual is not None and self.virtual.left)
+        return finished and not len(self.outbox)
+
+    def _wants_round(self) -> bool:
+        """Wall clock: a newer model to train, or (FedBuff) another round on the newest one held, once the last
+        update is acknowledged (so a slow link never piles them up) and within --max-rounds-per-version."""
+        st = self.state
+        if st.needs_training():
+            return True
+        cap = self.cfg.max_rounds_per_version
+        return (
+            st.model_version is not None
+            and st.trained_version == st.model_version
+            and st.model_version != self._failed_version
+            and (cap == 0 or st.version_rounds < cap)
+            and not len(self.outbox)
+        )
 
     def _drain_events(self) -> None:
         while True:
@@ -255,6 +300,8 @@ class EdgeClient:
             )
         elif isinstance(ev, Delivered):
             self.uploads.on_delivered(ev)
+            if self.virtual is not None:
+                self.virtual.on_delivered(ev)
 
     def _broker_address(self) -> str:
         a = parse_broker_url(self.cfg.broker)
@@ -279,7 +326,8 @@ class EdgeClient:
         self._say("up", "", f"connected to {self._broker_address()}")
         event(log, "connected to the broker", logging.DEBUG, session_present=ev.session_present)
         self._link.subscribe([key_topic(self.cfg.task)])  # first: the retained chain comes before the models
-        self._link.subscribe([ack_topic(self.cfg.task, self.cfg.client_id), *self.models.topics()])
+        schedules = self.virtual.topics() if self.virtual is not None else []
+        self._link.subscribe([ack_topic(self.cfg.task, self.cfg.client_id), *self.models.topics(), *schedules])
         self.models.subscribed_cluster = self.state.cluster
         hello = HelloMessage(
             self.cfg.task,
@@ -310,14 +358,25 @@ class EdgeClient:
                 self.summary.acked[ack.seq] = ack.status
         elif kind == "model":
             self.models.on_model(rest, ev.payload)
+        elif kind == "schedule" and rest == self.cfg.client_id and self.virtual is not None:
+            self.virtual.on_schedule(ev.payload)
+            if self.virtual.finished:
+                self.store.save(self.state)  # a restart then exits at once instead of waiting for a schedule
 
     # ---- training ---------------------------------------------------------------------------------------
-    def _train_round(self, model: ModelMessage) -> None:
+    def _train_round(self, model: ModelMessage, schedule: ScheduleMessage | None = None) -> None:
+        """One round on ``model``; under virtual time the one ``schedule`` names, promised before training."""
         cfg, version = self.cfg, model.version
+        again = self.state.version_rounds if self.state.trained_version == version else 0  # rounds on it so far
         self.trainer.set_parameters(self.models.params(model))
         start = self.trainer.get_parameters()
         t_round = time.monotonic()
         extra: dict[str, float] = {}
+        if schedule is not None:
+            assert self.virtual is not None and self._link is not None
+            vround = self.virtual.begin(schedule, model, cfg.local_steps)
+            self._link.publish(*self.virtual.promise(vround, self.state.next_seq, version), qos=1)
+            extra |= vround.metrics()
         if len(self.eval_texts):
             before = evaluate(self.trainer, self.encoder, self.eval_texts, self.eval_labels)
             extra |= {"eval_accuracy": before.accuracy, "eval_loss": before.loss}
@@ -329,8 +388,8 @@ class EdgeClient:
             self.labels,
             steps=cfg.local_steps,
             batch_size=self.batch_size,
-            seed=cfg.seed * 1_000_003 + version,
-            max_seconds=cfg.max_train_seconds,
+            seed=cfg.seed * 1_000_003 + version + 7919 * again,
+            max_seconds=None if schedule is not None else cfg.max_train_seconds,  # virtual time: every step
             should_stop=self._stop.is_set,
         )
         if self._stop.is_set():
@@ -340,7 +399,11 @@ class EdgeClient:
         seq = self.state.next_seq
         try:
             tensors = update_tensors(self.spec, params, start)
-            extra |= self.clock.round(model, report.steps, tensors, t_round)
+            # virtual time: no host timing in the update, created on the virtual clock (the same bytes every run)
+            wall = {"train_seconds": report.seconds} if schedule is None else {}
+            created_at = time.time() if schedule is None else extra["virtual_time"]
+            if schedule is None:
+                extra |= self.clock.round(model, report.steps, tensors, t_round)
             msg = UpdateMessage(
                 task=cfg.task,
                 client_id=cfg.client_id,
@@ -348,26 +411,25 @@ class EdgeClient:
                 base_version=version,
                 num_samples=max(1, report.samples),
                 loss=report.loss,
-                metrics={
-                    "train_accuracy": report.accuracy,
-                    "train_seconds": report.seconds,
-                    "steps": report.steps,
-                    **extra,
-                },
+                metrics={"train_accuracy": report.accuracy, "steps": report.steps, **wall, **extra},
                 profile=self.manifest.profile_name,
                 manifest_sha256=self.manifest_sha256,
-                created_at=time.time(),
+                created_at=created_at,
                 tensors=tensors,
             )
             payload = encode_update(msg, cfg.encoding)
         except (ProtocolError, AdapterMismatch, BackendError) as e:
             event(log, "local training produced no valid update; skipping this model", logging.ERROR, error=str(e))
-            self.state.trained_version = version
+            self.state.trained_version, self._failed_version = version, version
+            if schedule is not None:
+                self.virtual.taken(schedule)  # type: ignore[union-attr]
             self.store.save(self.state)
             return
         self.uploads.put(seq, payload)  # durable before anything else knows about seq
         self.state.next_seq = seq + 1
-        self.state.trained_version = version
+        self.state.trained_version, self.state.version_rounds = version, again + 1
+        if schedule is not None:
+            self.virtual.taken(schedule)  # type: ignore[union-attr]
         self.state.rounds_created += 1
         self.store.save(self.state)
         self.store.save_trainer(self.trainer.save_state)

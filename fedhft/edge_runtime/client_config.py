@@ -48,6 +48,10 @@ class ClientConfig:
     eval_data: Path | None = None  # local test split: the received model's accuracy goes into update metrics
     mask_ratio: float | None = None  # override the manifest's upload mask (baselines upload every row)
     sim_time_scale: float = 0.0  # simulation: sleep this x the profile's simulated round duration
+    virtual_time: bool = False  # simulation: rounds on the server's schedule and the profile's clock, no sleeping
+    until_version: int | None = None  # virtual time: decline schedules from this model version on
+    until_time: float | None = None  # virtual time: decline schedules starting at this virtual time or later
+    max_rounds_per_version: int = 0  # wall clock: rounds on one model version (0: keep training until a newer one)
     reset_state: bool = False  # start over: drop saved state, model, checkpoint and queued updates
 
 

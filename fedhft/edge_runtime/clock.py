@@ -2,7 +2,9 @@
 
 A :class:`RoundClock` is told when a round's update is ready and returns the time metrics that go into the
 update. On a device (:class:`WallClock`) that is nothing: rounds take the time they take. `fedhft edge run
---sim-time-scale S` (S > 0) picks the simulated clock of sim_clock.py once, at start-up (:func:`round_clock`).
+--sim-time-scale S` (S > 0) picks the scaled simulated clock of sim_clock.py once, at start-up
+(:func:`round_clock`). `--virtual-time` rounds do not use a RoundClock: they are scheduled by the server and
+timed before training (virtual_rounds.py).
 """
 
 from __future__ import annotations

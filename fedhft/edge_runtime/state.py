@@ -73,6 +73,8 @@ class EdgeState:
     trained_version: int | None = None  # model version the newest created update was trained from
     cluster: int | None = None  # cluster the server put this client in (from a model's meta)
     rounds_created: int = 0
+    version_rounds: int = 0  # updates created from trained_version (a device keeps training on its newest model)
+    last_schedule: list[float] | None = None  # virtual time: [start_at, version] of the last schedule acted on
     state_version: int = STATE_VERSION
     updated_at: float = field(default_factory=time.time)
 

@@ -1,12 +1,18 @@
 """The command lines a simulation starts its server and its edge runtimes with (`fedhft server run`,
-`fedhft edge run`): each part runs as its own process, as in a real deployment."""
+`fedhft edge run`): each part runs as its own process, as in a real deployment.
+
+Under virtual time (the default) both run with --virtual-time: the server schedules rounds by the devices'
+clocks and aggregates in --mode async|sync; each edge stops once it is scheduled from version --rounds (the
+run's length in server versions) or at the --virtual-budget. On the wall clock (`--wall-clock`) edges sleep
+--time-scale x their simulated round time and each trains --rounds rounds.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from fedhft.simulate.config import SimConfig
+from fedhft.simulate.config import SimConfig, run_mode
 from fedhft.simulate.data import ClientSplit
 
 
@@ -17,8 +23,9 @@ def fedhft_cli() -> list[str]:
 
 def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: Path, n_active: int) -> list[str]:
     m = cfg.method
-    buffer = n_active if m.synchronous else max(2, n_active // 2)
-    window = 3600.0 if m.synchronous else 20.0
+    sync = run_mode(cfg) == "sync"
+    buffer = n_active if sync else max(2, n_active // 2)
+    window = 3600.0 if sync else 20.0
     return [
         *fedhft_cli(),
         "server",
@@ -40,13 +47,31 @@ def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: P
         "--warmup-aggregations",
         "2",
         "--staleness-exponent",
-        "0" if m.synchronous else "0.5",
+        "0" if sync else "0.5",
         "--seed",
         str(cfg.seed),
         "--aggregator",
         m.aggregator,
+        *_clock_args(cfg, n_active),
         *m.server_args,
     ]
+
+
+CHAOS_VIRTUAL_TIMEOUT = 30.0  # wall seconds of fleet-wide silence before a killed device's promise expires
+
+
+def _clock_args(cfg: SimConfig, n_active: int) -> list[str]:
+    """The server's virtual-time and mode options (on the wall clock only an explicit --mode). The first round
+    waits for the whole fleet's hello; under chaos a killed device's promise expires sooner than by default."""
+    args = ["--mode", run_mode(cfg)] if cfg.virtual_time or cfg.mode else []
+    if cfg.virtual_time:
+        args += ["--virtual-time", "--virtual-fleet", str(n_active)]
+        timeout = cfg.virtual_timeout or (CHAOS_VIRTUAL_TIMEOUT if cfg.chaos else None)
+        if timeout is not None:
+            args += ["--virtual-timeout", str(timeout)]
+    if cfg.round_deadline is not None:
+        args += ["--round-deadline", str(cfg.round_deadline)]
+    return args
 
 
 def edge_command(
@@ -80,8 +105,6 @@ def edge_command(
         str(cdir / "state"),
         "--server-key",
         str(pub),
-        "--rounds",
-        str(cfg.rounds),
         "--local-steps",
         str(cfg.local_steps),
         "--lr",
@@ -92,13 +115,19 @@ def edge_command(
         label_arg,
         "--eval-data",
         str(test),
-        "--sim-time-scale",
-        str(cfg.time_scale),
         "--encoding",
         cfg.encoding,
         "--ack-timeout",  # a simulated fleet runs minutes, not days: re-send an unacknowledged update sooner
-        "20",
+        "60" if cfg.virtual_time else "20",
     ]
+    if cfg.virtual_time:  # rounds when scheduled, until the run's last version or its virtual budget
+        cmd += ["--virtual-time", "--rounds", "0"]
+        cmd += ["--until-version", str(cfg.rounds)] if cfg.rounds else []
+        cmd += ["--until-time", str(cfg.virtual_budget)] if cfg.virtual_budget else []
+    else:
+        cmd += ["--rounds", str(cfg.rounds), "--sim-time-scale", str(cfg.time_scale)]
+        if run_mode(cfg) == "sync":  # one update per client and round: no second round on the same model
+            cmd += ["--max-rounds-per-version", "1"]
     if not cfg.method.mask and cfg.method.planner != "full":
         cmd += ["--mask-ratio", "1.0"]
     return cmd

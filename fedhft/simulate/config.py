@@ -16,6 +16,9 @@ class SimulationError(FedHFTError):
     """The simulation cannot run."""
 
 
+MODES = ("async", "sync")
+
+
 @dataclass
 class SimConfig:
     clients: int
@@ -33,7 +36,12 @@ class SimConfig:
     local_steps: int = 10
     max_seq_len: int = 64
     learning_rate: float = 2e-3
-    time_scale: float = 0.0
+    time_scale: float = 0.0  # wall clock only: real seconds slept per simulated second
+    virtual_time: bool = True  # order the fleet by its devices' clocks (server and edges --virtual-time)
+    mode: str | None = None  # "async" | "sync"; None: the method's own (sync for synchronous baselines)
+    round_deadline: float | None = None  # sync: virtual seconds a round waits for stragglers (server's default)
+    virtual_budget: float | None = None  # virtual time: no round starts at or after this many virtual seconds
+    virtual_timeout: float | None = None  # virtual time: the server's --virtual-timeout (its default when None)
     clusters: int = 2
     split: str = "dirichlet"  # "dirichlet" (label skew by alpha) | "natural" (the data set's groups)
     chaos: str | None = None  # a fault spec (fedhft.simulate.chaos): the run is named <method>+chaos
@@ -52,6 +60,13 @@ class SimConfig:
         """The run's name in the report: the method, then +ENCODING unless fp16, then +chaos."""
         enc = "" if self.encoding == DEFAULT_ENCODING else f"+{self.encoding}"
         return self.method.name + enc + ("+chaos" if self.chaos else "")
+
+
+def run_mode(cfg: SimConfig) -> str:
+    """The server's aggregation mode: --mode, else sync for a synchronous baseline and async for the rest."""
+    if cfg.mode is not None and cfg.mode not in MODES:
+        raise SimulationError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    return cfg.mode or ("sync" if cfg.method.synchronous else "async")
 
 
 def parse_profile_mix(text: str) -> dict[str, int]:

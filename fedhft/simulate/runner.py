@@ -5,9 +5,12 @@ and the processes are kept by fleet.py.
 
 Every part is the real one: artifacts from the export pipeline, a real MQTT broker, the server and the edge
 runtimes as separate processes (`fedhft server run`, `fedhft edge run`) exchanging real protocol messages.
-Devices differ in time through scaled sleeps: each edge runtime turns its profile's planned step time and
-link speeds into a simulated duration per round and sleeps that duration times `time_scale` (see
-`fedhft edge run --sim-time-scale`); simulated time is carried in update metrics and model meta.
+Devices differ in time on a virtual clock (the default): each edge turns its profile's planned step time and
+link speeds into the virtual duration of a round and promises when its update lands; the server orders
+updates by those times and schedules each device's next round. Nobody sleeps, and the same seeds give the
+same numbers whatever the host load; time to target is read off that clock (model meta ``virtual_time``).
+The run ends when every edge has been scheduled past version --rounds or the --virtual-budget. With
+``virtual_time`` off (`--wall-clock`), edges sleep `time_scale` x their simulated round time instead.
 """
 
 from __future__ import annotations
@@ -130,9 +133,10 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             snap = traffic.snapshot()
             acc = evaluator.latest_accuracy()
             version = max((pt.version for pt in evaluator.points), default=0)
+            vt = max((pt.virtual_time for pt in evaluator.points), default=0.0)
             faults = f"  faults {sum(chaos.injected.values())}" if chaos is not None else ""
             say(
-                f"[{label}] {elapsed:5.0f}s  version {version:3d}  "
+                f"[{label}] {elapsed:5.0f}s  version {version:3d}  virtual {vt:7.0f}s  "
                 f"accuracy {acc if acc is None else round(acc, 3)}  up {snap['bytes'].get('update', 0) / 1e3:.0f} kB  "
                 f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  "
                 f"active {len(fleet.running_edges())}{faults}"

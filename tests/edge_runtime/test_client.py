@@ -203,7 +203,7 @@ def _strip_signature(payload: bytes) -> bytes:
 
 def test_bad_models_are_refused_and_the_last_good_one_is_kept(fed: Fed) -> None:
     good = fed.stub.publish_model(1, "client/c1", fed.model)
-    run = ClientThread(EdgeClient(fed.config(rounds=2)), timeout=40)
+    run = ClientThread(EdgeClient(fed.config(rounds=2, max_rounds_per_version=1)), timeout=40)
     wait_until(lambda: 0 in fed.stub.raw, 20, "the first update")
     other_key, _ = generate_keypair()
     tampered = bytearray(fed.stub.model_payload(2, "client/c1", fed.model))
@@ -246,7 +246,7 @@ def test_low_battery_postpones_training(fed: Fed) -> None:
 
 def test_the_client_follows_the_cluster_the_server_names(fed: Fed) -> None:
     fed.stub.publish_model(1, "client/c1", fed.model, meta={"cluster": 2})
-    run = ClientThread(EdgeClient(fed.config(rounds=2)), timeout=30)
+    run = ClientThread(EdgeClient(fed.config(rounds=2, max_rounds_per_version=1)), timeout=30)
     wait_until(lambda: 0 in fed.stub.raw, 20, "the first update")
     assert run.client.state.cluster == 2
     fed.stub.publish_model(2, "cluster/2", fed.model)

@@ -83,7 +83,8 @@ def test_chaos_run_loses_nothing_acknowledged(
     assert c["duplicates_aggregated"] == 0, c
     assert sum(c["faults_injected"].values()) >= 6, c["fault_log"]
     assert {"edge-kill", "server-kill", "broker-restart"} <= set(c["faults_injected"]), c["fault_log"]
-    assert c["acknowledged"] >= 4 * 30 and c["aggregated"] + c["pending_at_end"] >= c["acknowledged"] - sum(
+    # --rounds 30 server versions, each a flush of at least K = 2 updates (4 clients, async)
+    assert c["acknowledged"] >= 2 * 30 and c["aggregated"] + c["pending_at_end"] >= c["acknowledged"] - sum(
         c["dropped_by_server"].values()
     )
     assert c["clean_final_accuracy"] is not None and c["accuracy_delta_points"] is not None

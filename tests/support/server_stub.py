@@ -1,5 +1,6 @@
 """A minimal in-test federation server for edge-runtime tests: signs and publishes models (retained),
-collects and decodes updates, and acks them (or stays silent while ``ack`` is False)."""
+collects and decodes updates, and acks them (or stays silent while ``ack`` is False). For virtual time it
+records promises and publishes schedules; ``arrivals`` lists (kind, client, seq) in the order they came."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from fedhft.protocol import (
 )
 from fedhft.protocol.mqtt import make_client, session_properties
 from fedhft.protocol.tensor_names import a_name, b_name
+from fedhft.protocol.topics import promise_filter, schedule_topic
+from fedhft.protocol.virtual_time import PromiseMessage, ScheduleMessage, decode_promise, encode_schedule
 
 
 def random_model_tensors(spec: AdapterSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
@@ -51,9 +54,11 @@ class ServerStub:
     spec: AdapterSpec
     ack: bool = True
     updates: list[UpdateMessage] = field(default_factory=list)
-    raw: dict[int, list[bytes]] = field(default_factory=dict)  # seq -> every payload received
+    raw: dict[int, list[bytes]] = field(default_factory=dict)  # seq -> every payload received (any client)
     hellos: list[HelloMessage] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    promises: list[PromiseMessage] = field(default_factory=list)
+    arrivals: list[tuple[str, str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.private_key, self.public_key = generate_keypair()
@@ -80,7 +85,7 @@ class ServerStub:
 
     # ---- MQTT -------------------------------------------------------------------------------------------
     def _on_connect(self, c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
-        c.subscribe([(f, 1) for f in server_filters(self.task)])
+        c.subscribe([(f, 1) for f in (*server_filters(self.task), promise_filter(self.task))])
         with self.lock:
             retained = dict(self.retained)
         for topic, payload in retained.items():  # a broker without persistence forgot them
@@ -94,6 +99,12 @@ class ServerStub:
                 with self.lock:
                     self.hellos.append(decode_hello(msg.payload, expected_task=self.task))
                 return
+            if kind == "promise":
+                promise = decode_promise(msg.payload, expected_task=self.task)
+                with self.lock:
+                    self.promises.append(promise)
+                    self.arrivals.append(("promise", client_id, promise.seq))
+                return
             upd = decode_update(
                 msg.payload,
                 expected_shapes=self.spec.update_shapes(),
@@ -106,10 +117,11 @@ class ServerStub:
                 self.errors.append(f"{type(e).__name__}: {e}")
             return
         with self.lock:
-            first = upd.seq not in self.raw
+            first = not any(u.client_id == client_id and u.seq == upd.seq for u in self.updates)
             self.raw.setdefault(upd.seq, []).append(bytes(msg.payload))
             if first:
                 self.updates.append(upd)
+                self.arrivals.append(("update", client_id, upd.seq))
             do_ack = self.ack
         if do_ack:
             status = "accepted" if first else "duplicate"
@@ -141,6 +153,10 @@ class ServerStub:
         payload = self.model_payload(version, target, tensors, **kw)  # type: ignore[arg-type]
         self.publish_raw(target, payload)
         return payload
+
+    def publish_schedule(self, client_id: str, start_at: float, version: int) -> None:
+        msg = ScheduleMessage(self.task, client_id, start_at, version, time.time())
+        self.client.publish(schedule_topic(self.task, client_id), encode_schedule(msg), qos=1).wait_for_publish(10)
 
     def ack_all_pending(self) -> None:
         """Ack (duplicate) every seq received so far, e.g. after turning ``ack`` on."""
