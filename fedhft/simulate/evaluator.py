@@ -153,6 +153,7 @@ class Evaluator:
     _q: queue.Queue = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
     _clusters: dict[int, ModelMessage] = field(default_factory=dict)
+    _by_version: dict[int, dict[int, ModelMessage]] = field(default_factory=dict)  # cluster models not yet scored
     _clients: dict[str, ModelMessage] = field(default_factory=dict)
     _evaluated: int = -1
     _busy: threading.Lock = field(default_factory=threading.Lock)
@@ -183,7 +184,7 @@ class Evaluator:
                 continue
             with self._busy:
                 self._receive(topic, payload)
-                while True:  # take everything queued before evaluating: only the newest global model counts
+                while True:  # take everything queued, then score every complete version in order
                     try:
                         self._receive(*self._q.get_nowait())
                     except queue.Empty:
@@ -201,6 +202,8 @@ class Evaluator:
             k = int(key)
             if k not in self._clusters or self._clusters[k].version <= msg.version:
                 self._clusters[k] = msg
+            if msg.version > self._evaluated:
+                self._by_version.setdefault(msg.version, {})[k] = msg
         elif key not in self._clients or self._clients[key].version <= msg.version:
             self._clients[key] = msg
 
@@ -228,33 +231,44 @@ class Evaluator:
             params.setdefault(h, self._initial[h])
         return params
 
-    def _global_model(self) -> tuple[int, int, dict[str, np.ndarray], float] | None:
-        if not self._clusters:
+    def _version_models(self, version: int) -> tuple[dict[int, ModelMessage], np.ndarray, float] | None:
+        """Version ``version``'s cluster models and mixing weights (the server's soft member counts of that
+        version), or None while some of its clusters are missing; the curve never depends on arrival order."""
+        got = self._by_version.get(version, {})
+        if not got:
             return None
-        newest = max(self._clusters.values(), key=lambda m: m.version)
-        k = int(newest.meta.get("clusters", 1)) if isinstance(newest.meta, Mapping) else 1
-        current = {c: m for c, m in self._clusters.items() if c < k and m.version == newest.version}
+        meta = next(iter(got.values())).meta
+        meta = meta if isinstance(meta, Mapping) else {}
+        k = int(meta.get("clusters", 1))
+        current = {c: m for c, m in got.items() if c < k}
         if len(current) < k:
             return None  # the other clusters of this version are still on their way
-        members = [membership_of(m.meta, k) for m in self._clients.values()]
-        members = [p for p in members if p is not None]
-        weights = np.mean(members, axis=0) if members else np.full(k, 1.0 / k)
-        if self.full:
-            tensors = dict(current[0].tensors)  # one global model (no clustering)
+        soft = [m.meta.get("soft_members") if isinstance(m.meta, Mapping) else None for _, m in sorted(current.items())]
+        if all(isinstance(s, (int, float)) for s in soft) and sum(soft) > 0:
+            weights = np.asarray(soft, dtype=np.float64) / float(sum(soft))
         else:
-            tensors = mix_cluster_models({c: m.tensors for c, m in current.items()}, weights)
-        vt = float(newest.meta.get("virtual_time", 0.0)) if isinstance(newest.meta, Mapping) else 0.0
-        return newest.version, k, tensors, vt
+            weights = np.full(k, 1.0 / k)
+        return current, weights, float(meta.get("virtual_time", 0.0))
 
     def _evaluate_global(self) -> None:
-        found = self._global_model()
-        if found is None or found[0] <= self._evaluated:
-            return
-        version, k, tensors, vt = found
-        s = self._score(tensors, self.texts, self.labels)
-        self._evaluated = version
-        self.points.append(EvalPoint(version, k, s.accuracy, s.loss, vt, time.monotonic() - self._t0, s.macro_f1))
-        event(log, "evaluated", version=version, clusters=k, accuracy=round(s.accuracy, 4), f1=round(s.macro_f1, 4))
+        """Score every complete version newer than the last scored, oldest first (none is skipped under load;
+        an incomplete version is passed over only once a newer one is complete)."""
+        for version in sorted(v for v in self._by_version if v > self._evaluated):
+            found = self._version_models(version)
+            if found is None:
+                continue
+            current, weights, vt = found
+            if self.full:
+                tensors = dict(current[0].tensors)  # one global model (no clustering)
+            else:
+                tensors = mix_cluster_models({c: m.tensors for c, m in current.items()}, weights)
+            s = self._score(tensors, self.texts, self.labels)
+            self._evaluated = version
+            k = len(current)
+            self.points.append(EvalPoint(version, k, s.accuracy, s.loss, vt, time.monotonic() - self._t0, s.macro_f1))
+            event(log, "evaluated", version=version, clusters=k, accuracy=round(s.accuracy, 4), f1=round(s.macro_f1, 4))
+        for v in [v for v in self._by_version if v <= self._evaluated]:
+            del self._by_version[v]
 
     def evaluate_clients(self) -> dict[str, Score]:
         """Each client's latest personalized model on its own test split, and each cluster's model of the newest

@@ -20,7 +20,7 @@ from fedhft.cli import main
 from tests.scenarios.test_simulate_e2e import _dataset
 
 SAME = (
-    "final_global_accuracy mean_personalized_accuracy personalized_accuracy_by_client bytes_up updates "
+    "final_global_accuracy final_global_macro_f1 mean_personalized_accuracy personalized_by_client bytes_up updates "
     "simulated_seconds_to_target bytes_up_to_target"
 ).split()
 
