@@ -34,6 +34,7 @@ from fedhft.simulate.fleet import Fleet, peak_rss_mb
 from fedhft.simulate.packages import edge_backend, export_packages
 
 log = logging.getLogger("fedhft.simulate")
+PROGRESS_EVERY = 30.0  # seconds between progress lines when nothing changed
 
 
 def make_split(data: TextDataset, cfg: SimConfig) -> FederatedSplit:
@@ -121,6 +122,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             chaos = start_chaos(cfg, fleet, broker, url, task)
         chaos_t0 = time.monotonic()  # the fault schedule counts from here: the whole fleet is running
         limit = (cfg.minutes or 60.0) * 60
+        shown, shown_at = None, 0.0  # the last progress line's state and time
         while fleet.edges_active() or (chaos is not None and fleet.restart_at):
             elapsed = time.monotonic() - t0
             if chaos is not None:
@@ -135,12 +137,15 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             version = max((pt.version for pt in evaluator.points), default=0)
             vt = max((pt.virtual_time for pt in evaluator.points), default=0.0)
             faults = f"  faults {sum(chaos.injected.values())}" if chaos is not None else ""
-            say(
-                f"[{label}] {elapsed:5.0f}s  version {version:3d}  virtual {vt:7.0f}s  "
-                f"accuracy {acc if acc is None else round(acc, 3)}  up {snap['bytes'].get('update', 0) / 1e3:.0f} kB  "
-                f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  "
-                f"active {len(fleet.running_edges())}{faults}"
-            )
+            state = (version, len(fleet.running_edges()), faults)
+            if state != shown or elapsed - shown_at >= PROGRESS_EVERY:  # a line when something changed
+                shown, shown_at = state, elapsed
+                say(
+                    f"[{label}] {elapsed:5.0f}s  version {version:3d}  virtual {vt:7.0f}s  "
+                    f"accuracy {acc if acc is None else round(acc, 3)}  "
+                    f"up {snap['bytes'].get('update', 0) / 1e3:.0f} kB  "
+                    f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  active {state[1]}{faults}"
+                )
             if elapsed > limit:
                 event(log, "time limit reached", logging.WARNING, minutes=cfg.minutes)
                 break
