@@ -4,8 +4,9 @@ Runs `fedhft simulate` once per (seed, upload encoding) still missing and merges
 bench/results/<preset dir>/report.json at once, so a long bench resumes where it stopped (per method and seed)
 and can span sessions; summary, goals and plots (accuracy.png, traffic.png) are recomputed from the merged
 report, and the table is printed. A report of another configuration (other preset arguments) is replaced.
-Presets: `bbc` (default: BBC News, Dirichlet alpha 0.3, 8 heterogeneous devices), `clothing` (Women's Clothing
-reviews, split by department), `quick` (6 devices, 3 rounds), `chaos` (fedhft clean and under faults).
+Presets (every method runs the same virtual-time budget): `bbc` (default: BBC News, Dirichlet alpha 0.3, 8
+heterogeneous devices, 150 virtual seconds), `clothing` (Women's Clothing
+reviews, split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
 
 Usage: `python bench/simulate_compare.py [--preset P] [--methods a,b] [--seeds 3|0,1,2] [--encoding fp16,int8]
@@ -34,16 +35,16 @@ PRESETS: dict[str, dict] = {
     "bbc": {
         "dir": "simulate",
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
-        + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "5", "--local-steps", "8"]
-        + ["--target-accuracy", "0.7", "--time-budget", "120", "--time-scale", "0.02", "--backend", "ort"],
+        + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "40", "--virtual-budget", "150", "--local-steps", "8"]
+        + ["--target-accuracy", "0.7", "--time-budget", "120", "--backend", "ort"],
         "methods": ALL,
         "seeds": "3",
     },
     "clothing": {
         "dir": "simulate-clothing",
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
-        + ["--dataset", "womens-clothing", "--split", "natural", "--rounds", "4", "--local-steps", "8"]
-        + ["--target-accuracy", "0.8", "--time-budget", "100", "--time-scale", "0.02", "--max-test", "600"]
+        + ["--dataset", "womens-clothing", "--split", "natural", "--rounds", "40", "--virtual-budget", "150"]
+        + ["--local-steps", "8", "--target-accuracy", "0.8", "--time-budget", "120", "--max-test", "600"]
         + ["--backend", "ort"],
         "methods": "fedhft,fedavg-lora",
         "seeds": "3",
@@ -51,8 +52,8 @@ PRESETS: dict[str, dict] = {
     "quick": {
         "dir": "simulate-quick",
         "args": ["--clients", "6", "--profiles", "rpi4-4gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
-        + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "3", "--local-steps", "8"]
-        + ["--target-accuracy", "0.5", "--time-budget", "80", "--time-scale", "0.02"],
+        + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "20", "--virtual-budget", "60", "--local-steps", "8"]
+        + ["--target-accuracy", "0.5", "--time-budget", "50"],
         "methods": "fedhft,fedavg-lora,hetlora,flexlora",
         "seeds": "1",
     },
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict] = {
         "dir": "chaos",
         "args": ["--clients", "4", "--profiles", "rpi4-4gb:2,laptop-x86-16gb:2"]
         + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "6", "--local-steps", "6"]
-        + ["--target-accuracy", "0.6", "--time-scale", "0.02", "--clusters", "1", "--chaos", "default,window=120"]
+        + ["--target-accuracy", "0.6", "--clusters", "1", "--chaos", "default,window=120"]
         + ["--backend", "ort"],
         "methods": "fedhft",
         "seeds": "1",
