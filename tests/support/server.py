@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from fedhft.protocol.mqtt import make_client
 from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, is_rows_name, rows_name
 from tests.support import ROOT
 from tests.support.mosquitto import free_port
+from tests.support.waiting import wait_until
 
 SHA = "ab" * 32
 
@@ -115,16 +116,6 @@ def encode_unchecked(msg: UpdateMessage) -> bytes:
     tensors = {k: (v.astype(np.int32) if is_rows_name(k) else v.astype(np.float32)) for k, v in msg.tensors.items()}
     stored, encodings = encode_tensors(tensors, "fp32")
     return wrap(KIND_UPDATE, pack_body(header, stored, encodings))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` s (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class Hub:

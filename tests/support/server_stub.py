@@ -33,6 +33,7 @@ from fedhft.protocol.mqtt import make_client, session_properties
 from fedhft.protocol.tensor_names import a_name, b_name
 from fedhft.protocol.topics import promise_filter, schedule_topic
 from fedhft.protocol.virtual_time import PromiseMessage, ScheduleMessage, decode_promise, encode_schedule
+from tests.support.waiting import wait_until as poll_until
 
 
 def random_model_tensors(spec: AdapterSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
@@ -169,9 +170,5 @@ class ServerStub:
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
     """Poll ``pred`` until true, at most ``timeout`` seconds (bounded loop), else fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    if not poll_until(pred, timeout, poll):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")

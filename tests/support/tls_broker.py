@@ -15,9 +15,8 @@ import shutil
 import ssl
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,17 +34,9 @@ from fedhft.broker_server.broker.registry import read_credentials
 from fedhft.cli.broker import broker_config_command
 from fedhft.protocol.mqtt import make_client
 from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.waiting import wait_until
 
 WAIT = 10.0  # bound of every wait (the machine may be busy)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # ---------------------------------------------------------------------------------------------- certificates
