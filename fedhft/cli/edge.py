@@ -43,7 +43,13 @@ def _label_names(labels: str | None) -> tuple[str, ...] | None:
     default=None,
     help="Write the trained adapter here in the peft LoRA format (+ head.safetensors).",
 )
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="auto",
+    show_default=True,
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer.",
+)
 def train_command(
     artifacts: Path,
     data: Path,
@@ -61,6 +67,7 @@ def train_command(
     backend: str,
 ) -> None:
     """Fine-tune the adapter on local data, without a server: loss and accuracy before and after."""
+    backend = _resolve_backend(backend, artifacts)
     _torch_free_if(backend)
     from fedhft.edge_runtime.adapter_io import save_peft_adapter
     from fedhft.edge_runtime.data import check_num_labels, load_labelled_file, split_holdout, steps_per_epoch
@@ -113,6 +120,15 @@ def train_command(
         save_peft_adapter(save_adapter, manifest, trainer.get_parameters())
         line += f"; adapter saved to {save_adapter}"
     click.echo(line)
+
+
+def _resolve_backend(backend: str, artifacts: Path) -> str:
+    """``--backend auto`` made concrete from the package's manifest (one rule: backend_choice)."""
+    if backend != "auto":
+        return backend
+    from fedhft.edge_runtime.backend_choice import choose_backend
+
+    return choose_backend(artifacts)
 
 
 def _torch_free_if(backend: str) -> None:
@@ -179,7 +195,13 @@ def _torch_free_if(backend: str) -> None:
     show_default=True,
     help="Publish an update again when the server has not acked it this many seconds after the broker took it.",
 )
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="auto",
+    show_default=True,
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer.",
+)
 @click.option(
     "--eval-data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -267,6 +289,7 @@ def run_command(
     reset_state: bool,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
+    backend = _resolve_backend(backend, artifacts)
     _torch_free_if(backend)
     from fedhft.credentials import resolve_password
     from fedhft.edge_runtime.client import EdgeClient
