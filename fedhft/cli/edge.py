@@ -48,7 +48,9 @@ def _label_names(labels: str | None) -> tuple[str, ...] | None:
     type=click.Choice(list(BACKENDS)),
     default="auto",
     show_default=True,
-    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer.",
+    envvar="FEDHFT_BACKEND",
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer "
+    "(or FEDHFT_BACKEND).",
 )
 def train_command(
     artifacts: Path,
@@ -200,7 +202,9 @@ def _torch_free_if(backend: str) -> None:
     type=click.Choice(list(BACKENDS)),
     default="auto",
     show_default=True,
-    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer.",
+    envvar="FEDHFT_BACKEND",
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer "
+    "(or FEDHFT_BACKEND).",
 )
 @click.option(
     "--eval-data",
