@@ -1,6 +1,6 @@
 """Device commands: `fedhft edge train` (offline, one device) and `fedhft edge run` (federated, over MQTT).
 
-Torch-free: with the ORT backend both run with torch and transformers blocked, as on a device.
+Torch-free: with the ORT or native backend both run with torch and transformers blocked, as on a device.
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def _resolve_backend(backend: str, artifacts: Path) -> str:
 
 
 def _torch_free_if(backend: str) -> None:
-    """With the ORT backend, run as a device does: torch and transformers cannot be imported (onnxruntime
-    would otherwise import an installed torch, ~250 MB)."""
-    if backend == "ort" and "torch" not in sys.modules:
+    """With the ORT or native backend, run as a device does: torch and transformers cannot be imported
+    (onnxruntime would otherwise import an installed torch, ~250 MB)."""
+    if backend in ("ort", "native") and "torch" not in sys.modules:
         from fedhft.edge_runtime.torchfree import block_heavy_imports, unblock_heavy_imports
 
         block_heavy_imports()
@@ -346,7 +346,7 @@ def run_command(
 
 @click.group("edge", cls=OneLineErrorGroup)
 def edge_group() -> None:
-    """The device side: local training and the federated client (torch-free with the ORT backend)."""
+    """The device side: local training and the federated client (torch-free with the ORT or native backend)."""
 
 
 edge_group.add_command(train_command)
