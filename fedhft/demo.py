@@ -70,7 +70,7 @@ def main() -> None:
         "--profile",
         ",".join(names),
         "--format",
-        "ort",
+        "auto",  # each profile's runtime: ORT, or the ExecuTorch program the native trainer runs (Pi, Jetson)
         "--out",
         str(art),
         "--num-labels",

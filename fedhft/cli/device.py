@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,6 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 
-UNIT_NAME = "fedhft-edge.service"  # the systemd unit a device bundle may hold
 CONF_HELP = "Broker config directory written by `fedhft broker config --out` (or FEDHFT_BROKER_CONF)."
 
 
@@ -49,6 +49,44 @@ def _reload(reload_pid: int | None, pid_file: Path | None) -> None:
     click.echo(f"sent SIGHUP to the broker (PID {pid}): passwd and acl re-read", err=True)
 
 
+def bundle_package(artifacts: Path, trainer: Path | None, trainer_libs: Path | None, device_dir: str | None):  # noqa: ANN201
+    """The BundlePackage of `device add --artifacts`: with the native trainer for the device's architecture
+    when the package has no ORT artifacts (one line says when none is available)."""
+    import platform
+
+    from fedhft.broker_server.broker.devices import BundlePackage, DeviceError
+    from fedhft.edge_runtime.native_backend import binary_arch, executorch_root, find_trainer_binary
+    from fedhft.edge_runtime.trainer import BackendError
+    from fedhft.protocol.manifest import load_manifest
+
+    manifest = load_manifest(artifacts)
+    if "ort" in manifest.artifacts or "executorch" not in manifest.artifacts:
+        return BundlePackage(artifacts, device_dir=device_dir)
+    arch = str(manifest.profile.get("arch", ""))
+    if trainer is None and arch == platform.machine():
+        try:
+            trainer = find_trainer_binary()
+        except BackendError:
+            trainer = None
+        if trainer is not None and trainer_libs is None:
+            with contextlib.suppress(BackendError):
+                trainer_libs = executorch_root() / "lib"
+    if trainer is None:
+        click.echo(
+            f"warning: no native trainer for {arch or 'the device'} in the bundle: build one "
+            f"({'bench/aarch64_native.sh' if arch == 'aarch64' else 'make native'}) and give --trainer PATH",
+            err=True,
+        )
+        return BundlePackage(artifacts, device_dir=device_dir)
+    built_for = binary_arch(trainer)
+    if arch and built_for != arch:
+        raise DeviceError(f"--trainer {trainer} is built for {built_for or 'no known CPU'}, the device is {arch}")
+    libs = tuple(sorted(trainer_libs.glob("libexecutorch*.so"))) if trainer_libs is not None else ()
+    if not libs:
+        click.echo("warning: no libexecutorch*.so given (--trainer-libs): the device must provide them", err=True)
+    return BundlePackage(artifacts, trainer, libs, device_dir)
+
+
 def device_group() -> click.Group:
     """The `device` command group."""
 
@@ -68,6 +106,28 @@ def device_group() -> click.Group:
     )
     @click.option("--broker-url", default=None, help="URL the device uses (default: from the listener).")
     @click.option("--rotate-password", is_flag=True, help="The device exists: give it a new password.")
+    @click.option(
+        "--artifacts",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        default=None,
+        help="OUT/<profile> from `fedhft export`: copied into the bundle as model/, with device.env and a "
+        "systemd unit (and the native trainer when the package runs on ExecuTorch).",
+    )
+    @click.option(
+        "--trainer",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=None,
+        help="The native trainer built for the device's architecture (aarch64: bench/aarch64_native.sh builds "
+        "WORK/build/fedhft-et-trainer); default: this machine's build when the architectures match.",
+    )
+    @click.option(
+        "--trainer-libs",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        default=None,
+        help="Folder with the trainer's libexecutorch*.so (default: the installed executorch's lib/ for a "
+        "trainer built here).",
+    )
+    @click.option("--device-dir", default=None, help="The bundle's folder on the device (default /opt/fedhft/ID).")
     @_reload_options
     def add(
         conf_dir: Path,
@@ -76,19 +136,37 @@ def device_group() -> click.Group:
         server_key: Path | None,
         broker_url: str | None,
         rotate_password: bool,
+        artifacts: Path | None,
+        trainer: Path | None,
+        trainer_libs: Path | None,
+        device_dir: str | None,
         reload_pid: int | None,
         pid_file: Path | None,
     ) -> None:
         """Create a device's password, ACL entry and bundle (conf/devices/<id>/: copy it to the device)."""
-        from fedhft.broker_server.broker.devices import add_device
+        from fedhft.broker_server.broker.devices import ENV_NAME, UNIT_NAME, add_device
 
+        package = None if artifacts is None else bundle_package(artifacts, trainer, trainer_libs, device_dir)
         b = add_device(
-            conf_dir.resolve(), task, client_id, server_key, rotate_password=rotate_password, broker_url=broker_url
+            conf_dir.resolve(),
+            task,
+            client_id,
+            server_key,
+            rotate_password=rotate_password,
+            broker_url=broker_url,
+            package=package,
         )
         click.echo(f"device {b.client_id} in task {b.task}: bundle {b.dir} (copy it to the device; keep it secret)")
         for w in b.warnings:
             click.echo(f"warning: {w}", err=True)
-        click.echo("on the device, in the bundle folder with the exported profile as model/ and the data as data.csv:")
+        if package is None:
+            click.echo(
+                "on the device, in the bundle folder with the exported profile as model/ and the data as data.csv:"
+            )
+        else:
+            click.echo(
+                f"on the device, in the bundle folder with the data as data.csv (set -a; . ./{ENV_NAME}; set +a):"
+            )
         click.echo(b.edge_run_line())
         if (b.dir / UNIT_NAME).exists():
             enable = f"sudo cp {UNIT_NAME} /etc/systemd/system/ && sudo systemctl enable --now {UNIT_NAME}"

@@ -1,6 +1,6 @@
 """Device commands: `fedhft edge train` (offline, one device) and `fedhft edge run` (federated, over MQTT).
 
-Torch-free: with the ORT backend both run with torch and transformers blocked, as on a device.
+Torch-free: with the ORT or native backend both run with torch and transformers blocked, as on a device.
 """
 
 from __future__ import annotations
@@ -43,7 +43,15 @@ def _label_names(labels: str | None) -> tuple[str, ...] | None:
     default=None,
     help="Write the trained adapter here in the peft LoRA format (+ head.safetensors).",
 )
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="auto",
+    show_default=True,
+    envvar="FEDHFT_BACKEND",
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer "
+    "(or FEDHFT_BACKEND).",
+)
 def train_command(
     artifacts: Path,
     data: Path,
@@ -61,6 +69,7 @@ def train_command(
     backend: str,
 ) -> None:
     """Fine-tune the adapter on local data, without a server: loss and accuracy before and after."""
+    backend = _resolve_backend(backend, artifacts)
     _torch_free_if(backend)
     from fedhft.edge_runtime.adapter_io import save_peft_adapter
     from fedhft.edge_runtime.data import check_num_labels, load_labelled_file, split_holdout, steps_per_epoch
@@ -115,10 +124,19 @@ def train_command(
     click.echo(line)
 
 
+def _resolve_backend(backend: str, artifacts: Path) -> str:
+    """``--backend auto`` made concrete from the package's manifest (one rule: backend_choice)."""
+    if backend != "auto":
+        return backend
+    from fedhft.edge_runtime.backend_choice import choose_backend
+
+    return choose_backend(artifacts)
+
+
 def _torch_free_if(backend: str) -> None:
-    """With the ORT backend, run as a device does: torch and transformers cannot be imported (onnxruntime
-    would otherwise import an installed torch, ~250 MB)."""
-    if backend == "ort" and "torch" not in sys.modules:
+    """With the ORT or native backend, run as a device does: torch and transformers cannot be imported
+    (onnxruntime would otherwise import an installed torch, ~250 MB)."""
+    if backend in ("ort", "native") and "torch" not in sys.modules:
         from fedhft.edge_runtime.torchfree import block_heavy_imports, unblock_heavy_imports
 
         block_heavy_imports()
@@ -179,7 +197,15 @@ def _torch_free_if(backend: str) -> None:
     show_default=True,
     help="Publish an update again when the server has not acked it this many seconds after the broker took it.",
 )
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="ort", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="auto",
+    show_default=True,
+    envvar="FEDHFT_BACKEND",
+    help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer "
+    "(or FEDHFT_BACKEND).",
+)
 @click.option(
     "--eval-data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -267,6 +293,7 @@ def run_command(
     reset_state: bool,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
+    backend = _resolve_backend(backend, artifacts)
     _torch_free_if(backend)
     from fedhft.credentials import resolve_password
     from fedhft.edge_runtime.client import EdgeClient
@@ -319,7 +346,7 @@ def run_command(
 
 @click.group("edge", cls=OneLineErrorGroup)
 def edge_group() -> None:
-    """The device side: local training and the federated client (torch-free with the ORT backend)."""
+    """The device side: local training and the federated client (torch-free with the ORT or native backend)."""
 
 
 edge_group.add_command(train_command)

@@ -18,6 +18,7 @@ UPLOAD_WINDOW_HELP = (
     "Upload budget: a device's whole adapter must upload within this many seconds of its own uplink "
     "(its profile's target_upload_seconds if shorter; 0: that target only)."
 )
+RUNTIME_FORMATS = ("ort", "executorch")  # a --format naming one runtime: the profile must list it
 MIN_COMPRESSION_HELP = (
     "Optional cap for every device: an adapter at least this many times smaller than the model (0: none)."
 )
@@ -118,7 +119,14 @@ def plan(
 @click.command()
 @click.option("--model", default=None, help="Local Hugging Face model directory (default: packaged MiniLM).")
 @click.option("--profile", "profiles_arg", required=True, help="Profile names or TOML paths, comma-separated.")
-@click.option("--format", "fmt", type=click.Choice(["ort", "executorch", "all"]), default="ort", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "ort", "executorch", "all"]),
+    default="auto",
+    show_default=True,
+    help="auto: what each profile's runtime needs (ORT artifacts, else the ExecuTorch program); all: both.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--num-labels", default=2, show_default=True)
 @click.option("--max-seq-len", default=128, show_default=True)
@@ -144,13 +152,19 @@ def export(
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
     from fedhft.device_profiles.model_shape import read_model
+    from fedhft.device_profiles.planner import export_formats
     from fedhft.device_profiles.profile import load_profile
     from fedhft.export.pipeline import FORMATS, ExportOptions, export_profile
 
     names = [n.strip() for n in profiles_arg.split(",") if n.strip()]
     profs = [load_profile(n) for n in names]  # validate all before exporting any
+    for prof in profs:
+        if fmt in RUNTIME_FORMATS and fmt not in prof.runtimes:
+            raise click.ClickException(
+                f"profile {prof.name} runs {', '.join(prof.runtimes)}, not {fmt}: use --format auto "
+                f"(or {prof.default_runtime})"
+            )
     read_model(model).check_seq_len(max_seq_len)
-    formats = FORMATS if fmt == "all" else (fmt,)
     opts = ExportOptions(
         num_labels=num_labels,
         max_seq_len=max_seq_len,
@@ -163,6 +177,7 @@ def export(
     )
     for i, prof in enumerate(profs, 1):
         click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)
+        formats = FORMATS if fmt == "all" else export_formats(prof) if fmt == "auto" else (fmt,)
         r = export_profile(model, prof, out, formats, opts)
         e = r.plan.estimate
         sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in r.artifact_bytes.items())

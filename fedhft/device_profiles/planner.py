@@ -211,6 +211,12 @@ def planned_runtime(profile: DeviceProfile) -> str:
     return "ort" if "ort" in profile.runtimes else profile.default_runtime
 
 
+def export_formats(profile: DeviceProfile) -> tuple[str, ...]:
+    """What `fedhft export --format auto` writes for a profile: its planned runtime's artifacts (ORT, else the
+    ExecuTorch program the native trainer runs). `fedhft simulate` exports the same."""
+    return (planned_runtime(profile),)
+
+
 def layer_forward_flop(shape: ModelShape) -> float:
     tokens = shape.batch_size * shape.seq_len
     attn = 2 * 2 * shape.batch_size * shape.seq_len * shape.seq_len * shape.hidden_size

@@ -41,7 +41,7 @@ class ClientConfig:
     label_column: str = "label"
     label_names: tuple[str, ...] | None = None
     cluster: int | None = None  # initial cluster (else learnt from a model's meta["cluster"])
-    backend: str = "ort"
+    backend: str = "auto"
     ack_timeout: float = 300.0  # republish an update the broker took but the server never acked
     backoff_base: float = 0.5
     backoff_cap: float = 30.0

@@ -14,7 +14,7 @@ from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
 from fedhft.protocol.manifest import Manifest
 
-BACKENDS = ("ort", "executorch", "native")
+BACKENDS = ("auto", "ort", "executorch", "native")  # auto: see backend_choice.choose_backend
 Progress = Callable[[int, int, float], None]  # (steps done, planned steps, last loss)
 
 
@@ -32,7 +32,11 @@ class TrainReport:
 def open_trainer(
     backend: str, profile_dir: str | Path, manifest: Manifest | None = None, learning_rate: float = 1e-3
 ) -> Trainer:
-    """The training backend ``backend`` on the artifacts in ``profile_dir``."""
+    """The training backend ``backend`` ("auto": chosen from the manifest) on the artifacts in ``profile_dir``."""
+    if backend == "auto":
+        from fedhft.edge_runtime.backend_choice import choose_backend
+
+        backend = choose_backend(profile_dir, manifest)
     if backend == "ort":
         from fedhft.edge_runtime.ort_backend import OrtTrainer
 

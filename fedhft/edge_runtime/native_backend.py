@@ -49,8 +49,21 @@ def find_trainer_binary() -> Path:
         candidates.append(Path(which))
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
-            return c
+            return c.resolve()  # absolute: a relative $FEDHFT_NATIVE_TRAINER (a device bundle's) runs from any cwd
     raise BackendError(f"the native trainer is not built: run `make native` (or set ${ENV_BINARY})")
+
+
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}  # ELF e_machine -> the profiles' arch names
+
+
+def binary_arch(path: Path) -> str | None:
+    """The CPU architecture an ELF executable is built for ("x86_64", "aarch64"), None when not a known ELF."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    order = "little" if head[5] == 1 else "big"
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], order))
 
 
 def executorch_root() -> Path:

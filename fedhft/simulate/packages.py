@@ -18,6 +18,7 @@ from fedhft.device_profiles.planner import (
     MASK_RATIO_BY_LEVEL,
     LoraPlan,
     PlanError,
+    export_formats,
     fixed_plan,
     plan_lora,
     planned_runtime,
@@ -141,7 +142,7 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
 def edge_backend(cfg: SimConfig, profile: DeviceProfile) -> str:
     """The training backend a device of ``profile`` runs: ORT where the profile lists it (or ``--backend ort``),
     else the native ExecuTorch trainer, torch-free as on a Raspberry Pi (fedavg-full trains with ORT only)."""
-    if cfg.backend == "ort" or "ort" in profile.runtimes or cfg.method.planner == "full":
+    if cfg.backend == "ort" or cfg.method.planner == "full" or export_formats(profile) == ("ort",):
         return "ort"
     return "native"
 

@@ -210,3 +210,113 @@ def test_device_add_prints_the_exact_edge_run_line(conf: Path, server_pub: Path)
     )
     assert line in res.stdout.splitlines()
     assert "..." not in res.stdout
+
+
+# ---- bundles with the model package: device.env, the systemd unit, the native trainer -----------------------
+def _add(conf: Path, server_pub: Path, client_id: str, *extra: str):  # noqa: ANN202
+    return CliRunner().invoke(
+        device_group(), ["add", "--conf", str(conf), "--task", TASK, "--client-id", client_id, "--server-key",
+                         str(server_pub), "--broker-url", "mqtts://broker.example.org:8883", *extra]
+    )  # fmt: skip
+
+
+def _env(path: Path) -> dict[str, str]:
+    pairs = (ln.split("=", 1) for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
+    return dict(pairs)
+
+
+def _unit(path: Path) -> dict[str, str]:
+    return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if "=" in ln)
+
+
+def _executorch_package(tiny_export: Path, dest: Path, arch: str) -> Path:
+    """The tiny package rewritten as an ExecuTorch-only one for a device of ``arch`` (bundling reads only
+    the manifest's formats and profile)."""
+    import shutil
+
+    from fedhft.device_profiles.profile import load_profile
+
+    shutil.copytree(tiny_export, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["artifacts"] = {"executorch": {"program": {"path": "executorch/train.pte", "sha256": "0" * 64, "bytes": 1}}}
+    m["profile"] = {**load_profile("rpi4-4gb").to_dict(), "arch": arch}
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_bundle_for_an_ort_profile_holds_model_env_and_unit(conf: Path, server_pub: Path, tiny_export: Path) -> None:
+    res = _add(conf, server_pub, "dev-ort", "--artifacts", str(tiny_export))
+    assert res.exit_code == 0, res.output
+    b = conf / "devices" / "dev-ort"
+    assert (b / "model" / "manifest.json").read_bytes() == (tiny_export / "manifest.json").read_bytes()
+    assert not (b / "fedhft-et-trainer").exists()
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("fedhft edge run "))
+    unit = _unit(b / "fedhft-edge.service")
+    assert unit["ExecStart"] == line
+    assert unit["Restart"] == "on-failure"
+    assert unit["WorkingDirectory"] == "/opt/fedhft/dev-ort"
+    assert unit["EnvironmentFile"] == "/opt/fedhft/dev-ort/device.env"
+    env = _env(b / "device.env")
+    assert env["FEDHFT_BROKER"] == "mqtts://broker.example.org:8883" and env["FEDHFT_TASK"] == TASK
+    assert env["FEDHFT_CLIENT_ID"] == "dev-ort" and env["FEDHFT_BACKEND"] == "auto"
+    assert (env["FEDHFT_PASSWORD_FILE"], env["FEDHFT_TLS_CA"], env["FEDHFT_SERVER_KEY"]) == (
+        "password",
+        "ca.crt",
+        "server_key.pub",
+    )
+    assert all((b / env[k]).is_file() for k in ("FEDHFT_PASSWORD_FILE", "FEDHFT_TLS_CA", "FEDHFT_SERVER_KEY"))
+    assert "FEDHFT_NATIVE_TRAINER" not in env
+    assert "systemctl enable --now fedhft-edge.service" in res.stdout
+    info = json.loads((b / "device.json").read_text())
+    assert {"model", "device.env", "fedhft-edge.service"} <= set(info["files"])
+
+
+def test_bundle_for_a_native_profile_holds_this_machines_trainer(
+    conf: Path, server_pub: Path, tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import platform
+
+    from fedhft.edge_runtime.native_backend import ENV_BINARY, binary_arch
+
+    fake = tmp_path / "trainer"
+    fake.write_bytes(
+        b"\x7fELF\x02\x01\x01" + bytes(11) + (62 if platform.machine() == "x86_64" else 183).to_bytes(2, "little")
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv(ENV_BINARY, str(fake))
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    (libs / "libexecutorch.so").write_bytes(b"lib")
+    pkg = _executorch_package(tiny_export, tmp_path / "pkg", platform.machine())
+    res = _add(
+        conf, server_pub, "pi-1", "--artifacts", str(pkg), "--trainer-libs", str(libs), "--device-dir", "/srv/pi"
+    )
+    assert res.exit_code == 0, res.output
+    b = conf / "devices" / "pi-1"
+    assert (b / "fedhft-et-trainer").read_bytes() == fake.read_bytes()
+    assert binary_arch(b / "fedhft-et-trainer") == platform.machine()
+    assert (b / "lib" / "libexecutorch.so").is_file()
+    env = _env(b / "device.env")
+    assert env["FEDHFT_NATIVE_TRAINER"] == "fedhft-et-trainer" and env["LD_LIBRARY_PATH"] == "lib"
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("fedhft edge run "))
+    assert _unit(b / "fedhft-edge.service")["ExecStart"] == line
+    assert _unit(b / "fedhft-edge.service")["WorkingDirectory"] == "/srv/pi"
+
+
+def test_rpi4_bundle_takes_an_aarch64_trainer_and_says_when_there_is_none(
+    conf: Path, server_pub: Path, tiny_export: Path, tmp_path: Path
+) -> None:
+    pkg = _executorch_package(tiny_export, tmp_path / "pkg", "aarch64")
+    res = _add(conf, server_pub, "pi-2", "--artifacts", str(pkg))
+    assert res.exit_code == 0, res.output
+    assert "warning: no native trainer for aarch64 in the bundle: build one (bench/aarch64_native.sh)" in res.stderr
+    assert not (conf / "devices" / "pi-2" / "fedhft-et-trainer").exists()
+    x86 = tmp_path / "x86"
+    x86.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(11) + (62).to_bytes(2, "little"))
+    res = _add(conf, server_pub, "pi-3", "--artifacts", str(pkg), "--trainer", str(x86))
+    assert res.exit_code == 1 and f"--trainer {x86} is built for x86_64, the device is aarch64" in res.output
+    arm = tmp_path / "arm"
+    arm.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(11) + (183).to_bytes(2, "little"))
+    res = _add(conf, server_pub, "pi-3", "--artifacts", str(pkg), "--trainer", str(arm))
+    assert res.exit_code == 0, res.output
+    assert (conf / "devices" / "pi-3" / "fedhft-et-trainer").read_bytes() == arm.read_bytes()

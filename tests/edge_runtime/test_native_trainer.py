@@ -124,3 +124,33 @@ def test_bad_program_is_refused_and_no_process_is_left(profile: Path, binary: Pa
         NativeTrainer(copy, binary=binary)
     with pytest.raises(BackendError, match="not built|cannot start"):
         NativeTrainer(profile, binary=tmp_path / "no-such-binary")
+
+
+AUTO_TRAIN = """
+import json, sys
+from click.testing import CliRunner
+from fedhft.cli import main
+r = CliRunner().invoke(main, ["edge", "train", "--artifacts", {dir!r}, "--data", {data!r}, "--steps", "3",
+                              "--eval-fraction", "0"])
+print(json.dumps({{"code": r.exit_code, "out": r.output, "torch": "torch" in sys.modules}}))
+"""
+
+
+def test_backend_auto_trains_an_executorch_package_on_the_native_trainer(
+    profile: Path, binary: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from fedhft.edge_runtime.backend_choice import choose_backend
+
+    pkg = copy_profile(profile, tmp_path / "pi")
+    m = json.loads((pkg / "manifest.json").read_text())
+    del m["artifacts"]["ort"]  # as `fedhft export --format auto` writes it for rpi4-4gb
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setenv("FEDHFT_NATIVE_TRAINER", str(binary))
+    assert choose_backend(pkg) == "native"
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"word{i} text,{i % 3}\n" for i in range(24)))
+    res = run_torchfree(AUTO_TRAIN.format(dir=str(pkg), data=str(data)))
+    assert res["code"] == 0, res["out"]
+    assert "trained 3 steps" in res["out"] and res["torch"] is False

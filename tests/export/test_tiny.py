@@ -184,3 +184,35 @@ def test_cli_export_and_plan(tmp_path: Path, tiny_model_dir: Path, tiny_profile_
     r = CliRunner().invoke(main, ["plan", "--model", str(tiny_model_dir), "--profile", "rpi4-4gb", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["depth"] >= 1
+
+
+def test_format_the_profile_cannot_run_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    code, out = _export(
+        ["--model", str(tiny_model_dir), "--profile", "rpi4-4gb", "--format", "ort", "--out", str(tmp_path / "o")]
+    )
+    assert code == 1 and "profile rpi4-4gb runs executorch, not ort" in out
+    assert len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_format_auto_writes_each_profiles_runtime(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path
+) -> None:
+    et_only = tmp_path / "tiny-et.toml"
+    text = tiny_profile_path.read_text().replace('name = "tiny-test"', 'name = "tiny-et"')
+    et_only.write_text(
+        "\n".join(
+            'runtimes = ["executorch"]'
+            if ln.startswith("runtimes")
+            else 'default_runtime = "executorch"'
+            if ln.startswith("default_runtime")
+            else ln
+            for ln in text.splitlines()
+        )
+    )
+    out = tmp_path / "o"
+    args = ["--model", str(tiny_model_dir), "--profile", f"{tiny_profile_path},{et_only}", "--out", str(out)]
+    code, text_out = _export([*args, "--num-labels", "3", "--max-seq-len", "16"])
+    assert code == 0, text_out
+    assert sorted(load_manifest(out / "tiny-test").artifacts) == ["ort"]
+    assert sorted(load_manifest(out / "tiny-et").artifacts) == ["executorch"]

@@ -8,6 +8,12 @@ and a bundle to copy onto the device::
         ca.crt            the broker's CA, when the listener has TLS: `--tls-ca`
         server_key.pub    the server's public key: `--server-key`
         device.json       task, client id (= user name), broker URL
+    with a model package (`device add --artifacts OUT/<profile>`), also:
+        model/            the exported profile directory (`--artifacts model`)
+        fedhft-et-trainer the native trainer for the device's architecture, with lib/ (its ExecuTorch libraries),
+                          when the package runs on ExecuTorch
+        device.env        broker URL, task, client id, credential files, backend: the unit's environment
+        fedhft-edge.service  a systemd unit running the exact `fedhft edge run` line, restarted on failure
 
 ``revoke_device`` removes the device's password, ACL entry and bundle and records the revocation. Mosquitto
 re-reads passwd and acl on SIGHUP (``reload_broker``), which also disconnects clients whose user is gone.
@@ -45,10 +51,26 @@ from fedhft.protocol import ProtocolError, load_public_key, save_public_key
 from fedhft.protocol.topics import validate_id
 
 DEVICES_DIR = "devices"
+MODEL_DIR = "model"
+ENV_NAME = "device.env"
+UNIT_NAME = "fedhft-edge.service"
+TRAINER_NAME = "fedhft-et-trainer"
+LIB_DIR = "lib"
+DEFAULT_DEVICE_ROOT = "/opt/fedhft"  # the bundle's folder on the device: DEFAULT_DEVICE_ROOT/<client id>
 
 
 class DeviceError(BrokerError):
     """A device cannot be added, revoked or listed as asked."""
+
+
+@dataclass(frozen=True)
+class BundlePackage:
+    """What `device add --artifacts` puts into a bundle besides the credentials."""
+
+    artifacts: Path  # an exported profile directory (holds manifest.json)
+    trainer: Path | None = None  # the native trainer built for the device's architecture (ExecuTorch packages)
+    trainer_libs: tuple[Path, ...] = ()  # the ExecuTorch shared libraries it links
+    device_dir: str | None = None  # the bundle's folder on the device (default DEFAULT_DEVICE_ROOT/<client id>)
 
 
 @dataclass(frozen=True)
@@ -69,8 +91,64 @@ class DeviceBundle:
         return (
             f"fedhft edge run --broker {self.broker_url} --task {self.task} --client-id {self.client_id} "
             f"--username {self.client_id} --password-file password{tls} --server-key server_key.pub "
-            "--artifacts model --data data.csv --state-dir state"
+            f"--artifacts {MODEL_DIR} --data data.csv --state-dir state"
         )
+
+
+def device_env_text(bundle: DeviceBundle, trainer: bool) -> str:
+    """``device.env``: what the device is (KEY=value lines, read by the unit and by `. ./device.env`)."""
+    d = bundle.dir
+    lines = [
+        f"# fedhft edge device {bundle.client_id}: read by {UNIT_NAME} (in a shell: set -a; . ./{ENV_NAME}; set +a)",
+        f"FEDHFT_BROKER={bundle.broker_url}",
+        f"FEDHFT_TASK={bundle.task}",
+        f"FEDHFT_CLIENT_ID={bundle.client_id}",
+        f"FEDHFT_USERNAME={bundle.client_id}",
+        "FEDHFT_PASSWORD_FILE=password",
+        f"FEDHFT_TLS_CA={'ca.crt' if (d / 'ca.crt').exists() else ''}",
+        f"FEDHFT_SERVER_KEY={'server_key.pub' if (d / 'server_key.pub').exists() else ''}",
+        "FEDHFT_BACKEND=auto",  # `edge run --backend` reads it: ORT, else the bundled native trainer
+    ]
+    if trainer:
+        lines += [f"FEDHFT_NATIVE_TRAINER={TRAINER_NAME}", f"LD_LIBRARY_PATH={LIB_DIR}"]
+    return "\n".join(lines) + "\n"
+
+
+def unit_text(bundle: DeviceBundle, device_dir: str) -> str:
+    """``fedhft-edge.service``: the edge line in the bundle's folder on the device, started at boot."""
+    return (
+        "[Unit]\n"
+        f"Description=fedhft edge client {bundle.client_id} (task {bundle.task})\n"
+        "Wants=network-online.target\nAfter=network-online.target\n\n"
+        "[Service]\n"
+        f"WorkingDirectory={device_dir}\n"
+        f"EnvironmentFile={device_dir}/{ENV_NAME}\n"
+        f"ExecSearchPath={device_dir}/venv/bin:/usr/local/bin:/usr/bin:/bin\n"
+        f"ExecStart={bundle.edge_run_line()}\n"
+        "Restart=on-failure\nRestartSec=10\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+
+
+def _add_package(bundle: DeviceBundle, package: BundlePackage) -> list[str]:
+    """Copy the model package (and native trainer) into the bundle, write device.env and the unit; return the
+    new file names."""
+    d = bundle.dir
+    shutil.copytree(package.artifacts, d / MODEL_DIR)
+    files = [MODEL_DIR]
+    if package.trainer is not None:
+        shutil.copyfile(package.trainer, d / TRAINER_NAME)
+        (d / TRAINER_NAME).chmod(0o755)
+        files.append(TRAINER_NAME)
+        if package.trainer_libs:
+            (d / LIB_DIR).mkdir()
+            for lib in package.trainer_libs:
+                shutil.copyfile(lib, d / LIB_DIR / lib.name)
+            files.append(LIB_DIR)
+    device_dir = package.device_dir or f"{DEFAULT_DEVICE_ROOT}/{bundle.client_id}"
+    write_atomic(d / ENV_NAME, device_env_text(bundle, package.trainer is not None).encode(), 0o600)
+    write_atomic(d / UNIT_NAME, unit_text(bundle, device_dir).encode(), 0o644)
+    return [*files, ENV_NAME, UNIT_NAME]
 
 
 @dataclass(frozen=True)
@@ -111,6 +189,7 @@ def _write_bundle(
     password: str,
     server_pub: Path | None,
     broker_url: str,
+    package: BundlePackage | None = None,
 ) -> tuple[Path, tuple[str, ...]]:
     """Write the bundle into a temp folder, then rename it into place (replacing an older one)."""
     root = conf_dir / DEVICES_DIR
@@ -133,6 +212,8 @@ def _write_bundle(
             files.append("server_key.pub")
         else:
             warnings.append("no --server-key: copy the server's server_key.pub to the device")
+        if package is not None:
+            files += _add_package(DeviceBundle(client_id, task, tmp, broker_url, password), package)
         info = {
             "task": task,
             "client_id": client_id,
@@ -162,10 +243,12 @@ def add_device(
     rotate_password: bool = False,
     broker_url: str | None = None,
     iterations: int = MOSQUITTO_ITERATIONS,
+    package: BundlePackage | None = None,
 ) -> DeviceBundle:
     """Give ``client_id`` a password and its ACL entry in ``task``, and write its bundle.
 
-    An id that already exists is an error naming it, unless ``rotate_password`` (same task only)."""
+    An id that already exists is an error naming it, unless ``rotate_password`` (same task only). With
+    ``package`` the bundle also holds the model, the native trainer when given, device.env and the unit."""
     conf_dir = Path(conf_dir)
     validate_id(client_id, "client id", DeviceError)
     validate_id(task, "task", DeviceError)
@@ -179,6 +262,8 @@ def add_device(
             load_public_key(server_pub)
         except ProtocolError as exc:
             raise DeviceError(f"--server-key: {exc}") from exc
+    if package is not None and not (Path(package.artifacts) / "manifest.json").is_file():
+        raise DeviceError(f"--artifacts {package.artifacts} has no manifest.json: give an `fedhft export` profile dir")
     with _locked(conf_dir) as registry:
         if task not in registry.tasks:
             raise DeviceError(
@@ -200,7 +285,9 @@ def add_device(
             registry.tasks[task] = replace(users, clients=(*users.clients, client_id))
         save_broker_files(conf_dir, registry, passwords, iterations)
         url = broker_url or broker_url_hint(registry)
-        folder, warnings = _write_bundle(conf_dir, registry, task, client_id, passwords[client_id], server_pub, url)
+        folder, warnings = _write_bundle(
+            conf_dir, registry, task, client_id, passwords[client_id], server_pub, url, package
+        )
     return DeviceBundle(client_id, task, folder, url, passwords[client_id], warnings)
 
 
