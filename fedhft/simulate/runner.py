@@ -137,14 +137,14 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             version = max((pt.version for pt in evaluator.points), default=0)
             vt = max((pt.virtual_time for pt in evaluator.points), default=0.0)
             faults = f"  faults {sum(chaos.injected.values())}" if chaos is not None else ""
-            state = (version, len(fleet.running_edges()), faults)
-            if state != shown or elapsed - shown_at >= PROGRESS_EVERY:  # a line when something changed
-                shown, shown_at = state, elapsed
+            now = (version, len(fleet.running_edges()), faults)
+            if now != shown or elapsed - shown_at >= PROGRESS_EVERY:  # a line when something changed
+                shown, shown_at = now, elapsed
                 say(
                     f"[{label}] {elapsed:5.0f}s  version {version:3d}  virtual {vt:7.0f}s  "
                     f"accuracy {acc if acc is None else round(acc, 3)}  "
                     f"up {snap['bytes'].get('update', 0) / 1e3:.0f} kB  "
-                    f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  active {state[1]}{faults}"
+                    f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  active {now[1]}{faults}"
                 )
             if elapsed > limit:
                 event(log, "time limit reached", logging.WARNING, minutes=cfg.minutes)

@@ -463,6 +463,7 @@ def test_two_edge_clients_train_two_rounds_of_fedavg_full_over_mosquitto(
                 seed=int(cid[1]),
                 backoff_base=0.2,
                 backoff_cap=2.0,
+                max_rounds_per_version=1,  # round 2 trains from version 1, as FedAvg rounds do
             )
             rec = Recorder(OrtTrainer(full_export, learning_rate=5e-3))
             client = EdgeClient(cfg, trainer=rec)  # type: ignore[arg-type]
