@@ -3,13 +3,11 @@ signature source (head | delta | both) through the coordinator, and per-cluster 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.cluster_fit import fit_clusters, membership_entropy, soften
@@ -18,7 +16,7 @@ from fedhft.broker_server.federation import Federation, FederationConfig, Federa
 from fedhft.broker_server.reclustering import SIGNATURES, client_signatures
 from fedhft.broker_server.validation import ClientPlan
 from fedhft.cli.server import SIGNATURE_CHOICES
-from tests.support.server import plan_dict, small_spec, update_tensors
+from tests.support.server import ServerRunCapture, plan_dict, small_spec, update_tensors
 
 SPEC = small_spec()
 
@@ -223,46 +221,20 @@ def test_cluster_config_errors_name_the_problem() -> None:
 
 
 def test_server_run_passes_the_clustering_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from fedhft.broker_server import service
-    from fedhft.cli import server as cli_server
-
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config: service.ServerConfig) -> None:
-            seen["config"] = config
-            self.federation = Federation(SPEC, config.federation)
-
-        def run(self, stop: object) -> None:
-            return None
-
-    monkeypatch.setattr(service, "Server", FakeServer)
-    monkeypatch.setattr(cli_server, "stop_on_signals", contextlib.nullcontext)
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text("{}")
-    args = [
-        "--broker",
-        "mqtt://127.0.0.1:1",
-        "--task",
-        "t",
-        "--state",
-        str(tmp_path / "s"),
-        "--manifest",
-        str(manifest),
-    ]
-    res = CliRunner().invoke(cli_server.server_run_command, args)
+    run = ServerRunCapture(monkeypatch, tmp_path)
+    res = run.invoke()
     assert res.exit_code == 0, res.output
-    fed = seen["config"].federation
+    fed = run.config.federation
     defaults = (fed.min_cluster_size, fed.membership_floor, fed.cluster_signature, fed.min_clusters, fed.max_clusters)
     assert defaults == (2, 0.1, "delta", 1, 8)
-    args += ["--clusters", "auto", "--min-clusters", "2", "--max-clusters", "4", "--min-cluster-size", "3"]
+    args = ["--clusters", "auto", "--min-clusters", "2", "--max-clusters", "4", "--min-cluster-size", "3"]
     args += ["--membership-floor", "0.2", "--cluster-signature", "both"]
-    res = CliRunner().invoke(cli_server.server_run_command, args)
+    res = run.invoke(*args)
     assert res.exit_code == 0, res.output
-    fed = seen["config"].federation
+    fed = run.config.federation
     assert (fed.clusters, fed.min_clusters, fed.max_clusters, fed.min_cluster_size) == (None, 2, 4, 3)
     assert (fed.membership_floor, fed.cluster_signature) == (0.2, "both")
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--cluster-signature", "tail"])
+    res = run.invoke(*args, "--cluster-signature", "tail")
     assert res.exit_code == 2 and "tail" in res.output
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--min-clusters", "5"])
+    res = run.invoke(*args, "--min-clusters", "5")
     assert res.exit_code != 0 and "min clusters <= max clusters" in str(res.exception)

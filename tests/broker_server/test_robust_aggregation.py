@@ -3,12 +3,10 @@ coordinator."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +31,7 @@ from fedhft.broker_server.robust import (
     weighted_trimmed_mean,
 )
 from fedhft.broker_server.validation import ClientPlan, to_client_update
-from tests.support.server import plan_dict, small_spec, update_tensors
+from tests.support.server import ServerRunCapture, plan_dict, small_spec, update_tensors
 
 SPEC = small_spec()
 
@@ -261,30 +259,13 @@ def test_clip_multiple_shrinks_outlying_changes() -> None:
 
 
 def test_server_run_passes_the_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from fedhft.broker_server import service
-    from fedhft.cli import server as cli_server
-
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config: service.ServerConfig) -> None:
-            seen["config"] = config
-            self.federation = Federation(SPEC, config.federation)
-
-        def run(self, stop: object) -> None:
-            return None
-
-    monkeypatch.setattr(service, "Server", FakeServer)
-    monkeypatch.setattr(cli_server, "stop_on_signals", contextlib.nullcontext)
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text("{}")
-    args = ["--broker", "mqtt://127.0.0.1:1", "--task", "t", "--state", str(tmp_path / "s")]
-    args += ["--manifest", str(manifest), "--robust", "trimmed-mean", "--trim-fraction", "0.3"]
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--clip-multiple", "2.5"])
+    run = ServerRunCapture(monkeypatch, tmp_path)
+    args = ["--robust", "trimmed-mean", "--trim-fraction", "0.3"]
+    res = run.invoke(*args, "--clip-multiple", "2.5")
     assert res.exit_code == 0, res.output
-    fed = seen["config"].federation
+    fed = run.config.federation
     assert (fed.robust, fed.trim_fraction, fed.clip_multiple) == ("trimmed-mean", 0.3, 2.5)
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--robust", "krum"])
+    res = run.invoke(*args, "--robust", "krum")
     assert res.exit_code == 2 and "krum" in res.output
-    res = CliRunner().invoke(cli_server.server_run_command, [*args[:-1], "0.5"])
+    res = run.invoke("--robust", "trimmed-mean", "--trim-fraction", "0.5")
     assert res.exit_code == 2 and "0.5" in res.output

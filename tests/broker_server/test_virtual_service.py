@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -13,20 +12,17 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from click.testing import CliRunner
 
-from fedhft.broker_server import service
 from fedhft.broker_server.federation import FederationConfig
 from fedhft.broker_server.ingest import Inbound
 from fedhft.broker_server.service import Server, ServerConfig
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
-from fedhft.cli import server as cli_server
 from fedhft.protocol import HelloMessage, decode_model, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.mqtt import make_client
 from fedhft.protocol.topics import promise_topic
 from fedhft.protocol.virtual_time import PromiseMessage, decode_schedule, encode_promise
-from tests.support.server import Hub, ServerProcess, update_message, update_tensors, wait_until
+from tests.support.server import Hub, ServerProcess, ServerRunCapture, update_message, update_tensors, wait_until
 
 TASK = "vtime"
 
@@ -222,33 +218,10 @@ def test_virtual_time_server_over_mosquitto_orders_by_promises_not_arrival(
 
 
 def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config: service.ServerConfig) -> None:
-            seen["config"] = config
-            self.federation = type("F", (), {"version": 0})()
-
-        def run(self, stop: object) -> None:
-            return None
-
-    monkeypatch.setattr(service, "Server", FakeServer)
-    monkeypatch.setattr(cli_server, "stop_on_signals", contextlib.nullcontext)
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text("{}")
-    args = [
-        "--broker",
-        "mqtt://127.0.0.1:1",
-        "--task",
-        "t",
-        "--state",
-        str(tmp_path / "s"),
-        "--manifest",
-        str(manifest),
-    ]
-    res = CliRunner().invoke(cli_server.server_run_command, args)
+    run = ServerRunCapture(monkeypatch, tmp_path)
+    res = run.invoke()
     assert res.exit_code == 0, res.output
-    config = seen["config"]
+    config = run.config
     assert (config.mode, config.round_deadline, config.virtual_time, config.virtual_timeout) == (
         "async",
         None,
@@ -257,12 +230,12 @@ def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tm
     )
     extra = ["--mode", "sync", "--round-deadline", "40", "--virtual-time", "--virtual-timeout", "60"]
     extra += ["--virtual-fleet", "8"]
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, *extra])
+    res = run.invoke(*extra)
     assert res.exit_code == 0, res.output
-    config = seen["config"]
+    config = run.config
     assert (config.mode, config.round_deadline, config.virtual_time, config.virtual_timeout) == ("sync", 40, True, 60)
     assert config.flush_rule().round_closes_at(10.0) == 50.0 and config.virtual_fleet == 8
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--mode", "rounds"])
+    res = run.invoke("--mode", "rounds")
     assert res.exit_code == 2 and "rounds" in res.output
-    res = CliRunner().invoke(cli_server.server_run_command, [*args, "--round-deadline", "0"])
+    res = run.invoke("--round-deadline", "0")
     assert res.exit_code == 2 and "round-deadline" in res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -228,3 +229,42 @@ class ServerProcess:
         if self.proc is None:
             return None
         return stop_process(self.proc, grace=10)
+
+
+class ServerRunCapture:
+    """`fedhft server run` through click with the Server replaced: each run records the ServerConfig it built."""
+
+    def __init__(self, monkeypatch: Any, tmp_path: Path) -> None:
+        from fedhft.broker_server import service
+        from fedhft.broker_server.federation import Federation
+        from fedhft.cli import server as cli_server
+
+        self.configs: list[Any] = []
+        capture = self
+
+        class CapturingServer:
+            def __init__(self, config: Any) -> None:
+                capture.configs.append(config)
+                self.federation = Federation(small_spec(), config.federation)
+
+            def run(self, stop: object) -> None:
+                return None
+
+        monkeypatch.setattr(service, "Server", CapturingServer)
+        monkeypatch.setattr(cli_server, "stop_on_signals", contextlib.nullcontext)
+        manifest = tmp_path / "manifest.json"
+        manifest.write_text("{}")
+        self.command = cli_server.server_run_command
+        self.base_args = ["--broker", "mqtt://127.0.0.1:1", "--task", "t", "--state", str(tmp_path / "s")]
+        self.base_args += ["--manifest", str(manifest)]
+
+    def invoke(self, *extra: str) -> Any:
+        """Run the command with the base arguments plus `extra`; the click result."""
+        from click.testing import CliRunner
+
+        return CliRunner().invoke(self.command, [*self.base_args, *extra])
+
+    @property
+    def config(self) -> Any:
+        """The ServerConfig of the last successful run."""
+        return self.configs[-1]
