@@ -215,6 +215,7 @@ class Server:
             self.ingest.on_registered = self.pacing.registered
             self.ingest.hold = self.pacing.hold
             self.ingest.on_refused = self.pacing.refused
+            self.pacing.resume(list(self.registry))  # a restarted server reschedules the devices it knows
         refresh_gauges(self.metrics, self.federation)
 
     # ---- startup ------------------------------------------------------------------------------------------

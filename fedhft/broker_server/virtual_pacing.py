@@ -63,6 +63,14 @@ class VirtualPacing:
         """Ingest accepted a hello: a new (or dropped) device starts at the current virtual time."""
         self.clock.hello(client_id, time.time())
 
+    def resume(self, client_ids: Sequence[str]) -> None:
+        """After a restart the clock starts empty: the devices the state knows start again at the restored
+        virtual time, so none waits for a schedule that died with the old process (a promise queued for the
+        old process counts for the new schedule)."""
+        now = time.time()
+        for client_id in sorted(client_ids):
+            self.clock.hello(client_id, now)
+
     def hold(self, pending: PendingUpdate) -> None:
         """Ingest accepted and stored an update: it waits for its promised time."""
         self.clock.arrive(pending.client_id, pending.seq, pending, time.time())

@@ -217,6 +217,31 @@ def test_virtual_time_server_over_mosquitto_orders_by_promises_not_arrival(
         listener.close()
 
 
+def test_virtual_time_a_restarted_server_reschedules_the_devices_it_knows(
+    mosquitto, tiny_export: Path, tiny: tuple, tmp_path: Path
+) -> None:  # noqa: ANN001
+    listener = Listener(mosquitto.port)
+    hub = Hub(mosquitto.port, TASK)
+    extra = ("--virtual-time", "--virtual-fleet", "2", "--buffer-size", "1")
+    server = ServerProcess(mosquitto.url, TASK, tmp_path / "state", tiny_export, *extra)
+    try:
+        server.start()
+        for cid in ("a", "b"):
+            hub.hello(cid, tiny[1])
+        assert wait_until(lambda: len(listener.schedules()) == 2, 15), server.log_text()[-3000:]
+        hub.publish(promise_topic(TASK, "a"), encode_promise(PromiseMessage(TASK, "a", 1, 0, 5.0, time.time())))
+        time.sleep(0.5)
+        server.kill9()  # the clock's schedules and promise die with the process
+        server.start()  # nobody says hello again: the fleet would wait forever for schedules
+        assert wait_until(lambda: len(listener.schedules()) == 4, 15), server.log_text()[-3000:]
+        assert sorted(listener.schedules()[2:]) == [("a", 0.0, 0), ("b", 0.0, 0)]
+        assert server.stop() == 0
+    finally:
+        server.stop()
+        hub.close()
+        listener.close()
+
+
 def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     run = ServerRunCapture(monkeypatch, tmp_path)
     res = run.invoke()
