@@ -13,6 +13,7 @@ import pytest
 
 from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
 from fedhft.broker_server.clustering import adjusted_rand_index
+from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
 from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
 from fedhft.protocol.manifest import load_manifest
@@ -32,15 +33,22 @@ TASK = "svc"
 
 
 @pytest.fixture
-def env(mosquitto, tiny_export: Path, tmp_path: Path):  # noqa: ANN001, ANN201
-    """(hub, spec, manifest plan, start(*args) -> ServerProcess); stops every server and the hub."""
+def env(mosquitto, tiny_export: Path, tmp_path: Path, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
+    """(hub, spec, manifest plan, start(*args) -> ServerProcess); stops every server and the hub.
+
+    Servers keep their state in ``tmp_path / "state"``, or, for a test that takes ``state_spec``, on each
+    backend in turn (a PostgreSQL state's signing key in ``tmp_path / "state"``, where the tests look for it)."""
+    spec_state = request.getfixturevalue("state_spec") if "state_spec" in request.fixturenames else None
     manifest = load_manifest(tiny_export)
     spec = GlobalSpec.from_manifest(manifest)
     hub = Hub(mosquitto.port, TASK)
     servers: list[ServerProcess] = []
 
     def start(*extra: str, state: Path | None = None, wait_ready: bool = True) -> ServerProcess:
-        proc = ServerProcess(mosquitto.url, TASK, state or tmp_path / "state", tiny_export, *extra)
+        where = state or spec_state or tmp_path / "state"
+        if is_postgres(where):
+            extra = (*extra, "--key-dir", str(tmp_path / "state"))
+        proc = ServerProcess(mosquitto.url, TASK, where, tiny_export, *extra, log_dir=tmp_path)
         servers.append(proc)
         return proc.start(wait_ready=wait_ready)
 
@@ -57,12 +65,22 @@ def version_of(hub: Hub, target: str) -> int | None:
     return None if payload is None else decode_model(payload).version
 
 
-def db_rows(state: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(state / "state.sqlite3") as db:
+def db_rows(state: Path | str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` (no parameters) from a stopped server's state: its SQLite file, or its database."""
+    if is_postgres(state):
+        import psycopg
+
+        with psycopg.connect(str(state)) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]  # type: ignore[arg-type]
+    with sqlite3.connect(Path(state) / "state.sqlite3") as db:
         return db.execute(sql).fetchall()
 
 
-def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(
+    env,
+    tmp_path: Path,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     hub, spec, tiny_plan, start = env
     server = start("--buffer-size", "4", "--window-seconds", "60")
     plans = {
@@ -114,26 +132,38 @@ def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shap
     seen = [decode_model(p).version for p in hub.models[f"fedhft/v1/{TASK}/model/client/r2"]]
     assert seen == sorted(seen) and sorted(set(seen)) == [0, 1, 2]
     assert server.stop() == 0
-    stored = db_rows(tmp_path / "state", "SELECT client_id, seq, status FROM updates")
+    stored = db_rows(state_spec, "SELECT client_id, seq, status FROM updates")
     assert sorted(stored) == sorted((c, s, "aggregated") for c in plans for s in (1, 2))
 
 
-def test_a_second_server_on_the_same_state_refuses(env, tmp_path: Path, tiny_export: Path, mosquitto) -> None:  # noqa: ANN001
+def test_a_second_server_on_the_same_state_refuses(
+    env,
+    tmp_path: Path,
+    tiny_export: Path,
+    mosquitto,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     _, _, _, start = env
     first = start()
     args = [
         sys.executable, "-m", "fedhft.cli", "server", "run", "--broker", mosquitto.url,
-        "--task", TASK, "--state", str(tmp_path / "state"), "--manifest", str(tiny_export),
+        "--task", TASK, "--state", str(state_spec), "--manifest", str(tiny_export),
     ]  # fmt: skip
+    if is_postgres(state_spec):  # another key dir: the database's lock refuses, not the key dir's
+        args += ["--key-dir", str(tmp_path / "other-keys")]
     out = subprocess.run(
         args, capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False
     )
     assert out.returncode == 1
     assert f"PID {first.proc.pid}" in out.stderr and "in use by another fedhft server" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line
     assert first.proc.poll() is None and first.metric("fedhft_ready") == 1.0
 
 
-def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice(env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice(
+    env,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     hub, spec, tiny_plan, start = env
     extra = ("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
     server = start(*extra)
@@ -167,7 +197,7 @@ def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice
     assert wait_until(lambda: all(hub.ack_status(*k) in ("accepted", "duplicate") for k in payloads), 15)
     assert wait_until(lambda: server.metric("fedhft_pending_updates") in (0.0, 1.0, 2.0, 3.0), 10)  # < M wait
     assert server.stop() == 0
-    state = tmp_path / "state"
+    state = state_spec
     rows = {(c, s): st for c, s, st in db_rows(state, "SELECT client_id, seq, status FROM updates")}
     assert set(rows) == set(payloads)  # every update stored exactly once (UNIQUE(client, seq))
     assert all(rows[k] in ("pending", "aggregated") for k in acked_before_kill)
