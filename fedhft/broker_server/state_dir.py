@@ -37,6 +37,13 @@ class StorageFull(StateError):
     """The disk is full: nothing was stored (and nothing is acknowledged)."""
 
 
+class StateLost(FedHFTError):
+    """The server lost its hold on the state (its database connection, and with it the lock): it must stop.
+
+    Not a StateError, which the server survives (it retries): after this, whether the last transaction
+    committed is unknown, and a restart rebuilds the server from what did."""
+
+
 def lock_state_dir(directory: Path) -> int:
     """flock ``directory/lock`` and write our PID into it; StateLocked naming the holder's PID otherwise."""
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

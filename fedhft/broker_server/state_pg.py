@@ -6,8 +6,9 @@
   commit together: an update is never aggregated twice.
 - One server per database: the store holds a session advisory lock (pg_try_advisory_lock) on its one
   connection; a second server is refused naming the holder, and a version commit checks, inside its
-  transaction, that this connection still holds the lock (a lost connection loses the lock and fails every
-  later commit, so a server that lost it can never commit again).
+  transaction, that this connection still holds the lock. A lost connection loses the lock: the store
+  raises StateLost and the server stops (no reconnect: whether the last commit happened is unknown; a
+  restart rebuilds from what committed).
 - The schema is created and migrated by the server (state_pg_schema.py, table ``schema_migrations``).
 
 The signing key stays a local file in ``--key-dir`` (locked as a state dir is, so `fedhft server rotate-key
@@ -38,6 +39,7 @@ from fedhft.broker_server.state_dir import (
     TENSOR_SUFFIX,
     StateError,
     StateLocked,
+    StateLost,
     StorageFull,
     lock_state_dir,
     state_label,
@@ -152,15 +154,28 @@ class PgStateStore:
         try:
             with db.transaction():
                 yield db
-        except psycopg.errors.DiskFull as exc:
+        except psycopg.errors.DiskFull as exc:  # an OperationalError too: first
             why = _first_line(exc)
             raise StorageFull(f"{self.where}: disk full, could not {what} ({why}); nothing was stored") from exc
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc, what) from exc
         except psycopg.Error as exc:
             raise StateError(f"{self.where}: could not {what} ({_first_line(exc)})") from exc
+
+    def _lost(self, exc: psycopg.OperationalError, what: str) -> StateError | StateLost:
+        """StateLost when the connection is gone (the lock went with it), else a StateError to retry."""
+        if self.db is not None and (self.db.broken or self.db.closed):
+            return StateLost(
+                f"{self.where}: lost the database connection, and with it the server's lock, while trying to "
+                f"{what} ({_first_line(exc)}); stopping: restart the server"
+            )
+        return StateError(f"{self.where}: could not {what} ({_first_line(exc)})")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc, "read") from exc
         except psycopg.Error as exc:
             raise StateError(f"{self.where}: could not read ({_first_line(exc)})") from exc
 
@@ -353,7 +368,7 @@ class PgStateStore:
         blobs = [state_to_bytes(s) for s in states]
         with self._transaction(f"commit version {version}") as db, db.cursor() as cur:
             if not self.holds_lock():
-                raise StateError(f"{self.where}: this server no longer holds the database's lock; not committing")
+                raise StateLost(f"{self.where}: this server no longer holds the database's lock; not committing")
             cur.execute(
                 f"INSERT INTO versions ({_VERSION_COLUMNS}, memberships_json) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (version, record.created_at, record.state_dir, json.dumps(files), record.num_updates, len(states),

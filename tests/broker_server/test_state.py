@@ -130,6 +130,9 @@ def test_versions_aggregate_each_update_once_and_keep_the_newest_states(state_sp
 def test_postgres_commits_synchronously_migrates_once_and_versions_check_the_lock(
     postgres_url: str, tmp_path: Path
 ) -> None:
+    import psycopg
+
+    from fedhft.broker_server.state_dir import StateLost
     from fedhft.broker_server.state_pg import LOCK_KEY
 
     store = open_any(postgres_url, tmp_path)
@@ -143,9 +146,14 @@ def test_postgres_commits_synchronously_migrates_once_and_versions_check_the_loc
         store.upsert_client("a", "p", "ab" * 32, PLAN)
         (s1,) = store.commit_updates([staged("a", 1, rng)])
         store.db.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))  # type: ignore[attr-defined]  # as if lost
-        with pytest.raises(StateError, match="no longer holds the database's lock"):
+        with pytest.raises(StateLost, match="no longer holds the database's lock"):
             store.commit_version(1, [ClusterState({}, {})], [s1.id], {}, {})
         assert store.latest_version() is None and rows(store) == [("a", 1, "pending")]
+        pid = store.db.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[attr-defined]
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))  # the connection dies (a restart, a network cut)
+        with pytest.raises(StateLost, match="lost the database connection"):
+            store.commit_updates([staged("a", 2, rng)])
     finally:
         store.close()
 
