@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -300,3 +301,34 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     assert sorted(metrics[f'fedhft_clients{{cluster="{c}"}}'] for c in range(k)) == [3.0, 3.0, 3.0]
     assert all(metrics[f'fedhft_clients_soft{{cluster="{c}"}}'] == pytest.approx(3.0) for c in range(k))
     assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))
+
+
+def test_a_server_that_loses_its_database_stops_and_a_restart_loses_nothing(env, postgres_url: str) -> None:  # noqa: ANN001
+    import psycopg
+
+    hub, spec, tiny_plan, start = env
+    extra = ("--buffer-size", "100", "--window-seconds", "600")
+    server = start(*extra, state=postgres_url)
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    rng = np.random.default_rng(4)
+    hub.hello("a", tiny_plan)
+    hub.update(update_message(TASK, "a", 1, update_tensors(rng, spec, plan)))
+    assert wait_until(lambda: hub.ack_status("a", 1) == "accepted", 10), server.log_text()[-2000:]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # the database restarts, or the network cuts
+        n = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (f"fedhft-server PID {server.proc.pid} on {socket.gethostname()}"[:63],),
+        ).fetchone()[0]
+    assert n == 1
+    second = update_message(TASK, "a", 2, update_tensors(rng, spec, plan))
+    hub.update(second)
+    assert wait_until(lambda: server.proc.poll() is not None, 15), server.log_text()[-2000:]
+    assert server.proc.returncode == 1 and "lost the database connection" in server.log_text()
+    assert hub.ack_status("a", 2) is None  # never acknowledged
+    server = start(*extra, state=postgres_url)  # its broker session still holds seq 2: delivered again
+    assert wait_until(lambda: hub.ack_status("a", 2) == "accepted", 15), server.log_text()[-2000:]
+    assert server.stop() == 0
+    assert sorted(db_rows(postgres_url, "SELECT client_id, seq, status FROM updates")) == [
+        ("a", 1, "pending"),
+        ("a", 2, "pending"),
+    ]
