@@ -58,6 +58,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             aggregated_version BIGINT,
             UNIQUE (client_id, seq)
         );
+        ALTER TABLE updates ALTER COLUMN payload SET STORAGE EXTERNAL;  -- deflated already: no pglz attempt
         CREATE INDEX updates_pending ON updates (id) WHERE status = 'pending';
         CREATE TABLE versions (
             version BIGINT PRIMARY KEY,
@@ -74,6 +75,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             state BYTEA NOT NULL,
             PRIMARY KEY (version, cluster)
         );
+        ALTER TABLE version_states ALTER COLUMN state SET STORAGE EXTERNAL;  -- float64 noise compresses little
         CREATE TABLE server_keys (
             idx INTEGER PRIMARY KEY,
             key_id TEXT NOT NULL,
