@@ -300,7 +300,7 @@ def server_run_command(
         server = Server(config)
         click.echo(
             f"fedhft server: task {task}, {state_label(state_dir)}, version {server.federation.version}, "
-            f"public key {server.store.key_dir / 'server_key.pub'}",
+            f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}",
             err=True,
         )
         server.run(stop)
