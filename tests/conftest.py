@@ -87,10 +87,16 @@ def mosquitto(tmp_path: Path):  # noqa: ANN201
 def postgres_url():  # noqa: ANN201
     """A fresh PostgreSQL database (random name, dropped afterwards) as a postgresql:// URL; fails when the
     server of FEDHFT_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test) is unreachable."""
-    from tests.support.postgres import fresh_database
+    from tests.support.postgres import PostgresUnreachable, fresh_database
 
-    with fresh_database() as url:
-        yield url
+    unreachable = None
+    try:
+        with fresh_database() as url:
+            yield url
+    except PostgresUnreachable as exc:
+        unreachable = str(exc)
+    if unreachable:
+        pytest.fail(unreachable, pytrace=False)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -21,6 +21,10 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 ENV = "FEDHFT_TEST_POSTGRES"
 
 
+class PostgresUnreachable(AssertionError):
+    """The test server cannot be reached (one line: what to install or start)."""
+
+
 def admin_url() -> str:
     return os.environ.get(ENV) or DEFAULT_URL
 
@@ -37,12 +41,12 @@ def database_url(admin: str, name: str) -> str:
 
 
 def connect_admin(admin: str) -> psycopg.Connection:
-    """An autocommit connection to the test server; AssertionError (one line) when it cannot be reached."""
+    """An autocommit connection to the test server; PostgresUnreachable when it cannot be reached."""
     try:
         return psycopg.connect(make_conninfo(admin, connect_timeout=5), autocommit=True)
     except psycopg.Error as exc:
         first = (str(exc).strip().splitlines() or ["unreachable"])[0]
-        raise AssertionError(
+        raise PostgresUnreachable(
             f"PostgreSQL is not reachable at {admin} ({first}): install and start it (`scripts/ensure-services`, "
             f"or `apt-get install postgresql`), or name a server with {ENV}=postgresql://USER@HOST:PORT/DB"
         ) from None
