@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +23,7 @@ from fedhft.broker_server.state_schema import ClientRow, StagedUpdate, StoredUpd
 from fedhft.protocol import KeyLink
 
 
+@runtime_checkable
 class StateBackend(Protocol):
     """The server's durable state: clients, updates, versions, the signing key."""
 

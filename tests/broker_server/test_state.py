@@ -35,7 +35,9 @@ def open_store(path: Path) -> StateStore:
 
 def open_any(spec: str | Path, tmp_path: Path, task: str = "task", keys: str = "keys") -> StateBackend:
     """The store of ``spec`` on either backend (a database's signing key in ``tmp_path / keys``)."""
-    return open_state(spec, task, SPEC.fingerprint(), tmp_path / keys if is_postgres(spec) else None)
+    store = open_state(spec, task, SPEC.fingerprint(), tmp_path / keys if is_postgres(spec) else None)
+    assert isinstance(store, StateBackend)  # every method the server calls is there
+    return store
 
 
 def rows(store: StateBackend) -> list[tuple]:
