@@ -129,6 +129,7 @@ class ServerConfig:
     virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
     virtual_fleet: int = 0  # process nothing before this many devices said hello
     key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
+    standby: bool = False  # postgresql:// only: wait for the running server's lock, then take over
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
@@ -139,7 +140,8 @@ class ServerConfig:
 class Server:
     """One server process for one task; construct, then :meth:`run` until ``stop`` is set."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, stop: threading.Event | None = None) -> None:
+        """Open the state (a standby waits here for the lock until ``stop`` is set), restore, wire up."""
         self.config = config
         limit_blas_threads(1)
         self.task = validate_id(config.task, "task", ServiceError)
@@ -148,7 +150,8 @@ class Server:
         rule = config.flush_rule()
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
-        self.store = open_state(config.state_dir, self.task, self.spec.fingerprint(), config.key_dir)  # lock first
+        standby = (stop or threading.Event()) if config.standby else None
+        self.store = open_state(config.state_dir, self.task, self.spec.fingerprint(), config.key_dir, standby)
         try:
             self.key = self.store.signing_key()
             self.key_chain = self.store.key_chain(self.key)

@@ -10,6 +10,7 @@ itself, or ``--key-dir`` beside a database.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -80,15 +81,19 @@ def open_state(
     task: str,
     spec_fingerprint: str,
     key_dir: str | os.PathLike[str] | None = None,
+    standby: threading.Event | None = None,
 ) -> StateBackend:
     """The state named by ``--state``: a PostgreSQL database for ``postgresql://...`` (its signing key in
-    ``key_dir``, required), else the SQLite state directory (which holds its own key; ``key_dir`` must be unset)."""
+    ``key_dir``, required), else the SQLite state directory (which holds its own key; ``key_dir`` must be unset).
+    ``standby`` (the server's stop event; PostgreSQL only) waits for another server's lock instead of refusing."""
     if is_postgres(spec):
         if key_dir is None:
             raise StateError("--state postgresql://... needs --key-dir DIR: the signing key stays a local file")
         from fedhft.broker_server.state_pg import PgStateStore  # psycopg is loaded only for PostgreSQL
 
-        return PgStateStore(str(spec), task, spec_fingerprint, Path(key_dir))
+        return PgStateStore(str(spec), task, spec_fingerprint, Path(key_dir), standby)
+    if standby is not None:
+        raise StateError("--standby needs --state postgresql://...: a state directory has no standby")
     if key_dir is not None and Path(key_dir) != Path(spec):
         raise StateError("--key-dir is for --state postgresql://...; a state directory keeps its key inside")
     from fedhft.broker_server.state_store import StateStore

@@ -37,6 +37,10 @@ class StorageFull(StateError):
     """The disk is full: nothing was stored (and nothing is acknowledged)."""
 
 
+class StandbyStopped(FedHFTError):
+    """A standby server was told to stop while it still waited for the state's lock."""
+
+
 class StateLost(FedHFTError):
     """The server lost its hold on the state (its database connection, and with it the lock): it must stop.
 

@@ -11,6 +11,10 @@
   restart rebuilds from what committed).
 - The schema is created and migrated by the server (state_pg_schema.py, table ``schema_migrations``).
 
+A standby (``--standby``) waits for the lock instead of being refused, then restores from what committed and
+serves: a hot spare that takes over within about a second of the holder's death (its session, and so its lock,
+ends when its connection does: at once for a killed process, after TCP keepalive for a lost machine).
+
 The signing key stays a local file in ``--key-dir`` (locked as a state dir is, so `fedhft server rotate-key
 --state KEYDIR` refuses while the server runs); the public halves of its chain are kept in ``server_keys``.
 One connection, used by the server's main thread only (as the SQLite store is).
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -37,6 +42,7 @@ from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.key_rotation import KeyRotationError, load_chain, load_server_key
 from fedhft.broker_server.state_dir import (
     TENSOR_SUFFIX,
+    StandbyStopped,
     StateError,
     StateLocked,
     StateLost,
@@ -60,6 +66,7 @@ from fedhft.protocol import KeyLink
 
 log = logging.getLogger("fedhft.server")
 
+STANDBY_POLL = 0.25  # seconds between a standby's tries for the lock
 LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database advisory lock (per database)
 _LOCK_HI, _LOCK_LO = LOCK_KEY >> 32, LOCK_KEY & 0xFFFF_FFFF  # how pg_locks shows a bigint key
 _HELD = (
@@ -77,19 +84,30 @@ def _first_line(exc: BaseException) -> str:
 class PgStateStore:
     """The server's durable state in one PostgreSQL database; holds its advisory lock until :meth:`close`."""
 
-    def __init__(self, url: str, task: str, spec_fingerprint: str, key_dir: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        spec_fingerprint: str,
+        key_dir: Path,
+        standby: threading.Event | None = None,
+    ) -> None:
+        """Connect and take the lock: refused when another server holds it, or, with ``standby`` (the
+        server's stop event), waited for until the holder is gone (StandbyStopped when ``standby`` is set first).
+        Then the key dir's lock (a standby on the same machine shares the leader's key dir)."""
         self.url = url
         self.where = state_label(url)
         self.key_dir = Path(key_dir)
-        try:
-            self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
-        self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
+        self._key_lock = -1
         self.db: psycopg.Connection | None = None
         try:
             self.db = self._connect()
-            self._acquire_lock()
+            self._acquire_lock() if standby is None else self._wait_for_lock(standby)
+            try:
+                self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
+            self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
             migrate(self.db, self.where)
             self._check_meta(task, spec_fingerprint)
         except psycopg.Error as exc:
@@ -112,14 +130,31 @@ class PgStateStore:
             event(log, "PostgreSQL runs with fsync off: committed updates may not survive a crash", logging.WARNING)
         return db
 
-    def _acquire_lock(self) -> None:
+    def _try_lock(self) -> bool:
         assert self.db is not None
         row = self.db.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
-        if row and row[0]:
-            return
+        return bool(row and row[0])
+
+    def _holder(self) -> str:
+        assert self.db is not None
         holder = self.db.execute(_HELD, (_LOCK_HI, _LOCK_LO)).fetchone()
         name = (holder[1] or f"backend {holder[0]}") if holder else "unknown"
-        name = name.removeprefix("fedhft-server ")
+        return str(name).removeprefix("fedhft-server ")
+
+    def _wait_for_lock(self, stop: threading.Event) -> None:
+        """Standby: poll for the lock every STANDBY_POLL seconds until the holder's session ends."""
+        t0 = time.monotonic()
+        if not self._try_lock():
+            event(log, "standby: waiting for the server holding the database's lock", holder=self._holder())
+            while not self._try_lock():
+                if stop.wait(STANDBY_POLL):
+                    raise StandbyStopped(f"{self.where}: the standby was stopped before it took over")
+            event(log, "standby: took over the database's lock", waited_s=round(time.monotonic() - t0, 2))
+
+    def _acquire_lock(self) -> None:
+        if self._try_lock():
+            return
+        name = self._holder()
         raise StateLocked(
             f"{self.where} is in use by another fedhft server ({name}); stop it or choose another --state"
         )

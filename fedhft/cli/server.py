@@ -36,6 +36,11 @@ def _clusters(value: str) -> int | None:
     help="State directory (SQLite, the default), or postgresql://USER@HOST:PORT/DB for state in PostgreSQL.",
 )
 @click.option(
+    "--standby",
+    is_flag=True,
+    help="With --state postgresql://...: wait while another server holds the database, take over when it dies.",
+)
+@click.option(
     "--key-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -203,6 +208,7 @@ def server_run_command(
     broker: str,
     task: str,
     state_dir: str,
+    standby: bool,
     key_dir: Path | None,
     manifest: Path,
     clusters: str,
@@ -246,7 +252,7 @@ def server_run_command(
     publish models."""
     from fedhft.broker_server.federation import FederationConfig
     from fedhft.broker_server.service import Server, ServerConfig
-    from fedhft.broker_server.state_dir import is_postgres, state_label
+    from fedhft.broker_server.state_dir import StandbyStopped, is_postgres, state_label
     from fedhft.credentials import resolve_password
 
     password = resolve_password(password, password_file)
@@ -277,6 +283,7 @@ def server_run_command(
         task=task,
         state_dir=state_dir if is_postgres(state_dir) else Path(state_dir),
         key_dir=key_dir,
+        standby=standby,
         manifest=manifest,
         federation=fed,
         clip_norm=clip_norm,
@@ -297,7 +304,11 @@ def server_run_command(
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
     with stop_on_signals() as stop:
-        server = Server(config)
+        try:
+            server = Server(config, stop)
+        except StandbyStopped:
+            click.echo("fedhft server: the standby stopped before it took over", err=True)
+            return
         click.echo(
             f"fedhft server: task {task}, {state_label(state_dir)}, version {server.federation.version}, "
             f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}",

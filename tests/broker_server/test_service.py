@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,55 @@ def test_a_server_that_loses_its_database_stops_and_a_restart_loses_nothing(env,
         ("a", 1, "pending"),
         ("a", 2, "pending"),
     ]
+
+
+def test_a_standby_takes_over_from_a_killed_leader_losing_and_doubling_nothing(env, postgres_url: str) -> None:  # noqa: ANN001
+    hub, spec, tiny_plan, start = env
+    extra = ("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
+    leader = start(*extra, state=postgres_url)
+    standby = start(*extra, "--standby", state=postgres_url, wait_ready=False)
+    assert wait_until(lambda: "standby: waiting" in standby.log_text(), 20), standby.log_text()[-2000:]
+    assert standby.proc.poll() is None and standby.metric("fedhft_ready") is None  # not serving yet
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    clients = [f"dev{i}" for i in range(6)]
+    for cid in clients:
+        hub.hello(cid, tiny_plan)
+    rng = np.random.default_rng(5)
+    payloads = {
+        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
+        for seq in range(1, 13)
+        for cid in clients
+    }
+    topic = f"fedhft/v1/{TASK}/update/"
+    infos = [hub.client.publish(topic + cid, p, qos=1) for (cid, _), p in payloads.items()]
+    assert wait_until(lambda: sum(hub.ack_status(*k) == "accepted" for k in payloads) >= 12, 15, interval=0.005)
+    leader.kill9()  # mid-burst, likely mid-flush (a version every 4 updates)
+    killed = time.monotonic()
+    for info in infos:
+        info.wait_for_publish(10)
+    acked_before_kill = {k for k in payloads if hub.ack_status(*k) == "accepted"}
+    assert wait_until(lambda: standby.metric("fedhft_ready") == 1.0, 20), standby.log_text()[-3000:]
+    takeover_s = time.monotonic() - killed
+    for _ in range(3):  # devices resend what was never acknowledged
+        missing = [k for k in payloads if hub.ack_status(*k) not in ("accepted", "duplicate")]
+        if not missing:
+            break
+        wait_until(lambda m=missing: all(hub.ack_status(*k) for k in m), 3)
+        for k in missing:
+            if hub.ack_status(*k) is None:
+                hub.publish(topic + k[0], payloads[k])
+    assert wait_until(lambda: all(hub.ack_status(*k) in ("accepted", "duplicate") for k in payloads), 20)
+    assert wait_until(lambda: standby.metric("fedhft_pending_updates") in (0.0, 1.0, 2.0, 3.0), 10)
+    assert standby.stop() == 0
+    print(f"standby serving {takeover_s:.2f} s after the leader's kill -9")
+    assert takeover_s < 10
+    rows = {(c, s): st for c, s, st in db_rows(postgres_url, "SELECT client_id, seq, status FROM updates")}
+    assert set(rows) == set(payloads)  # every update stored exactly once
+    assert all(rows[k] in ("pending", "aggregated") for k in acked_before_kill)  # 0 acknowledged lost
+    versions = db_rows(postgres_url, "SELECT version, num_updates FROM versions ORDER BY version")
+    assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
+    aggregated = sum(1 for st in rows.values() if st == "aggregated")
+    assert aggregated == sum(n for _, n in versions) and len(versions) >= 2  # none counted twice
+    for topic_name, got in hub.models.items():
+        seen = [decode_model(p).version for p in got]
+        assert seen == sorted(seen), topic_name

@@ -264,3 +264,33 @@ def test_server_modules_import_without_torch() -> None:
         "print(json.dumps({'heavy': heavy}))\n"
     )
     assert run_torchfree(code, timeout=120) == {"heavy": []}
+
+
+def test_a_postgres_standby_waits_for_the_lock_and_takes_over_when_the_holder_goes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    from fedhft.broker_server.state_dir import StandbyStopped
+
+    leader = open_any(postgres_url, tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StandbyStopped):  # told to stop while still waiting
+        open_state(postgres_url, "task", SPEC.fingerprint(), tmp_path / "keys", standby=stop)
+    got: list[StateBackend] = []
+    standby = threading.Thread(
+        target=lambda: got.append(
+            open_state(postgres_url, "task", SPEC.fingerprint(), tmp_path / "keys", standby=threading.Event())
+        )
+    )
+    standby.start()
+    standby.join(1.0)
+    assert standby.is_alive() and not got  # waiting, on the same key dir as the leader
+    leader.upsert_client("a", "p", "ab" * 32, PLAN)
+    leader.close()  # the holder's session ends (as when its process is killed)
+    standby.join(10)
+    assert got and got[0].load_clients().keys() == {"a"}
+    got[0].close()
+    with pytest.raises(StateError, match="--standby needs --state postgresql"):
+        open_state(tmp_path / "dir", "task", SPEC.fingerprint(), standby=threading.Event())

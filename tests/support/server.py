@@ -246,7 +246,7 @@ class ServerRunCapture:
         capture = self
 
         class CapturingServer:
-            def __init__(self, config: Any) -> None:
+            def __init__(self, config: Any, stop: object = None) -> None:
                 capture.configs.append(config)
                 self.federation = Federation(small_spec(), config.federation)
 
