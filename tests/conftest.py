@@ -81,3 +81,27 @@ def mosquitto(tmp_path: Path):  # noqa: ANN201
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def postgres_url():  # noqa: ANN201
+    """A fresh PostgreSQL database (random name, dropped afterwards) as a postgresql:// URL; fails when the
+    server of FEDHFT_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test) is unreachable."""
+    from tests.support.postgres import PostgresUnreachable, fresh_database
+
+    unreachable = None
+    try:
+        with fresh_database() as url:
+            yield url
+    except PostgresUnreachable as exc:
+        unreachable = str(exc)
+    if unreachable:
+        pytest.fail(unreachable, pytrace=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """The server's --state on each backend: a state directory, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "state"
+    return request.getfixturevalue("postgres_url")

@@ -18,8 +18,8 @@ from fedhft.broker_server.federation import Federation
 from fedhft.broker_server.flush_rules import FlushRule
 from fedhft.broker_server.metrics import Metrics, refresh_gauges
 from fedhft.broker_server.publisher import Publisher
+from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError
-from fedhft.broker_server.state_store import StateStore
 from fedhft.logs import event
 
 log = logging.getLogger("fedhft.server")
@@ -34,7 +34,7 @@ class Coordinator:
     def __init__(
         self,
         federation: Federation,
-        store: StateStore,
+        store: StateBackend,
         metrics: Metrics,
         publisher: Publisher,
         *,

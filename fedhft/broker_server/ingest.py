@@ -20,8 +20,9 @@ from fedhft.broker_server import sim_time
 from fedhft.broker_server.federation import Federation, PendingUpdate
 from fedhft.broker_server.metrics import Metrics, refresh_gauges
 from fedhft.broker_server.publisher import Outbound, Publisher
+from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError, StorageFull
-from fedhft.broker_server.state_store import StagedUpdate, StateStore
+from fedhft.broker_server.state_schema import StagedUpdate
 from fedhft.broker_server.validation import (
     MALFORMED,
     MANIFEST_MISMATCH,
@@ -111,7 +112,7 @@ class Ingest:
         self,
         task: str,
         spec: GlobalSpec,
-        store: StateStore,
+        store: StateBackend,
         federation: Federation,
         registry: dict[str, ClientInfo],
         metrics: Metrics,

@@ -15,8 +15,8 @@ import logging
 from fedhft.broker_server import sim_time
 from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
 from fedhft.broker_server.ingest import ClientInfo
+from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError
-from fedhft.broker_server.state_store import StateStore
 from fedhft.broker_server.strategies import get_strategy
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
 from fedhft.broker_server.version_history import PastVersion
@@ -29,7 +29,7 @@ log = logging.getLogger("fedhft.server")
 RESTORE_MAX_BYTES = 1 << 30  # stored payloads passed their client's size limit when they arrived
 
 
-def past_versions(store: StateStore, max_staleness: int) -> list[PastVersion]:
+def past_versions(store: StateBackend, max_staleness: int) -> list[PastVersion]:
     """The versions before the latest, back to ``max_staleness`` older, whose states and memberships the store
     still has (a multi-cluster version without memberships cannot be rebuilt and is left out)."""
     records = store.versions()
@@ -51,7 +51,9 @@ def past_versions(store: StateStore, max_staleness: int) -> list[PastVersion]:
     return out
 
 
-def restore(store: StateStore, spec: GlobalSpec, config: FederationConfig) -> tuple[Federation, dict[str, ClientInfo]]:
+def restore(
+    store: StateBackend, spec: GlobalSpec, config: FederationConfig
+) -> tuple[Federation, dict[str, ClientInfo]]:
     """The federation at the last committed version with its pending updates, and the client registry."""
     meta = store.meta()
     latest = store.latest_version()

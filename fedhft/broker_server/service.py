@@ -35,11 +35,11 @@ from fedhft.broker_server.coordinator import POLL_SECONDS, Coordinator
 from fedhft.broker_server.federation import FederationConfig
 from fedhft.broker_server.flush_rules import FlushRule
 from fedhft.broker_server.ingest import Inbound, Ingest
-from fedhft.broker_server.key_rotation import load_chain
 from fedhft.broker_server.metrics import Metrics, MetricsServer, refresh_gauges
 from fedhft.broker_server.publisher import Outbound, Publisher
 from fedhft.broker_server.restore import restore
-from fedhft.broker_server.state_store import StateStore
+from fedhft.broker_server.state_backend import open_state
+from fedhft.broker_server.state_dir import state_label
 from fedhft.broker_server.validation import GlobalSpec
 from fedhft.broker_server.virtual_pacing import VirtualPacing
 from fedhft.errors import FedHFTError
@@ -107,7 +107,7 @@ class ServerConfig:
 
     broker: str
     task: str
-    state_dir: Path
+    state_dir: Path | str  # a state directory, or a postgresql:// URL (state_backend.py)
     manifest: Path
     federation: FederationConfig = field(default_factory=FederationConfig)
     clip_norm: float | None = None
@@ -128,6 +128,8 @@ class ServerConfig:
     virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
     virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
     virtual_fleet: int = 0  # process nothing before this many devices said hello
+    key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
+    standby: bool = False  # postgresql:// only: wait for the running server's lock, then take over
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
@@ -138,7 +140,8 @@ class ServerConfig:
 class Server:
     """One server process for one task; construct, then :meth:`run` until ``stop`` is set."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, stop: threading.Event | None = None) -> None:
+        """Open the state (a standby waits here for the lock until ``stop`` is set), restore, wire up."""
         self.config = config
         limit_blas_threads(1)
         self.task = validate_id(config.task, "task", ServiceError)
@@ -147,10 +150,11 @@ class Server:
         rule = config.flush_rule()
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
-        self.store = StateStore(config.state_dir, self.task, self.spec.fingerprint())  # lock before anything else
+        standby = (stop or threading.Event()) if config.standby else None
+        self.store = open_state(config.state_dir, self.task, self.spec.fingerprint(), config.key_dir, standby)
         try:
             self.key = self.store.signing_key()
-            self.key_chain = load_chain(self.store.dir, self.key)
+            self.key_chain = self.store.key_chain(self.key)
             self._check_aggregator()
             self.federation, self.registry = restore(self.store, self.spec, config.federation)
         except BaseException:
@@ -224,7 +228,7 @@ class Server:
         stored_aggregator, aggregator = self.store.meta().get("aggregator", "fedhft"), self.config.federation.aggregator
         if self.store.latest_version() and stored_aggregator != aggregator:
             raise ServiceError(
-                f"state dir {self.config.state_dir} holds --aggregator {stored_aggregator} state, not {aggregator}; "
+                f"{state_label(self.config.state_dir)} holds --aggregator {stored_aggregator} state, not {aggregator}; "
                 "pass the same --aggregator or use a fresh --state"
             )
 

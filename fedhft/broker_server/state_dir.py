@@ -1,6 +1,7 @@
-"""The server's ``--state DIR``: the names of what lives in it, the lock that keeps it to one server, its errors.
+"""The server's ``--state DIR``: the names of what lives in it, the lock that keeps it to one server, its errors;
+and how a ``--state`` naming a PostgreSQL database instead is told apart and named in messages.
 
-Shared by the state store (state_store.py) and the signing key and its chain (key_rotation.py).
+Shared by the state stores (state_store.py, state_pg.py) and the signing key and its chain (key_rotation.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from pathlib import Path
 
 from fedhft.errors import FedHFTError
@@ -20,6 +22,7 @@ UPDATES_DIR = "updates"
 STATES_DIR = "states"
 TENSOR_SUFFIX = ".safetensors"
 MEMBERSHIPS_FILE = "memberships.json"  # per version folder: the memberships its models were built with
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # a --state starting so is a database (state_pg.py)
 
 
 class StateError(FedHFTError):
@@ -32,6 +35,17 @@ class StateLocked(StateError):
 
 class StorageFull(StateError):
     """The disk is full: nothing was stored (and nothing is acknowledged)."""
+
+
+class StandbyStopped(FedHFTError):
+    """A standby server was told to stop while it still waited for the state's lock."""
+
+
+class StateLost(FedHFTError):
+    """The server lost its hold on the state (its database connection, and with it the lock): it must stop.
+
+    Not a StateError, which the server survives (it retries): after this, whether the last transaction
+    committed is unknown, and a restart rebuilds the server from what did."""
 
 
 def lock_state_dir(directory: Path) -> int:
@@ -57,3 +71,18 @@ def unlock_state_dir(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def is_postgres(spec: str | os.PathLike[str]) -> bool:
+    """Whether ``--state`` names a PostgreSQL database rather than a directory."""
+    return str(spec).startswith(POSTGRES_SCHEMES)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def state_label(spec: str | os.PathLike[str]) -> str:
+    """How messages name a ``--state``: "state dir DIR" or "state postgresql://user:***@host/db"."""
+    return f"state {redact(str(spec))}" if is_postgres(spec) else f"state dir {spec}"

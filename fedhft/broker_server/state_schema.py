@@ -60,6 +60,25 @@ CREATE TABLE IF NOT EXISTS versions (
 
 
 @dataclass
+class StagedUpdate:
+    """An accepted update about to be stored: the payload as received, and its decoded (clipped) tensors.
+
+    The payload is what is stored; ``clip_scale`` says how its ΔW is scaled when it is decoded again.
+    """
+
+    client_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    loss: float
+    received_at: float
+    clip_scale: float
+    payload: bytes
+    tensors: dict[str, np.ndarray]
+    virtual_time: float = 0.0  # from the update's metrics; recovered from the payload after a restart
+
+
+@dataclass
 class ClientRow:
     """A registered client as stored."""
 
@@ -120,13 +139,12 @@ def first_meta(task: str, fingerprint: str) -> list[tuple[str, str]]:
     ]
 
 
-def check_meta(meta: Mapping[str, str], directory: Path, task: str, fingerprint: str) -> None:
-    """StateError unless the state dir has this schema and was made for this task and global adapter."""
-    if meta.get("schema_version") != str(SCHEMA_VERSION):
-        raise StateError(f"state dir {directory}: schema {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+def check_meta(meta: Mapping[str, str], where: str, task: str, fingerprint: str, schema: int | None) -> None:
+    """StateError unless the state (``where``, e.g. "state dir DIR") has schema ``schema`` (None: not kept in
+    meta) and was made for this task and global adapter."""
+    if schema is not None and meta.get("schema_version") != str(schema):
+        raise StateError(f"{where}: schema {meta.get('schema_version')!r}, expected {schema}")
     if meta.get("task") != task:
-        raise StateError(f"state dir {directory} belongs to task {meta.get('task')!r}, not {task!r}")
+        raise StateError(f"{where} belongs to task {meta.get('task')!r}, not {task!r}")
     if meta.get("spec_fingerprint") != fingerprint:
-        raise StateError(
-            f"state dir {directory} was created for another global adapter (manifest); use a fresh --state"
-        )
+        raise StateError(f"{where} was created for another global adapter (manifest); use a fresh --state")

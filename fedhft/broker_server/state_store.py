@@ -38,7 +38,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from safetensors import safe_open
 
 from fedhft.atomic import fsync_dir
 from fedhft.broker_server.aggregation import ClusterState
-from fedhft.broker_server.key_rotation import load_server_key
+from fedhft.broker_server.key_rotation import load_chain, load_server_key
 from fedhft.broker_server.state_dir import (
     DB_NAME,
     MEMBERSHIPS_FILE,
@@ -71,32 +70,16 @@ from fedhft.broker_server.state_files import (
     write_file_durably,
 )
 from fedhft.broker_server.state_schema import (
+    SCHEMA_VERSION,
     ClientRow,
+    StagedUpdate,
     StoredUpdate,
     VersionRecord,
     check_meta,
     first_meta,
     open_database,
 )
-
-
-@dataclass
-class StagedUpdate:
-    """An accepted update about to be stored: the payload as received, and its decoded (clipped) tensors.
-
-    The payload is what is stored; ``clip_scale`` says how its ΔW is scaled when it is decoded again.
-    """
-
-    client_id: str
-    seq: int
-    base_version: int
-    num_samples: int
-    loss: float
-    received_at: float
-    clip_scale: float
-    payload: bytes
-    tensors: dict[str, np.ndarray]
-    virtual_time: float = 0.0  # from the update's metrics; recovered from the payload after a restart
+from fedhft.protocol import KeyLink
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -110,6 +93,7 @@ class StateStore:
 
     def __init__(self, directory: str | os.PathLike[str], task: str, spec_fingerprint: str) -> None:
         self.dir = Path(directory)
+        self.key_dir = self.dir
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / UPDATES_DIR).mkdir(exist_ok=True)
@@ -150,7 +134,7 @@ class StateStore:
             with self.transaction():
                 self.db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", first_meta(task, fingerprint))
             return
-        check_meta(meta, self.dir, task, fingerprint)
+        check_meta(meta, f"state dir {self.dir}", task, fingerprint, SCHEMA_VERSION)
 
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -182,6 +166,10 @@ class StateStore:
         """The server's Ed25519 key: loaded from DIR/server_key.pem, generated (with .pub) on first start
         (an interrupted `fedhft server rotate-key` is completed first; see key_rotation.py)."""
         return load_server_key(self.dir)
+
+    def key_chain(self, key: Ed25519PrivateKey) -> tuple[KeyLink, ...]:
+        """The key chain of DIR/server_keys.json ending with ``key`` (created on first start)."""
+        return load_chain(self.dir, key)
 
     # ---- clients ----------------------------------------------------------------------------------------
     def load_clients(self) -> dict[str, ClientRow]:

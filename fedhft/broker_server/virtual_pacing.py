@@ -19,8 +19,8 @@ from fedhft.broker_server.flush_rules import FlushRule
 from fedhft.broker_server.ingest import Inbound
 from fedhft.broker_server.metrics import Metrics
 from fedhft.broker_server.publisher import Outbound
+from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError
-from fedhft.broker_server.state_store import StateStore
 from fedhft.broker_server.virtual_clock import Action, Dropped, Flushed, Schedule, VirtualClock
 from fedhft.logs import event
 from fedhft.protocol import ProtocolError, parse_topic
@@ -41,7 +41,7 @@ class VirtualPacing:
         task: str,
         federation: Federation,
         coordinator: Coordinator,
-        store: StateStore,
+        store: StateBackend,
         metrics: Metrics,
         out: Outbound,
         rule: FlushRule,

@@ -29,7 +29,23 @@ def _clusters(value: str) -> int | None:
 @click.command("run")
 @click.option("--broker", required=True, help="mqtt://HOST:PORT (or mqtts://HOST:PORT for TLS).")
 @click.option("--task", required=True, help="Task id: the topic tree fedhft/v1/<task>/...")
-@click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True, help="State directory.")
+@click.option(
+    "--state",
+    "state_dir",
+    required=True,
+    help="State directory (SQLite, the default), or postgresql://USER@HOST:PORT/DB for state in PostgreSQL.",
+)
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="With --state postgresql://...: wait while another server holds the database, take over when it dies.",
+)
+@click.option(
+    "--key-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="With --state postgresql://...: the local directory of the signing key (as `server init` makes it).",
+)
 @click.option(
     "--manifest",
     type=click.Path(path_type=Path, exists=True),
@@ -191,7 +207,9 @@ def _clusters(value: str) -> int | None:
 def server_run_command(
     broker: str,
     task: str,
-    state_dir: Path,
+    state_dir: str,
+    standby: bool,
+    key_dir: Path | None,
     manifest: Path,
     clusters: str,
     min_clusters: int,
@@ -234,6 +252,7 @@ def server_run_command(
     publish models."""
     from fedhft.broker_server.federation import FederationConfig
     from fedhft.broker_server.service import Server, ServerConfig
+    from fedhft.broker_server.state_dir import StandbyStopped, is_postgres, state_label
     from fedhft.credentials import resolve_password
 
     password = resolve_password(password, password_file)
@@ -262,7 +281,9 @@ def server_run_command(
     config = ServerConfig(
         broker=broker,
         task=task,
-        state_dir=state_dir,
+        state_dir=state_dir if is_postgres(state_dir) else Path(state_dir),
+        key_dir=key_dir,
+        standby=standby,
         manifest=manifest,
         federation=fed,
         clip_norm=clip_norm,
@@ -283,13 +304,27 @@ def server_run_command(
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
     with stop_on_signals() as stop:
-        server = Server(config)
+        try:
+            server = Server(config, stop)
+        except StandbyStopped:
+            click.echo("fedhft server: the standby stopped before it took over", err=True)
+            return
         click.echo(
-            f"fedhft server: task {task}, state {state_dir}, version {server.federation.version}, "
-            f"public key {state_dir / 'server_key.pub'}",
+            f"fedhft server: task {task}, {state_label(state_dir)}, version {server.federation.version}, "
+            f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}",
             err=True,
         )
         server.run(stop)
+
+
+def _refuse_database(state_dir: Path) -> None:
+    """The key commands work on a directory; a PostgreSQL state keeps its key in `server run --key-dir`."""
+    from fedhft.broker_server.state_dir import POSTGRES_SCHEMES, StateError
+
+    if str(state_dir).startswith(tuple(s.rstrip("/") for s in POSTGRES_SCHEMES)):  # click.Path folds the //
+        raise StateError(
+            "a postgresql:// state keeps no key files: pass the directory given to `server run --key-dir` as --state"
+        )
 
 
 @click.command("init")
@@ -302,6 +337,7 @@ def server_init_command(state_dir: Path) -> None:
     STATE/server_key.pub is what `fedhft device add --server-key` gives each device."""
     from fedhft.broker_server.key_rotation import init_server_state
 
+    _refuse_database(state_dir)
     pub, kid, new = init_server_state(state_dir)
     click.echo(f"{'created' if new else 'kept'} the server key {kid} in {state_dir}; devices get {pub}")
 
@@ -320,6 +356,7 @@ def server_rotate_key_command(state_dir: Path) -> None:
     """
     from fedhft.broker_server.key_rotation import rotate_server_key
 
+    _refuse_database(state_dir)
     r = rotate_server_key(state_dir)
     click.echo(f"server key rotated: {r.old_key_id} -> {r.new_key_id} (chain link {r.index})")
     click.echo(f"public key for new devices: {r.public_key}; key chain: {r.chain}")

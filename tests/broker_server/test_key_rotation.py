@@ -331,3 +331,43 @@ def _retained(port: int, topic: str) -> bytes:
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+# ------------------------------------------------------------------------------------ PostgreSQL state
+
+
+def test_a_database_state_keeps_its_key_in_key_dir_and_its_public_chain_in_the_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    from fedhft.broker_server.state_backend import open_state
+    from fedhft.broker_server.state_dir import StateError
+    from fedhft.cli.server import server_init_command
+
+    fingerprint = "f" * 64
+    with pytest.raises(StateError, match="needs --key-dir"):
+        open_state(postgres_url, "task", fingerprint)
+    for command in (server_init_command, server_rotate_key_command):  # they work on the key dir, not the URL
+        res = CliRunner().invoke(command, ["--state", postgres_url])
+        assert res.exit_code != 0 and "keeps no key files" in str(res.exception)
+
+    def serve(key_dir: Path) -> list[str]:
+        store = open_state(postgres_url, "task", fingerprint, key_dir)
+        try:
+            store.key_chain(store.signing_key())
+            return [r[0] for r in store.db.execute("SELECT public_key FROM server_keys ORDER BY idx").fetchall()]  # type: ignore[attr-defined]
+        finally:
+            store.close()
+
+    keys = tmp_path / "keys"
+    first = serve(keys)
+    assert first == [public_key_to_hex(load_server_key(keys).public_key())]
+    store = open_state(postgres_url, "task", fingerprint, keys)
+    try:
+        with pytest.raises(StateLocked):  # the running server holds its key dir: no rotation meanwhile
+            rotate_server_key(keys)
+    finally:
+        store.close()
+    rotate_server_key(keys)
+    assert serve(keys)[:1] == first and len(serve(keys)) == 2  # the rotated chain is copied in
+    with pytest.raises(KeyRotationError, match="another server key chain"):
+        serve(tmp_path / "other-keys")  # a fresh key dir: not the key this database was served with

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from fedhft.broker_server import state_store
 from fedhft.broker_server.federation import FederationConfig
 from fedhft.broker_server.ingest import Inbound
 from fedhft.broker_server.service import Server, ServerConfig
+from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
 from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
@@ -26,14 +26,18 @@ Ack = tuple[str, int, str, str]
 
 
 @pytest.fixture
-def make_server(tiny_export: Path, tmp_path: Path) -> Iterator[Callable[..., tuple[Server, list[Ack]]]]:
+def make_server(
+    tiny_export: Path, tmp_path: Path, state_spec: str | Path
+) -> Iterator[Callable[..., tuple[Server, list[Ack]]]]:
+    """Servers on one state (each backend in turn: conftest's state_spec)."""
     servers: list[Server] = []
 
     def make(clip_norm: float | None = None, **fed: object) -> tuple[Server, list[Ack]]:
         config = ServerConfig(
             broker="mqtt://127.0.0.1:1",
             task=TASK,
-            state_dir=tmp_path / "state",
+            state_dir=state_spec,
+            key_dir=tmp_path / "keys" if is_postgres(state_spec) else None,
             manifest=tiny_export,
             federation=FederationConfig(**{"buffer_size": 100, "window_seconds": 1e6, **fed}),
             clip_norm=clip_norm,
@@ -70,8 +74,13 @@ def good(tiny: tuple, cid: str, seq: int, rng: np.random.Generator, base: int = 
     return encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan), base_version=base, **kw))
 
 
+def query(server: Server, sql: str) -> list[tuple]:
+    """Rows of ``sql`` (no parameters: the same text on both backends) from the server's own connection."""
+    return [tuple(r) for r in server.store.db.execute(sql).fetchall()]  # type: ignore[attr-defined]
+
+
 def statuses(server: Server) -> list[tuple]:
-    return server.store.db.execute("SELECT client_id, seq, status FROM updates ORDER BY id").fetchall()
+    return query(server, "SELECT client_id, seq, status FROM updates ORDER BY id")
 
 
 def test_replays_get_duplicate_acks_and_are_aggregated_once(make_server: Callable, tiny: tuple) -> None:
@@ -99,7 +108,7 @@ def test_replays_get_duplicate_acks_and_are_aggregated_once(make_server: Callabl
     assert acks[-1][1:3] == (1, "duplicate") and not server.federation.pending
     server.handle_batch([upd("ghost", good(tiny, "ghost", 1, rng))])
     assert acks[-1][1:4] == (1, "rejected", "unknown_client: no hello from this client")
-    versions = server.store.db.execute("SELECT version, num_updates FROM versions").fetchall()
+    versions = query(server, "SELECT version, num_updates FROM versions")
     assert versions == [(1, 3)]
     m = server.metrics
     assert m.get("fedhft_updates_total", {"status": "duplicate", "reason": "replay"}) == 4
@@ -124,29 +133,40 @@ def test_restart_resumes_pending_updates_seqs_and_versions(make_server: Callable
     server.handle_batch([upd("a", p3), upd("a", good(tiny, "a", 4, rng, base=1))])
     assert [a[1:3] for a in acks] == [(3, "duplicate"), (4, "accepted")]
     server.aggregate_and_publish()
-    rows = server.store.db.execute("SELECT version, num_updates FROM versions ORDER BY version").fetchall()
+    rows = query(server, "SELECT version, num_updates FROM versions ORDER BY version")
     assert rows == [(1, 3), (2, 2)]
-    aggregated = server.store.db.execute("SELECT COUNT(*) FROM updates WHERE status = 'aggregated'").fetchone()[0]
+    aggregated = query(server, "SELECT COUNT(*) FROM updates WHERE status = 'aggregated'")[0][0]
     assert aggregated == sum(n for _, n in rows)
 
 
 def test_an_update_is_acked_only_after_it_is_durable(
-    make_server: Callable, tiny: tuple, monkeypatch: pytest.MonkeyPatch
+    make_server: Callable, tiny: tuple, state_spec: str | Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A store that fails (a full disk under SQLite; under PostgreSQL a constraint every insert breaks, added
+    from another connection) acknowledges nothing; the device's resend is taken once the store works again."""
     rng = np.random.default_rng(2)
     server, acks = make_server()
     server.handle_batch([hello("a", tiny[1])])
-    real = os.fsync
-
-    def full(_fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(state_store.os, "fsync", full)
     p1 = good(tiny, "a", 1, rng)
-    server.handle_batch([upd("a", p1)])
+    if is_postgres(state_spec):
+        import psycopg
+
+        with psycopg.connect(str(state_spec), autocommit=True) as other:
+            other.execute("ALTER TABLE updates ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+            server.handle_batch([upd("a", p1)])
+            other.execute("ALTER TABLE updates DROP CONSTRAINT refuse_all")
+        reason = "storage"
+    else:
+
+        def full(_fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(state_store.os, "fsync", full)
+        server.handle_batch([upd("a", p1)])
+        monkeypatch.undo()
+        reason = "disk_full"
     assert acks == [] and statuses(server) == [] and not server.federation.pending
-    assert server.metrics.get("fedhft_updates_total", {"status": "error", "reason": "disk_full"}) == 1
-    monkeypatch.setattr(state_store.os, "fsync", real)
+    assert server.metrics.get("fedhft_updates_total", {"status": "error", "reason": reason}) == 1
     server.handle_batch([upd("a", p1)])  # the device retries after its ack timeout
     assert acks == [("a", 1, "accepted", "")]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
 from fedhft.broker_server.clustering import adjusted_rand_index
+from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
 from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
 from fedhft.protocol.manifest import load_manifest
@@ -32,15 +35,22 @@ TASK = "svc"
 
 
 @pytest.fixture
-def env(mosquitto, tiny_export: Path, tmp_path: Path):  # noqa: ANN001, ANN201
-    """(hub, spec, manifest plan, start(*args) -> ServerProcess); stops every server and the hub."""
+def env(mosquitto, tiny_export: Path, tmp_path: Path, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
+    """(hub, spec, manifest plan, start(*args) -> ServerProcess); stops every server and the hub.
+
+    Servers keep their state in ``tmp_path / "state"``, or, for a test that takes ``state_spec``, on each
+    backend in turn (a PostgreSQL state's signing key in ``tmp_path / "state"``, where the tests look for it)."""
+    spec_state = request.getfixturevalue("state_spec") if "state_spec" in request.fixturenames else None
     manifest = load_manifest(tiny_export)
     spec = GlobalSpec.from_manifest(manifest)
     hub = Hub(mosquitto.port, TASK)
     servers: list[ServerProcess] = []
 
     def start(*extra: str, state: Path | None = None, wait_ready: bool = True) -> ServerProcess:
-        proc = ServerProcess(mosquitto.url, TASK, state or tmp_path / "state", tiny_export, *extra)
+        where = state or spec_state or tmp_path / "state"
+        if is_postgres(where):
+            extra = (*extra, "--key-dir", str(tmp_path / "state"))
+        proc = ServerProcess(mosquitto.url, TASK, where, tiny_export, *extra, log_dir=tmp_path)
         servers.append(proc)
         return proc.start(wait_ready=wait_ready)
 
@@ -57,12 +67,22 @@ def version_of(hub: Hub, target: str) -> int | None:
     return None if payload is None else decode_model(payload).version
 
 
-def db_rows(state: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(state / "state.sqlite3") as db:
+def db_rows(state: Path | str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` (no parameters) from a stopped server's state: its SQLite file, or its database."""
+    if is_postgres(state):
+        import psycopg
+
+        with psycopg.connect(str(state)) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]  # type: ignore[arg-type]
+    with sqlite3.connect(Path(state) / "state.sqlite3") as db:
         return db.execute(sql).fetchall()
 
 
-def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(
+    env,
+    tmp_path: Path,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     hub, spec, tiny_plan, start = env
     server = start("--buffer-size", "4", "--window-seconds", "60")
     plans = {
@@ -114,26 +134,38 @@ def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shap
     seen = [decode_model(p).version for p in hub.models[f"fedhft/v1/{TASK}/model/client/r2"]]
     assert seen == sorted(seen) and sorted(set(seen)) == [0, 1, 2]
     assert server.stop() == 0
-    stored = db_rows(tmp_path / "state", "SELECT client_id, seq, status FROM updates")
+    stored = db_rows(state_spec, "SELECT client_id, seq, status FROM updates")
     assert sorted(stored) == sorted((c, s, "aggregated") for c in plans for s in (1, 2))
 
 
-def test_a_second_server_on_the_same_state_refuses(env, tmp_path: Path, tiny_export: Path, mosquitto) -> None:  # noqa: ANN001
+def test_a_second_server_on_the_same_state_refuses(
+    env,
+    tmp_path: Path,
+    tiny_export: Path,
+    mosquitto,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     _, _, _, start = env
     first = start()
     args = [
         sys.executable, "-m", "fedhft.cli", "server", "run", "--broker", mosquitto.url,
-        "--task", TASK, "--state", str(tmp_path / "state"), "--manifest", str(tiny_export),
+        "--task", TASK, "--state", str(state_spec), "--manifest", str(tiny_export),
     ]  # fmt: skip
+    if is_postgres(state_spec):  # another key dir: the database's lock refuses, not the key dir's
+        args += ["--key-dir", str(tmp_path / "other-keys")]
     out = subprocess.run(
         args, capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False
     )
     assert out.returncode == 1
     assert f"PID {first.proc.pid}" in out.stderr and "in use by another fedhft server" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line
     assert first.proc.poll() is None and first.metric("fedhft_ready") == 1.0
 
 
-def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice(env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice(
+    env,
+    state_spec: Path | str,  # noqa: ANN001
+) -> None:
     hub, spec, tiny_plan, start = env
     extra = ("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
     server = start(*extra)
@@ -167,7 +199,7 @@ def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice
     assert wait_until(lambda: all(hub.ack_status(*k) in ("accepted", "duplicate") for k in payloads), 15)
     assert wait_until(lambda: server.metric("fedhft_pending_updates") in (0.0, 1.0, 2.0, 3.0), 10)  # < M wait
     assert server.stop() == 0
-    state = tmp_path / "state"
+    state = state_spec
     rows = {(c, s): st for c, s, st in db_rows(state, "SELECT client_id, seq, status FROM updates")}
     assert set(rows) == set(payloads)  # every update stored exactly once (UNIQUE(client, seq))
     assert all(rows[k] in ("pending", "aggregated") for k in acked_before_kill)
@@ -270,3 +302,86 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     assert sorted(metrics[f'fedhft_clients{{cluster="{c}"}}'] for c in range(k)) == [3.0, 3.0, 3.0]
     assert all(metrics[f'fedhft_clients_soft{{cluster="{c}"}}'] == pytest.approx(3.0) for c in range(k))
     assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))
+
+
+def test_a_server_that_loses_its_database_stops_and_a_restart_loses_nothing(env, postgres_url: str) -> None:  # noqa: ANN001
+    import psycopg
+
+    hub, spec, tiny_plan, start = env
+    extra = ("--buffer-size", "100", "--window-seconds", "600")
+    server = start(*extra, state=postgres_url)
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    rng = np.random.default_rng(4)
+    hub.hello("a", tiny_plan)
+    hub.update(update_message(TASK, "a", 1, update_tensors(rng, spec, plan)))
+    assert wait_until(lambda: hub.ack_status("a", 1) == "accepted", 10), server.log_text()[-2000:]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # the database restarts, or the network cuts
+        n = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (f"fedhft-server PID {server.proc.pid} on {socket.gethostname()}"[:63],),
+        ).fetchone()[0]
+    assert n == 1
+    second = update_message(TASK, "a", 2, update_tensors(rng, spec, plan))
+    hub.update(second)
+    assert wait_until(lambda: server.proc.poll() is not None, 15), server.log_text()[-2000:]
+    assert server.proc.returncode == 1 and "lost the database connection" in server.log_text()
+    assert hub.ack_status("a", 2) is None  # never acknowledged
+    server = start(*extra, state=postgres_url)  # its broker session still holds seq 2: delivered again
+    assert wait_until(lambda: hub.ack_status("a", 2) == "accepted", 15), server.log_text()[-2000:]
+    assert server.stop() == 0
+    assert sorted(db_rows(postgres_url, "SELECT client_id, seq, status FROM updates")) == [
+        ("a", 1, "pending"),
+        ("a", 2, "pending"),
+    ]
+
+
+def test_a_standby_takes_over_from_a_killed_leader_losing_and_doubling_nothing(env, postgres_url: str) -> None:  # noqa: ANN001
+    hub, spec, tiny_plan, start = env
+    extra = ("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
+    leader = start(*extra, state=postgres_url)
+    standby = start(*extra, "--standby", state=postgres_url, wait_ready=False)
+    assert wait_until(lambda: "standby: waiting" in standby.log_text(), 20), standby.log_text()[-2000:]
+    assert standby.proc.poll() is None and standby.metric("fedhft_ready") is None  # not serving yet
+    plan = ClientPlan.from_plan(tiny_plan, spec)
+    clients = [f"dev{i}" for i in range(6)]
+    for cid in clients:
+        hub.hello(cid, tiny_plan)
+    rng = np.random.default_rng(5)
+    payloads = {
+        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
+        for seq in range(1, 13)
+        for cid in clients
+    }
+    topic = f"fedhft/v1/{TASK}/update/"
+    infos = [hub.client.publish(topic + cid, p, qos=1) for (cid, _), p in payloads.items()]
+    assert wait_until(lambda: sum(hub.ack_status(*k) == "accepted" for k in payloads) >= 12, 15, interval=0.005)
+    leader.kill9()  # mid-burst, likely mid-flush (a version every 4 updates)
+    killed = time.monotonic()
+    for info in infos:
+        info.wait_for_publish(10)
+    acked_before_kill = {k for k in payloads if hub.ack_status(*k) == "accepted"}
+    assert wait_until(lambda: standby.metric("fedhft_ready") == 1.0, 20), standby.log_text()[-3000:]
+    takeover_s = time.monotonic() - killed
+    for _ in range(3):  # devices resend what was never acknowledged
+        missing = [k for k in payloads if hub.ack_status(*k) not in ("accepted", "duplicate")]
+        if not missing:
+            break
+        wait_until(lambda m=missing: all(hub.ack_status(*k) for k in m), 3)
+        for k in missing:
+            if hub.ack_status(*k) is None:
+                hub.publish(topic + k[0], payloads[k])
+    assert wait_until(lambda: all(hub.ack_status(*k) in ("accepted", "duplicate") for k in payloads), 20)
+    assert wait_until(lambda: standby.metric("fedhft_pending_updates") in (0.0, 1.0, 2.0, 3.0), 10)
+    assert standby.stop() == 0
+    print(f"standby serving {takeover_s:.2f} s after the leader's kill -9")
+    assert takeover_s < 10
+    rows = {(c, s): st for c, s, st in db_rows(postgres_url, "SELECT client_id, seq, status FROM updates")}
+    assert set(rows) == set(payloads)  # every update stored exactly once
+    assert all(rows[k] in ("pending", "aggregated") for k in acked_before_kill)  # 0 acknowledged lost
+    versions = db_rows(postgres_url, "SELECT version, num_updates FROM versions ORDER BY version")
+    assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
+    aggregated = sum(1 for st in rows.values() if st == "aggregated")
+    assert aggregated == sum(n for _, n in versions) and len(versions) >= 2  # none counted twice
+    for topic_name, got in hub.models.items():
+        seen = [decode_model(p).version for p in got]
+        assert seen == sorted(seen), topic_name

@@ -1,4 +1,5 @@
-"""The state directory: lock, group commit, crash recovery, disk full, atomic versions."""
+"""Server state on both backends (SQLite state dir, PostgreSQL): lock, group commit, crash recovery, disk full,
+atomic versions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from fedhft.broker_server import state_store
 from fedhft.broker_server.aggregation import ClusterState
-from fedhft.broker_server.state_dir import StateError, StateLocked, StorageFull
+from fedhft.broker_server.state_backend import StateBackend, open_state
+from fedhft.broker_server.state_dir import StateError, StateLocked, StorageFull, is_postgres
 from fedhft.broker_server.state_store import StagedUpdate, StateStore
 from fedhft.broker_server.validation import ClientPlan
 from fedhft.protocol import encode_update
@@ -31,24 +33,131 @@ def open_store(path: Path) -> StateStore:
     return StateStore(path, "task", SPEC.fingerprint())
 
 
-def rows(store: StateStore) -> list[tuple]:
-    return store.db.execute("SELECT client_id, seq, status FROM updates ORDER BY id").fetchall()
+def open_any(spec: str | Path, tmp_path: Path, task: str = "task", keys: str = "keys") -> StateBackend:
+    """The store of ``spec`` on either backend (a database's signing key in ``tmp_path / keys``)."""
+    store = open_state(spec, task, SPEC.fingerprint(), tmp_path / keys if is_postgres(spec) else None)
+    assert isinstance(store, StateBackend)  # every method the server calls is there
+    return store
 
 
-def test_second_open_refuses_naming_the_pid(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def rows(store: StateBackend) -> list[tuple]:
+    return [tuple(r) for r in store.db.execute("SELECT client_id, seq, status FROM updates ORDER BY id").fetchall()]  # type: ignore[attr-defined]
+
+
+def test_second_open_refuses_naming_the_pid(state_spec: str | Path, tmp_path: Path) -> None:
+    store = open_any(state_spec, tmp_path)
     try:
-        with pytest.raises(StateLocked, match=f"PID {os.getpid()}"):
-            open_store(tmp_path)
+        with pytest.raises(StateLocked, match=f"in use by another fedhft server .*PID {os.getpid()}"):
+            open_any(state_spec, tmp_path, keys="other-keys")  # a database's lock, not its key dir's, refuses
     finally:
         store.close()
-    open_store(tmp_path).close()  # released on close
+    open_any(state_spec, tmp_path, keys="other-keys").close()  # released on close
 
 
-def test_state_dir_of_another_task_is_refused(tmp_path: Path) -> None:
-    open_store(tmp_path).close()
+def test_state_of_another_task_is_refused(state_spec: str | Path, tmp_path: Path) -> None:
+    open_any(state_spec, tmp_path).close()
     with pytest.raises(StateError, match="belongs to task 'task'"):
-        StateStore(tmp_path, "other", SPEC.fingerprint())
+        open_any(state_spec, tmp_path, task="other")
+
+
+def test_payloads_seqs_heads_and_pending_survive_a_reopen(state_spec: str | Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    store = open_any(state_spec, tmp_path)
+    store.upsert_client("a", "p", "ab" * 32, PLAN)
+    batch = [staged("a", 1, rng), staged("a", 2, rng)]
+    stored = store.commit_updates(batch, {"a": {"head.weight": np.ones((3, 12)), "head.bias": np.zeros(3)}})
+    store.close()  # as after kill -9: only what committed is there
+    store = open_any(state_spec, tmp_path)
+    try:
+        assert [s.seq for s in store.load_pending()] == [1, 2]
+        for s, b in zip(store.load_pending(), batch, strict=True):
+            assert store.load_payload(s) == b.payload  # stored exactly as received
+        assert [s.id for s in store.load_pending()] == [s.id for s in stored]
+        assert store.load_clients()["a"].last_seq == 2
+        assert store.load_clients()["a"].head["head.weight"].shape == (3, 12)
+        assert store.update_status("a", 2) == "pending" and store.update_status("a", 3) is None
+    finally:
+        store.close()
+
+
+def test_a_failing_batch_stores_nothing(state_spec: str | Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    store = open_any(state_spec, tmp_path)
+    try:
+        store.upsert_client("a", "p", "ab" * 32, PLAN)
+        store.commit_updates([staged("a", 1, rng)])
+        with pytest.raises(StateError, match="could not"):  # seq 1 again: UNIQUE(client, seq)
+            store.commit_updates([staged("a", 2, rng), staged("a", 1, rng)])
+        assert rows(store) == [("a", 1, "pending")]
+        assert store.load_clients()["a"].last_seq == 1
+        if not is_postgres(state_spec):
+            assert len(list((Path(state_spec) / "updates").iterdir())) == 1  # the failed batch's file is gone
+        store.commit_updates([staged("a", 2, rng)])
+        assert rows(store) == [("a", 1, "pending"), ("a", 2, "pending")]
+    finally:
+        store.close()
+
+
+def test_versions_aggregate_each_update_once_and_keep_the_newest_states(state_spec: str | Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    store = open_any(state_spec, tmp_path)
+    store.upsert_client("a", "p", "ab" * 32, PLAN)
+    s1, s2 = store.commit_updates([staged("a", 1, rng), staged("a", 2, rng)])
+    state = ClusterState(modules={"layers.1.query": rng.standard_normal((12, 12))}, head={"head.bias": np.ones(3)})
+    members = {"a": [0.5, 0.5]}
+    record = store.commit_version(1, [state, state], [s1.id], members, {"aggregations": "1"}, {s2.id: "stale"})
+    assert record.version == 1 and rows(store) == [("a", 1, "aggregated"), ("a", 2, "rejected")]
+    store.commit_version(2, [state], [s1.id], {}, {"aggregations": "2"})  # s1 again: not counted twice
+    with pytest.raises(StateError, match="not newer"):
+        store.commit_version(2, [state], [], {}, {})
+    store.close()
+    store = open_any(state_spec, tmp_path)
+    try:
+        assert [(v.version, v.num_updates) for v in store.versions()] == [(1, 1), (2, 1)]
+        assert store.db.execute("SELECT COUNT(*) FROM updates WHERE status = 'aggregated'").fetchone()[0] == 1  # type: ignore[attr-defined]
+        assert store.meta()["aggregations"] == "2" and store.load_pending() == []
+        assert store.load_memberships(store.versions()[0]) == {"a": [0.5, 0.5]}
+        (loaded,) = store.load_states(store.latest_version())
+        np.testing.assert_array_equal(loaded.modules["layers.1.query"], state.modules["layers.1.query"])
+        for v in (3, 4):
+            store.commit_version(v, [state], [], {}, {}, keep_versions=2)
+        with pytest.raises(StateError):
+            store.load_states(store.versions()[0])  # pruned
+        assert store.load_memberships(store.versions()[0]) is None
+        assert len(store.load_states(store.versions()[-2])) == 1
+    finally:
+        store.close()
+
+
+def test_postgres_commits_synchronously_migrates_once_and_versions_check_the_lock(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    from fedhft.broker_server.state_dir import StateLost
+    from fedhft.broker_server.state_pg import LOCK_KEY
+
+    store = open_any(postgres_url, tmp_path)
+    try:
+        assert store.db.execute("SHOW synchronous_commit").fetchone()[0] == "on"  # type: ignore[attr-defined]
+        store.close()
+        store = open_any(postgres_url, tmp_path)  # a reopen applies nothing again
+        migrations = store.db.execute("SELECT version FROM schema_migrations").fetchall()  # type: ignore[attr-defined]
+        assert [m[0] for m in migrations] == [1]
+        rng = np.random.default_rng(7)
+        store.upsert_client("a", "p", "ab" * 32, PLAN)
+        (s1,) = store.commit_updates([staged("a", 1, rng)])
+        store.db.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))  # type: ignore[attr-defined]  # as if lost
+        with pytest.raises(StateLost, match="no longer holds the database's lock"):
+            store.commit_version(1, [ClusterState({}, {})], [s1.id], {}, {})
+        assert store.latest_version() is None and rows(store) == [("a", 1, "pending")]
+        pid = store.db.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[attr-defined]
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))  # the connection dies (a restart, a network cut)
+        with pytest.raises(StateLost, match="lost the database connection"):
+            store.commit_updates([staged("a", 2, rng)])
+    finally:
+        store.close()
 
 
 def test_wal_and_full_sync(tmp_path: Path) -> None:
@@ -155,3 +264,33 @@ def test_server_modules_import_without_torch() -> None:
         "print(json.dumps({'heavy': heavy}))\n"
     )
     assert run_torchfree(code, timeout=120) == {"heavy": []}
+
+
+def test_a_postgres_standby_waits_for_the_lock_and_takes_over_when_the_holder_goes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    from fedhft.broker_server.state_dir import StandbyStopped
+
+    leader = open_any(postgres_url, tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StandbyStopped):  # told to stop while still waiting
+        open_state(postgres_url, "task", SPEC.fingerprint(), tmp_path / "keys", standby=stop)
+    got: list[StateBackend] = []
+    standby = threading.Thread(
+        target=lambda: got.append(
+            open_state(postgres_url, "task", SPEC.fingerprint(), tmp_path / "keys", standby=threading.Event())
+        )
+    )
+    standby.start()
+    standby.join(1.0)
+    assert standby.is_alive() and not got  # waiting, on the same key dir as the leader
+    leader.upsert_client("a", "p", "ab" * 32, PLAN)
+    leader.close()  # the holder's session ends (as when its process is killed)
+    standby.join(10)
+    assert got and got[0].load_clients().keys() == {"a"}
+    got[0].close()
+    with pytest.raises(StateError, match="--standby needs --state postgresql"):
+        open_state(tmp_path / "dir", "task", SPEC.fingerprint(), standby=threading.Event())

@@ -173,7 +173,10 @@ class Hub:
 class ServerProcess:
     """`python -m fedhft.cli server run ...` as a child; stderr goes to a log file."""
 
-    def __init__(self, broker_url: str, task: str, state: Path, manifest: Path, *extra: str) -> None:
+    def __init__(
+        self, broker_url: str, task: str, state: Path | str, manifest: Path, *extra: str, log_dir: Path | None = None
+    ) -> None:
+        """``state``: a state dir or a postgresql:// URL (then give ``log_dir`` and ``--key-dir`` in ``extra``)."""
         self.metrics_port = free_port()
         self.args = [
             sys.executable,
@@ -194,7 +197,7 @@ class ServerProcess:
             str(self.metrics_port),
             *extra,
         ]
-        self.log = state.parent / f"server-{uuid.uuid4().hex[:6]}.log"
+        self.log = (log_dir or Path(state).parent) / f"server-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> ServerProcess:
@@ -243,7 +246,7 @@ class ServerRunCapture:
         capture = self
 
         class CapturingServer:
-            def __init__(self, config: Any) -> None:
+            def __init__(self, config: Any, stop: object = None) -> None:
                 capture.configs.append(config)
                 self.federation = Federation(small_spec(), config.federation)
 

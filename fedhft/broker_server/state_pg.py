@@ -1,0 +1,451 @@
+"""Server state in PostgreSQL (``--state postgresql://...``): the same guarantees as the SQLite state dir.
+
+- An update is acknowledged only after the transaction storing it (row + payload bytea) committed, with
+  ``synchronous_commit = on`` for this session (the commit waits for the WAL flush).
+- A version's cluster states, the updates it aggregated (marked in the same transaction) and the memberships
+  commit together: an update is never aggregated twice.
+- One server per database: the store holds a session advisory lock (pg_try_advisory_lock) on its one
+  connection; a second server is refused naming the holder, and a version commit checks, inside its
+  transaction, that this connection still holds the lock. A lost connection loses the lock: the store
+  raises StateLost and the server stops (no reconnect: whether the last commit happened is unknown; a
+  restart rebuilds from what committed).
+- The schema is created and migrated by the server (state_pg_schema.py, table ``schema_migrations``).
+
+A standby (``--standby``) waits for the lock instead of being refused, then restores from what committed and
+serves: a hot spare that takes over within about a second of the holder's death (its session, and so its lock,
+ends when its connection does: at once for a killed process, after TCP keepalive for a lost machine).
+
+The signing key stays a local file in ``--key-dir`` (locked as a state dir is, so `fedhft server rotate-key
+--state KEYDIR` refuses while the server runs); the public halves of its chain are kept in ``server_keys``.
+One connection, used by the server's main thread only (as the SQLite store is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedhft.broker_server.aggregation import ClusterState
+from fedhft.broker_server.key_rotation import KeyRotationError, load_chain, load_server_key
+from fedhft.broker_server.state_dir import (
+    TENSOR_SUFFIX,
+    StandbyStopped,
+    StateError,
+    StateLocked,
+    StateLost,
+    StorageFull,
+    lock_state_dir,
+    state_label,
+    unlock_state_dir,
+)
+from fedhft.broker_server.state_files import head_from_blob, head_to_blob, state_from_bytes, state_to_bytes
+from fedhft.broker_server.state_pg_schema import migrate
+from fedhft.broker_server.state_schema import (
+    ClientRow,
+    StagedUpdate,
+    StoredUpdate,
+    VersionRecord,
+    check_meta,
+    first_meta,
+)
+from fedhft.logs import event
+from fedhft.protocol import KeyLink
+
+log = logging.getLogger("fedhft.server")
+
+STANDBY_POLL = 0.25  # seconds between a standby's tries for the lock
+LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database advisory lock (per database)
+_LOCK_HI, _LOCK_LO = LOCK_KEY >> 32, LOCK_KEY & 0xFFFF_FFFF  # how pg_locks shows a bigint key
+_HELD = (
+    "SELECT l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s "
+    "AND l.objid::bigint = %s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+_VERSION_COLUMNS = "version, created_at, state_dir, state_files, num_updates, clusters"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class PgStateStore:
+    """The server's durable state in one PostgreSQL database; holds its advisory lock until :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        spec_fingerprint: str,
+        key_dir: Path,
+        standby: threading.Event | None = None,
+    ) -> None:
+        """Connect and take the lock: refused when another server holds it, or, with ``standby`` (the
+        server's stop event), waited for until the holder is gone (StandbyStopped when ``standby`` is set first).
+        Then the key dir's lock (a standby on the same machine shares the leader's key dir)."""
+        self.url = url
+        self.where = state_label(url)
+        self.key_dir = Path(key_dir)
+        self._key_lock = -1
+        self.db: psycopg.Connection | None = None
+        try:
+            self.db = self._connect()
+            self._acquire_lock() if standby is None else self._wait_for_lock(standby)
+            try:
+                self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
+            self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
+            migrate(self.db, self.where)
+            self._check_meta(task, spec_fingerprint)
+        except psycopg.Error as exc:
+            self.close()
+            raise StateError(f"{self.where}: database error ({_first_line(exc)})") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- connection and lock ----------------------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection:
+        app = f"fedhft-server PID {os.getpid()} on {socket.gethostname()}"[:63]
+        try:
+            db = psycopg.connect(self.url, autocommit=True, application_name=app, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StateError(f"{self.where}: cannot connect ({_first_line(exc)})") from exc
+        db.execute("SET synchronous_commit = on")  # a COMMIT returns after its WAL is flushed
+        fsync = db.execute("SHOW fsync").fetchone()
+        if fsync and fsync[0] != "on":
+            event(log, "PostgreSQL runs with fsync off: committed updates may not survive a crash", logging.WARNING)
+        return db
+
+    def _try_lock(self) -> bool:
+        assert self.db is not None
+        row = self.db.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        return bool(row and row[0])
+
+    def _holder(self) -> str:
+        assert self.db is not None
+        holder = self.db.execute(_HELD, (_LOCK_HI, _LOCK_LO)).fetchone()
+        name = (holder[1] or f"backend {holder[0]}") if holder else "unknown"
+        return str(name).removeprefix("fedhft-server ")
+
+    def _wait_for_lock(self, stop: threading.Event) -> None:
+        """Standby: poll for the lock every STANDBY_POLL seconds until the holder's session ends."""
+        t0 = time.monotonic()
+        if not self._try_lock():
+            event(log, "standby: waiting for the server holding the database's lock", holder=self._holder())
+            while not self._try_lock():
+                if stop.wait(STANDBY_POLL):
+                    raise StandbyStopped(f"{self.where}: the standby was stopped before it took over")
+            event(log, "standby: took over the database's lock", waited_s=round(time.monotonic() - t0, 2))
+
+    def _acquire_lock(self) -> None:
+        if self._try_lock():
+            return
+        name = self._holder()
+        raise StateLocked(
+            f"{self.where} is in use by another fedhft server ({name}); stop it or choose another --state"
+        )
+
+    def holds_lock(self) -> bool:
+        """Whether this connection still holds the server's advisory lock."""
+        if self.db is None or self.db.closed:
+            return False
+        rows = self.db.execute(_HELD + " AND l.pid = pg_backend_pid()", (_LOCK_HI, _LOCK_LO)).fetchall()
+        return bool(rows)
+
+    def close(self) -> None:
+        """Close the connection (which releases the advisory lock) and the key dir's lock (idempotent)."""
+        if self.db is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.db.close()
+            self.db = None
+        if self._key_lock >= 0:
+            unlock_state_dir(self._key_lock)
+            self._key_lock = -1
+
+    @property
+    def _conn(self) -> psycopg.Connection:
+        if self.db is None:
+            raise StateError(f"{self.where}: the store is closed")
+        return self.db
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[psycopg.Connection]:
+        """One transaction; psycopg errors become StorageFull (disk full) or StateError, nothing committed."""
+        db = self._conn
+        try:
+            with db.transaction():
+                yield db
+        except psycopg.errors.DiskFull as exc:  # an OperationalError too: first
+            why = _first_line(exc)
+            raise StorageFull(f"{self.where}: disk full, could not {what} ({why}); nothing was stored") from exc
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc, what) from exc
+        except psycopg.Error as exc:
+            raise StateError(f"{self.where}: could not {what} ({_first_line(exc)})") from exc
+
+    def _lost(self, exc: psycopg.OperationalError, what: str) -> StateError | StateLost:
+        """StateLost when the connection is gone (the lock went with it), else a StateError to retry."""
+        if self.db is not None and (self.db.broken or self.db.closed):
+            return StateLost(
+                f"{self.where}: lost the database connection, and with it the server's lock, while trying to "
+                f"{what} ({_first_line(exc)}); stopping: restart the server"
+            )
+        return StateError(f"{self.where}: could not {what} ({_first_line(exc)})")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc, "read") from exc
+        except psycopg.Error as exc:
+            raise StateError(f"{self.where}: could not read ({_first_line(exc)})") from exc
+
+    # ---- meta ---------------------------------------------------------------------------------------------
+    def _check_meta(self, task: str, fingerprint: str) -> None:
+        meta = self.meta()
+        if not meta:
+            rows = [r for r in first_meta(task, fingerprint) if r[0] != "schema_version"]  # schema_migrations has it
+            with self._transaction("initialise the state") as db, db.cursor() as cur:
+                cur.executemany("INSERT INTO meta (key, value) VALUES (%s, %s)", rows)
+            return
+        check_meta(meta, self.where, task, fingerprint, None)
+
+    def meta(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self._query("SELECT key, value FROM meta")}
+
+    # ---- signing key --------------------------------------------------------------------------------------
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 key of ``--key-dir`` (generated there on first start, as in a state dir)."""
+        return load_server_key(self.key_dir)
+
+    def key_chain(self, key: Ed25519PrivateKey) -> tuple[KeyLink, ...]:
+        """The key dir's chain ending with ``key``, its public links copied into ``server_keys``. Refused when
+        the database was served with another chain (another --key-dir) or a longer one (an older key dir)."""
+        chain = load_chain(self.key_dir, key)
+        stored = self._query("SELECT idx, public_key FROM server_keys ORDER BY idx")
+        for idx, public in stored:
+            if idx >= len(chain) or chain[idx].public_key != public:
+                raise KeyRotationError(
+                    f"{self.where} was served with another server key chain than --key-dir {self.key_dir} holds "
+                    f"(link {idx}); use the key dir it was served with"
+                )
+        new = [(link.index, link.key_id, link.public_key, json.dumps(asdict(link))) for link in chain[len(stored) :]]
+        if new:
+            with self._transaction("store the key chain") as db, db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO server_keys (idx, key_id, public_key, link_json) VALUES (%s, %s, %s, %s)", new
+                )
+        return chain
+
+    # ---- clients --------------------------------------------------------------------------------------------
+    def load_clients(self) -> dict[str, ClientRow]:
+        rows = self._query(
+            "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
+        )
+        return {
+            r[0]: ClientRow(
+                client_id=r[0],
+                profile=r[1],
+                manifest_sha256=r[2],
+                plan=json.loads(r[3]),
+                last_seq=int(r[4]),
+                membership=json.loads(r[5]) if r[5] else None,
+                head=head_from_blob(r[6]),
+            )
+            for r in rows
+        }
+
+    def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
+        """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
+        now = time.time()
+        with self._transaction("register a client") as db:
+            db.execute(
+                "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (client_id) DO UPDATE SET profile = excluded.profile, "
+                "manifest_sha256 = excluded.manifest_sha256, plan_json = excluded.plan_json, "
+                "updated_at = excluded.updated_at",
+                (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
+            )
+
+    # ---- updates ----------------------------------------------------------------------------------------------
+    def update_status(self, client_id: str, seq: int) -> str | None:
+        rows = self._query("SELECT status FROM updates WHERE client_id = %s AND seq = %s", (client_id, seq))
+        return str(rows[0][0]) if rows else None
+
+    def commit_updates(
+        self,
+        accepted: Sequence[StagedUpdate],
+        heads: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> list[StoredUpdate]:
+        """Store a batch in ONE transaction (rows with their payloads, seqs, heads); returns once it committed.
+
+        Raises StorageFull / StateError with nothing stored."""
+        params = [
+            (u.client_id, u.seq, u.base_version, u.num_samples, u.loss, u.received_at, u.payload, u.clip_scale)
+            for u in accepted
+        ]
+        ids: list[int] = []
+        with self._transaction("store updates") as db, db.cursor() as cur:
+            if params:
+                cur.executemany(
+                    "INSERT INTO updates (client_id, seq, base_version, num_samples, loss, received_at, payload, "
+                    "status, clip_scale) VALUES (%s, %s, %s, %s, %s, %s, %b, 'pending', %s) RETURNING id",
+                    params,
+                    returning=True,
+                )
+                while True:
+                    row = cur.fetchone()
+                    ids.append(int(row[0]) if row else 0)
+                    if not cur.nextset():
+                        break
+                cur.executemany(
+                    "UPDATE clients SET last_seq = GREATEST(last_seq, %s) WHERE client_id = %s",
+                    [(u.seq, u.client_id) for u in accepted],
+                )
+            if heads:
+                cur.executemany(
+                    "UPDATE clients SET head = %b WHERE client_id = %s",
+                    [(head_to_blob(h), cid) for cid, h in heads.items()],
+                )
+        return [
+            StoredUpdate(
+                i, u.client_id, u.seq, u.base_version, u.num_samples, u.loss, u.received_at, None, u.clip_scale
+            )
+            for i, u in zip(ids, accepted, strict=True)
+        ]
+
+    def load_pending(self) -> list[StoredUpdate]:
+        rows = self._query(
+            "SELECT id, client_id, seq, base_version, num_samples, loss, received_at, NULL, clip_scale "
+            "FROM updates WHERE status = 'pending' ORDER BY id"
+        )
+        return [StoredUpdate(*r) for r in rows]
+
+    def load_payload(self, update: StoredUpdate) -> bytes:
+        """The stored payload of one pending update, exactly as received."""
+        rows = self._query("SELECT payload FROM updates WHERE id = %s", (update.id,))
+        if not rows or rows[0][0] is None:
+            raise StateError(f"{self.where}: update {update.client_id}/{update.seq} has no stored payload")
+        return bytes(rows[0][0])
+
+    def mark_rejected(self, ids: Sequence[int], reason: str) -> None:
+        """Move pending updates to rejected (e.g. too stale when their turn came) and drop their payloads."""
+        if not ids:
+            return
+        with self._transaction("reject updates") as db:
+            db.execute(
+                "UPDATE updates SET status = 'rejected', reason = %s, payload = NULL "
+                "WHERE id = ANY(%s) AND status = 'pending'",
+                (reason, list(ids)),
+            )
+
+    # ---- versions ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _record(r: Sequence[Any]) -> VersionRecord:
+        return VersionRecord(int(r[0]), float(r[1]), str(r[2]), json.loads(r[3]), int(r[4]), int(r[5]))
+
+    def latest_version(self) -> VersionRecord | None:
+        rows = self._query(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version DESC LIMIT 1")
+        return self._record(rows[0]) if rows else None
+
+    def versions(self) -> list[VersionRecord]:
+        return [self._record(r) for r in self._query(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version")]
+
+    def load_states(self, record: VersionRecord) -> list[ClusterState]:
+        rows = self._query("SELECT state FROM version_states WHERE version = %s ORDER BY cluster", (record.version,))
+        if len(rows) != record.clusters:
+            raise StateError(f"{self.where}: the state of version {record.version} is no longer kept")
+        return [state_from_bytes(bytes(r[0])) for r in rows]
+
+    def load_memberships(self, record: VersionRecord) -> dict[str, list[float]] | None:
+        """The memberships version ``record``'s models were built with; None once pruned."""
+        rows = self._query("SELECT memberships_json FROM versions WHERE version = %s", (record.version,))
+        if not rows or rows[0][0] is None:
+            return None
+        try:
+            return {str(k): [float(x) for x in v] for k, v in json.loads(rows[0][0]).items()}
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    def commit_version(
+        self,
+        version: int,
+        states: Sequence[ClusterState],
+        aggregated_ids: Sequence[int],
+        memberships: Mapping[str, Sequence[float]],
+        meta: Mapping[str, str],
+        dropped: Mapping[int, str] | None = None,
+        keep_versions: int = 2,
+    ) -> VersionRecord:
+        """In ONE transaction, after checking the lock is still ours: insert the version with its states and
+        memberships, mark its updates aggregated (``dropped`` ones rejected), store memberships and meta. Then
+        prune the states of old versions."""
+        latest = self.latest_version()
+        if latest is not None and version <= latest.version:
+            raise StateError(f"version {version} is not newer than the committed version {latest.version}")
+        files = [f"cluster-{c}{TENSOR_SUFFIX}" for c in range(len(states))]
+        record = VersionRecord(version, time.time(), f"v{version:08d}", files, len(aggregated_ids), len(states))
+        members = {cid: [float(x) for x in p] for cid, p in memberships.items()}
+        blobs = [state_to_bytes(s) for s in states]
+        with self._transaction(f"commit version {version}") as db, db.cursor() as cur:
+            if not self.holds_lock():
+                raise StateLost(f"{self.where}: this server no longer holds the database's lock; not committing")
+            cur.execute(
+                f"INSERT INTO versions ({_VERSION_COLUMNS}, memberships_json) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (version, record.created_at, record.state_dir, json.dumps(files), record.num_updates, len(states),
+                 json.dumps(members)),
+            )  # fmt: skip
+            cur.executemany(
+                "INSERT INTO version_states (version, cluster, state) VALUES (%s, %s, %b)",
+                [(version, c, blob) for c, blob in enumerate(blobs)],
+            )
+            cur.execute(
+                "UPDATE updates SET status = 'aggregated', aggregated_version = %s, payload = NULL "
+                "WHERE id = ANY(%s) AND status = 'pending'",
+                (version, list(aggregated_ids)),
+            )
+            if dropped:
+                cur.executemany(
+                    "UPDATE updates SET status = 'rejected', reason = %s, payload = NULL "
+                    "WHERE id = %s AND status = 'pending'",
+                    [(reason, i) for i, reason in dropped.items()],
+                )
+            if members:
+                cur.executemany(
+                    "UPDATE clients SET membership_json = %s WHERE client_id = %s",
+                    [(json.dumps(p), cid) for cid, p in members.items()],
+                )
+            if meta:
+                cur.executemany(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    list(meta.items()),
+                )
+        self.prune_states(keep_versions)
+        return record
+
+    def prune_states(self, keep_versions: int) -> None:
+        """Drop the states and memberships of all but the newest ``keep_versions`` versions (rows stay)."""
+        oldest_kept = "(SELECT version FROM versions ORDER BY version DESC OFFSET %s LIMIT 1)"
+        keep = max(1, keep_versions) - 1
+        with self._transaction("prune old versions") as db:
+            db.execute(f"DELETE FROM version_states WHERE version < {oldest_kept}", (keep,))
+            db.execute(
+                f"UPDATE versions SET memberships_json = NULL WHERE version < {oldest_kept} "
+                "AND memberships_json IS NOT NULL",
+                (keep,),
+            )
