@@ -68,6 +68,7 @@ SHA = "ab" * 32
 
 COUNTER = r"""
 import json, sys, threading, time
+from fedhft.protocol.mqtt import make_client
 port, topic_filter, n, timeout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 times, done, lock = [], threading.Event(), threading.Lock()
 def on_message(_c, _u, msg):
@@ -198,12 +199,16 @@ def scrape(port: int) -> dict[str, float]:
         return {}
 
 
-def start_server(broker_url: str, workdir: Path, mdir: Path, n: int) -> tuple[subprocess.Popen, int]:
+def start_server(
+    broker_url: str, workdir: Path, mdir: Path, n: int, profile: Path | None = None
+) -> tuple[subprocess.Popen, int]:
+    """`fedhft server run` as a child (under bench/profile_threads.py when ``profile`` names its output)."""
     metrics_port = _free_port()
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed when the process is reaped
+    launcher = ["-m", "fedhft.cli"] if profile is None else [str(ROOT / "bench" / "profile_threads.py"), str(profile)]
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "fedhft.cli", "server", "run",
+            sys.executable, *launcher, "server", "run",
             "--broker", broker_url, "--task", TASK, "--state", str(workdir / "state"),
             "--manifest", str(mdir), "--buffer-size", str(100 * n), "--window-seconds", "1e6",
             "--max-staleness", "1000", "--metrics-port", str(metrics_port),
@@ -219,7 +224,7 @@ def start_server(broker_url: str, workdir: Path, mdir: Path, n: int) -> tuple[su
     return server, metrics_port
 
 
-def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[dict]:
+def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: Path | None = None) -> list[dict]:
     """Median pass-through and ingest rates, for deflated payloads (as encoders send them) and stored ones."""
     plan = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
     manifest = build_manifest(plan)
@@ -235,7 +240,7 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[di
     rows = []
     with EmbeddedBroker(port=0) as broker:
         pub = publisher(broker.port)
-        server, metrics_port = start_server(broker.url, workdir, mdir, n)
+        server, metrics_port = start_server(broker.url, workdir, mdir, n, profile)
         try:
             for cid in ids:
                 hello = HelloMessage(TASK, cid, PROFILE, SHA, plan, time.time())
@@ -377,19 +382,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer updates and repeats")
     ap.add_argument("--out", type=Path, default=RESULTS / "server_ingest.json")
+    ap.add_argument("--profile-server", type=Path, default=None, help="cProfile the server (all threads) into this file")
+    ap.add_argument("--ingest-only", action="store_true", help="skip the aggregation tables (and do not write --out)")
     a = ap.parse_args()
     limit_blas_threads(1)  # as the server does
     n = 160 if a.quick else a.updates
     repeats = 1 if a.quick else a.repeats
     work = Path(tempfile.mkdtemp(prefix="fedhft-bench-"))
     try:
-        ingest = measure_ingest(n, a.clients, repeats, work)
+        ingest = measure_ingest(n, a.clients, repeats, work, a.profile_server)
         first = ingest[0]
         print(
             f"\ningest: {n} updates ({PROFILE} plan on MiniLM: {first['plan']}, fp16) from {a.clients} clients "
             f"via {first['broker']}, median of {repeats}"
         )
         print(table(ingest, ["payload", "payload_bytes", "passthrough_per_s", "ingest_per_s", "ratio"]))
+        if a.ingest_only:
+            return
         by_n = [measure_aggregation(k, 16, repeats, work) for k in (4, 16, 64)]
         by_rank = [measure_aggregation(16, r, repeats, work) for r in (4, 8, 16)]
         cols = ["updates", "rank", "modules", "aggregate_ms", "persist_ms", "models_ms"]
