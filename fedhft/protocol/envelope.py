@@ -89,9 +89,7 @@ def worth_deflating(raw: bytes, deflated: bytes) -> bool:
     return len(deflated) <= (1.0 - MIN_ZLIB_SAVING) * len(raw)
 
 
-def wrap(
-    kind: int, raw: bytes, signing_key: Ed25519PrivateKey | None = None, *, deflate: bool | None = None
-) -> bytes:
+def wrap(kind: int, raw: bytes, signing_key: Ed25519PrivateKey | None = None, *, deflate: bool | None = None) -> bytes:
     """The envelope of body ``raw``, signed with ``signing_key`` when one is given.
 
     The body is zlib-compressed when that saves at least MIN_ZLIB_SAVING (``deflate=None``), always (True)

@@ -85,9 +85,7 @@ SEEDS: list[tuple[int, bytes]] = [
     (KIND_HELLO, encode_hello(HELLO)),
     (KIND_ACK, encode_ack(ACK)),
 ]
-RAW_SEEDS = [
-    (kind, unwrap(payload, kind, DEFAULT_MAX_BYTES).raw) for kind, payload in SEEDS
-]
+RAW_SEEDS = [(kind, unwrap(payload, kind, DEFAULT_MAX_BYTES).raw) for kind, payload in SEEDS]
 
 DECODERS: list[Callable[[bytes], Any]] = [
     decode_update,
