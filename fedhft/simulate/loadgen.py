@@ -53,7 +53,11 @@ from fedhft.simulate.load_plan import LoadSpec, random_update_tensors
 
 MANIFEST_SHA = "10ad" * 16  # what load devices say they run (the server only checks updates against hellos)
 TEMPLATES = 4  # distinct tensor sets, encoded once each
-CONNECTING_PER_LOOP = 64  # connections a loop opens before their CONNACKs come back
+# Devices a loop has connecting or registering at once: the server takes hellos in order with updates, so a
+# backlog of thousands of hellos would hold every update behind it (and a full listen backlog drops SYNs: the
+# blocking connect() then waits out a 1-3 s retransmit and its loop stalls).
+REGISTERING_PER_LOOP = 16
+REGISTER_GIVE_UP_S = 60.0  # a device whose model has not come by then frees its slot (it stays unregistered)
 MISC_EVERY_S = 2.0  # keepalive bookkeeping (paho loop_misc) per loop
 
 
@@ -199,7 +203,7 @@ class Loop(threading.Thread):
         super().__init__(name=f"loadgen-{index}", daemon=True)
         self.index, self.of, self.devices, self.cfg, self.plan = index, of, list(devices), cfg, plan
         self.factory, self.tally = factory, tally
-        self.connecting = 0  # connections opened, CONNACK not yet in
+        self.registering: dict[str, float] = {}  # client id -> when it started connecting; model not yet in
         self.ready: list[Device] = []  # registered devices, in registration order
         self.sel = selectors.DefaultSelector()
         self.send_window: tuple[float, float] | None = None  # (start, end) in time.monotonic(), set by the driver
@@ -212,6 +216,7 @@ class Loop(threading.Thread):
         self.sel.register(sock, selectors.EVENT_READ, dev)
 
     def _on_socket_close(self, client: mqtt.Client, dev: Device, sock: socket.socket) -> None:
+        self.registering.pop(dev.client_id, None)
         try:
             self.sel.unregister(sock)
         except (KeyError, ValueError):
@@ -227,8 +232,8 @@ class Loop(threading.Thread):
             pass  # closing
 
     def _on_connect(self, client: mqtt.Client, dev: Device, flags: Any, rc: Any, props: Any = None) -> None:
-        self.connecting -= 1
         if rc.is_failure:
+            self.registering.pop(dev.client_id, None)
             return
         dev.connected = True
         topics = [
@@ -248,6 +253,7 @@ class Loop(threading.Thread):
         if "/model/" in msg.topic:
             if not dev.registered:
                 dev.registered = True
+                self.registering.pop(dev.client_id, None)
                 self.ready.append(dev)
                 client.unsubscribe(model_topic(self.cfg.task, f"client/{dev.client_id}"))
                 self.tally.on_registered(now)
@@ -301,10 +307,13 @@ class Loop(threading.Thread):
         next_send: float | None = None
         interval = self.of / self.cfg.rate  # this loop's share of the rate
         while not self.stop.is_set():
-            while waiting and self.connecting < CONNECTING_PER_LOOP:
+            now = time.monotonic()
+            for cid in [c for c, t in self.registering.items() if now - t > REGISTER_GIVE_UP_S]:
+                del self.registering[cid]
+            while waiting and self.send_window is None and len(self.registering) < REGISTERING_PER_LOOP:
                 dev = waiting.pop()
                 dev.client = self._client(dev)
-                self.connecting += 1
+                self.registering[dev.client_id] = now
                 dev.client.connect(self.cfg.host, self.cfg.port, keepalive=120)
             now = time.monotonic()
             timeout = 0.05
