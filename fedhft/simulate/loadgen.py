@@ -288,7 +288,7 @@ class Loop(threading.Thread):
             c = key.data.client
             if mask & selectors.EVENT_READ:
                 c.loop_read(100)
-            if mask & selectors.EVENT_WRITE and key.data.client is not None:
+            if mask & selectors.EVENT_WRITE:
                 c.loop_write()
 
     def run(self) -> None:
@@ -496,7 +496,7 @@ def run_load(
             latency_p50_ms=percentile_ms(tally.latencies, 50),
             latency_p99_ms=percentile_ms(tally.latencies, 99),
             latency_max_ms=percentile_ms(tally.latencies, 100),
-            rejects=dict(tally.rejects),
+            rejects=_rejects(tally),
             lost=len(tally.sent_at),
             disconnects=tally.disconnects,
             server_pid=pid,
@@ -504,6 +504,14 @@ def run_load(
             server_peak_rss_mb=round(peak, 1) if pid is not None and (peak := peak_rss_mb(pid)) is not None else None,
             loadgen_cpu_s=round(time.process_time() - cpu0, 1),
         )
+
+
+def _rejects(tally: Tally) -> dict[str, int]:
+    """Acks other than accepted by ``status: reason``, and acks that did not decode."""
+    out = dict(tally.rejects)
+    if tally.undecodable_acks:
+        out["undecodable ack"] = tally.undecodable_acks
+    return out
 
 
 def _raise_loop_error(loops: Sequence[Loop]) -> None:
