@@ -63,7 +63,7 @@ from fedhft.protocol import (
     encode_model,
     encode_update,
 )
-from fedhft.protocol.envelope import ENVELOPE, ENVELOPE_LEN, FLAG_SIGNED, MAGIC
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, ENVELOPE, ENVELOPE_LEN, FLAG_SIGNED, FLAG_ZLIB, MAGIC, unwrap
 from fedhft.protocol.keychain import extend_chain, genesis_link
 from fedhft.protocol.signing import SIGNATURE_LEN, sign
 
@@ -143,7 +143,7 @@ def _rewrap(raw: bytes, template: bytes, resign: object | None, rng: random.Rand
     _, version, kind, flags, reserved, _, _ = ENVELOPE.unpack_from(template)
     body = zlib.compress(raw, rng.choice((0, 1, 6, 9)))
     signed = resign is not None and flags & FLAG_SIGNED
-    env = ENVELOPE.pack(MAGIC, version, kind, flags, reserved, len(body), len(raw)) + body
+    env = ENVELOPE.pack(MAGIC, version, kind, flags | FLAG_ZLIB, reserved, len(body), len(raw)) + body
     if signed:
         return env + sign(env, resign)  # type: ignore[arg-type]
     return env + (template[-SIGNATURE_LEN:] if flags & FLAG_SIGNED else b"")
@@ -269,7 +269,7 @@ def mutate(seed: bytes, mutation: str, resign: object | None, rng: random.Random
         fields[i] = rng.choice(edge) & (0xFF if i <= 4 else 0xFFFFFFFF)
         data[:ENVELOPE_LEN] = ENVELOPE.pack(*fields)
     else:  # body / fields / tensors
-        raw = zlib.decompress(bytes(seed[ENVELOPE_LEN : ENVELOPE_LEN + ENVELOPE.unpack_from(seed)[5]]))
+        raw = unwrap(seed, seed[5], DEFAULT_MAX_BYTES).raw
         if mutation == "tensors" and raw[:1] != b"{":
             changed = _mutate_tensors(raw, rng)
         elif mutation in ("fields", "tensors"):

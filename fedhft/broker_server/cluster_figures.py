@@ -33,9 +33,9 @@ class ClusterFigures:
 
 def cluster_figures(memberships: Sequence[np.ndarray], k: int) -> ClusterFigures:
     """Hard and soft client counts of ``k`` clusters from the clients' membership vectors (each of length k)."""
-    hard = [0] * k
-    soft = np.zeros(k)
-    for p in memberships:
-        hard[int(np.argmax(p))] += 1
-        soft += np.asarray(p, dtype=np.float64) / max(float(np.sum(p)), 1e-300)
-    return ClusterFigures(hard, [float(v) for v in soft])
+    if not len(memberships):
+        return ClusterFigures([0] * k, [0.0] * k)
+    p = np.asarray(memberships, dtype=np.float64).reshape(len(memberships), k)  # one row per client
+    hard = np.bincount(np.argmax(p, axis=1), minlength=k)
+    soft = (p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)).sum(axis=0)
+    return ClusterFigures([int(v) for v in hard], [float(v) for v in soft])

@@ -471,7 +471,15 @@ class Federation:
 
     def cluster_figures(self) -> ClusterFigures:
         """Registered clients per cluster, hard (largest membership) and soft (sum of memberships)."""
-        return cluster_figures([self.membership_of(cid) for cid in self.clients], self.num_clusters)
+        k = self.num_clusters
+        prior: np.ndarray | None = None  # computed once (an O(clients) mean), not once per client without one
+        rows = []
+        for cid in self.clients:
+            p = self.memberships.get(cid)
+            if p is None or p.shape != (k,):
+                p = prior = self.prior() if prior is None else prior
+            rows.append(p)
+        return cluster_figures(rows, k)
 
     def clients_per_cluster(self) -> list[int]:
         return self.cluster_figures().hard

@@ -8,6 +8,8 @@ generally need different matrices, and a device must receive factors of exactly 
 model per client (``model/client/<id>``). A ``shared_model`` strategy (fedavg-full) gives every client the same
 model, published once per version on ``model/cluster/0``; a client gets its ``model/client/<id>`` copy when it
 registers. Mixtures and SVDs are cached: many clients share a membership, and models are immutable per version.
+The last few factored tensor sets are cached too: every client that registers between two versions has the same
+(prior) membership, and clients of one profile the same ranks, so a wave of new devices is factored once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from fedhft.broker_server.cluster_mixing import mixture_of
 from fedhft.broker_server.strategies.base import Strategy, Triplets
 from fedhft.broker_server.svd import module_seed, svd_method, truncated_svd
 from fedhft.broker_server.validation import GlobalSpec
+
+TENSOR_CACHE = 8  # factored tensor sets kept per version (each one a full model at some ranks)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class VersionModels:
         self._mix_cache: dict[bytes, ClusterState] = {}
         self._svd_cache: dict[tuple[bytes, str], Triplets] = {}
         self._shared: dict[str, np.ndarray] | None = None
+        self._tensor_cache: dict[tuple[bytes, tuple[tuple[str, int], ...]], dict[str, np.ndarray]] = {}
 
     def mixture(self, p: np.ndarray) -> ClusterState:
         """The states mixed by membership ``p``."""
@@ -78,13 +83,21 @@ class VersionModels:
             if self._shared is None:
                 self._shared = self.strategy.model_tensors(self.states[0], {}, self.version, self._no_svd)
             return self._shared
-        return self.strategy.model_tensors(self.mixture(p), ranks, self.version, lambda name: self.svd(p, name))
+        key = (p.tobytes(), tuple(sorted((name, int(r)) for name, r in ranks.items())))
+        cached = self._tensor_cache.get(key)
+        if cached is None:
+            cached = self.strategy.model_tensors(self.mixture(p), ranks, self.version, lambda name: self.svd(p, name))
+            if len(self._tensor_cache) >= TENSOR_CACHE:
+                del self._tensor_cache[next(iter(self._tensor_cache))]  # the oldest
+            self._tensor_cache[key] = cached
+        return cached
 
     def forget(self) -> None:
         """Drop the cached mixtures (a full ΔW each) and shared model, rebuilt on demand: for a superseded version.
         The SVDs stay (small: (out + in) x R per module and membership), so rebuilding what a client received at
         this version costs no new SVD."""
         self._mix_cache.clear()
+        self._tensor_cache.clear()
         self._shared = None
 
     @staticmethod

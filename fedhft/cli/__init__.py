@@ -13,6 +13,7 @@ from fedhft.cli.device import device_group
 from fedhft.cli.edge import edge_group
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.export import export, plan, profiles_group
+from fedhft.cli.loadgen import loadgen
 from fedhft.cli.server import server_group
 from fedhft.cli.simulate import report, simulate
 from fedhft.logs import setup_logging
@@ -35,3 +36,4 @@ main.add_command(broker_group)
 main.add_command(device_group())
 main.add_command(simulate)
 main.add_command(report)
+main.add_command(loadgen)

@@ -49,11 +49,12 @@ def _entry_span(name: str, entry: object, data_len: int) -> tuple[int, int]:
 
 
 def _int_list(value: object, max_len: int) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= max_len
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < I64_LIMIT for v in value)
-    )
+    if type(value) is not list or len(value) > max_len:
+        return False
+    for v in value:  # a plain loop: this runs for every entry of every message
+        if type(v) is not int or not 0 <= v < I64_LIMIT:  # type(), not isinstance: no bool (or int subclass)
+            return False
+    return True
 
 
 def parse_safetensors(raw: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

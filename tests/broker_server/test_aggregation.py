@@ -468,3 +468,13 @@ def test_flexlora_is_svd_of_sample_weighted_delta_w() -> None:
         np.testing.assert_allclose(c.B @ c.A, b @ a, atol=1e-10)
     custom = flexlora_aggregate(clients, samples, ranks=[2, 2, 2])
     assert all(c.rank == 2 for c in custom.per_client)
+
+
+@pytest.mark.parametrize(("rows", "ok"), [([0, 2, 5], True), ([5, 0, 2], True), ([0, 2, 2], False), ([2, 0, 2], False)])
+def test_masked_rows_must_be_distinct_sorted_or_not(rows: list[int], ok: bool) -> None:
+    f = MaskedFactors(A=np.ones((2, 3)), B_rows=np.ones((3, 2)), rows=np.array(rows), out_features=6)
+    if ok:
+        f.check("m")
+    else:
+        with pytest.raises(AggregationError, match="distinct"):
+            f.check("m")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from fedhft.broker_server.validation import (
     peek_update_header,
 )
 from fedhft.protocol import encode_update
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, KIND_UPDATE, unwrap
 from fedhft.protocol.mqtt import BrokerAddress
 from fedhft.protocol.mqtt import parse_broker_url as parse_url
 from fedhft.protocol.tensor_names import a_name, b_rows_name
@@ -62,7 +62,7 @@ def test_peek_reads_the_header_of_deflated_and_stored_envelopes() -> None:
     header = peek_update_header(payload)
     assert (header.task, header.client_id, header.seq) == ("t", "dev", 41)
     magic, version, kind, flags, reserved, body_len, raw_len = struct.unpack_from("<4sBBBBII", payload)
-    raw = zlib.decompress(payload[16:])
+    raw = unwrap(payload, KIND_UPDATE, DEFAULT_MAX_BYTES).raw
     stored = struct.pack("<4sBBBBII", magic, version, kind, flags & ~1, reserved, len(raw), raw_len) + raw
     assert peek_update_header(stored) == header
     assert decode_checked(stored, SPEC, plan, "t", "dev").seq == 41  # decoders accept stored bodies too

@@ -46,8 +46,8 @@ from fedhft.protocol import (
     generate_keypair,
     quantization_error,
 )
-from fedhft.protocol.encodings import encode_index
-from fedhft.protocol.envelope import KIND_UPDATE, wrap
+from fedhft.protocol.encodings import ENCODINGS, encode_index
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, KIND_UPDATE, MIN_ZLIB_SAVING, unwrap, worth_deflating, wrap
 from fedhft.protocol.fields import UPDATE_FIELDS
 from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, is_rows_name, rows_name
 
@@ -480,6 +480,24 @@ def test_envelope_errors() -> None:
     assert decode_update(memoryview(good)).client_id == "rpi-07"
 
 
+def test_bodies_are_deflated_only_when_zlib_saves_enough() -> None:
+    noise = np.random.default_rng(0).standard_normal(4096).astype(np.float32).tobytes()  # saves < 15%
+    text = b"fedhft " * 1000
+    for raw, deflated in ((noise, False), (text, True)):
+        payload = wrap(KIND_UPDATE, raw)
+        assert bool(payload[6] & 1) == deflated
+        assert (len(payload) - 16 == len(raw)) != deflated
+        assert worth_deflating(raw, zlib.compress(raw, 6)) == deflated
+        assert unwrap(payload, KIND_UPDATE, DEFAULT_MAX_BYTES).raw == raw
+    assert wrap(KIND_UPDATE, noise, deflate=True)[6] & 1 and not wrap(KIND_UPDATE, text, deflate=False)[6] & 1
+    assert unwrap(wrap(KIND_UPDATE, noise, deflate=True), KIND_UPDATE, DEFAULT_MAX_BYTES).raw == noise
+    msg = make_update()
+    for encoding in ENCODINGS:  # tensor bodies of random values: sent stored, decoded the same
+        payload = encode_update(msg, encoding)
+        assert not payload[6] & 1 and decode_update(payload).seq == msg.seq
+    assert 0 < MIN_ZLIB_SAVING < 1
+
+
 def test_body_errors() -> None:
     raw = bytes(st_save({"x": np.ones(1, np.float32)}, metadata={"fedhft": "{}"}))
     with pytest.raises(MalformedMessage, match="zlib"):
@@ -507,7 +525,7 @@ def test_body_errors() -> None:
 
 def encode_update_raw() -> bytes:
     payload = encode_update(make_update(tensors=small_tensors([0])))
-    return zlib.decompress(payload[16:])
+    return unwrap(payload, KIND_UPDATE, DEFAULT_MAX_BYTES).raw
 
 
 def test_safetensors_header_lies_are_caught() -> None:
@@ -537,8 +555,9 @@ def test_max_bytes_limits_payload() -> None:
     payload = encode_update(make_update())
     with pytest.raises(MessageTooLarge, match=f"payload is {len(payload)} bytes"):
         decode_update(payload, max_bytes=len(payload) - 1)
+    deflated = envelope(1, unwrap(payload, KIND_UPDATE, DEFAULT_MAX_BYTES).raw)
     with pytest.raises(MessageTooLarge, match="decompressed"):
-        decode_update(payload, max_bytes=len(payload) + 1)  # the body inflates past it
+        decode_update(deflated, max_bytes=len(deflated) + 1)  # the body inflates past it
     with pytest.raises(ProtocolError, match="max_bytes"):
         decode_update(payload, max_bytes=0)
 

@@ -33,7 +33,7 @@ from fedhft.protocol import (
     generate_keypair,
 )
 from fedhft.protocol.encodings import ENCODINGS, encode_tensors
-from fedhft.protocol.envelope import KIND_ACK, KIND_HELLO, KIND_MODEL, KIND_UPDATE
+from fedhft.protocol.envelope import DEFAULT_MAX_BYTES, KIND_ACK, KIND_HELLO, KIND_MODEL, KIND_UPDATE, unwrap
 from fedhft.protocol.fields import ACK_FIELDS, HELLO_FIELDS, MODEL_FIELDS, UPDATE_FIELDS
 from fedhft.protocol.tensor_names import scale_name
 
@@ -85,9 +85,7 @@ SEEDS: list[tuple[int, bytes]] = [
     (KIND_HELLO, encode_hello(HELLO)),
     (KIND_ACK, encode_ack(ACK)),
 ]
-RAW_SEEDS = [
-    (kind, zlib.decompress(payload[16 : 16 + int.from_bytes(payload[8:12], "little")])) for kind, payload in SEEDS
-]
+RAW_SEEDS = [(kind, unwrap(payload, kind, DEFAULT_MAX_BYTES).raw) for kind, payload in SEEDS]
 
 DECODERS: list[Callable[[bytes], Any]] = [
     decode_update,
