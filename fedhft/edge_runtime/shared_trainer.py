@@ -4,12 +4,14 @@ Devices with the same package, backend and learning rate share one trainer (the 
 each device holds a :class:`DeviceTrainer` view. Before a view runs anything on the shared trainer it swaps
 its own adapter state in (parameters, AdamW moments and step), saving the previous owner's state first, so
 a hosted device trains exactly as it would alone. The state travels through the trainer's own
-``save_state``/``load_state`` files (a temporary directory per runtime): a swap costs a small file, not a
-model load (ORT rebuilds its session from the cached model file).
+``save_state``/``load_state`` files (a temporary directory per runtime); a state already saved (the device's
+checkpoint after a round) is not saved again. A swap costs the state file: with the native trainer the
+adapter and its moments; with ORT, whose checkpoint also holds the frozen weights, a rebuilt session.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,9 @@ class SharedRuntime:
         return DeviceTrainer(self, self.dir / f"device-{self.views}.state")
 
     def acquire(self, view: DeviceTrainer) -> Trainer:
-        """The shared trainer holding ``view``'s state (the previous owner's saved first)."""
+        """The shared trainer holding ``view``'s state (the previous owner's saved first, unless it is)."""
         if self.owner is not view:
-            if self.owner is not None:
+            if self.owner is not None and not self.owner.saved:
                 self.trainer.save_state(self.owner.swap)
                 self.owner.saved = True
             self.trainer.load_state(view.swap if view.saved else self.pristine)
@@ -60,13 +62,16 @@ class DeviceTrainer:
 
     runtime: SharedRuntime
     swap: Path
-    saved: bool = False  # its state is in ``swap`` (else it is the pristine one, or resident)
+    saved: bool = False  # ``swap`` holds its current state (else: resident, or pristine when never used)
 
-    def _t(self) -> Trainer:
-        return self.runtime.acquire(self)
+    def _t(self, changes: bool = False) -> Trainer:
+        trainer = self.runtime.acquire(self)
+        if changes:
+            self.saved = False
+        return trainer
 
     def train_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult:
-        return self._t().train_step(input_ids, attention_mask, labels)
+        return self._t(changes=True).train_step(input_ids, attention_mask, labels)
 
     def eval_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> StepResult:
         return self._t().eval_step(input_ids, attention_mask, labels)
@@ -75,13 +80,18 @@ class DeviceTrainer:
         return self._t().get_parameters()
 
     def set_parameters(self, params: dict[str, np.ndarray]) -> None:
-        self._t().set_parameters(params)
+        self._t(changes=True).set_parameters(params)
 
     def save_state(self, path: Path) -> None:
-        self._t().save_state(path)
+        """Save to the swap file and copy it to ``path`` (the device's checkpoint): the next swap saves nothing."""
+        trainer = self._t()
+        if not self.saved:
+            trainer.save_state(self.swap)
+            self.saved = True
+        shutil.copyfile(self.swap, path)
 
     def load_state(self, path: Path) -> None:
-        self._t().load_state(path)
+        self._t(changes=True).load_state(path)
 
 
 @dataclass

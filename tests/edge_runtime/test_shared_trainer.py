@@ -30,7 +30,7 @@ def _models(initial: dict[str, np.ndarray], rounds: int) -> list[dict[str, np.nd
     return [{k: v + np.float32(0.01 * r) for k, v in initial.items()} for r in range(rounds)]
 
 
-def test_a_hosted_device_gives_the_same_updates_as_a_standalone_one(tiny_export: Path) -> None:
+def test_a_hosted_device_gives_the_same_updates_as_a_standalone_one(tiny_export: Path, tmp_path: Path) -> None:
     manifest = load_manifest(tiny_export)
     encoder = TextEncoder.for_manifest(manifest, tiny_export)
     alone = open_trainer("ort", tiny_export, manifest, learning_rate=LR)
@@ -45,6 +45,8 @@ def test_a_hosted_device_gives_the_same_updates_as_a_standalone_one(tiny_export:
         got, other = [], []
         for r, m in enumerate(models):  # b trains on the shared runtime between a's rounds
             got.append(_round(a, encoder, m, seed=11 + r))
+            if r == 1:
+                a.save_state(tmp_path / "a.ckpt")  # as the client does after a round: the swap then saves nothing
             other.append(_round(b, encoder, models[-1 - r], seed=500 + r))
     finally:
         pool.close()
