@@ -5,9 +5,9 @@ bench/results/<preset dir>/report.json at once, so a long bench resumes where it
 and can span sessions; summary, goals and plots (accuracy.png, traffic.png) are recomputed from the merged
 report, and the table is printed. A report of another configuration (other preset arguments) is replaced.
 Presets (every method runs the same virtual-time budget): `bbc` (default: BBC News, Dirichlet alpha 0.3, 8
-heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server versions, in two
-`fedhft edge host` processes, capped at 30 minutes a run), `clothing` (Women's Clothing
-reviews, split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
+heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server
+versions, in two `fedhft edge host` processes, capped at 30 minutes a run), `clothing` (Women's Clothing reviews,
+split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
 
 Usage: `python bench/simulate_compare.py [--preset P] [--methods a,b] [--seeds 3|0,1,2] [--encoding fp16,int8]
