@@ -359,7 +359,10 @@ def host_command(devices: Path) -> None:
     with stop_on_signals() as stop:
         result = run_host(configs, stop, status=lambda line: click.echo(line, err=True))
     for cid, summary in result.summaries.items():
-        click.echo(summary_line(cid, summary, 0) + (f", failed: {result.failed[cid]}" if cid in result.failed else ""))
+        click.echo(
+            summary_line(cid, summary, result.queued[cid])
+            + (f", failed: {result.failed[cid]}" if cid in result.failed else "")
+        )
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} of {len(configs)} device(s) stopped on an error")
 

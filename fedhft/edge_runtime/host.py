@@ -32,6 +32,7 @@ class HostResult:
     """What each hosted device did, and the devices that stopped on an error (client id -> reason)."""
 
     summaries: dict[str, ClientSummary] = field(default_factory=dict)
+    queued: dict[str, int] = field(default_factory=dict)  # updates left in each device's outbox
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -99,3 +100,4 @@ def _close(client: EdgeClient, result: HostResult) -> None:
     except FedHFTError as e:
         result.failed.setdefault(client.cfg.client_id, str(e))
     result.summaries[client.cfg.client_id] = client.summary
+    result.queued[client.cfg.client_id] = len(client.outbox)

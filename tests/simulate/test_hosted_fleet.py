@@ -7,12 +7,15 @@ Real broker, server and edge processes, as in tests/scenarios/test_virtual_time_
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from fedhft.cli import main
+from fedhft.simulate.config import SimConfig, SimulationError, host_count
+from fedhft.simulate.methods import method_spec
 from tests.scenarios.test_simulate_e2e import _dataset
 from tests.scenarios.test_virtual_time_determinism import _comparable
 
@@ -44,3 +47,12 @@ def test_two_hosts_give_the_report_of_one_process_per_device(
     assert a["updates"] >= 8 and len(a["curve"]) >= 5, a  # the run went its length, every device trained
     assert len(a["personalized_by_client"]) == 4
     assert b == a
+
+
+def test_small_fleets_and_chaos_run_one_process_per_device_larger_ones_two_hosts() -> None:
+    cfg = SimConfig(4, {"p": 4}, "d", 0.3, 5, method_spec("fedhft"), Path("out"))
+    assert [host_count(cfg, n) for n in (1, 8, 9, 50)] == [0, 0, 2, 2]
+    assert host_count(replace(cfg, chaos="default"), 50) == 0
+    assert host_count(replace(cfg, hosts=3), 2) == 2 and host_count(replace(cfg, hosts=0), 50) == 0
+    with pytest.raises(SimulationError, match="--chaos"):
+        host_count(replace(cfg, hosts=2, chaos="default"), 50)
