@@ -168,7 +168,10 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
                 part.stop()
     from fedhft.simulate.report import method_result
 
-    result = method_result(cfg, run_dir, assignment, dirs, unable, evaluator, traffic, peaks, time.monotonic() - t0)
+    per_device = {name: mb for name, mb in peaks.items() if name not in fleet.members}  # hosts: by host below
+    result = method_result(
+        cfg, run_dir, assignment, dirs, unable, evaluator, traffic, per_device, time.monotonic() - t0
+    )
     result["method"] = label
     result["edges_failed"] = dict(fleet.failed)
     if hosts:
