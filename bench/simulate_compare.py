@@ -5,8 +5,9 @@ bench/results/<preset dir>/report.json at once, so a long bench resumes where it
 and can span sessions; summary, goals and plots (accuracy.png, traffic.png) are recomputed from the merged
 report, and the table is printed. A report of another configuration (other preset arguments) is replaced.
 Presets (every method runs the same virtual-time budget): `bbc` (default: BBC News, Dirichlet alpha 0.3, 8
-heterogeneous devices, 150 virtual seconds), `clothing` (Women's Clothing
-reviews, split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
+heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server
+versions, in two `fedhft edge host` processes), `clothing` (Women's Clothing reviews,
+split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
 
 Usage: `python bench/simulate_compare.py [--preset P] [--methods a,b] [--seeds 3|0,1,2] [--encoding fp16,int8]
@@ -39,6 +40,15 @@ PRESETS: dict[str, dict] = {
         + ["--target-accuracy", "0.7", "--time-budget", "120", "--backend", "ort"],
         "methods": ALL,
         "seeds": "3",
+    },
+    "bbc50": {  # paper scale: FedHFT's 50 devices, 10 server versions, one method and seed in < 30 minutes
+        "dir": "simulate-bbc50",
+        "args": ["--clients", "50"]
+        + ["--profiles", "rpi4-4gb:13,phone-lowend-3gb:12,phone-midrange-6gb:13,laptop-x86-16gb:12"]
+        + ["--dataset", "bbc-news", "--alpha", "0.5", "--rounds", "10", "--local-steps", "8"]  # 0.3: too few texts
+        + ["--target-accuracy", "0.7", "--backend", "ort", "--hosts", "2"],  # no --minutes: it stops at the target
+        "methods": "fedhft,fedavg-lora",
+        "seeds": "1",
     },
     "clothing": {
         "dir": "simulate-clothing",

@@ -12,6 +12,7 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.signals import stop_on_signals
+from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.local_train import BACKENDS
 from fedhft.protocol import ENCODINGS
 
@@ -293,55 +294,77 @@ def run_command(
     reset_state: bool,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
-    backend = _resolve_backend(backend, artifacts)
-    _torch_free_if(backend)
-    from fedhft.credentials import resolve_password
+    cfg = client_config(**locals())
+    _torch_free_if(cfg.backend)
     from fedhft.edge_runtime.client import EdgeClient
-    from fedhft.edge_runtime.client_config import ClientConfig
 
-    password = resolve_password(password, password_file)
-    cfg = ClientConfig(
-        artifacts=artifacts,
-        data=data,
-        broker=broker,
-        task=task,
-        client_id=client_id,
-        state_dir=state_dir,
-        server_key=server_key,
-        username=username,
-        password=password,
-        tls_ca=tls_ca,
-        local_steps=local_steps,
-        rounds=rounds,
-        max_train_seconds=max_train_seconds,
-        encoding=encoding,
-        outbox_limit=outbox_limit,
-        battery_min_percent=battery_min_percent,
-        batch_size=batch_size,
-        learning_rate=lr,
-        seed=seed,
-        text_column=text_column,
-        label_column=label_column,
-        label_names=_label_names(labels),
-        cluster=cluster,
-        backend=backend,
-        ack_timeout=ack_timeout,
-        eval_data=eval_data,
-        mask_ratio=mask_ratio,
-        sim_time_scale=sim_time_scale,
-        virtual_time=virtual_time,
-        until_version=until_version,
-        until_time=until_time,
-        max_rounds_per_version=max_rounds_per_version,
-        reset_state=reset_state,
-    )
     client = EdgeClient(cfg, status=lambda line: click.echo(line, err=True))  # connection state changes
     with stop_on_signals() as stop:  # the client then finishes its step and exits cleanly
         summary = client.run(stop)
-    click.echo(
+    click.echo(summary_line(client_id, summary, len(client.outbox)))
+
+
+def summary_line(client_id: str, summary: ClientSummary, queued: int) -> str:
+    return (
         f"{client_id}: {summary.rounds_trained} round(s) trained, {len(summary.acked)} update(s) acked, "
-        f"model version {summary.model_version}, {len(client.outbox)} queued"
+        f"model version {summary.model_version}, {queued} queued"
     )
+
+
+def client_config(
+    *, labels: str | None, lr: float, password_file: Path | None, backend: str, **options: object
+) -> ClientConfig:
+    """The ClientConfig of `fedhft edge run`'s parsed options (a hosted device's too): --backend auto made
+    concrete, the password read from --password-file, the label names split."""
+    from fedhft.credentials import resolve_password
+
+    password = resolve_password(options.pop("password"), password_file)  # type: ignore[arg-type]
+    return ClientConfig(
+        backend=_resolve_backend(backend, options["artifacts"]),  # type: ignore[arg-type]
+        password=password,
+        learning_rate=lr,
+        label_names=_label_names(labels),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def device_configs(path: Path) -> list[ClientConfig]:
+    """The devices of a `fedhft edge host --devices` file, each parsed as `fedhft edge run`'s options."""
+    from fedhft.edge_runtime.device_file import device_entries, option_args
+
+    configs = []
+    for i, entry in enumerate(device_entries(path)):
+        try:
+            ctx = run_command.make_context("run", option_args(entry), resilient_parsing=False)
+        except click.ClickException as e:
+            raise click.UsageError(f"{path}: device {i + 1}: {e.format_message()}") from e
+        configs.append(client_config(**ctx.params))
+    return configs
+
+
+@click.command("host")
+@click.option(
+    "--devices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="JSON or TOML list of devices, each a table of `fedhft edge run` options (optional shared defaults).",
+)
+def host_command(devices: Path) -> None:
+    """Run many devices in one process: each its own client (identity, state, outbox, MQTT session), devices of
+    one package sharing one loaded training runtime."""
+    configs = device_configs(devices)
+    _torch_free_if("ort" if {c.backend for c in configs} <= {"ort", "native"} else "executorch")
+    from fedhft.edge_runtime.host import run_host
+
+    with stop_on_signals() as stop:
+        result = run_host(configs, stop, status=lambda line: click.echo(line, err=True))
+    for cid, summary in result.summaries.items():
+        click.echo(
+            summary_line(cid, summary, result.queued[cid])
+            + (f", failed: {result.failed[cid]}" if cid in result.failed else "")
+        )
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} of {len(configs)} device(s) stopped on an error")
 
 
 @click.group("edge", cls=OneLineErrorGroup)
@@ -351,3 +374,4 @@ def edge_group() -> None:
 
 edge_group.add_command(train_command)
 edge_group.add_command(run_command)
+edge_group.add_command(host_command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -135,6 +136,13 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     help="Fault spec, e.g. 'default' or 'edge-kill=2,server-kill=1,broker-restart=1,drop=2,duplicate=2,delay=2': "
     "each method then runs clean and again with these faults, same seed.",
 )
+@click.option(
+    "--hosts",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Edge processes: 0 = one `fedhft edge run` per device; N = N `fedhft edge host` processes sharing the "
+    "devices and their loaded runtimes. Default: one per device up to 8 devices or under --chaos, else 2 hosts.",
+)
 def simulate(
     clients: int,
     profiles_arg: str,
@@ -169,9 +177,10 @@ def simulate(
     time_budget: float | None,
     backend: str,
     chaos: str | None,
+    hosts: int | None,
 ) -> None:
     """The whole system on one machine: export, broker, server, N edge runtimes, evaluation, report."""
-    from fedhft.simulate.config import SimConfig, parse_profile_mix
+    from fedhft.simulate.config import SimConfig, host_count, parse_profile_mix
     from fedhft.simulate.methods import MethodError, method_spec
     from fedhft.simulate.report import load_report, table, write_report
     from fedhft.simulate.seeds import parse_encodings, parse_seeds, run_seeds
@@ -215,7 +224,9 @@ def simulate(
         last_k=last_k,
         time_budget=time_budget,
         group_column=group_column,
+        hosts=hosts,
     )
+    host_count(replace(base, chaos=chaos), clients)  # --hosts with --chaos fails before anything runs
     results = run_seeds(base, specs, seeds, encs, chaos, progress=lambda line: click.echo(line, err=True))
     config = {
         "clients": clients,
@@ -238,6 +249,7 @@ def simulate(
         "virtual_budget": virtual_budget,
         "chaos": chaos,
         "backend": backend,
+        "hosts": hosts,
     }
     path = write_report(out, results, config)
     click.echo(table(load_report(path)))

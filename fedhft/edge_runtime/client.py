@@ -18,7 +18,8 @@ is read first, ``fedhft/v1/<task>/key``), updates go out and acks come back thro
 round's clock is the wall clock, a scaled simulated one (clock.py) or the virtual clock (virtual_rounds.py).
 
 Threads: the MQTT link's network thread only queues events; everything else (verification, training,
-state, publishing) happens here, in the thread that calls ``EdgeClient.run``.
+state, publishing) happens here, in the thread that calls ``EdgeClient.run`` -- or, for `fedhft edge host`,
+the thread that drives many clients through the loop's steps (open / pump / promise_due / train_due / close).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from fedhft.edge_runtime.tokenize import TextEncoder
 from fedhft.edge_runtime.trainer import BackendError, Trainer
 from fedhft.edge_runtime.trust import ServerTrust
 from fedhft.edge_runtime.uploads import Uploads
-from fedhft.edge_runtime.virtual_rounds import VirtualRounds
+from fedhft.edge_runtime.virtual_rounds import VirtualRound, VirtualRounds
 from fedhft.errors import FedHFTError
 from fedhft.logs import event
 from fedhft.protocol import (
@@ -151,6 +152,7 @@ class EdgeClient:
         self._status = status or (lambda line: event(log, line))
         self._last_status: tuple[str, str] | None = None
         self._failed_version: int | None = None  # a model that produced no valid update: not trained again
+        self._promised: tuple[ModelMessage, ScheduleMessage, VirtualRound] | None = None  # promised, not trained
 
     def _virtual_rounds(self) -> VirtualRounds:
         cfg = self.cfg
@@ -213,9 +215,22 @@ class EdgeClient:
     # ---- main loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, timeout: float | None = None) -> ClientSummary:
         """Run until ``stop`` is set, ``timeout`` seconds pass, or --rounds are trained and acknowledged."""
-        stop = stop or self._stop
-        self._stop = stop
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.open(stop)
+        try:
+            while not self.finished():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self.pump(wait=0.1)
+                self.train_due()
+        finally:
+            self.close()
+        return self.summary
+
+    # The loop's steps, also driven one pass at a time by a host of many devices (host.py).
+    def open(self, stop: threading.Event | None = None) -> None:
+        """Connect to the broker and publish what an earlier run left unacknowledged; ``stop`` ends the run."""
+        self._stop = stop or self._stop
         cfg = self.cfg
         self._link = MqttLink(
             cfg.broker,
@@ -232,30 +247,55 @@ class EdgeClient:
             self.virtual.link = self._link
         self._link_ups = 0
         self.uploads.publish_queued()  # a previous run's unacknowledged updates: same seq, same bytes
+
+    def finished(self) -> bool:
+        """Stopped, or --rounds (the virtual run's end) reached with nothing left to acknowledge."""
+        return self._stop.is_set() or self._done()
+
+    def pump(self, wait: float = 0.0) -> None:
+        """Handle the events that came (waiting up to ``wait`` s for the first) and re-send what timed out."""
         try:
-            while not stop.is_set() and not self._done():
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                try:
-                    self._handle(self.events.get(timeout=0.1))
-                except queue.Empty:
-                    pass
-                self._drain_events()
-                self.uploads.check_ack_timeouts()
-                model = self.models.model
-                if model is None or self._rounds_reached() or not self.battery.ok():
-                    continue
-                if self.virtual is not None:
-                    schedule = self.virtual.ready(model)
-                    if schedule is not None:
-                        self._train_round(model, schedule)
-                elif self._wants_round():
-                    self._train_round(model)
-        finally:
+            self._handle(self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait())
+        except queue.Empty:
+            pass
+        self._drain_events()
+        self.uploads.check_ack_timeouts()
+
+    def due_round(self) -> tuple[ModelMessage, ScheduleMessage | None] | None:
+        """The round to train now: (model, its virtual-time schedule or None), or None when none is due."""
+        if self._promised is not None:
+            return self._promised[0], self._promised[1]
+        model = self.models.model
+        if model is None or self._rounds_reached() or not self.battery.ok():
+            return None
+        if self.virtual is not None:
+            schedule = self.virtual.ready(model)
+            return None if schedule is None else (model, schedule)
+        return (model, None) if self._wants_round() else None
+
+    def promise_due(self) -> bool:
+        """Virtual time: promise the due round's landing time now, before it is trained (a host promises every
+        due round of its devices before it trains any, so the server's clock never waits on its queue)."""
+        due = self.due_round()
+        if due is None or due[1] is None:
+            return False
+        self._promise(*due)
+        return True
+
+    def train_due(self) -> bool:
+        """Train the due round, if any; True when one was trained (or tried)."""
+        due = self.due_round()
+        if due is None:
+            return False
+        self._train_round(*due)
+        return True
+
+    def close(self) -> None:
+        """Disconnect and save the state (the client is done after this)."""
+        if self._link is not None:
             self._link.stop()
-            self.store.save(self.state)
-            self.store.close()
-        return self.summary
+        self.store.save(self.state)
+        self.store.close()
 
     def _rounds_reached(self) -> bool:
         return bool(self.cfg.rounds) and self.summary.rounds_trained >= self.cfg.rounds
@@ -364,19 +404,31 @@ class EdgeClient:
                 self.store.save(self.state)  # a restart then exits at once instead of waiting for a schedule
 
     # ---- training ---------------------------------------------------------------------------------------
+    def _taken(self, schedule: ScheduleMessage | None) -> None:
+        """The round of ``schedule`` is over: never run it again."""
+        if schedule is not None:
+            assert self.virtual is not None
+            self.virtual.taken(schedule)
+            self._promised = None
+
+    def _promise(self, model: ModelMessage, schedule: ScheduleMessage) -> VirtualRound:
+        """The virtual round of ``schedule`` on ``model``, its landing time promised once (before training)."""
+        if self._promised is not None and self._promised[1] == schedule:
+            return self._promised[2]
+        assert self.virtual is not None and self._link is not None
+        vround = self.virtual.begin(schedule, model, self.cfg.local_steps)
+        self._link.publish(*self.virtual.promise(vround, self.state.next_seq, model.version), qos=1)
+        self._promised = (model, schedule, vround)
+        return vround
+
     def _train_round(self, model: ModelMessage, schedule: ScheduleMessage | None = None) -> None:
         """One round on ``model``; under virtual time the one ``schedule`` names, promised before training."""
         cfg, version = self.cfg, model.version
         again = self.state.version_rounds if self.state.trained_version == version else 0  # rounds on it so far
+        extra: dict[str, float] = {} if schedule is None else self._promise(model, schedule).metrics()
         self.trainer.set_parameters(self.models.params(model))
         start = self.trainer.get_parameters()
         t_round = time.monotonic()
-        extra: dict[str, float] = {}
-        if schedule is not None:
-            assert self.virtual is not None and self._link is not None
-            vround = self.virtual.begin(schedule, model, cfg.local_steps)
-            self._link.publish(*self.virtual.promise(vround, self.state.next_seq, version), qos=1)
-            extra |= vround.metrics()
         if len(self.eval_texts):
             before = evaluate(self.trainer, self.encoder, self.eval_texts, self.eval_labels)
             extra |= {"eval_accuracy": before.accuracy, "eval_loss": before.loss}
@@ -421,15 +473,13 @@ class EdgeClient:
         except (ProtocolError, AdapterMismatch, BackendError) as e:
             event(log, "local training produced no valid update; skipping this model", logging.ERROR, error=str(e))
             self.state.trained_version, self._failed_version = version, version
-            if schedule is not None:
-                self.virtual.taken(schedule)  # type: ignore[union-attr]
+            self._taken(schedule)
             self.store.save(self.state)
             return
         self.uploads.put(seq, payload)  # durable before anything else knows about seq
         self.state.next_seq = seq + 1
         self.state.trained_version, self.state.version_rounds = version, again + 1
-        if schedule is not None:
-            self.virtual.taken(schedule)  # type: ignore[union-attr]
+        self._taken(schedule)
         self.state.rounds_created += 1
         self.store.save(self.state)
         self.store.save_trainer(self.trainer.save_state)

@@ -63,6 +63,7 @@ class OrtTrainer:
         opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         if threads:
             opts.intra_op_num_threads = threads
+        self._opts = opts  # load_state builds its session with the same options
         try:
             self.state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
             self.module = api.Module(
@@ -141,6 +142,8 @@ class OrtTrainer:
         files = verify_artifacts(self.manifest, self.dir, "ort")
         lr = self.optimizer.get_learning_rate()
         self.state = state
-        self.module = api.Module(str(files["training_model"]), state, str(files["eval_model"]), device="cpu")
+        self.module = api.Module(
+            str(files["training_model"]), state, str(files["eval_model"]), device="cpu", session_options=self._opts
+        )
         self.optimizer = api.Optimizer(str(files["optimizer_model"]), self.module)
         self.optimizer.set_learning_rate(lr)

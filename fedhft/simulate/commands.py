@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fedhft.edge_runtime.device_file import option_args
 from fedhft.simulate.config import SimConfig, run_mode
 from fedhft.simulate.data import ClientSplit
 
@@ -87,47 +88,57 @@ def edge_command(
     label_arg: str,
     client: ClientSplit,
 ) -> list[str]:
-    cmd = [
-        *fedhft_cli(),
-        "edge",
-        "run",
-        "--artifacts",
-        str(package),
-        "--data",
-        str(train),
-        "--broker",
-        url,
-        "--task",
-        task,
-        "--client-id",
-        cid,
-        "--state-dir",
-        str(cdir / "state"),
-        "--server-key",
-        str(pub),
-        "--local-steps",
-        str(cfg.local_steps),
-        "--lr",
-        str(cfg.method.learning_rate or cfg.learning_rate),
-        "--seed",
-        str(cfg.seed + client.client),
-        "--labels",
-        label_arg,
-        "--eval-data",
-        str(test),
-        "--encoding",
-        cfg.encoding,
-        "--ack-timeout",  # a simulated fleet runs minutes, not days: re-send an unacknowledged update sooner
-        "60" if cfg.virtual_time else "20",
-    ]
+    """`fedhft edge run` for one device (its options: :func:`edge_options`)."""
+    return edge_command_of(edge_options(cfg, package, train, test, url, task, cid, cdir, pub, label_arg, client))
+
+
+def edge_command_of(options: dict[str, object]) -> list[str]:
+    """`fedhft edge run` with these options (by name)."""
+    return [*fedhft_cli(), "edge", "run", *option_args(options)]
+
+
+def host_command(devices: Path) -> list[str]:
+    """`fedhft edge host` for the devices file ``devices`` (each device's table: :func:`edge_options`)."""
+    return [*fedhft_cli(), "edge", "host", "--devices", str(devices)]
+
+
+def edge_options(
+    cfg: SimConfig,
+    package: Path,
+    train: Path,
+    test: Path,
+    url: str,
+    task: str,
+    cid: str,
+    cdir: Path,
+    pub: Path,
+    label_arg: str,
+    client: ClientSplit,
+) -> dict[str, object]:
+    """One device's `fedhft edge run` options, by name (a flag is True)."""
+    opts: dict[str, object] = {
+        "artifacts": str(package),
+        "data": str(train),
+        "broker": url,
+        "task": task,
+        "client-id": cid,
+        "state-dir": str(cdir / "state"),
+        "server-key": str(pub),
+        "local-steps": cfg.local_steps,
+        "lr": cfg.method.learning_rate or cfg.learning_rate,
+        "seed": cfg.seed + client.client,
+        "labels": label_arg,
+        "eval-data": str(test),
+        "encoding": cfg.encoding,
+        "ack-timeout": "60" if cfg.virtual_time else "20",  # minutes, not days: re-send an unacked update sooner
+    }
     if cfg.virtual_time:  # rounds when scheduled, until the run's last version or its virtual budget
-        cmd += ["--virtual-time", "--rounds", "0"]
-        cmd += ["--until-version", str(cfg.rounds)] if cfg.rounds else []
-        cmd += ["--until-time", str(cfg.virtual_budget)] if cfg.virtual_budget else []
+        opts |= {"virtual-time": True, "rounds": 0, "until-version": cfg.rounds or None}
+        opts["until-time"] = cfg.virtual_budget or None
     else:
-        cmd += ["--rounds", str(cfg.rounds), "--sim-time-scale", str(cfg.time_scale)]
+        opts |= {"rounds": cfg.rounds, "sim-time-scale": cfg.time_scale}
         if run_mode(cfg) == "sync":  # one update per client and round: no second round on the same model
-            cmd += ["--max-rounds-per-version", "1"]
+            opts["max-rounds-per-version"] = 1
     if not cfg.method.mask and cfg.method.planner != "full":
-        cmd += ["--mask-ratio", "1.0"]
-    return cmd
+        opts["mask-ratio"] = "1.0"
+    return opts

@@ -50,6 +50,7 @@ class SimConfig:
     encoding: str = DEFAULT_ENCODING  # the edges' upload encoding (`fedhft edge run --encoding`); others name the run
     last_k: int = 3  # final figures: mean over the last k global versions
     time_budget: float | None = None  # virtual seconds: also report the newest version at or before it
+    hosts: int | None = None  # edge processes: 0 one per device, N `fedhft edge host` processes; None: host_count
     group_column: str | None = None  # a user file's column whose values are the natural groups (--split natural)
     cache_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("FEDHFT_CACHE", Path.home() / ".cache" / "fedhft"))
@@ -67,6 +68,22 @@ def run_mode(cfg: SimConfig) -> str:
     if cfg.mode is not None and cfg.mode not in MODES:
         raise SimulationError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
     return cfg.mode or ("sync" if cfg.method.synchronous else "async")
+
+
+PER_PROCESS_MAX = 8  # fleets up to this size run one process per device by default
+DEFAULT_HOSTS = 2  # larger ones: this many `fedhft edge host` processes
+
+
+def host_count(cfg: SimConfig, devices: int) -> int:
+    """How many `fedhft edge host` processes run the devices; 0: one `fedhft edge run` process per device (the
+    default up to PER_PROCESS_MAX devices and under --chaos, which kills and restarts single devices)."""
+    if cfg.hosts is not None:
+        if cfg.hosts < 0:
+            raise SimulationError(f"--hosts must be >= 0, got {cfg.hosts}")
+        if cfg.hosts and cfg.chaos:
+            raise SimulationError("--chaos kills single device processes: run it without --hosts (or --hosts 0)")
+        return min(cfg.hosts, devices)
+    return 0 if cfg.chaos or devices <= PER_PROCESS_MAX else DEFAULT_HOSTS
 
 
 def parse_profile_mix(text: str) -> dict[str, int]:

@@ -1,8 +1,13 @@
 """A simulation's child processes (server and edges): start, kill -9 and restart for chaos, note how edges
-ended, read their peak memory, stop them all."""
+ended, read their peak memory, stop them all.
+
+The edges run one `fedhft edge run` process per device, or (``hosts`` > 0) a few `fedhft edge host` processes
+that each run a share of the devices over shared training runtimes; a process is named by its client id, or
+host0, host1, ... (``members`` says which devices each runs)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from fedhft.logs import event
 from fedhft.procs import stop_process
+from fedhft.simulate.commands import edge_command_of, host_command
 
 log = logging.getLogger("fedhft.simulate")
 
@@ -33,14 +39,30 @@ class Fleet:
 
     run_dir: Path
     server_cmd: list[str]
-    edge_cmds: dict[str, list[str]] = field(default_factory=dict)
+    edge_cmds: dict[str, list[str]] = field(default_factory=dict)  # edge process name -> its command
+    members: dict[str, list[str]] = field(default_factory=dict)  # host process name -> the client ids it runs
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # "server" and client ids
     restart_at: dict[str, float] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     failed: dict[str, int] = field(default_factory=dict)  # client id -> exit code of an edge that gave up
     restarts: int = 0
 
+    def add_edges(self, devices: dict[str, dict[str, object]], hosts: int) -> None:
+        """The edge processes of ``devices`` (client id -> `fedhft edge run` options): one per device when
+        ``hosts`` is 0, else ``hosts`` host processes, device i on host i mod ``hosts`` (profiles mixed)."""
+        if not hosts:
+            self.edge_cmds |= {cid: edge_command_of(opts) for cid, opts in devices.items()}
+            return
+        (self.run_dir / "hosts").mkdir(exist_ok=True)
+        for h in range(hosts):
+            name, share = f"host{h}", list(devices)[h::hosts]
+            path = self.run_dir / "hosts" / f"{name}.json"
+            path.write_text(json.dumps({"devices": [devices[cid] for cid in share]}, indent=1) + "\n")
+            self.edge_cmds[name], self.members[name] = host_command(path), share
+
     def _log(self, name: str) -> Path:
+        if name in self.members:
+            return self.run_dir / "hosts" / f"{name}.log"
         return self.run_dir / ("server.log" if name == "server" else f"clients/{name}/edge.log")
 
     def start(self, name: str) -> None:

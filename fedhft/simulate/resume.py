@@ -2,7 +2,8 @@
 new partial report into an older one of the same configuration (pure; the bench harness does the I/O).
 
 Two reports are of the same configuration when their configs agree on everything but the seeds, the encodings
-run, the reading options (last k, time budget) and the command that made them.
+run, the reading options (last k, time budget), the command that made them and how the devices were hosted
+(--hosts: the same numbers either way).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 from fedhft.simulate.summary import run_seed
 
-NOT_CONFIG = ("seed", "seeds", "encodings", "command", "last_k", "time_budget")
+NOT_CONFIG = ("seed", "seeds", "encodings", "command", "last_k", "time_budget", "hosts")
 
 
 def run_key(run: dict, default_seed: int = 0) -> tuple[str, int]:

@@ -27,8 +27,8 @@ import numpy as np
 from fedhft.datasets import TextDataset
 from fedhft.device_profiles.profile import load_profile
 from fedhft.logs import event
-from fedhft.simulate.commands import edge_command, server_command
-from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig, SimulationError
+from fedhft.simulate.commands import edge_options, server_command
+from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig, SimulationError, host_count
 from fedhft.simulate.data import FederatedSplit, cap_test_sets, dirichlet_split, load_dataset, natural_split
 from fedhft.simulate.fleet import Fleet, peak_rss_mb
 from fedhft.simulate.packages import edge_backend, export_packages
@@ -87,6 +87,8 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     url = cfg.broker or broker.url  # type: ignore[union-attr]
     state = run_dir / "server"
     n_active = sum(1 for p in assignment if p in dirs)
+    hosts = host_count(cfg, n_active)
+    say(f"[{label}] {n_active} devices: " + (f"{hosts} host process(es)" if hosts else "one process each"))
     fleet = Fleet(run_dir, server_command(cfg, url, task, state, dirs[next(iter(dirs))] / "manifest.json", n_active))
     traffic = evaluator = chaos = None
     peaks: dict[str, float] = {}
@@ -108,6 +110,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             url, task, str(ev_dir), [texts[i] for i in split.global_test], labels[split.global_test], client_splits
         ).start()
         label_arg = ",".join(str(i) for i in range(data.num_labels))
+        devices: dict[str, dict[str, object]] = {}  # client id -> its `fedhft edge run` options
         for c, prof in zip(split.clients, assignment, strict=True):
             cid = f"c{c.client:03d}"
             if prof not in dirs:
@@ -115,9 +118,11 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             cdir = run_dir / "clients" / cid
             train = write_client_data(cdir / "train.jsonl", texts, labels, c.train)
             test = write_client_data(cdir / "test.jsonl", texts, labels, c.test)
-            fleet.edge_cmds[cid] = edge_command(cfg, dirs[prof], train, test, url, task, cid, cdir, pub, label_arg, c)
-            fleet.edge_cmds[cid] += ["--backend", edge_backend(cfg, profiles[prof])]
-            fleet.start(cid)
+            devices[cid] = edge_options(cfg, dirs[prof], train, test, url, task, cid, cdir, pub, label_arg, c)
+            devices[cid]["backend"] = edge_backend(cfg, profiles[prof])
+        fleet.add_edges(devices, hosts)
+        for name in fleet.edge_cmds:
+            fleet.start(name)
         if cfg.chaos:
             chaos = start_chaos(cfg, fleet, broker, url, task)
         chaos_t0 = time.monotonic()  # the fault schedule counts from here: the whole fleet is running
@@ -128,10 +133,10 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
             if chaos is not None:
                 chaos.tick(time.monotonic() - chaos_t0)
             fleet.supervise()
-            for cid, p in fleet.procs.items():
-                rss = peak_rss_mb(p.pid) if cid != "server" and p.poll() is None else None
+            for name, p in fleet.procs.items():
+                rss = peak_rss_mb(p.pid) if name != "server" and p.poll() is None else None
                 if rss:
-                    peaks[cid] = max(peaks.get(cid, 0.0), rss)
+                    peaks[name] = max(peaks.get(name, 0.0), rss)
             snap = traffic.snapshot()
             acc = evaluator.latest_accuracy()
             version = max((pt.version for pt in evaluator.points), default=0)
@@ -163,9 +168,15 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
                 part.stop()
     from fedhft.simulate.report import method_result
 
-    result = method_result(cfg, run_dir, assignment, dirs, unable, evaluator, traffic, peaks, time.monotonic() - t0)
+    per_device = {name: mb for name, mb in peaks.items() if name not in fleet.members}  # hosts: by host below
+    result = method_result(
+        cfg, run_dir, assignment, dirs, unable, evaluator, traffic, per_device, time.monotonic() - t0
+    )
     result["method"] = label
     result["edges_failed"] = dict(fleet.failed)
+    if hosts:
+        result["hosts"] = hosts
+        result["peak_rss_mb_by_host"] = {h: round(mb, 1) for h, mb in sorted(peaks.items()) if h in fleet.members}
     result["backend_by_profile"] = {prof: edge_backend(cfg, profiles[prof]) for prof in dirs}
     if chaos is not None:
         from fedhft.simulate.chaos import state_accounting
