@@ -87,8 +87,13 @@ def ensure_export(art: Path, profile: str, formats: tuple[str, ...]) -> Path:
         from fedhft.export.pipeline import ExportOptions, export_profile
 
         t = time.perf_counter()
-        export_profile(None, load_profile(profile), art, formats=tuple(sorted(have | set(missing))),
-                       opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ))  # fmt: skip
+        export_profile(
+            None,
+            load_profile(profile),
+            art,
+            formats=tuple(sorted(have | set(missing))),
+            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ),
+        )
         print(f"  exported {profile} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return d
 
@@ -98,8 +103,15 @@ def ensure_full_ft(art: Path) -> Path:
     if not (d / "manifest.json").exists():
         from fedhft.export.pipeline import ExportOptions, export_profile
 
-        export_profile(None, load_profile(FULL_FT_PROFILE), art, ("ort",), ExportOptions(num_labels=LABELS,
-                       max_seq_len=SEQ, int8=False), full_finetune=True, name="full-ft")  # fmt: skip
+        export_profile(
+            None,
+            load_profile(FULL_FT_PROFILE),
+            art,
+            ("ort",),
+            ExportOptions(num_labels=LABELS, max_seq_len=SEQ, int8=False),
+            full_finetune=True,
+            name="full-ft",
+        )
     return d
 
 
@@ -119,8 +131,24 @@ def cli(*args: str) -> list[str]:
 
 
 def edge_train(pkg: Path, backend: str, data: Path, labels: list[str], steps: int) -> list[str]:
-    return cli("edge", "train", "--artifacts", str(pkg), "--data", str(data), "--labels", ",".join(labels),
-               "--steps", str(steps), "--batch-size", str(BATCH), "--eval-fraction", "0.2", "--backend", backend)  # fmt: skip
+    return cli(
+        "edge",
+        "train",
+        "--artifacts",
+        str(pkg),
+        "--data",
+        str(data),
+        "--labels",
+        ",".join(labels),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(BATCH),
+        "--eval-fraction",
+        "0.2",
+        "--backend",
+        backend,
+    )
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -144,23 +172,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def edge_run_round(pkg: Path, backend: str, data: Path, evald: Path, labels: list[str], steps: int,
-                   broker: str, env: dict[str, str], cwd: Path, tmp: Path) -> TreePeak:  # fmt: skip
+def edge_run_round(
+    pkg: Path,
+    backend: str,
+    data: Path,
+    evald: Path,
+    labels: list[str],
+    steps: int,
+    broker: str,
+    env: dict[str, str],
+    cwd: Path,
+    tmp: Path,
+) -> TreePeak:
     """One `edge run` round (eval, `steps` steps, upload) against a fresh `server run`; the device is measured."""
     task = f"mem-{uuid.uuid4().hex[:8]}"
     state = tmp / task
     subprocess.run(cli("server", "init", "--state", str(state)), check=True, env=env, cwd=cwd, capture_output=True)
     port = free_port()
     log = (tmp / f"{task}.log").open("w")
-    server = subprocess.Popen(cli("server", "run", "--broker", broker, "--task", task, "--state", str(state),
-                                  "--manifest", str(pkg), "--metrics-port", str(port)),
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)  # fmt: skip
+    server = subprocess.Popen(
+        cli(
+            "server",
+            "run",
+            "--broker",
+            broker,
+            "--task",
+            task,
+            "--state",
+            str(state),
+            "--manifest",
+            str(pkg),
+            "--metrics-port",
+            str(port),
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+    )
     try:
         wait_ready(port, server)
-        cmd = cli("edge", "run", "--artifacts", str(pkg), "--data", str(data), "--eval-data", str(evald),
-                  "--labels", ",".join(labels), "--broker", broker, "--task", task, "--client-id", "d1",
-                  "--state-dir", str(tmp / f"{task}-dev"), "--server-key", str(state / "server_key.pub"),
-                  "--local-steps", str(steps), "--rounds", "1", "--batch-size", str(BATCH), "--backend", backend)  # fmt: skip
+        cmd = cli(
+            "edge",
+            "run",
+            "--artifacts",
+            str(pkg),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(evald),
+            "--labels",
+            ",".join(labels),
+            "--broker",
+            broker,
+            "--task",
+            task,
+            "--client-id",
+            "d1",
+            "--state-dir",
+            str(tmp / f"{task}-dev"),
+            "--server-key",
+            str(state / "server_key.pub"),
+            "--local-steps",
+            str(steps),
+            "--rounds",
+            "1",
+            "--batch-size",
+            str(BATCH),
+            "--backend",
+            backend,
+        )
         return run_measured(cmd, env=env, cwd=cwd, timeout=600)
     finally:
         stop_process(server)
@@ -179,13 +260,25 @@ def row(kind: str, profile: str, backend: str, code: str, m: TreePeak, **extra: 
     ok = m.returncode == 0
     if kind != "edge-run":
         extra["train_s"] = train_seconds(m.stdout)
-    r = {"kind": kind, "profile": profile, "backend": backend, "code": code, "ok": ok,
-         "peak_mb": m.peak_sum_mb, "hwm_sum_mb": m.hwm_sum_mb, "processes": m.peak_by_process_mb,
-         "seconds": m.seconds, **extra}  # fmt: skip
+    r = {
+        "kind": kind,
+        "profile": profile,
+        "backend": backend,
+        "code": code,
+        "ok": ok,
+        "peak_mb": m.peak_sum_mb,
+        "hwm_sum_mb": m.hwm_sum_mb,
+        "processes": m.peak_by_process_mb,
+        "seconds": m.seconds,
+        **extra,
+    }
     if not ok:
         r["error"] = (m.stderr or m.stdout).strip()[-800:]
-    print(f"  {kind:10} {profile:22} {backend:6} {code:6} peak {m.peak_sum_mb:7.1f} MB (hwm sum {m.hwm_sum_mb:7.1f}) "
-          f"{m.seconds:5.1f} s{'' if ok else ' FAILED'}", file=sys.stderr)  # fmt: skip
+    print(
+        f"  {kind:10} {profile:22} {backend:6} {code:6} peak {m.peak_sum_mb:7.1f} MB (hwm sum {m.hwm_sum_mb:7.1f}) "
+        f"{m.seconds:5.1f} s{'' if ok else ' FAILED'}",
+        file=sys.stderr,
+    )
     return r
 
 
@@ -198,9 +291,13 @@ def goals(rows: list[dict]) -> list[dict]:
         if not runs or "torch-full" not in base or "ort-full" not in base:
             continue
         best = min(runs, key=lambda r: r["peak_mb"])
-        g = {"profile": p, "best_backend": best["backend"], "edge_run_peak_mb": best["peak_mb"],
-             "vs_torch_full": round(base["torch-full"] / best["peak_mb"], 2),
-             "vs_ort_full": round(base["ort-full"] / best["peak_mb"], 2)}  # fmt: skip
+        g = {
+            "profile": p,
+            "best_backend": best["backend"],
+            "edge_run_peak_mb": best["peak_mb"],
+            "vs_torch_full": round(base["torch-full"] / best["peak_mb"], 2),
+            "vs_ort_full": round(base["ort-full"] / best["peak_mb"], 2),
+        }
         g["met"] = g["vs_torch_full"] >= 5 and g["vs_ort_full"] >= 3
         out.append(g)
     return out
@@ -215,10 +312,15 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     sel = [r for r in rows if r["ok"] and r["kind"] in ("edge-run", "torch-full", "ort-full")]
-    labels = [("full FT " + r["kind"].split("-")[0]) if r["kind"] != "edge-run" else
-              f"{r['profile']}\n{r['backend']} ({r['code']})" for r in sel]  # fmt: skip
-    colors = ["#999999" if r["kind"] != "edge-run" else ("#d9a441" if r["code"] == "before" else "#3a7bd5")
-              for r in sel]  # fmt: skip
+    labels = [
+        ("full FT " + r["kind"].split("-")[0])
+        if r["kind"] != "edge-run"
+        else f"{r['profile']}\n{r['backend']} ({r['code']})"
+        for r in sel
+    ]
+    colors = [
+        "#999999" if r["kind"] != "edge-run" else ("#d9a441" if r["code"] == "before" else "#3a7bd5") for r in sel
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 4.5))
     ax.bar(range(len(sel)), [r["peak_mb"] for r in sel], color=colors)
     torch_full = next((r["peak_mb"] for r in sel if r["kind"] == "torch-full" and r["code"] == "now"), None)
@@ -273,9 +375,12 @@ def main() -> None:
                     continue
                 pkg = ensure_export(art, p, (fmt,))
                 plan = load_manifest(pkg).plan
-                extra = {"budget_mb": prof.memory_budget_mb, "plan_runtime": plan.get("runtime"),
-                         "plan_estimate_mb": plan.get("estimate", {}).get("memory_mb"),
-                         "depth": len(plan.get("layers", []))}  # fmt: skip
+                extra = {
+                    "budget_mb": prof.memory_budget_mb,
+                    "plan_runtime": plan.get("runtime"),
+                    "plan_estimate_mb": plan.get("estimate", {}).get("memory_mb"),
+                    "depth": len(plan.get("layers", [])),
+                }
                 for code, env in envs.items():
                     m = run_measured(edge_train(pkg, b, train, labels, a.steps), env=env, cwd=codes[code])
                     rows.append(row("edge-train", p, b, code, m, **extra))
@@ -289,8 +394,11 @@ def main() -> None:
         "steps": a.steps,
         "before": a.before,
         "measure": "max over 20 ms /proc samples of the summed VmRSS of the command's process tree",
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_at_end": os.getloadavg()},  # fmt: skip
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg(),
+        },
         "rows": rows,
         "goals": summary,
         "command": "python " + " ".join(sys.argv),
@@ -300,9 +408,15 @@ def main() -> None:
     plotted = plot(rows, a.out.with_suffix(".png"))
     print(f"{'kind':10} {'profile':22} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} {'s':>6}")
     for r in rows:
-        est = r.get("plan_estimate_mb") if r.get("plan_runtime") == {"native": "executorch"}.get(r["backend"], r["backend"]) else None
-        print(f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
-              f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}")  # fmt: skip
+        est = (
+            r.get("plan_estimate_mb")
+            if r.get("plan_runtime") == {"native": "executorch"}.get(r["backend"], r["backend"])
+            else None
+        )
+        print(
+            f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
+            f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}"
+        )
     print(json.dumps(summary))
     if not plotted:
         print("matplotlib is not installed: no PNG", file=sys.stderr)
