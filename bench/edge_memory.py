@@ -186,6 +186,7 @@ def edge_run_round(
     env: dict[str, str],
     cwd: Path,
     tmp: Path,
+    timeout: float = 1800,
 ) -> TreePeak:
     """One `edge run` round (eval, `steps` steps, upload) against a fresh `server run`; the device is measured."""
     task = f"mem-{uuid.uuid4().hex[:8]}"
@@ -245,7 +246,7 @@ def edge_run_round(
             "--backend",
             backend,
         )
-        return run_measured(cmd, env=env, cwd=cwd, timeout=600)
+        return run_measured(cmd, env=env, cwd=cwd, timeout=timeout)
     finally:
         stop_process(server)
         log.close()
@@ -367,6 +368,8 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="Also measure the fedhft package at this git revision.")
     ap.add_argument("--edge-train", default="all", help="PROFILE:BACKEND keys that also run `edge train` (or all).")
     ap.add_argument("--before-for", default="all", help="PROFILE:BACKEND keys (full:ort: the baseline) for --before.")
+    ap.add_argument("--keep-measured", action="store_true", help="Reuse --out's successful rows; measure the rest.")
+    ap.add_argument("--timeout", type=float, default=1800, help="Seconds one command may take.")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_memory.json")
     a = ap.parse_args()
@@ -383,14 +386,30 @@ def main() -> None:
         jobs: list[tuple[str, str, str, str, dict, Callable[[], TreePeak]]] = []
         torch_cmd = [sys.executable, "-c", TORCH_FULL_FT, str(train), str(a.steps)]
         jobs.append(
-            ("torch-full", "-", "torch", "now", {}, partial(run_measured, torch_cmd, env=envs["now"], cwd=ROOT))
+            (
+                "torch-full",
+                "-",
+                "torch",
+                "now",
+                {},
+                partial(run_measured, torch_cmd, env=envs["now"], cwd=ROOT, timeout=a.timeout),
+            )
         )
         full = ensure_full_ft(art)
         for code, env in envs.items():
             if code == "before" and not chosen(a.before_for, "full:ort"):
                 continue
             cmd = edge_train(full, "ort", train, labels, a.steps)
-            jobs.append(("ort-full", "-", "ort", code, {}, partial(run_measured, cmd, env=env, cwd=codes[code])))
+            jobs.append(
+                (
+                    "ort-full",
+                    "-",
+                    "ort",
+                    code,
+                    {},
+                    partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout),
+                )
+            )
         for p in profiles:
             for b in backends:
                 fmt = BACKEND_FORMAT[b]
@@ -406,22 +425,44 @@ def main() -> None:
                         continue
                     cmd = edge_train(pkg, b, train, labels, a.steps)
                     if chosen(a.edge_train, f"{p}:{b}"):
-                        train_job = partial(run_measured, cmd, env=env, cwd=codes[code])
+                        train_job = partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout)
                         jobs.append(("edge-train", p, b, code, extra, train_job))
                     run = partial(
-                        edge_run_round, pkg, b, train, evald, labels, a.steps, a.broker, env, codes[code], tmp
+                        edge_run_round,
+                        pkg,
+                        b,
+                        train,
+                        evald,
+                        labels,
+                        a.steps,
+                        a.broker,
+                        env,
+                        codes[code],
+                        tmp,
+                        a.timeout,
                     )
                     jobs.append(("edge-run", p, b, code, extra, run))
-        print(f"{len(jobs)} measurements, {a.jobs} at a time", file=sys.stderr)
+        kept = kept_rows(a.out) if a.keep_measured else {}
+        todo = [job for job in jobs if job[:4] not in kept]
+        print(f"{len(todo)} measurements ({len(jobs) - len(todo)} kept), {a.jobs} at a time", file=sys.stderr)
         with ThreadPoolExecutor(a.jobs) as pool:
-            futures = [pool.submit(job[-1]) for job in jobs]
+            futures = {job[:4]: pool.submit(job[-1]) for job in todo}
             rows = []
-            for job, fut in zip(jobs, futures, strict=True):
-                rows.append(row(*job[:4], fut.result(), **job[4]))
+            for job in jobs:
+                fut = futures.get(job[:4])
+                rows.append(kept[job[:4]] if fut is None else row(*job[:4], fut.result(), **job[4]))
                 write_json(rows, a, done=len(rows) == len(jobs))
     print_table(rows)
     if not plot(rows, a.out.with_suffix(".png")):
         print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+
+def kept_rows(path: Path) -> dict[tuple, dict]:
+    """Successful rows of an earlier run's JSON, by (kind, profile, backend, code): `--keep-measured` reuses them."""
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {(r["kind"], r["profile"], r["backend"], r["code"]): r for r in rows if r["ok"]}
 
 
 def chosen(spec: str, key: str) -> bool:

@@ -64,16 +64,21 @@ def limit_malloc_retention() -> bool:
     return mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD_BYTES) == 1 and ok
 
 
-def session_options(threads: int | None = None) -> Any:
-    """ORT session options for a memory-bound device: no CPU arena and no memory-pattern planning (both keep
-    the largest batch's buffers reserved for the session's life, in each of the training and eval sessions),
-    no constant folding (it would turn every int8 weight into a resident fp32 copy at load time)."""
+def session_options(threads: int | None = None, arena: bool = False) -> Any:
+    """ORT session options for a memory-bound device: no CPU arena and no memory-pattern planning unless
+    `arena` (both keep the largest batch's buffers reserved for the session's life, in each of the training
+    and eval sessions), no constant folding (it would turn every int8 weight into a resident fp32 copy at
+    load time).
+
+    Full fine-tuning keeps the arena: without it, onnxruntime-training 1.19.2 corrupts the heap in the first
+    training step of a full fine-tuning export ("free(): corrupted unsorted chunks" / SIGSEGV; LoRA exports
+    train without it and pass glibc's heap checks, bench/edge_memory.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
+    opts.enable_cpu_mem_arena = arena
+    opts.enable_mem_pattern = arena
     opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
     if threads:
         opts.intra_op_num_threads = threads
@@ -95,7 +100,7 @@ class OrtTrainer:
         files = verify_artifacts(self.manifest, self.dir, "ort")
         api = import_training_api()
         limit_malloc_retention()
-        self._opts = session_options(threads)
+        self._opts = session_options(threads, arena=self.manifest.training == "full")
         try:
             self.state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
             self._open(api, files)
