@@ -450,7 +450,8 @@ def main() -> None:
             rows = []
             for job in jobs:
                 fut = futures.get(job[:4])
-                rows.append(kept[job[:4]] if fut is None else row(*job[:4], fut.result(), **job[4]))
+                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
+                rows.append({**kept[job[:4]], **job[4]} if fut is None else row(*job[:4], fut.result(), **job[4]))
                 write_json(rows, a, done=len(rows) == len(jobs))
     print_table(rows)
     if not plot(rows, a.out.with_suffix(".png")):
