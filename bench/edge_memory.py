@@ -335,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     sel = [r for r in rows if r["ok"] and r["kind"] in ("edge-run", "torch-full", "ort-full")]
     labels = [
-        ("full FT " + r["kind"].split("-")[0])
+        f"full FT {r['backend']} ({r['code']})"
         if r["kind"] != "edge-run"
         else f"{r['profile']}\n{r['backend']} ({r['code']})"
         for r in sel
@@ -346,8 +346,12 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 4.5))
     ax.bar(range(len(sel)), [r["peak_mb"] for r in sel], color=colors)
     torch_full = next((r["peak_mb"] for r in sel if r["kind"] == "torch-full" and r["code"] == "now"), None)
+    ort_full = next((r["peak_mb"] for r in sel if r["kind"] == "ort-full" and r["code"] == "now"), None)
     if torch_full:
         ax.axhline(torch_full / 5, color="red", linestyle="--", label="1/5 of PyTorch full FT")
+    if ort_full:
+        ax.axhline(ort_full / 3, color="purple", linestyle=":", label="1/3 of ORT full FT")
+    if torch_full or ort_full:
         ax.legend()
     ax.set_xticks(range(len(sel)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("peak RSS of the process tree (MB)")
