@@ -42,8 +42,8 @@ def import_training_api() -> Any:
 
 # glibc frees a block back to the OS only above its trim threshold, and raises its mmap threshold (up to 32 MB)
 # after each large free: ORT's per-step activation buffers then stay in the heap between steps. Fixed values
-# keep large buffers mmapped and trim what is freed. Measured: part of the 432 -> ~220 MB cut in
-# bench/edge_memory.py (with the arena settings below).
+# keep large buffers mmapped and trim what is freed. With the session options below and the edge's eval at the
+# training batch size: `edge run` 434 -> 228 MB (bench/edge_memory.py, MiniLM rpi4-4gb, batch 8, seq 128).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_THRESHOLD_BYTES = 1 << 20
 
@@ -71,8 +71,9 @@ def session_options(threads: int | None = None, arena: bool = False) -> Any:
     load time).
 
     Full fine-tuning keeps the arena: without it, onnxruntime-training 1.19.2 corrupts the heap in the first
-    training step of a full fine-tuning export ("free(): corrupted unsorted chunks" / SIGSEGV; LoRA exports
-    train without it and pass glibc's heap checks, bench/edge_memory.py)."""
+    training step of a full fine-tuning export ("free(): corrupted unsorted chunks" / SIGSEGV). LoRA exports
+    train without it and ran clean under glibc's heap checker (GLIBC_TUNABLES=glibc.malloc.check=3 with
+    libc_malloc_debug preloaded; MiniLM at depths 2 and 6)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
