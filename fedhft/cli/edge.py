@@ -93,7 +93,7 @@ def train_command(
         f"{len(names)} labels, batch {batch}, {total} steps",
         err=True,
     )
-    before = evaluate(trainer, encoder, eval_texts, eval_labels) if eval_texts else None
+    before = evaluate(trainer, encoder, eval_texts, eval_labels, batch) if eval_texts else None
     if before is not None:
         click.echo(f"eval before: loss {before.loss:.4f} accuracy {before.accuracy:.4f}", err=True)
     with click.progressbar(length=total, label="training", file=sys.stderr) as bar:
@@ -109,7 +109,7 @@ def train_command(
             max_seconds=max_train_seconds,
             progress=lambda _done, _total, _loss: bar.update(1),
         )
-    after = evaluate(trainer, encoder, eval_texts, eval_labels) if eval_texts else None
+    after = evaluate(trainer, encoder, eval_texts, eval_labels, batch) if eval_texts else None
     line = (
         f"trained {report.steps} steps ({report.samples} samples) in {report.seconds:.1f} s: "
         f"train loss {report.loss:.4f} accuracy {report.accuracy:.4f}"

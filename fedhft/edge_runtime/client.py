@@ -430,7 +430,7 @@ class EdgeClient:
         start = self.trainer.get_parameters()
         t_round = time.monotonic()
         if len(self.eval_texts):
-            before = evaluate(self.trainer, self.encoder, self.eval_texts, self.eval_labels)
+            before = evaluate(self.trainer, self.encoder, self.eval_texts, self.eval_labels, self.batch_size)
             extra |= {"eval_accuracy": before.accuracy, "eval_loss": before.loss}
         event(log, "training started", version=version, steps=cfg.local_steps, seq=self.state.next_seq)
         report = train_local(

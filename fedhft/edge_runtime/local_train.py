@@ -105,7 +105,9 @@ def train_local(
 def evaluate(
     trainer: Trainer, encoder: TextEncoder, texts: Sequence[str], labels: np.ndarray, batch_size: int = 32
 ) -> TrainReport:
-    """Mean loss and accuracy of the current parameters over every example (no update)."""
+    """Mean loss and accuracy of the current parameters over every example (no update). On a device, pass the
+    training batch size: a larger eval batch raises the process's peak above the training step's (ORT: +100 MB
+    for 32 against 8 on MiniLM at seq 128)."""
     labels = np.asarray(labels)
     n = len(texts)
     if n == 0 or labels.shape != (n,):

@@ -40,6 +40,52 @@ def import_training_api() -> Any:
     return importlib.import_module("onnxruntime.training.api")
 
 
+# glibc frees a block back to the OS only above its trim threshold, and raises its mmap threshold (up to 32 MB)
+# after each large free: ORT's per-step activation buffers then stay in the heap between steps. Fixed values
+# keep large buffers mmapped and trim what is freed. With the session options below and the edge's eval at the
+# training batch size: `edge run` 434 -> 228 MB (bench/edge_memory.py, MiniLM rpi4-4gb, batch 8, seq 128).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_THRESHOLD_BYTES = 1 << 20
+
+
+def limit_malloc_retention() -> bool:
+    """Set glibc's trim and mmap thresholds to fixed values (process-wide); False where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD_BYTES) == 1
+    return mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD_BYTES) == 1 and ok
+
+
+def session_options(threads: int | None = None, arena: bool = False) -> Any:
+    """ORT session options for a memory-bound device: no CPU arena and no memory-pattern planning unless
+    `arena` (both keep the largest batch's buffers reserved for the session's life, in each of the training
+    and eval sessions), no constant folding (it would turn every int8 weight into a resident fp32 copy at
+    load time).
+
+    Full fine-tuning keeps the arena: without it, onnxruntime-training 1.19.2 corrupts the heap in the first
+    training step of a full fine-tuning export ("free(): corrupted unsorted chunks" / SIGSEGV). LoRA exports
+    train without it and ran clean under glibc's heap checker (GLIBC_TUNABLES=glibc.malloc.check=3 with
+    libc_malloc_debug preloaded; MiniLM at depths 2 and 6)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
+    opts.enable_mem_pattern = arena
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 class OrtTrainer:
     """Trains the ORT artifacts of one profile directory with AdamW."""
 
@@ -54,26 +100,11 @@ class OrtTrainer:
         self.manifest = manifest or load_manifest(self.dir)
         files = verify_artifacts(self.manifest, self.dir, "ort")
         api = import_training_api()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # Constant folding would turn every int8 weight into a resident fp32 copy at load time (and slow
-        # the first step); dequantization must stay a runtime op.
-        opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-        if threads:
-            opts.intra_op_num_threads = threads
-        self._opts = opts  # load_state builds its session with the same options
+        limit_malloc_retention()
+        self._opts = session_options(threads, arena=self.manifest.training == "full")
         try:
             self.state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
-            self.module = api.Module(
-                str(files["training_model"]),
-                self.state,
-                str(files["eval_model"]),
-                device="cpu",
-                session_options=opts,
-            )
-            self.optimizer = api.Optimizer(str(files["optimizer_model"]), self.module)
+            self._open(api, files)
         except Exception as e:  # ORT raises its own Fail/InvalidArgument types
             raise BackendError(f"{self.dir}: ONNX Runtime cannot load the training artifacts: {e}") from e
         self.optimizer.set_learning_rate(learning_rate)
@@ -82,6 +113,17 @@ class OrtTrainer:
         missing = [g for g in self._graph_of.values() if g not in names]
         if missing:
             raise ManifestError(f"{self.dir}: the checkpoint lacks trainable tensors the manifest names: {missing[:3]}")
+
+    def _open(self, api: Any, files: dict[str, Path]) -> None:
+        """Training and eval sessions and the optimizer on `self.state`, with this trainer's session options."""
+        self.module = api.Module(
+            str(files["training_model"]),
+            self.state,
+            str(files["eval_model"]),
+            device="cpu",
+            session_options=self._opts,
+        )
+        self.optimizer = api.Optimizer(str(files["optimizer_model"]), self.module)
 
     def checkpoint_names(self) -> set[str]:
         """Names of every parameter in the loaded checkpoint."""
@@ -142,8 +184,5 @@ class OrtTrainer:
         files = verify_artifacts(self.manifest, self.dir, "ort")
         lr = self.optimizer.get_learning_rate()
         self.state = state
-        self.module = api.Module(
-            str(files["training_model"]), state, str(files["eval_model"]), device="cpu", session_options=self._opts
-        )
-        self.optimizer = api.Optimizer(str(files["optimizer_model"]), self.module)
+        self._open(api, files)  # the same session options as at load (they were dropped here before)
         self.optimizer.set_learning_rate(lr)

@@ -10,17 +10,20 @@ from hypothesis import strategies as st
 
 from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
+    MASK_RATIO_BY_LEVEL,
     LoraPlan,
     PlanError,
     adapter_bytes,
     adapter_params,
+    estimate,
+    make_layers,
     plan_lora,
     rank_schedule,
     size_key,
     upload_budget,
     upload_bytes,
 )
-from fedhft.device_profiles.profile import list_profiles, load_profile
+from fedhft.device_profiles.profile import list_profiles, load_profile, resource_level
 
 MINILM = ModelShape(
     num_layers=6,
@@ -132,3 +135,25 @@ def test_int8_plans_use_less_memory_than_fp32() -> None:
     a = plan_lora(MINILM, BASE, fixed_depth=2, int8=True)
     b = plan_lora(MINILM, BASE, fixed_depth=2, int8=False)
     assert a.estimate.base_weights_mb * 3 < b.estimate.base_weights_mb
+
+
+# Whole-process peaks of one `fedhft edge run` round (MiniLM, batch 8, seq 128, int8 base), recorded by
+# bench/edge_memory.py (bench/results/edge_memory.json): (profile, runtime) -> (depth, top rank, peak MB).
+# The native backend runs the ExecuTorch program (runtime "executorch"): wrapper + C++ trainer summed.
+MEASURED_EDGE_RUN_MB = {
+    ("rpi4-4gb", "executorch"): (2, 16, 206.3),
+    ("rpi4-4gb", "ort"): (2, 16, 228.0),
+    ("phone-lowend-3gb", "executorch"): (2, 4, 202.5),
+    ("phone-lowend-3gb", "ort"): (2, 4, 228.6),
+}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_EDGE_RUN_MB))
+def test_process_estimate_is_within_15_percent_of_the_measured_peak(key: tuple[str, str]) -> None:
+    profile, runtime = key
+    depth, top, measured = MEASURED_EDGE_RUN_MB[key]
+    prof = load_profile(profile)
+    layers = make_layers(MINILM, depth, top, ("query", "value"))
+    mask = MASK_RATIO_BY_LEVEL[resource_level(prof)]
+    est = estimate(MINILM, prof, layers, mask, True, runtime).memory_mb
+    assert abs(est - measured) <= 0.15 * measured, (key, est, measured)

