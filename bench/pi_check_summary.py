@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-LINE = re.compile(r"^\S+ (?P<level>\w+) (?P<logger>\S+) (?P<rest>.*)$")
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\S+ (?P<level>\w+) (?P<logger>\S+) (?P<rest>.*)$")
 HEAVY = ("torch", "executorch", "transformers", "optimum", "onnxruntime")
 
 
@@ -52,17 +52,23 @@ def find(evs: list[Event], msg: str) -> list[dict[str, str]]:
     return [e.fields for e in evs if e.msg == msg]
 
 
-def summarize(work: Path, timings: dict[str, int], total: int, trainer: Path, port: int) -> dict:
+def summarize(work: Path, timings: dict[str, int], total: int, trainer: Path, port: int, manifest: Path) -> dict:
     server, edge = events(work / "server.log"), events(work / "edge.log")
-    packages = dict(
-        line.split("==", 1) for line in (work / "pip-list.txt").read_text().splitlines() if "==" in line
-    )
+    m = json.loads(manifest.read_text())
+    packages = dict(line.split("==", 1) for line in (work / "pip-list.txt").read_text().splitlines() if "==" in line)
     edge_text = (work / "edge.log").read_text(errors="replace")
     done = re.search(r"(\d+) round\(s\) trained, (\d+) update\(s\) acked", edge_text)
     summary = {
         "what": "make pi-check: one rpi4-4gb device in an emulated arm64 Debian root (debootstrap bookworm, "
-        "qemu-user binfmt) runs its `fedhft device add` bundle (packaged MiniLM, ExecuTorch program, native "
-        "trainer cross-built for aarch64) against `fedhft server run` and a TLS Mosquitto on the x86 host",
+        "qemu-user binfmt) runs its `fedhft device add` bundle (ExecuTorch program, native trainer cross-built "
+        "for aarch64) against `fedhft server run` and a TLS Mosquitto on the x86 host",
+        "model": {
+            "base_model": m.get("base_model"),
+            "profile": m["profile"]["name"],
+            "max_seq_len": m["max_seq_len"],
+            "artifacts": sorted(m["artifacts"]),
+            "batch_size": m["profile"].get("batch_size"),
+        },
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "device": {
             "arch": (work / "arch.txt").read_text().split(),
@@ -81,7 +87,7 @@ def summarize(work: Path, timings: dict[str, int], total: int, trainer: Path, po
             "models_refused": find(edge, "refused a model"),
             "updates_queued": find(edge, "update queued"),
             "updates_acked": find(edge, "update accepted"),
-            "connected": [e.msg for e in edge if e.msg.startswith("connected to")],
+            "connected": [x for x in edge_text.splitlines() if x.startswith("connected to ")],
             "final_line": done.group(0) if done else None,
         },
         "seconds": {**timings, "total": total},
@@ -113,6 +119,7 @@ def text(s: dict) -> str:
     return "\n".join(
         [
             f"pi-check {'passed' if s['ok'] else 'FAILED'}: device {s['device']['arch'][0]} (qemu-user), "
+            f"model {s['model']['base_model']} ({s['model']['profile']}, {'+'.join(s['model']['artifacts'])}), "
             f"broker {s['broker']}",
             f"device: accepted signed models {models or 'none'}; {len(queued)} update(s) sent (loss {losses}); "
             f"{len(s['edge']['updates_acked'])} acked; {s['edge']['final_line']}",
@@ -132,9 +139,11 @@ def main() -> int:
     ap.add_argument("--total", type=int, default=0)
     ap.add_argument("--trainer", type=Path, required=True)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--manifest", type=Path, default=None, help="The exported profile's manifest.json")
     args = ap.parse_args()
     timings = {k: int(v) for k, v in (p.split("=", 1) for p in args.timings.split())}
-    s = summarize(args.work, timings, args.total, args.trainer, args.port)
+    manifest = args.manifest or args.work.parent / "pi-export" / "rpi4-4gb" / "manifest.json"
+    s = summarize(args.work, timings, args.total, args.trainer, args.port, manifest)
     args.out.with_suffix(".json").write_text(json.dumps(s, indent=2) + "\n")
     args.out.with_suffix(".txt").write_text(text(s) + "\n")
     print(text(s))
