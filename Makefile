@@ -49,8 +49,9 @@ bench: install native
 	$(PY) bench/render_readme.py
 
 # A Raspberry Pi (rpi4-4gb) in one federated round, emulated: an arm64 Debian root (debootstrap, qemu-user) installs
-# '.[edge]' and runs its `fedhft device add` bundle against this machine's server and Mosquitto (root; ~10 min the
-# first time, the root is cached in build/pi-root-base). Writes bench/results/pi-check.json and .txt.
+# '.[edge]' and runs its `fedhft device add` bundle against this machine's server and Mosquitto (root; the first run
+# builds the root, later ones reuse build/pi-root-base). Writes bench/results/pi-check.json and .txt.
+# PI_CHECK_MODEL=DIR: another model than the packaged MiniLM (see scripts/pi-check).
 pi-check: install
 	PY=$(PY) scripts/pi-check
 
