@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install native services imports demo test bench lint clean
+.PHONY: install native services imports demo test bench pi-check lint clean
 
 install: $(STAMP)
 
@@ -47,6 +47,13 @@ bench: install native
 	$(PY) bench/simulate_compare.py --preset clothing
 	$(PY) bench/simulate_compare.py --preset chaos
 	$(PY) bench/render_readme.py
+
+# A Raspberry Pi (rpi4-4gb) in one federated round, emulated: an arm64 Debian root (debootstrap, qemu-user) installs
+# '.[edge]' and runs its `fedhft device add` bundle against this machine's server and Mosquitto (root; the first run
+# builds the root, later ones reuse build/pi-root-base). Writes bench/results/pi-check.json and .txt.
+# PI_CHECK_MODEL=DIR: another model than the packaged MiniLM (see scripts/pi-check).
+pi-check: install
+	PY=$(PY) scripts/pi-check
 
 lint: install imports
 	$(VENV)/bin/ruff check fedhft tests bench

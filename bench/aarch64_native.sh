@@ -6,11 +6,10 @@
 #   bench/aarch64_native.sh [WORK_DIR]        (default WORK_DIR: /tmp/fedhft-aarch64)
 #
 # Needs: Debian/Ubuntu's cross toolchain and user-mode qemu
-#   sudo apt-get install g++-aarch64-linux-gnu qemu-user cmake ninja-build
+#   sudo apt-get install g++-aarch64-linux-gnu qemu-user-static cmake ninja-build
 # and this repo's venv (.venv, with torch for the tiny export and the executorch wheel for the x86 build).
-# Steps: 1) pip download the manylinux_2_28_aarch64 executorch==1.5.1 wheel and unpack it (its lib/ has
-# libexecutorch*.so for aarch64, include/ and share/cmake/ the same headers and CMake config as x86);
-# 2) cmake with an aarch64 toolchain file, EXECUTORCH_ROOT pointing into the unpacked wheel; 3) export a
+# Steps: 1) + 2) scripts/aarch64-trainer WORK: the manylinux_2_28_aarch64 executorch==1.5.1 wheel unpacked
+# and the trainer cross-built against it (cmake, aarch64 toolchain file); 3) export a
 # tiny random BERT (.pte programs are architecture-independent); 4) drive the aarch64 binary through the
 # normal Python wrapper (NativeTrainer) with a qemu-aarch64 launcher, 3 steps; same with the x86 binary.
 set -euo pipefail
@@ -18,49 +17,22 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-/tmp/fedhft-aarch64}
 PY=${PY:-$ROOT/.venv/bin/python}
-ET_VERSION=1.5.1
 SYSROOT=/usr/aarch64-linux-gnu
 mkdir -p "$WORK"
 
-for tool in aarch64-linux-gnu-g++ qemu-aarch64 cmake; do
-  command -v "$tool" >/dev/null || {
-    echo "missing $tool: sudo apt-get install g++-aarch64-linux-gnu qemu-user cmake ninja-build" >&2
-    exit 1
-  }
-done
-GEN=()
-command -v ninja >/dev/null && GEN=(-G Ninja)
+QEMU=$(command -v qemu-aarch64 || command -v qemu-aarch64-static) || {
+  echo "missing qemu-aarch64: apt-get install qemu-user-static (or qemu-user)" >&2
+  exit 1
+}
 
-# 1) the aarch64 executorch wheel, unpacked
-WHEEL_DIR="$WORK/wheel"
-if [ ! -f "$WHEEL_DIR/executorch/lib/libexecutorch.so" ]; then
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
-    --python-version 311 "executorch==$ET_VERSION" -d "$WORK/dl"
-  rm -rf "$WHEEL_DIR" && mkdir -p "$WHEEL_DIR"
-  "$PY" -m zipfile -e "$WORK"/dl/executorch-"$ET_VERSION"-*aarch64.whl "$WHEEL_DIR"
-fi
-ET_AARCH64="$WHEEL_DIR/executorch"
-
-# 2) cross build
-cat > "$WORK/aarch64.cmake" <<EOF
-set(CMAKE_SYSTEM_NAME Linux)
-set(CMAKE_SYSTEM_PROCESSOR aarch64)
-set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
-set(CMAKE_FIND_ROOT_PATH $SYSROOT)
-set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
-set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
-set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
-EOF
-cmake -S "$ROOT/fedhft/edge_runtime/native" -B "$WORK/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_TOOLCHAIN_FILE="$WORK/aarch64.cmake" -DEXECUTORCH_ROOT="$ET_AARCH64" > "$WORK/cmake.log"
-cmake --build "$WORK/build" > "$WORK/build.log"
-BIN="$WORK/build/fedhft-et-trainer"
-file "$BIN" | grep -q "ARM aarch64" || { echo "not an aarch64 binary: $(file "$BIN")" >&2; exit 1; }
+# 1) + 2) the aarch64 executorch wheel and the cross build (scripts/aarch64-trainer)
+BIN=$(PY="$PY" "$ROOT/scripts/aarch64-trainer" "$WORK")
+ET_AARCH64="$WORK/wheel/executorch"
 
 # the launcher NativeTrainer starts: qemu with the cross sysroot and the wheel's aarch64 libraries
 cat > "$WORK/trainer-qemu" <<EOF
 #!/bin/sh
-exec qemu-aarch64 -L $SYSROOT -E LD_LIBRARY_PATH=$ET_AARCH64/lib "$BIN" "\$@"
+exec $QEMU -L $SYSROOT -E LD_LIBRARY_PATH=$ET_AARCH64/lib "$BIN" "\$@"
 EOF
 chmod +x "$WORK/trainer-qemu"
 
@@ -78,11 +50,11 @@ if not (prof / "executorch" / "program.json").is_file():
     import torch
     from transformers import BertConfig, BertModel
 
+    from fedhft.device_profiles.model_shape import packaged_model_dir, read_model
     from fedhft.device_profiles.planner import uniform_plan
     from fedhft.device_profiles.profile import load_profile
     from fedhft.export import pipeline
     from fedhft.export.executorch_export import export_executorch_for_profile
-    from fedhft.export.model import load_encoder, model_shape, packaged_model_dir
 
     torch.manual_seed(0)
     mdir = work / "tiny-bert"
@@ -92,11 +64,11 @@ if not (prof / "executorch" / "program.json").is_file():
     for f in ("tokenizer.json", "vocab.txt"):
         shutil.copyfile(packaged_model_dir() / f, mdir / f)
     profile = load_profile("rpi4-4gb")
-    plan = uniform_plan(model_shape(load_encoder(mdir), 3, 32, 8), profile, rank=4, depth=1,
+    plan = uniform_plan(read_model(mdir).shape(3, 32, 8), profile, rank=4, depth=1,
                         targets=("query", "value"), int8=True)
     formats = tuple(f for f in ("ort", "executorch") if f in pipeline.FORMATS)
     res = pipeline.export_profile(mdir, profile, work / "export", formats=formats, plan=plan, name="tiny",
-                                  opts=pipeline.ExportOptions(num_labels=3, max_seq_len=32))
+                                  opts=pipeline.ExportOptions(num_labels=3, max_seq_len=32, int8=True))
     if "executorch" not in formats:
         export_executorch_for_profile(res.directory, mdir)
 
