@@ -14,11 +14,20 @@ from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.signals import stop_on_signals
 from fedhft.edge_runtime.client_config import ClientConfig, ClientSummary
 from fedhft.edge_runtime.local_train import BACKENDS
+from fedhft.edge_runtime.trainer import DEFAULT_TRAINER_TIMEOUT
 from fedhft.protocol import ENCODINGS
 
 ARTIFACTS_HELP = "Profile directory written by `fedhft export` (holds manifest.json)."
 DATA_HELP = "Labelled local data: .csv/.tsv with a header, or .jsonl objects."
 LABELS_HELP = "Comma-separated label names in id order (so every client maps names to the same ids)."
+trainer_timeout_option = click.option(
+    "--trainer-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TRAINER_TIMEOUT,
+    show_default=True,
+    help="Seconds the native trainer may take per call (one step, load or save) before the run stops; "
+    "raise it on slow or emulated devices. Other backends ignore it.",
+)
 
 
 def _label_names(labels: str | None) -> tuple[str, ...] | None:
@@ -53,6 +62,7 @@ def _label_names(labels: str | None) -> tuple[str, ...] | None:
     help="auto: ORT when the package has ORT artifacts and onnxruntime is installed, else the native trainer "
     "(or FEDHFT_BACKEND).",
 )
+@trainer_timeout_option
 def train_command(
     artifacts: Path,
     data: Path,
@@ -68,6 +78,7 @@ def train_command(
     max_train_seconds: float | None,
     save_adapter: Path | None,
     backend: str,
+    trainer_timeout: float,
 ) -> None:
     """Fine-tune the adapter on local data, without a server: loss and accuracy before and after."""
     backend = _resolve_backend(backend, artifacts)
@@ -86,7 +97,7 @@ def train_command(
     eval_texts, eval_labels = [texts[i] for i in eval_idx], ids[eval_idx]
     batch = batch_size or int(manifest.plan.get("batch_size", 8))
     total = steps or epochs * steps_per_epoch(len(train_texts), batch)
-    trainer = open_trainer(backend, artifacts, manifest, learning_rate=lr)
+    trainer = open_trainer(backend, artifacts, manifest, learning_rate=lr, trainer_timeout=trainer_timeout)
     encoder = TextEncoder.for_manifest(manifest, artifacts)
     click.echo(
         f"{manifest.profile_name}: {len(train_texts)} train / {len(eval_texts)} eval examples, "
@@ -257,6 +268,7 @@ def _torch_free_if(backend: str) -> None:
     help="Start this device over (after a 'corrupt' state error or a re-export): delete the saved state, "
     "checkpoint, last model and queued updates in --state-dir; seqs restart above any earlier one.",
 )
+@trainer_timeout_option
 def run_command(
     artifacts: Path,
     data: Path,
@@ -292,6 +304,7 @@ def run_command(
     until_time: float | None,
     max_rounds_per_version: int,
     reset_state: bool,
+    trainer_timeout: float,
 ) -> None:
     """Join a federated task: receive signed models, train locally, send masked updates (crash-safe)."""
     cfg = client_config(**locals())

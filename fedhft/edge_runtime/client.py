@@ -135,7 +135,7 @@ class EdgeClient:
                 self.state.cluster = cfg.cluster
             self.outbox = Outbox(self.store.outbox_dir, cfg.outbox_limit)
             self.trainer = trainer or open_trainer(
-                cfg.backend, cfg.artifacts, self.manifest, learning_rate=cfg.learning_rate
+                cfg.backend, cfg.artifacts, self.manifest, cfg.learning_rate, cfg.trainer_timeout
             )
             self.spec = bind_initial(self.spec, self.trainer)  # full fine-tuning: the exported weights, pre-checkpoint
             self.models = ModelReceiver(cfg.task, cfg.client_id, self.spec, trust, self.store, self.state, self.summary)

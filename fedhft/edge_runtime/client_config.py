@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhft.edge_runtime.local_train import TrainReport
+from fedhft.edge_runtime.trainer import DEFAULT_TRAINER_TIMEOUT
 from fedhft.errors import FedHFTError
 
 
@@ -42,6 +43,7 @@ class ClientConfig:
     label_names: tuple[str, ...] | None = None
     cluster: int | None = None  # initial cluster (else learnt from a model's meta["cluster"])
     backend: str = "auto"
+    trainer_timeout: float = DEFAULT_TRAINER_TIMEOUT  # seconds per native trainer call (subprocess backends only)
     ack_timeout: float = 300.0  # republish an update the broker took but the server never acked
     backoff_base: float = 0.5
     backoff_cap: float = 30.0

@@ -53,7 +53,9 @@ def run_host(
     pool, result, clients = SharedTrainers(), HostResult(), []
     try:
         for cfg in configs:
-            trainer = pool.trainer_for(cfg.artifacts, cfg.backend, cfg.learning_rate)
+            trainer = pool.trainer_for(
+                cfg.artifacts, cfg.backend, cfg.learning_rate, trainer_timeout=cfg.trainer_timeout
+            )
             client = EdgeClient(cfg, trainer=trainer, status=lambda line, cid=cfg.client_id: say(f"{cid}: {line}"))
             clients.append(client)
             client.open(stop)

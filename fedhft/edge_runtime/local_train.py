@@ -11,7 +11,7 @@ import numpy as np
 
 from fedhft.edge_runtime.data import DataError, shuffled_batches, steps_per_epoch
 from fedhft.edge_runtime.tokenize import TextEncoder
-from fedhft.edge_runtime.trainer import BackendError, Trainer
+from fedhft.edge_runtime.trainer import DEFAULT_TRAINER_TIMEOUT, BackendError, Trainer
 from fedhft.protocol.manifest import Manifest
 
 BACKENDS = ("auto", "ort", "executorch", "native")  # auto: see backend_choice.choose_backend
@@ -30,9 +30,16 @@ class TrainReport:
 
 
 def open_trainer(
-    backend: str, profile_dir: str | Path, manifest: Manifest | None = None, learning_rate: float = 1e-3
+    backend: str,
+    profile_dir: str | Path,
+    manifest: Manifest | None = None,
+    learning_rate: float = 1e-3,
+    trainer_timeout: float = DEFAULT_TRAINER_TIMEOUT,
 ) -> Trainer:
-    """The training backend ``backend`` ("auto": chosen from the manifest) on the artifacts in ``profile_dir``."""
+    """The training backend ``backend`` ("auto": chosen from the manifest) on the artifacts in ``profile_dir``.
+
+    ``trainer_timeout``: seconds the native trainer subprocess may take per call (backends in-process ignore it).
+    """
     if backend == "auto":
         from fedhft.edge_runtime.backend_choice import choose_backend
 
@@ -48,7 +55,7 @@ def open_trainer(
     if backend == "native":
         from fedhft.edge_runtime.native_backend import NativeTrainer
 
-        return NativeTrainer(profile_dir, manifest=manifest, learning_rate=learning_rate)
+        return NativeTrainer(profile_dir, manifest=manifest, learning_rate=learning_rate, timeout=trainer_timeout)
     raise BackendError(f"unknown backend {backend!r}; this runtime has {list(BACKENDS)}")
 
 

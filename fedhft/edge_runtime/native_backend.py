@@ -28,7 +28,7 @@ from fedhft.edge_runtime.executorch_backend import (
     load_executorch_package,
     prepare_batch,
 )
-from fedhft.edge_runtime.trainer import BackendError, StepResult
+from fedhft.edge_runtime.trainer import DEFAULT_TRAINER_TIMEOUT, BackendError, StepResult
 from fedhft.protocol.manifest import Manifest
 
 BINARY_NAME = "fedhft-et-trainer"
@@ -98,7 +98,9 @@ def build_native(build_dir: Path = DEFAULT_BUILD_DIR, et_root: Path | None = Non
 class NativeProcess:
     """One running `fedhft-et-trainer` and its frame protocol."""
 
-    def __init__(self, binary: Path, pte: Path, ptd: Path, timeout: float = 600, threads: int | None = None) -> None:
+    def __init__(
+        self, binary: Path, pte: Path, ptd: Path, timeout: float = DEFAULT_TRAINER_TIMEOUT, threads: int | None = None
+    ) -> None:
         self.timeout = timeout
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
@@ -139,7 +141,9 @@ class NativeProcess:
             ready, _, _ = select.select([fd], [], [], self.timeout)
             if not ready:
                 self.close()
-                raise BackendError(f"the native trainer did not answer within {self.timeout:.0f} s")
+                raise BackendError(
+                    f"the native trainer did not answer within {self.timeout:g} s (raise --trainer-timeout)"
+                )
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
                 raise BackendError(f"the native trainer exited mid-answer{self._stderr_tail()}")
@@ -182,7 +186,7 @@ class NativeTrainer:
         manifest: Manifest | None = None,
         learning_rate: float = 1e-3,
         binary: Path | None = None,
-        timeout: float = 600,
+        timeout: float = DEFAULT_TRAINER_TIMEOUT,
         threads: int | None = None,
     ) -> None:
         self.dir = Path(profile_dir)

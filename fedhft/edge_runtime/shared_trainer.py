@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhft.edge_runtime.local_train import open_trainer
-from fedhft.edge_runtime.trainer import StepResult, Trainer
+from fedhft.edge_runtime.trainer import DEFAULT_TRAINER_TIMEOUT, StepResult, Trainer
 from fedhft.protocol.manifest import Manifest, load_manifest
 
 
@@ -96,23 +96,29 @@ class DeviceTrainer:
 
 @dataclass
 class SharedTrainers:
-    """The runtimes of one host, by (package directory, backend, learning rate)."""
+    """The runtimes of one host, by (package directory, backend, learning rate, trainer timeout)."""
 
-    runtimes: dict[tuple[Path, str, float], SharedRuntime] = field(default_factory=dict)
+    runtimes: dict[tuple[Path, str, float, float], SharedRuntime] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def trainer_for(
-        self, artifacts: Path, backend: str, learning_rate: float, manifest: Manifest | None = None
+        self,
+        artifacts: Path,
+        backend: str,
+        learning_rate: float,
+        manifest: Manifest | None = None,
+        trainer_timeout: float = DEFAULT_TRAINER_TIMEOUT,
     ) -> DeviceTrainer:
         """A new device's view of the runtime for its package (loaded on first use)."""
-        key = (Path(artifacts).resolve(), backend, float(learning_rate))
+        key = (Path(artifacts).resolve(), backend, float(learning_rate), float(trainer_timeout))
         rt = self.runtimes.get(key)
         if rt is None:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="fedhft-host-")
             d = Path(self._tmp.name) / f"runtime-{len(self.runtimes)}"
             d.mkdir()
-            trainer = open_trainer(backend, artifacts, manifest or load_manifest(artifacts), learning_rate)
+            manifest = manifest or load_manifest(artifacts)
+            trainer = open_trainer(backend, artifacts, manifest, learning_rate, trainer_timeout)
             rt = self.runtimes[key] = SharedRuntime(trainer, d)
         return rt.view()
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from fedhft.errors import FedHFTError
 
+DEFAULT_TRAINER_TIMEOUT = 600.0  # seconds a backend's trainer subprocess may take per call (--trainer-timeout)
+
 
 class BackendError(FedHFTError):
     """A training backend cannot load its artifacts or was given bad inputs."""

@@ -126,6 +126,30 @@ def test_bad_program_is_refused_and_no_process_is_left(profile: Path, binary: Pa
         NativeTrainer(profile, binary=tmp_path / "no-such-binary")
 
 
+def test_a_trainer_slower_than_its_timeout_stops_with_one_line_naming_the_option(
+    profile: Path, binary: Path, tmp_path: Path
+) -> None:
+    """--trainer-timeout reaches the native trainer: loading the program takes far longer than 0.1 ms."""
+    from click.testing import CliRunner
+
+    from fedhft.cli import main
+
+    with pytest.raises(BackendError) as err:
+        NativeTrainer(profile, binary=binary, timeout=1e-4)
+    assert str(err.value) == "the native trainer did not answer within 0.0001 s (raise --trainer-timeout)"
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"word{i} text,{i % 3}\n" for i in range(8)))
+    args = ["edge", "train", "--artifacts", str(profile), "--data", str(data), "--steps", "1", "--backend", "native"]
+    with_env = {"FEDHFT_NATIVE_TRAINER": str(binary)}
+    r = CliRunner().invoke(main, [*args, "--trainer-timeout", "0.0001"], env=with_env)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and lines == [
+        "error: the native trainer did not answer within 0.0001 s (raise --trainer-timeout)"
+    ], r.output
+    r = CliRunner().invoke(main, [*args, "--trainer-timeout", "60"], env=with_env)
+    assert r.exit_code == 0 and "trained 1 steps" in r.output, r.output
+
+
 AUTO_TRAIN = """
 import json, sys
 from click.testing import CliRunner
