@@ -51,14 +51,16 @@ from fedhft.broker_server.state_dir import (
     state_label,
     unlock_state_dir,
 )
-from fedhft.broker_server.state_files import head_from_blob, head_to_blob, state_from_bytes, state_to_bytes
+from fedhft.broker_server.state_files import head_to_blob, state_from_bytes, state_to_bytes
 from fedhft.broker_server.state_pg_schema import migrate
 from fedhft.broker_server.state_schema import (
+    CLIENTS_QUERY,
     ClientRow,
     StagedUpdate,
     StoredUpdate,
     VersionRecord,
     check_meta,
+    client_from_row,
     first_meta,
 )
 from fedhft.logs import event
@@ -253,21 +255,8 @@ class PgStateStore:
 
     # ---- clients --------------------------------------------------------------------------------------------
     def load_clients(self) -> dict[str, ClientRow]:
-        rows = self._query(
-            "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
-        )
-        return {
-            r[0]: ClientRow(
-                client_id=r[0],
-                profile=r[1],
-                manifest_sha256=r[2],
-                plan=json.loads(r[3]),
-                last_seq=int(r[4]),
-                membership=json.loads(r[5]) if r[5] else None,
-                head=head_from_blob(r[6]),
-            )
-            for r in rows
-        }
+        rows = self._query(CLIENTS_QUERY)
+        return {r[0]: client_from_row(r) for r in rows}
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""

@@ -6,9 +6,10 @@ task and one manifest) plus the federation's counters; a schema change bumps SCH
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedhft.broker_server.state_dir import StateError
+from fedhft.broker_server.state_files import head_from_blob
 
 SCHEMA_VERSION = 1
 
@@ -89,6 +91,22 @@ class ClientRow:
     last_seq: int
     membership: list[float] | None
     head: dict[str, np.ndarray] | None
+
+
+CLIENTS_QUERY = "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
+
+
+def client_from_row(r: Sequence[Any]) -> ClientRow:
+    """A ``CLIENTS_QUERY`` row (either backend) as a :class:`ClientRow`."""
+    return ClientRow(
+        client_id=r[0],
+        profile=r[1],
+        manifest_sha256=r[2],
+        plan=json.loads(r[3]),
+        last_seq=int(r[4]),
+        membership=json.loads(r[5]) if r[5] else None,
+        head=head_from_blob(r[6]),
+    )
 
 
 @dataclass

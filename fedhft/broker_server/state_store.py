@@ -61,7 +61,6 @@ from fedhft.broker_server.state_dir import (
     unlock_state_dir,
 )
 from fedhft.broker_server.state_files import (
-    head_from_blob,
     head_to_blob,
     safetensors_bytes_chunks,
     split_ref,
@@ -70,12 +69,14 @@ from fedhft.broker_server.state_files import (
     write_file_durably,
 )
 from fedhft.broker_server.state_schema import (
+    CLIENTS_QUERY,
     SCHEMA_VERSION,
     ClientRow,
     StagedUpdate,
     StoredUpdate,
     VersionRecord,
     check_meta,
+    client_from_row,
     first_meta,
     open_database,
 )
@@ -173,21 +174,8 @@ class StateStore:
 
     # ---- clients ----------------------------------------------------------------------------------------
     def load_clients(self) -> dict[str, ClientRow]:
-        rows = self.db.execute(
-            "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
-        ).fetchall()
-        return {
-            r[0]: ClientRow(
-                client_id=r[0],
-                profile=r[1],
-                manifest_sha256=r[2],
-                plan=json.loads(r[3]),
-                last_seq=int(r[4]),
-                membership=json.loads(r[5]) if r[5] else None,
-                head=head_from_blob(r[6]),
-            )
-            for r in rows
-        }
+        rows = self.db.execute(CLIENTS_QUERY).fetchall()
+        return {r[0]: client_from_row(r) for r in rows}
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
