@@ -62,6 +62,7 @@ from fedhft.broker_server.state_schema import (
     check_meta,
     client_from_row,
     first_meta,
+    memberships_from_json,
 )
 from fedhft.logs import event
 from fedhft.protocol import KeyLink
@@ -365,10 +366,7 @@ class PgStateStore:
         rows = self._query("SELECT memberships_json FROM versions WHERE version = %s", (record.version,))
         if not rows or rows[0][0] is None:
             return None
-        try:
-            return {str(k): [float(x) for x in v] for k, v in json.loads(rows[0][0]).items()}
-        except (ValueError, TypeError, AttributeError):
-            return None
+        return memberships_from_json(rows[0][0])
 
     def commit_version(
         self,

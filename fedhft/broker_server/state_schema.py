@@ -109,6 +109,14 @@ def client_from_row(r: Sequence[Any]) -> ClientRow:
     )
 
 
+def memberships_from_json(text: str | bytes) -> dict[str, list[float]] | None:
+    """A version's stored memberships (client -> weights), or None when the JSON is not that shape."""
+    try:
+        return {str(k): [float(x) for x in v] for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 @dataclass
 class StoredUpdate:
     """An update row with its tensor file (status pending unless said otherwise)."""

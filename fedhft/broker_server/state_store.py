@@ -78,6 +78,7 @@ from fedhft.broker_server.state_schema import (
     check_meta,
     client_from_row,
     first_meta,
+    memberships_from_json,
     open_database,
 )
 from fedhft.protocol import KeyLink
@@ -338,9 +339,10 @@ class StateStore:
         or written before they were kept)."""
         path = self.dir / STATES_DIR / record.state_dir / MEMBERSHIPS_FILE
         try:
-            return {str(k): [float(x) for x in v] for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, TypeError, AttributeError):
+            text = path.read_text()
+        except OSError:
             return None
+        return memberships_from_json(text)
 
     def commit_version(
         self,
