@@ -52,6 +52,10 @@ METHODS: dict[str, MethodSpec] = {
     "fedhft-no-clustering": MethodSpec("fedhft-no-clustering", "legend", True, False, "fedhft", False),
     # the planner ablation: same depth and ranks on every device (the largest the weakest holds), masks kept
     "fedhft-no-planner": MethodSpec("fedhft-no-planner", "common", True, False, "fedhft", True),
+    # the masking ablation: every row of ΔW uploaded (mask ratio 1), the rest as fedhft
+    "fedhft-no-masks": MethodSpec("fedhft-no-masks", "legend", False, False, "fedhft", True),
+    # the asynchrony ablation: FedHFT's own synchronous rounds (every active device, then one version)
+    "fedhft-sync": MethodSpec("fedhft-sync", "legend", True, True, "fedhft", True),
     # homogeneous LoRA: one rank everywhere, so the weakest device's
     "fedavg-lora": MethodSpec("fedavg-lora", "uniform", False, True, "fedavg", False),
     # HetLoRA (Cho et al. 2024): each device's rank from its capability, every layer; zero-padded aggregation

@@ -60,3 +60,15 @@ def mean_of(entry: dict | None, name: str) -> float | None:
     if entry is None or not isinstance(entry.get(name), dict):
         return None
     return entry[name]["mean"]
+
+
+def paired_means(a: dict | None, b: dict | None, name: str) -> tuple[float | None, float | None, list[int]]:
+    """Two summary entries' means of one figure over the seeds both ran (a comparison of unlike seeds says
+    nothing): (mean of a, mean of b, the common seeds); a mean is None when a common seed lacks the figure."""
+    if a is None or b is None or not isinstance(a.get(name), dict) or not isinstance(b.get(name), dict):
+        return None, None, []
+    va, vb = a[name]["by_seed"], b[name]["by_seed"]
+    common = sorted(set(va) & set(vb), key=int)
+    if not common:
+        return None, None, []
+    return mean_std(va[s] for s in common)[0], mean_std(vb[s] for s in common)[0], [int(s) for s in common]

@@ -113,6 +113,15 @@ def test_goals_compare_fedhft_with_the_best_baseline_over_seeds() -> None:
     assert "best baseline fedavg-lora" in personal["note"]
 
 
+def test_goals_compare_methods_on_the_seeds_both_ran() -> None:
+    rep = _three_seeds()
+    # the ablation ran seed 0 only: the clustering goal compares fedhft's seed 0 with it, not its 3-seed mean
+    flat = build_report(rep["methods"] + [run("fedhft-no-clustering", 0, [0.7], {"c000": (0.95, 4)})], rep["config"])
+    goal = next(g for g in flat["goals"] if g["goal"].startswith("personalized accuracy, with clustering"))
+    assert goal["measured"] == pytest.approx(-5.0) and not goal["met"]  # 0.90 (seed 0) - 0.95, not 0.92 - 0.95
+    assert "1 common seed(s): 0" in goal["note"]
+
+
 def test_write_report_records_seeds_and_draws_banded_plots(tmp_path: Path) -> None:
     rep = _three_seeds()
     path = write_report(tmp_path, rep["methods"], rep["config"])
