@@ -25,7 +25,8 @@ def fedhft_cli() -> list[str]:
 def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: Path, n_active: int) -> list[str]:
     m = cfg.method
     sync = run_mode(cfg) == "sync"
-    buffer = n_active if sync else max(2, n_active // 2)
+    buffer = n_active if sync else cfg.buffer_size or max(2, n_active // 2)
+    exponent = 0.0 if sync else (0.5 if cfg.staleness_exponent is None else cfg.staleness_exponent)
     window = 3600.0 if sync else 20.0
     return [
         *fedhft_cli(),
@@ -48,7 +49,8 @@ def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: P
         "--warmup-aggregations",
         "2",
         "--staleness-exponent",
-        "0" if sync else "0.5",
+        str(exponent),
+        *(["--server-lr", str(cfg.server_lr)] if cfg.server_lr is not None and not sync else []),
         "--seed",
         str(cfg.seed),
         "--aggregator",

@@ -67,3 +67,21 @@ def test_the_wall_clock_keeps_scaled_sleeps_and_one_round_per_version_for_sync()
         "1",
     )
     assert "--max-rounds-per-version" not in _edge(_cfg(virtual_time=False))  # async: keep training
+
+
+def test_fedbuff_knobs_reach_the_async_server_and_sync_ignores_them() -> None:
+    default = _server(_cfg())
+    assert (_opt(default, "--buffer-size"), _opt(default, "--staleness-exponent")) == ("2", "0.5")
+    assert "--server-lr" not in default  # the server's own default
+    tuned = _server(_cfg(buffer_size=3, server_lr=0.5, staleness_exponent=1.0))
+    assert (_opt(tuned, "--buffer-size"), _opt(tuned, "--server-lr"), _opt(tuned, "--staleness-exponent")) == (
+        "3",
+        "0.5",
+        "1.0",
+    )
+    sync = _server(_cfg(mode="sync", buffer_size=3, server_lr=0.5, staleness_exponent=1.0))
+    assert (_opt(sync, "--buffer-size"), _opt(sync, "--staleness-exponent"), "--server-lr" in sync) == (
+        "4",
+        "0.0",
+        False,
+    )
