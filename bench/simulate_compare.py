@@ -6,8 +6,9 @@ and can span sessions; summary, goals and plots (accuracy.png, traffic.png) are 
 report, and the table is printed. A report of another configuration (other preset arguments) is replaced.
 Presets (every method runs the same virtual-time budget): `bbc` (default: BBC News, Dirichlet alpha 0.3, 8
 heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server
-versions, in two `fedhft edge host` processes), `clothing` (Women's Clothing reviews,
-split by department), `quick` (6 devices, 60 virtual seconds), `chaos` (fedhft clean and under faults).
+versions, in two `fedhft edge host` processes), `clothing` (Women's Clothing reviews, recommended or not, split
+by department), `clothing-rating` (the same reviews' 1-5 star rating, 5 classes), `quick` (6 devices, 60 virtual
+seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
 
 Usage: `python bench/simulate_compare.py [--preset P] [--methods a,b] [--seeds 3|0,1,2] [--encoding fp16,int8]
@@ -57,6 +58,15 @@ PRESETS: dict[str, dict] = {
         + ["--local-steps", "8", "--target-accuracy", "0.8", "--time-budget", "120", "--max-test", "600"]
         + ["--backend", "ort"],
         "methods": "fedhft,fedavg-lora",
+        "seeds": "3",
+    },
+    "clothing-rating": {  # the issue's goal data set: the 1-5 star rating (5 classes), split by department
+        "dir": "simulate-clothing-rating",
+        "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
+        + ["--dataset", "womens-clothing-rating", "--split", "natural", "--rounds", "40", "--virtual-budget", "150"]
+        + ["--local-steps", "8", "--target-accuracy", "0.6", "--time-budget", "120", "--max-test", "600"]
+        + ["--backend", "ort"],
+        "methods": "fedhft,fedavg-lora,flexlora",
         "seeds": "3",
     },
     "quick": {
