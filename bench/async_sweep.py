@@ -4,7 +4,8 @@ the staleness exponent, one knob at a time around the defaults, beside FedHFT's 
 Every point is a real `fedhft simulate` of fedhft on a small heterogeneous fleet (one device of each shipped
 profile, BBC News at alpha 0.3, 60 virtual seconds) on the devices' virtual clock, so the figures do not depend
 on host load. Each finished (point, seed) is kept in bench/results/async_sweep.json at once (the bench resumes);
-the table gives mean ± std over seeds and every seed's global macro-F1.
+the table gives mean ± std over seeds and every seed's global macro-F1. One more point uploads int8 instead of
+fp16 (halves the bytes; the default only if accuracy holds).
 
 Usage: `python bench/async_sweep.py [--seeds 0,1] [--points base,k1,...] [--dry-run]`.
 """
@@ -28,7 +29,7 @@ ARGS = FLEET + ["--dataset", "bbc-news", "--alpha", "0.3", "--rounds", "60", "--
 ARGS += ["--local-steps", "6", "--max-test", "300", "--target-accuracy", "0.5", "--backend", "ort"]
 DEFAULTS = {"buffer_size": 2, "server_lr": 1.0, "staleness_exponent": 0.5}  # K = half of 4 active devices
 # name -> (method, the knobs that differ from DEFAULTS)
-POINTS: dict[str, tuple[str, dict[str, float]]] = {
+POINTS: dict[str, tuple[str, dict[str, float | str]]] = {
     "default": ("fedhft", {}),
     "K=1": ("fedhft", {"buffer_size": 1}),
     "K=4": ("fedhft", {"buffer_size": 4}),
@@ -37,6 +38,7 @@ POINTS: dict[str, tuple[str, dict[str, float]]] = {
     "a=0": ("fedhft", {"staleness_exponent": 0.0}),
     "a=1": ("fedhft", {"staleness_exponent": 1.0}),
     "sync": ("fedhft-sync", {}),
+    "int8": ("fedhft", {"encoding": "int8"}),  # uploads in int8 instead of fp16 (the edge's default)
 }
 FIGURES = (
     ("final_global_accuracy", "global acc"),
