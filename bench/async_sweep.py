@@ -108,11 +108,10 @@ def main() -> None:
             subprocess.run(command(point, seed, Path(tmp)), check=True, stdout=subprocess.DEVNULL)
             (run,) = json.loads((Path(tmp) / "report.json").read_text())["methods"]
         runs.setdefault(point, []).append(dict(run, seed=seed, method=point))
+        data["table"] = table(runs)
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(data, indent=1, default=str) + "\n")  # a finished run is never lost
-    data["table"] = table(runs)
-    OUT.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    print(data["table"])
+    print(table(runs))
 
 
 if __name__ == "__main__":

@@ -246,7 +246,23 @@ def poisoning(d: dict) -> str:
     return "\n".join(lines)
 
 
+def async_sweep(d: dict) -> str:
+    fleet = " ".join(d["args"])
+    lines = [
+        "fedhft on one device of each shipped profile, one knob changed at a time from the defaults "
+        f"(K {d['defaults']['buffer_size']}, server lr {d['defaults']['server_lr']}, staleness exponent "
+        f"{d['defaults']['staleness_exponent']}); mean ± std over seeds; virtual clock. `fedhft simulate {fleet}`.",
+        "",
+        d.get("table", "(no finished run yet)"),
+        "",
+        "Command: `python bench/async_sweep.py`.",
+    ]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
+    "ASYNC_SWEEP": async_sweep,
+    "SIMULATE_CLOTHING_RATING": simulate,
     "BACKENDS": backends,
     "ORT_MEMORY": ort_memory,
     "WIRE_BYTES": wire_bytes,
@@ -259,6 +275,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "POISONING": poisoning,
 }
 FILES = {
+    "ASYNC_SWEEP": "async_sweep.json",
+    "SIMULATE_CLOTHING_RATING": "simulate-clothing-rating/report.json",
     "BACKENDS": "backends.json",
     "ORT_MEMORY": "ort_memory.json",
     "WIRE_BYTES": "wire_bytes.json",
