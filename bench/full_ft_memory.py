@@ -3,7 +3,8 @@ planner's full fine-tuning estimate, and which shipped profiles that estimate ad
 
 Per sequence length: a full fine-tuning export of the packaged MiniLM (ORT, fp32, 5 labels), then `--rounds`
 rounds of `--steps` steps, batch 8, against `fedhft server run --aggregator fedavg-full --buffer-size 1` (so the
-device also receives an aggregated model), the device's process tree sampled every 20 ms (bench/tree_rss.py).
+device also receives an aggregated model), the device's process tree sampled every 20 ms (bench/tree_rss.py);
+then the same round's steps in one torch-free process with its RSS after each (:data:`PHASES`).
 Writes bench/results/full_ft_memory.json and prints a table. Run:
 `.venv/bin/python bench/full_ft_memory.py [--seqs 64,128] [--artifacts DIR]`.
 """
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +25,64 @@ from bench.edge_memory import BATCH, FULL_FT_PROFILE, LABELS, RESULTS, ROOT, edg
 from fedhft.device_profiles.model_shape import read_model
 from fedhft.device_profiles.planner import full_finetune_plan, full_finetune_refusal
 from fedhft.device_profiles.profile import list_profiles, load_profile
+
+# One fedavg-full round's steps in the edge client's order (fedhft/edge_runtime/client.py), torch-free, with the
+# process's RSS and high-water mark after each: where the peak comes from.
+PHASES = """
+import json, sys, tempfile, time
+from pathlib import Path
+from fedhft.edge_runtime.torchfree import block_heavy_imports
+block_heavy_imports()
+import numpy as np
+
+def mark(name):
+    kb = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
+    out.append([name, round(kb["VmRSS"] / 1024, 1), round(kb["VmHWM"] / 1024, 1)])
+
+out = []
+from fedhft.edge_runtime.full_update import bind_initial, model_params, spec_for, update_tensors
+from fedhft.edge_runtime.ort_backend import OrtTrainer
+from fedhft.protocol.manifest import load_manifest
+from fedhft.protocol.message_codecs import encode_update
+from fedhft.protocol.messages import UpdateMessage
+from fedhft.protocol.tensor_names import delta_name
+mark("imports")
+pkg, seq = Path(sys.argv[1]), int(sys.argv[2])
+trainer = OrtTrainer(pkg, load_manifest(pkg), learning_rate=5e-5)
+mark("trainer loaded (weights, gradients, AdamW moments)")
+spec = bind_initial(spec_for(trainer.manifest), trainer)
+mark("exported values kept")
+model = {delta_name(n): np.full(s, 1e-6, np.float32) for n, s in spec.shapes.items()}
+mark("received model's delta")
+trainer.set_parameters(model_params(spec, model))
+start = trainer.get_parameters()
+mark("round's start values")
+rng = np.random.default_rng(0)
+ids = rng.integers(1000, 20000, (8, seq)); mask = np.ones((8, seq), np.int64); y = rng.integers(0, 5, 8)
+trainer.eval_step(ids, mask, y)
+mark("eval step")
+for _ in range(3):
+    trainer.train_step(ids, mask, y)
+mark("3 training steps")
+params = trainer.get_parameters()
+mark("trained values")
+tensors = update_tensors(spec, params, start)
+mark("update delta")
+msg = UpdateMessage(task="t", client_id="c", seq=1, base_version=0, num_samples=8, loss=1.0, metrics={},
+                    profile="p", manifest_sha256="0" * 64, created_at=time.time(), tensors=tensors)
+payload = encode_update(msg, "fp16")
+mark("update encoded")
+with tempfile.TemporaryDirectory() as t:
+    trainer.save_state(Path(t) / "checkpoint")
+mark("checkpoint saved with AdamW state")
+print(json.dumps(out))
+"""
+
+
+def phases(pkg: Path, seq: int, env: dict[str, str]) -> list | str:
+    """RSS and high-water mark (MB) after each step of one round (:data:`PHASES`), or the error's tail."""
+    r = subprocess.run([sys.executable, "-c", PHASES, str(pkg), str(seq)], env=env, capture_output=True, text=True)
+    return json.loads(r.stdout.splitlines()[-1]) if r.returncode == 0 else (r.stderr or r.stdout)[-800:]
 
 
 def ensure_full_export(art: Path, seq: int) -> Path:
@@ -83,7 +143,7 @@ def main() -> None:
                 server_args=("--aggregator", "fedavg-full", "--buffer-size", "1"),
             )
             r = {"seq": seq, "ok": m.returncode == 0, "peak_mb": m.peak_sum_mb, "hwm_sum_mb": m.hwm_sum_mb}
-            r |= {"seconds": m.seconds, **estimates(seq)}
+            r |= {"seconds": m.seconds, **estimates(seq), "phases_mb": phases(pkg, seq, env)}
             if not r["ok"]:
                 r["error"] = (m.stderr or m.stdout).strip()[-800:]
             r["estimate_vs_peak"] = round(r["estimate_mb"] / r["peak_mb"] - 1, 3) if r["ok"] else None

@@ -66,14 +66,13 @@ class CostModel:
     act_attention_maps: float = 2.0
     # Working set of the forward through one frozen layer (freed after it), as a share of one layer's above.
     transient_factor: float = 0.45
-    # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight beyond the trainer's weights,
-    # gradients and two AdamW moments (measured torch-free, ORT, MiniLM seq 64: those four are 379 MB for
-    # 4 x 86 MB of weights). The edge's own copies during a round (fedhft/edge_runtime/client.py, full_update.py):
-    # the exported values (the base Δθ is added to), the received model's Δθ, the round's start values, the
-    # trained values and the update's Δθ.
+    # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight besides the trainer's weights,
+    # gradients and AdamW moments (bench/full_ft_memory.py, phases_mb in its JSON). The edge's own copies in a
+    # round (edge_runtime/client.py, full_update.py): the exported values Δθ is added to, the received model's Δθ,
+    # the round's start values, the trained values and the update's Δθ (+71..101 MB each for MiniLM's 86 MB).
     full_edge_weight_copies: float = 5.0
     # Saving the trainer checkpoint with its AdamW state at the end of the round (ORT save_checkpoint): a
-    # transient of 463 MB measured for MiniLM's 86 MB of weights, the round's peak.
+    # transient of 464 MB for MiniLM (5.4 x the weights) at seq 64 and 128, the round's peak.
     full_checkpoint_copies: float = 5.4
     # Fraction of the profile's sustained GFLOP/s a training step reaches.
     efficiency: float = 0.6
