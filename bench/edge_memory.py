@@ -187,8 +187,11 @@ def edge_run_round(
     cwd: Path,
     tmp: Path,
     timeout: float = 1800,
+    rounds: int = 1,
+    server_args: tuple[str, ...] = (),
 ) -> TreePeak:
-    """One `edge run` round (eval, `steps` steps, upload) against a fresh `server run`; the device is measured."""
+    """`rounds` `edge run` rounds (eval, `steps` steps, upload) against a fresh `server run` (with
+    `server_args`); the device is measured."""
     task = f"mem-{uuid.uuid4().hex[:8]}"
     state = tmp / task
     subprocess.run(cli("server", "init", "--state", str(state)), check=True, env=env, cwd=cwd, capture_output=True)
@@ -208,6 +211,7 @@ def edge_run_round(
             str(pkg),
             "--metrics-port",
             str(port),
+            *server_args,
         ),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -240,7 +244,7 @@ def edge_run_round(
             "--local-steps",
             str(steps),
             "--rounds",
-            "1",
+            str(rounds),
             "--batch-size",
             str(BATCH),
             "--backend",

@@ -12,7 +12,8 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.numbers import dumps_rounded
-from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW  # torch-free, stdlib only
+from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES  # torch-free, stdlib only
+from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW
 
 UPLOAD_WINDOW_HELP = (
     "Upload budget: a device's whole adapter must upload within this many seconds of its own uplink "
@@ -21,6 +22,13 @@ UPLOAD_WINDOW_HELP = (
 RUNTIME_FORMATS = ("ort", "executorch")  # a --format naming one runtime: the profile must list it
 MIN_COMPRESSION_HELP = (
     "Optional cap for every device: an adapter at least this many times smaller than the model (0: none)."
+)
+OBJECTIVE_HELP = (
+    "capacity: the largest plan that fits; memory: the least estimated peak that keeps half the capacity plan's "
+    "depth and trainable parameters (recorded in the plan)."
+)
+objective_option = click.option(
+    "--objective", type=click.Choice(OBJECTIVES), default=DEFAULT_OBJECTIVE, show_default=True, help=OBJECTIVE_HELP
 )
 
 
@@ -68,6 +76,7 @@ def profiles_show(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
+@objective_option
 def plan(
     model: str | None,
     profile_name: str,
@@ -78,6 +87,7 @@ def plan(
     as_json: bool,
     upload_window: float,
     min_compression: float,
+    objective: str,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.model_shape import read_model
@@ -94,6 +104,7 @@ def plan(
         runtime=runtime,
         upload_window=upload_window or None,
         min_compression=min_compression or None,
+        objective=objective,
     )
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))  # exact: equal to the manifest's plan
@@ -101,7 +112,8 @@ def plan(
     e = p.estimate
     budget = upload_budget(shape, prof, upload_window or None, min_compression or None)
     click.echo(
-        f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, {shape.num_layers} layers)"
+        f"profile {p.profile} (runtime {p.runtime}, budget {p.memory_budget_mb:.0f} MB, {shape.num_layers} layers, "
+        f"objective {p.objective})"
     )
     click.echo(
         f"depth {p.depth}: layers {p.layers[0].layer}..{p.layers[-1].layer}, ranks "
@@ -136,6 +148,7 @@ def plan(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
+@objective_option
 def export(
     model: str | None,
     profiles_arg: str,
@@ -149,6 +162,7 @@ def export(
     seed: int,
     upload_window: float,
     min_compression: float,
+    objective: str,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
     from fedhft.device_profiles.model_shape import read_model
@@ -174,6 +188,7 @@ def export(
         fixed_depth=depth,
         upload_window=upload_window or None,
         min_compression=min_compression or None,
+        objective=objective,
     )
     for i, prof in enumerate(profs, 1):
         click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)
@@ -183,7 +198,8 @@ def export(
         sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in r.artifact_bytes.items())
         click.echo(
             f"{r.profile}: depth {r.plan.depth} ranks {[lp.rank for lp in r.plan.layers]} "
-            f"targets {list(r.plan.layers[0].targets)} mask {r.plan.mask_ratio} | est {e.memory_mb:.0f} MB, "
+            f"targets {list(r.plan.layers[0].targets)} mask {r.plan.mask_ratio} | {r.plan.objective}: "
+            f"est {e.memory_mb:.0f} MB, "
             f"{e.step_seconds:.2f} s/step, upload {e.upload_bytes / 1e3:.0f} kB | {sizes} | "
             f"{r.directory} ({r.seconds:.0f} s)"
         )

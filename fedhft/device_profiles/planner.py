@@ -38,6 +38,11 @@ DEFAULT_UPLOAD_WINDOW = 0.05
 # Optional federation-wide cap: an adapter at least this many times smaller than the fp32 full model. Off by
 # default: one cap for every device is what gave every device the same plan (issue #12).
 DEFAULT_MIN_COMPRESSION: float | None = None
+# What plan_lora maximizes: "capacity" (the largest plan that fits, the default) or "memory" (the least peak
+# that keeps MEMORY_CAPACITY_FLOOR of the capacity plan's depth and trainable parameters, see capacity_floor).
+OBJECTIVES: tuple[str, ...] = ("capacity", "memory")
+DEFAULT_OBJECTIVE = "capacity"
+MEMORY_CAPACITY_FLOOR = 0.5
 
 
 class PlanError(FedHFTError):
@@ -61,6 +66,14 @@ class CostModel:
     act_attention_maps: float = 2.0
     # Working set of the forward through one frozen layer (freed after it), as a share of one layer's above.
     transient_factor: float = 0.45
+    # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight besides the trainer's weights,
+    # gradients and AdamW moments (bench/full_ft_memory.py, phases_mb in its JSON). The edge's own copies in a
+    # round (edge_runtime/client.py, full_update.py): the exported values Δθ is added to, the received model's Δθ,
+    # the round's start values, the trained values and the update's Δθ (+71..101 MB each for MiniLM's 86 MB).
+    full_edge_weight_copies: float = 5.0
+    # Saving the trainer checkpoint with its AdamW state at the end of the round (ORT save_checkpoint): a
+    # transient of 464 MB for MiniLM (5.4 x the weights) at seq 64 and 128, the round's peak.
+    full_checkpoint_copies: float = 5.4
     # Fraction of the profile's sustained GFLOP/s a training step reaches.
     efficiency: float = 0.6
     bytes_per_upload_value: int = 2  # fp16 on the wire
@@ -90,6 +103,7 @@ class CostEstimate:
     download_bytes: int
     download_seconds: float
     adapter_params: int
+    edge_copies_mb: float = 0.0  # full fine-tuning: the edge's weight copies and checkpoint save (CostModel)
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class LoraPlan:
     int8_base: bool
     memory_budget_mb: float
     estimate: CostEstimate
+    objective: str = DEFAULT_OBJECTIVE  # what the planner optimized (OBJECTIVES); recorded in the manifest
 
     @property
     def depth(self) -> int:
@@ -137,8 +152,9 @@ class LoraPlan:
     def from_dict(cls, d: dict[str, Any]) -> LoraPlan:
         layers = tuple(LayerPlan(int(x["layer"]), int(x["rank"]), tuple(x["targets"])) for x in d["layers"])
         est = CostEstimate(**d["estimate"])
-        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate"}
+        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate", "objective"}
         kw = {k: d[k] for k in keys}
+        kw["objective"] = d.get("objective", DEFAULT_OBJECTIVE)  # manifests before the objective was recorded
         return cls(layers=layers, estimate=est, **kw)
 
 
@@ -259,7 +275,10 @@ def estimate(
     if full_finetune:
         state -= 4.0 * shape.total_params  # the weights themselves are in `base`
     runtime_mb = cm.runtime_overhead_mb.get(runtime, max(cm.runtime_overhead_mb.values()))
-    memory_mb = (base + kept + act + transient + state) / MB + runtime_mb
+    copies = 0.0
+    if full_finetune:
+        copies = 4.0 * shape.total_params * (cm.full_edge_weight_copies + cm.full_checkpoint_copies)
+    memory_mb = (base + kept + act + transient + state + copies) / MB + runtime_mb
     fwd = shape.num_layers * layer_forward_flop(shape)
     # Backward through an adapted layer costs about one forward (input gradients; frozen weights need no
     # weight gradients), twice that when its weights train; LoRA factors add little.
@@ -287,6 +306,7 @@ def estimate(
         download_bytes=int(down),
         download_seconds=round(down * 8 / (profile.downlink_mbps * 1e6), 3),
         adapter_params=int(params),
+        edge_copies_mb=round(copies / MB, 1),
     )
 
 
@@ -342,6 +362,37 @@ def _no_plan(shape: ModelShape, profile: DeviceProfile, runtime: str, int8: bool
     )
 
 
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+
+def capacity_floor(shape: ModelShape, layers: tuple[LayerPlan, ...], share: float) -> tuple[int, int]:
+    """(depth, trainable parameters) a memory-first plan keeps at least: `share` of those of `layers` (the
+    capacity plan), depth rounded up. Depth is what buys LEGEND its accuracy; parameters are the adapter's size."""
+    return math.ceil(share * len(layers)), math.ceil(share * adapter_params(shape, layers))
+
+
+def choose(
+    shape: ModelShape,
+    feasible: list[tuple[tuple[LayerPlan, ...], CostEstimate]],
+    objective: str = DEFAULT_OBJECTIVE,
+    floor_share: float = MEMORY_CAPACITY_FLOOR,
+) -> tuple[tuple[LayerPlan, ...], CostEstimate]:
+    """The plan an objective picks among `feasible` (non-empty) plans that fit the device.
+
+    capacity: the largest by :func:`size_key`, ties to the cheaper in memory. memory: the least estimated peak
+    among those that keep the :func:`capacity_floor` of the capacity plan, ties to the larger by size_key.
+    """
+    check_objective(objective)
+    best = max(feasible, key=lambda f: (*size_key(shape, f[0]), -f[1].memory_mb))
+    if objective == "capacity":
+        return best
+    depth, params = capacity_floor(shape, best[0], floor_share)
+    kept = [f for f in feasible if len(f[0]) >= depth and adapter_params(shape, f[0]) >= params]
+    return min(kept, key=lambda f: (f[1].memory_mb, tuple(-x for x in size_key(shape, f[0]))))
+
+
 def plan_lora(
     shape: ModelShape,
     profile: DeviceProfile,
@@ -353,36 +404,37 @@ def plan_lora(
     fixed_depth: int | None = None,
     upload_window: float | None = DEFAULT_UPLOAD_WINDOW,
     min_compression: float | None = DEFAULT_MIN_COMPRESSION,
+    objective: str = DEFAULT_OBJECTIVE,
     cm: CostModel | None = None,
 ) -> LoraPlan:
-    """The largest LEGEND plan (by :func:`size_key`: deepest, then highest top rank, then most parameters) that
-    fits the profile's memory, step-time and upload targets, and whose whole adapter fits the device's
-    :func:`upload_budget` (its link over the federation's upload window, and the optional `min_compression`
-    floor). Depth buys the most accuracy and sets backward cost; ranks halve every two layers down.
+    """The LEGEND plan that `objective` picks (:func:`choose`) among those that fit the profile's memory,
+    step-time and upload targets and whose whole adapter fits the device's :func:`upload_budget` (its link over
+    the federation's upload window, and the optional `min_compression` floor).
 
-    Ties go to the cheaper plan in memory. `fixed_depth` forces one depth (``fedhft export --depth``).
-    Raises PlanError when even depth 1, rank 1, q/v does not fit.
+    capacity (default): the largest (by :func:`size_key`: deepest, then highest top rank, then most parameters);
+    depth buys the most accuracy and sets backward cost; ranks halve every two layers down. memory: the least
+    estimated peak that keeps half the capacity plan's depth and trainable parameters (:func:`capacity_floor`).
+    `fixed_depth` forces one depth (``fedhft export --depth``). Raises PlanError when even depth 1, rank 1, q/v
+    does not fit, or for an unknown objective.
     """
     cm = cm or CostModel()
+    check_objective(objective)
     runtime = runtime or profile.default_runtime
     mask_ratio = MASK_RATIO_BY_LEVEL[_profile.resource_level(profile)]
     if fixed_depth is not None and not 1 <= fixed_depth <= shape.num_layers:
         raise PlanError(f"depth {fixed_depth} is outside 1..{shape.num_layers}")
     depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
     budget = upload_budget(shape, profile, upload_window, min_compression)
-    best: tuple[tuple[float, ...], tuple[LayerPlan, ...], CostEstimate] | None = None
+    feasible: list[tuple[tuple[LayerPlan, ...], CostEstimate]] = []
     for layers in candidates(shape, max_rank, depths):
         if adapter_bytes(shape, layers, cm) > budget:
             continue
         est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
-        if not fits(est, profile):
-            continue
-        key = (*size_key(shape, layers), -est.memory_mb)
-        if best is None or key > best[0]:
-            best = (key, layers, est)
-    if best is None:
+        if fits(est, profile):
+            feasible.append((layers, est))
+    if not feasible:
         raise _no_plan(shape, profile, runtime, int8, budget)
-    _, layers, est = best
+    layers, est = choose(shape, feasible, objective)
     return LoraPlan(
         profile=profile.name,
         runtime=runtime,
@@ -396,6 +448,7 @@ def plan_lora(
         int8_base=int8,
         memory_budget_mb=profile.memory_budget_mb,
         estimate=est,
+        objective=objective,
     )
 
 
@@ -461,7 +514,19 @@ def full_finetune_plan(
     cm: CostModel | None = None,
 ) -> LoraPlan:
     """Full fine-tuning (the fedavg-full baseline): no adapter layers, every weight trains in fp32 and every
-    value is uploaded; the estimate is :func:`estimate`'s full_finetune one. It may not fit the profile's
-    memory budget: the caller checks ``plan.estimate.memory_mb`` against ``profile.memory_budget_mb``."""
+    value is uploaded; the estimate is :func:`estimate`'s full_finetune one, what the edge holds in a round.
+    It may not fit the profile's memory budget: :func:`full_finetune_refusal` says so."""
     plan = fixed_plan(shape, profile, (), runtime=runtime, lora_alpha=lora_alpha, max_rank=max_rank, cm=cm)
     return replace(plan, estimate=estimate(shape, profile, (), 1.0, False, plan.runtime, cm, full_finetune=True))
+
+
+def full_finetune_refusal(plan: LoraPlan, profile: DeviceProfile) -> str | None:
+    """Why `profile` cannot hold the full fine-tuning `plan` (one line naming both figures), or None."""
+    need, budget = plan.estimate.memory_mb, profile.memory_budget_mb
+    if need <= budget:
+        return None
+    return (
+        f"profile {profile.name} cannot hold full fine-tuning: the planner estimates {need:.0f} MB of training "
+        f"memory (of which {plan.estimate.edge_copies_mb:.0f} MB the edge's weight copies and checkpoint save), "
+        f"over its budget of {budget:.0f} MB ({profile.ram_mb} MB RAM x {profile.train_memory_fraction})"
+    )

@@ -23,9 +23,11 @@ from fedhft.device_profiles.model_shape import (
 )
 from fedhft.device_profiles.planner import (
     DEFAULT_MIN_COMPRESSION,
+    DEFAULT_OBJECTIVE,
     DEFAULT_UPLOAD_WINDOW,
     LoraPlan,
     full_finetune_plan,
+    full_finetune_refusal,
     plan_lora,
     planned_runtime,
 )
@@ -63,6 +65,7 @@ class ExportOptions:
     fixed_depth: int | None = None  # `fedhft export --depth`: force one depth for every profile
     upload_window: float | None = DEFAULT_UPLOAD_WINDOW  # seconds of the device's uplink its adapter may take
     min_compression: float | None = DEFAULT_MIN_COMPRESSION  # optional cap: full model bytes / this
+    objective: str = DEFAULT_OBJECTIVE  # what the planner optimizes: "capacity" or "memory" (planner.OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -106,16 +109,6 @@ def _install(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_full_finetune_memory(plan: LoraPlan, profile: DeviceProfile) -> None:
-    """ExportError naming both figures when full fine-tuning does not fit the profile's training memory."""
-    need, budget = plan.estimate.memory_mb, profile.memory_budget_mb
-    if need > budget:
-        raise ExportError(
-            f"profile {profile.name} cannot hold full fine-tuning: the planner estimates {need:.0f} MB of training "
-            f"memory, over its budget of {budget:.0f} MB ({profile.ram_mb} MB RAM x {profile.train_memory_fraction})"
-        )
-
-
 def export_profile(
     model: str | Path | None,
     profile: DeviceProfile,
@@ -149,7 +142,9 @@ def export_profile(
     runtime = planned_runtime(profile)
     if full_finetune:
         plan = full_finetune_plan(shape, profile, runtime=runtime, max_rank=opts.max_rank, lora_alpha=opts.lora_alpha)
-        check_full_finetune_memory(plan, profile)
+        refusal = full_finetune_refusal(plan, profile)
+        if refusal:
+            raise ExportError(refusal)
     elif plan is None:
         plan = plan_lora(
             shape,
@@ -161,6 +156,7 @@ def export_profile(
             fixed_depth=opts.fixed_depth,
             upload_window=opts.upload_window,
             min_compression=opts.min_compression,
+            objective=opts.objective,
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))
     try:

@@ -20,6 +20,8 @@ from fedhft.device_profiles.planner import (
     PlanError,
     export_formats,
     fixed_plan,
+    full_finetune_plan,
+    full_finetune_refusal,
     plan_lora,
     planned_runtime,
 )
@@ -39,8 +41,13 @@ def method_plans(
     planner: str, shape: ModelShape, profiles: dict[str, DeviceProfile], max_rank: int = 16
 ) -> dict[str, LoraPlan | None]:
     """Each device's plan under the method's planner (methods.PLANNERS), from the same budgets; None: the
-    exporter's own (full fine-tuning). PlanError when a device (or, for one shared plan, all at once) holds none."""
+    exporter's own (full fine-tuning). PlanError when a device (or, for one shared plan, all at once) holds none:
+    for full fine-tuning, when the planner's estimate of what the edge holds exceeds its memory budget."""
     if planner == "full":
+        for p in profiles.values():
+            full = full_finetune_plan(device_shape(shape, p), p, runtime=planned_runtime(p))
+            if refusal := full_finetune_refusal(full, p):
+                raise PlanError(refusal)
         return {name: None for name in profiles}
     if planner == "legend":
         return {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -11,13 +13,20 @@ from hypothesis import strategies as st
 from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
     MASK_RATIO_BY_LEVEL,
+    MEMORY_CAPACITY_FLOOR,
     LoraPlan,
     PlanError,
     adapter_bytes,
     adapter_params,
+    candidates,
+    capacity_floor,
     estimate,
+    fits,
+    full_finetune_plan,
+    full_finetune_refusal,
     make_layers,
     plan_lora,
+    planned_runtime,
     rank_schedule,
     size_key,
     upload_budget,
@@ -157,3 +166,107 @@ def test_process_estimate_is_within_15_percent_of_the_measured_peak(key: tuple[s
     mask = MASK_RATIO_BY_LEVEL[resource_level(prof)]
     est = estimate(MINILM, prof, layers, mask, True, runtime).memory_mb
     assert abs(est - measured) <= 0.15 * measured, (key, est, measured)
+
+
+# ---- objectives: capacity (default) and memory ------------------------------------------------------------------
+
+FLOOR_PROFILES = ("phone-lowend-3gb", "laptop-x86-16gb", "phone-midrange-6gb", "rpi4-4gb")
+
+
+@pytest.mark.parametrize("seq", [64, 128])
+@pytest.mark.parametrize("name", FLOOR_PROFILES)
+def test_memory_objective_lowers_the_peak_and_keeps_the_floors(name: str, seq: int) -> None:
+    shape = dataclasses.replace(MINILM, seq_len=seq)
+    prof = load_profile(name)
+    cap = plan_lora(shape, prof, runtime=planned_runtime(prof))
+    mem = plan_lora(shape, prof, runtime=planned_runtime(prof), objective="memory")
+    assert (cap.objective, mem.objective) == ("capacity", "memory")
+    assert mem.estimate.memory_mb < cap.estimate.memory_mb, (name, seq)
+    e = mem.estimate  # still fits the device and its upload budget
+    assert e.memory_mb <= prof.memory_budget_mb and e.step_seconds <= prof.target_step_seconds
+    assert e.upload_seconds <= prof.target_upload_seconds
+    assert adapter_bytes(shape, mem.layers) <= upload_budget(shape, prof)
+    # the floors: half the capacity plan's depth (rounded up) and half its trainable parameters (= adapter bytes)
+    assert mem.depth >= -(-cap.depth // 2)
+    assert adapter_params(shape, mem.layers) >= 0.5 * adapter_params(shape, cap.layers)
+    assert adapter_bytes(shape, mem.layers) >= 0.5 * adapter_bytes(shape, cap.layers)
+    assert LoraPlan.from_dict(mem.to_dict()) == mem
+
+
+def test_memory_plan_is_the_least_peak_among_plans_over_the_floor() -> None:
+    prof = load_profile("laptop-x86-16gb")
+    cap = plan_lora(MINILM, prof)
+    mem = plan_lora(MINILM, prof, objective="memory")
+    depth, params = capacity_floor(MINILM, cap.layers, MEMORY_CAPACITY_FLOOR)
+    mask = MASK_RATIO_BY_LEVEL[resource_level(prof)]
+    for layers in candidates(MINILM, 16, range(1, MINILM.num_layers + 1)):
+        est = estimate(MINILM, prof, layers, mask, True, prof.default_runtime)
+        ok = fits(est, prof) and adapter_bytes(MINILM, layers) <= upload_budget(MINILM, prof)
+        if ok and len(layers) >= depth and adapter_params(MINILM, layers) >= params:
+            assert est.memory_mb >= mem.estimate.memory_mb, layers
+
+
+def test_capacity_stays_the_default_and_bad_objectives_are_refused() -> None:
+    for prof in list_profiles():
+        assert plan_lora(MINILM, prof) == plan_lora(MINILM, prof, objective="capacity")
+    with pytest.raises(PlanError, match="^objective 'smallest' is not one of capacity, memory$"):
+        plan_lora(MINILM, BASE, objective="smallest")
+    old = plan_lora(MINILM, BASE).to_dict()
+    del old["objective"]  # a manifest written before the objective was recorded
+    assert LoraPlan.from_dict(old).objective == "capacity"
+
+
+# ---- full fine-tuning: what the edge holds ---------------------------------------------------------------------
+
+# Whole-process peaks of a fedavg-full device (ORT, MiniLM fp32, batch 8, 8 local steps per round), MB:
+# - the BBC comparison `python bench/simulate_compare.py` at commit 88abe22 (bench/results/simulate/report.json
+#   there, fedavg-full's peak_rss_mb_by_profile: 1672.4-1682.7 MB per device, seq 64; README "1.68 GB"), and
+# - `python bench/full_ft_memory.py` (bench/results/full_ft_memory.json: `edge run`, 2 rounds, seq 64 and 128).
+MEASURED_FEDAVG_FULL_SIMULATE_MB = 1680.0
+MEASURED_FULL_EDGE_RUN_MB = {64: 1507.8, 128: 1658.4}  # an earlier run: 1519.0, 1684.2
+
+
+def test_full_finetune_estimate_counts_what_the_edge_holds() -> None:
+    shape = dataclasses.replace(MINILM, seq_len=64)
+    est = full_finetune_plan(shape, load_profile("laptop-x86-16gb"), runtime="ort").estimate
+    assert abs(est.memory_mb - MEASURED_FEDAVG_FULL_SIMULATE_MB) <= 0.15 * MEASURED_FEDAVG_FULL_SIMULATE_MB, est
+    for seq, measured in MEASURED_FULL_EDGE_RUN_MB.items():
+        e = full_finetune_plan(dataclasses.replace(MINILM, seq_len=seq), BASE, runtime="ort").estimate
+        assert abs(e.memory_mb - measured) <= 0.15 * measured, (seq, e.memory_mb, measured)
+    weights_mb = 4 * MINILM.total_params / 2**20
+    assert est.edge_copies_mb == pytest.approx(10.4 * weights_mb, abs=0.1)  # 5 edge copies + the checkpoint save
+
+
+@pytest.mark.parametrize("seq", [64, 128])
+def test_full_finetuning_refuses_the_low_end_phone_with_the_reason(seq: int) -> None:
+    shape = dataclasses.replace(MINILM, seq_len=seq)
+    refused = {}
+    for prof in list_profiles():
+        reason = full_finetune_refusal(full_finetune_plan(shape, prof, runtime="ort"), prof)
+        if reason:
+            refused[prof.name] = reason
+    assert sorted(refused) == ["phone-lowend-3gb"], refused
+    assert re.fullmatch(
+        r"profile phone-lowend-3gb cannot hold full fine-tuning: the planner estimates \d+ MB of training memory "
+        r"\(of which \d+ MB the edge's weight copies and checkpoint save\), over its budget of 768 MB "
+        r"\(3072 MB RAM x 0\.25\)",
+        refused["phone-lowend-3gb"],
+    )
+
+
+def test_plan_command_takes_the_objective_and_records_it() -> None:
+    from click.testing import CliRunner
+
+    from fedhft.cli import main
+
+    args = ["plan", "--profile", "laptop-x86-16gb", "--num-labels", "5", "--max-seq-len", "128", "--json"]
+    cap = json.loads(CliRunner().invoke(main, args).output)
+    r = CliRunner().invoke(main, [*args, "--objective", "memory"])
+    assert r.exit_code == 0, r.output
+    mem = json.loads(r.output)
+    assert (cap["objective"], mem["objective"]) == ("capacity", "memory")
+    assert mem["estimate"]["memory_mb"] < cap["estimate"]["memory_mb"]
+    text = CliRunner().invoke(main, args[:-1] + ["--objective", "memory"]).output
+    assert "objective memory" in text
+    bad = CliRunner().invoke(main, [*args, "--objective", "smallest"])
+    assert bad.exit_code != 0 and "'smallest' is not one of 'capacity', 'memory'" in bad.output

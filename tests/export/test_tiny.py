@@ -216,3 +216,17 @@ def test_format_auto_writes_each_profiles_runtime(
     assert code == 0, text_out
     assert sorted(load_manifest(out / "tiny-test").artifacts) == ["ort"]
     assert sorted(load_manifest(out / "tiny-et").artifacts) == ["executorch"]
+
+
+def test_export_records_the_memory_objective_in_the_manifest(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path
+) -> None:
+    args = ["--model", str(tiny_model_dir), "--profile", str(tiny_profile_path), "--num-labels", "4"]
+    args += ["--max-seq-len", "16"]
+    code, out = _export([*args, "--out", str(tmp_path / "o"), "--objective", "memory"])
+    assert code == 0, out
+    assert "memory: est" in out
+    plan = load_manifest(tmp_path / "o" / "tiny-test").plan
+    r = CliRunner().invoke(main, ["plan", *args, "--objective", "memory", "--json"])
+    assert r.exit_code == 0, r.output
+    assert plan["objective"] == "memory" and json.loads(r.output) == plan  # the plan command shows what export wrote

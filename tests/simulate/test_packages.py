@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from fedhft.device_profiles.model_shape import ModelShape
+from fedhft.device_profiles.planner import PlanError
 from fedhft.device_profiles.profile import load_profile
 from fedhft.protocol.manifest import load_manifest
 from fedhft.simulate.config import SimConfig
 from fedhft.simulate.methods import method_spec
-from fedhft.simulate.packages import export_packages
+from fedhft.simulate.packages import export_packages, method_plans
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +56,33 @@ def test_each_planner_shapes_the_fleets_packages(fleet: dict, tiny_model_dir: Pa
     homogeneous = plans("fedavg-lora", fleet, tiny_model_dir, tmp_path)
     assert homogeneous["tiny-test"] == homogeneous["tiny-slow"] == het["tiny-slow"], "the weakest device's rank"
     assert plans("fedavg-full", fleet, tiny_model_dir, tmp_path) == {"tiny-test": [], "tiny-slow": []}, "no LoRA"
+
+
+def test_fedavg_full_leaves_out_a_device_it_would_not_fit_with_the_reason(
+    fleet: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    small = dataclasses.replace(fleet["tiny-test"], name="tiny-small", ram_mb=100)  # 50 MB: below the runtime alone
+    cfg = SimConfig(
+        clients=2,
+        profiles={"tiny-test": 1, "tiny-small": 1},
+        dataset="unused",
+        alpha=1.0,
+        rounds=1,
+        method=method_spec("fedavg-full"),
+        out=tmp_path,
+        model=str(tiny_model_dir),
+        max_seq_len=16,
+        cache_dir=tmp_path / "cache",
+    )
+    dirs, _, unable = export_packages(cfg, {"tiny-test": fleet["tiny-test"], "tiny-small": small}, num_labels=4)
+    assert set(dirs) == {"tiny-test"} and set(unable) == {"tiny-small"}
+    assert unable["tiny-small"].startswith("profile tiny-small cannot hold full fine-tuning: the planner estimates")
+    assert "budget of 50 MB" in unable["tiny-small"]
+
+
+def test_method_plans_refuse_full_finetuning_on_the_low_end_phone() -> None:
+    shape = ModelShape(6, 384, 1536, 12, 30522, 512, 5, 64, 8)  # MiniLM-L6, seq 64
+    profiles = {n: load_profile(n) for n in ("laptop-x86-16gb", "phone-lowend-3gb")}
+    with pytest.raises(PlanError, match=r"^profile phone-lowend-3gb cannot hold full fine-tuning: .* budget of 768 MB"):
+        method_plans("full", shape, profiles)
+    assert method_plans("full", shape, {"laptop-x86-16gb": profiles["laptop-x86-16gb"]}) == {"laptop-x86-16gb": None}
