@@ -4,7 +4,7 @@ Reads the run folder: facts.txt (``key=value`` lines: exit codes, millisecond st
 the package lists before and after `make services`, the one-line runs as user nobody, services.log, test.log,
 pg_lsclusters.txt and processes.txt. Exits 1 unless the run shows the fresh path whole: nothing in sight before,
 one line naming the packages for a user who may not install, `make services` installing and starting them, and
-the bounded `make test` passing.
+the bounded `make test` passing with torch's CPU build in the venv.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def summarize(work: Path, base_seconds: str, total: int, commit: str, suite: str
             "exit_code": int(f.get("test_rc", "-1")),
             "seconds": ms("test_start", "test_end"),
             "pytest": counts,
+            "venv": {"megabytes": int(f.get("venv_mb") or 0), "torch": f.get("torch", "")},
             "tail": test_log[-15:],
         },
         "seconds": {"base_root": base_seconds, "total": total},
@@ -114,6 +115,7 @@ def summarize(work: Path, base_seconds: str, total: int, commit: str, suite: str
         and s["services"]["exit_code"] == 0
         and s["services"]["listening"]["5432"]
         and s["test"]["exit_code"] == 0
+        and s["test"]["venv"]["torch"].endswith("+cpu")  # the Makefile's promise: torch's CPU build
         and counts is not None
         and int(counts.get("passed", 0)) > 0
         and not counts.get("failed")
@@ -139,7 +141,8 @@ def text(s: dict) -> str:
             f"installed ({', '.join(sv['packages_installed_named'])}); said: {' | '.join(sv['output'])}",
             f"  clusters: {' | '.join(sv['pg_lsclusters']) or 'none'}; listening after: {listening(sv['listening'])}",
             f"make test: exit {t['exit_code']} in {t['seconds']} s (pip install, import contracts, native trainer, "
-            f"pytest): {t['pytest']['line'] if t['pytest'] else 'no pytest summary'}",
+            f"pytest): {t['pytest']['line'] if t['pytest'] else 'no pytest summary'}; "
+            f".venv {t['venv']['megabytes']} MB, torch {t['venv']['torch'] or 'not installed'}",
             f"seconds: base root {s['seconds']['base_root']}, total {s['seconds']['total']}",
         ]
     )

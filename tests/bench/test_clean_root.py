@@ -20,7 +20,7 @@ def run_folder(tmp_path: Path, **change: str) -> Path:
     files = {
         "facts.txt": "listening_before_1883=no\nlisting_x=1\nlistening_before_5432=no\nnobody_test_rc=2\n"
         "nobody_demo_rc=2\nservices_start=1000\nservices_rc=0\nservices_end=61500\nlistening_after_1883=yes\n"
-        "listening_after_5432=yes\ntest_start=62000\ntest_rc=0\ntest_end=662000\n",
+        "listening_after_5432=yes\ntest_start=62000\ntest_rc=0\ntest_end=662000\nvenv_mb=2400\ntorch=2.13.0+cpu\n",
         "programs-before.txt": "",
         "packages-before.txt": "apt\nbase-files\npython3\n",
         "packages-after.txt": "apt\nbase-files\npython3\npython3-venv\ncmake\ng++\nmosquitto\npostgresql\n"
@@ -72,6 +72,7 @@ def test_a_whole_fresh_path_passes(tmp_path: Path) -> None:
     assert f"one line, make test as nobody: exit 2: {TEST_LINE}" in t
     assert "listening on 1883/5432: nothing" in t and "listening after: 1883, 5432" in t
     assert "make test: exit 0 in 600.0 s" in t and "33 passed, 1 skipped in 95.20s" in t
+    assert ".venv 2400 MB, torch 2.13.0+cpu" in t
 
 
 @pytest.mark.parametrize(
@@ -84,9 +85,11 @@ def test_a_whole_fresh_path_passes(tmp_path: Path) -> None:
         {"nobody_test_out": "33 passed in 1.00s\n"},
         {"test_log": "1 failed, 32 passed in 9.00s\n"},
         {"test_log": "make: *** [Makefile:40: native] Error 1\n"},
+        {"facts_txt": "services_rc=0\nlistening_after_5432=yes\nnobody_test_rc=2\nnobody_demo_rc=2\ntest_rc=0\n"
+         "torch=2.13.0\n"},
     ],
     ids=["host-postgres-in-sight", "mosquitto-there-before", "two-lines", "line-misses-python3-venv",
-         "tests-ran-as-nobody", "a-test-failed", "no-pytest"],
+         "tests-ran-as-nobody", "a-test-failed", "no-pytest", "cuda-torch"],
 )  # fmt: skip
 def test_a_run_that_falls_short_fails(tmp_path: Path, change: dict[str, str]) -> None:
     s = summary(run_folder(tmp_path, **change))
