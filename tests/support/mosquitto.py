@@ -45,7 +45,7 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> Mosquitto:
         exe = find_mosquitto()
         if exe is None:
-            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
+            raise RuntimeError("mosquitto is not installed: `make services` installs it (apt-get install -y mosquitto)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
