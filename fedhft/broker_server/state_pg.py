@@ -463,11 +463,6 @@ class PgStateStore:
                 "WHERE id = ANY(%s) AND status = 'pending'",
                 (version, list(aggregated_ids)),
             )
-            if cur.rowcount != len(set(aggregated_ids)):  # rolls back: an update is aggregated once or not at all
-                raise StateError(
-                    f"{self.where}: {len(set(aggregated_ids)) - cur.rowcount} of version {version}'s updates are no "
-                    "longer pending; not committing"
-                )
             if dropped:
                 cur.executemany(
                     "UPDATE updates SET status = 'rejected', reason = %s, payload = NULL "
