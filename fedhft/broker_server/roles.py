@@ -60,7 +60,7 @@ class IngestView:
     committed and the registry entries of the clients whose messages it handles."""
 
     def __init__(self, store: PgStateStore, spec: GlobalSpec, config: FederationConfig) -> None:
-        """``store``: opened shared (``exclusive=False``). Loads every registered client once."""
+        """``store``: opened shared (``role="ingest"``). Loads every registered client once."""
         self.store, self.spec = store, spec
         self.federation = Federation(spec, config, version=store.latest_version_number())
         self.registry: dict[str, ClientInfo] = {}

@@ -164,7 +164,7 @@ class Server:
         self.metrics = Metrics()
         standby = (stop or threading.Event()) if config.standby else None
         fingerprint, ingest_only = self.spec.fingerprint(), self.role == "ingest"
-        self.store = open_state(config.state_dir, self.task, fingerprint, config.key_dir, standby, not ingest_only)
+        self.store = open_state(config.state_dir, self.task, fingerprint, config.key_dir, standby, self.role)
         self.view: IngestView | None = None
         pg: Any = self.store  # the roles' PostgreSQL store (role_problem refused any other state for them)
         try:

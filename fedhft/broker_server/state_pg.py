@@ -15,11 +15,12 @@ A standby (``--standby``) waits for the lock instead of being refused, then rest
 serves: a hot spare that takes over within about a second of the holder's death (its session, and so its lock,
 ends when its connection does: at once for a killed process, after TCP keepalive for a lost machine).
 
-Ingest processes (``--role ingest``, roles.py) open the store shared (``exclusive=False``): without the lock, any
-number of them beside the one lock holder (the aggregator). They store clients and updates only; two of them
-storing the same (client, seq) is settled by the UNIQUE key (the second gets id 0 back: a duplicate), a
-registration is announced to the aggregator by NOTIFY on CLIENTS_CHANNEL, and migrations and the first meta
-rows are written under SETUP_LOCK_KEY, so processes starting together on a fresh database do not race.
+Ingest processes (``--role ingest``, roles.py) open the store shared (``role="ingest"``): without the lock, any
+number of them beside the one lock holder, the aggregator (a ``--role all`` server and ingest processes refuse
+each other: it would not see the updates they store until its restart). They store clients and updates only;
+two of them storing the same (client, seq) is settled by the UNIQUE key (the second gets id 0 back: a
+duplicate), a registration is announced to the aggregator by NOTIFY on CLIENTS_CHANNEL, and migrations and the
+first meta rows are written under SETUP_LOCK_KEY, so processes starting together on a fresh database do not race.
 
 The signing key stays a local file in ``--key-dir`` (locked as a state dir is, so `fedhft server rotate-key
 --state KEYDIR` refuses while the server runs); the public halves of its chain are kept in ``server_keys``.
@@ -105,17 +106,18 @@ class PgStateStore:
         spec_fingerprint: str,
         key_dir: Path | None,
         standby: threading.Event | None = None,
-        exclusive: bool = True,
+        role: str = "all",
     ) -> None:
         """Connect and take the lock: refused when another server holds it, or, with ``standby`` (the
         server's stop event), waited for until the holder is gone (StandbyStopped when ``standby`` is set first).
-        Then the key dir's lock (a standby on the same machine shares the leader's key dir). ``exclusive``
-        False (an ingest process): neither lock, and no key."""
+        Then the key dir's lock (a standby on the same machine shares the leader's key dir). ``role`` (roles.py)
+        "ingest": neither lock, and no key."""
         self.url = url
         self.where = state_label(url)
+        exclusive = role != "ingest"
         if exclusive and key_dir is None:
             raise StateError("a PostgreSQL state's lock holder needs its key dir")
-        self.exclusive = exclusive
+        self.role, self.exclusive = role, exclusive
         self.key_dir = Path(key_dir) if key_dir is not None else Path()
         self._key_lock = -1
         self.db: psycopg.Connection | None = None
@@ -128,6 +130,7 @@ class PgStateStore:
                 except OSError as exc:
                     raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
                 self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
+            self._check_roles()
             self.db.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK_KEY,))
             try:
                 migrate(self.db, self.where)
@@ -143,7 +146,8 @@ class PgStateStore:
 
     # ---- connection and lock ----------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection:
-        app = f"fedhft-server PID {os.getpid()} on {socket.gethostname()}"[:63]
+        name = "server" if self.role == "all" else self.role
+        app = f"fedhft-{name} PID {os.getpid()} on {socket.gethostname()}"[:63]
         try:
             db = psycopg.connect(self.url, autocommit=True, application_name=app, connect_timeout=10)
         except psycopg.Error as exc:
@@ -182,6 +186,29 @@ class PgStateStore:
         raise StateLocked(
             f"{self.where} is in use by another fedhft server ({name}); stop it or choose another --state"
         )
+
+    def _check_roles(self) -> None:
+        """A ``--role all`` server and ingest processes refuse to share a database: the server would not see
+        the updates the ingest processes store (until its restart)."""
+        assert self.db is not None
+        if self.role == "ingest":
+            holder = self.db.execute(_HELD, (_LOCK_HI, _LOCK_LO)).fetchone()
+            if holder and str(holder[1] or "").startswith("fedhft-server "):
+                raise StateError(
+                    f"{self.where} is served by a --role all server ({self._holder()}), which would not see the "
+                    "updates an ingest process stores; run it as --role aggregator"
+                )
+        elif self.role == "all":
+            rows = self.db.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'fedhft-ingest %%' ORDER BY pid LIMIT 3"
+            ).fetchall()
+            if rows:
+                names = ", ".join(str(r[0]).removeprefix("fedhft-") for r in rows)
+                raise StateError(
+                    f"{self.where} has ingest processes ({names}): a --role all server would not see the updates "
+                    "they store; run --role aggregator beside them"
+                )
 
     def holds_lock(self) -> bool:
         """Whether this connection still holds the server's advisory lock."""

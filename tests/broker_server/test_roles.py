@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
+from fedhft.broker_server.state_dir import StateError
 from fedhft.broker_server.state_pg import PgStateStore
 from fedhft.broker_server.state_schema import StagedUpdate
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
@@ -153,8 +154,8 @@ def test_a_standby_aggregator_takes_over_from_a_killed_one_losing_and_doubling_n
 
 
 def test_two_ingest_stores_racing_for_one_update_store_it_once(postgres_url: str, tmp_path: Path) -> None:
-    first = PgStateStore(postgres_url, TASK, "f" * 64, None, exclusive=False)
-    second = PgStateStore(postgres_url, TASK, "f" * 64, None, exclusive=False)
+    first = PgStateStore(postgres_url, TASK, "f" * 64, None, role="ingest")
+    second = PgStateStore(postgres_url, TASK, "f" * 64, None, role="ingest")
     try:
         first.upsert_client("a", "p", SHA, {"layers": []})
         staged = StagedUpdate("a", 1, 0, 10, 0.5, time.time(), 1.0, b"payload", {})
@@ -198,3 +199,22 @@ def test_an_ingest_process_takes_no_standby(tmp_path: Path, tiny_export: Path) -
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --standby is for --role aggregator: run more ingest processes instead"
     ], out.stderr
+
+
+def test_a_single_server_and_ingest_processes_refuse_each_other(postgres_url: str, tmp_path: Path) -> None:
+    """A --role all server would not see what ingest processes store: the second to come is refused, in one line."""
+    ingest = PgStateStore(postgres_url, TASK, "f" * 64, None, role="ingest")
+    try:
+        with pytest.raises(StateError, match=r"has ingest processes \(ingest PID \d+ on .*run --role aggregator"):
+            PgStateStore(postgres_url, TASK, "f" * 64, tmp_path / "keys", role="all")
+        aggregator = PgStateStore(postgres_url, TASK, "f" * 64, tmp_path / "keys", role="aggregator")
+        aggregator.close()
+    finally:
+        ingest.close()
+    single = PgStateStore(postgres_url, TASK, "f" * 64, tmp_path / "keys", role="all")
+    try:
+        with pytest.raises(StateError, match=r"served by a --role all server \(PID \d+ on .*--role aggregator") as exc:
+            PgStateStore(postgres_url, TASK, "f" * 64, None, role="ingest")
+        assert "\n" not in str(exc.value)
+    finally:
+        single.close()
