@@ -3,9 +3,9 @@ pass-through for the same payloads, in one run.
 
 Mosquitto on loopback (a fresh one per setup); the updates of bench/server_ingest.py (MiniLM shapes,
 phone-midrange-6gb plan, fp16, stored as encoders send them), N per run from K registered clients. Each repeat
-measures the broker's pass-through (N payloads to a plain subscriber) and then ingest (the same payloads as
-updates; rate = N / (last ack - first publish), acks counted by a child subscriber), so every ingest figure has its
-own pass-through beside it. Setups, each on a fresh state:
+measures ingest (the N payloads as updates; rate = N / (last ack - first publish), acks counted by a child
+subscriber) between two runs of the broker's pass-through for the same payloads (to a plain subscriber): the mean
+of those two is that ingest run's reference, and the ratio is the median over repeats. Setups, each on a fresh state:
 
 - sqlite / all x1: today's single process on a SQLite state dir (roles need PostgreSQL: a state dir is one
   process's);
@@ -17,7 +17,10 @@ own pass-through beside it. Setups, each on a fresh state:
 
 Server CPU ms per update sums every server process of the setup; database CPU ms per update sums the
 PostgreSQL backends serving them (this host's server, read from /proc). The host's 1-minute load average is
-recorded beside each figure: the host may be shared (cores: os.cpu_count()). Writes
+recorded beside each figure: the host may be shared (cores: os.cpu_count()). On a host whose cores every process
+shares (as this one's 2), the rates follow the CPU each message costs: ``cpu_ratio`` is the CPU of one message
+passed through (publisher, broker, subscriber) over the CPU of one update ingested (the same, plus the servers and
+their database backends), the ratio the work alone allows whatever the load. Writes
 bench/results/ingest_scaling.json and prints a table. Run: `nice -n 10 .venv/bin/python bench/ingest_scaling.py
 [--quick]`.
 """
@@ -123,6 +126,22 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def leg(
+    broker: EmbeddedBroker, pub: object, items: list[tuple[str, bytes]], topic_filter: str, pids: list[int]
+) -> tuple[float, float]:
+    """Publish ``items``; the rate at which ``topic_filter`` messages (one per item) reached a counting child, and
+    the CPU ms per item of every process involved: this one (the publisher), the counter, the broker, ``pids``."""
+    n = len(items)
+    counter = start_counter(broker.port, topic_filter, n, 300)
+    before = os.times()
+    others0 = cpu_of([broker.pid or 0, *pids])
+    t0 = publish_all(pub, items)  # type: ignore[arg-type]
+    rate = finish(counter, n, t0)  # reaps the counter: its CPU shows in os.times()'s children fields
+    after = os.times()
+    own = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "children_user", "children_system"))
+    return rate, 1e3 * (own + cpu_of([broker.pid or 0, *pids]) - others0) / n
+
+
 def measure_on(
     setup: Setup, broker: EmbeddedBroker, work: Path, mdir: Path, plan: dict, pool: list, n: int, repeats: int
 ) -> dict:
@@ -157,21 +176,21 @@ def measure_on(
             counter = start_counter(broker.port, f"fedhft/v1/{TASK}/ack/+", len(warm), 120)
             finish(counter, len(warm), publish_all(pub, warm))
             runs = []
-            for _ in range(repeats):
+            server_pids = [p.pid for p, _ in procs]
+            for _ in range(repeats):  # pass-through before and after each ingest run: their mean is its reference
                 updates = update_payloads(pool, ids, n, seq0, deflate=False)
                 seq0 += per_client
-                counter = start_counter(broker.port, "bench/pass/+", n, 300)
-                t0 = publish_all(pub, [(f"bench/pass/{t.rsplit('/', 1)[1]}", p) for t, p in updates])
-                passthrough = finish(counter, n, t0)
+                passing = [(f"bench/pass/{t.rsplit('/', 1)[1]}", p) for t, p in updates]
+                pass_before, pass_cpu = leg(broker, pub, passing, "bench/pass/+", [])
                 load = os.getloadavg()[0]
-                counter = start_counter(broker.port, f"fedhft/v1/{TASK}/ack/+", n, 300)
-                cpu0, db0 = sum(cpu_seconds(p.pid) for p, _ in procs), cpu_of(db_pids)
-                t0 = publish_all(pub, updates)
-                ingest = finish(counter, n, t0)
-                cpu_ms = 1e3 * (sum(cpu_seconds(p.pid) for p, _ in procs) - cpu0) / n
+                cpu0, db0 = cpu_of(server_pids), cpu_of(db_pids)
+                ingest, ingest_cpu = leg(broker, pub, updates, f"fedhft/v1/{TASK}/ack/+", server_pids + db_pids)
+                cpu_ms = 1e3 * (cpu_of(server_pids) - cpu0) / n
                 db_ms = 1e3 * (cpu_of(db_pids) - db0) / n
+                pass_after, _ = leg(broker, pub, passing, "bench/pass/+", [])
                 runs.append(
-                    {"passthrough_per_s": passthrough, "ingest_per_s": ingest, "cpu_ms": cpu_ms, "db_cpu_ms": db_ms,
+                    {"passthrough_per_s": (pass_before + pass_after) / 2, "ingest_per_s": ingest, "cpu_ms": cpu_ms,
+                     "db_cpu_ms": db_ms, "pass_total_cpu_ms": pass_cpu, "ingest_total_cpu_ms": ingest_cpu,
                      "load": load}
                 )  # fmt: skip
             sent = len(warm) + repeats * n
@@ -187,6 +206,7 @@ def measure_on(
     print(f"{setup.label}: {[{k: round(v, 1) for k, v in r.items()} for r in runs]}", flush=True)
     pass_rate = median(r["passthrough_per_s"] for r in runs)
     ingest_rate = median(r["ingest_per_s"] for r in runs)
+    pass_cpu, ingest_cpu = median(r["pass_total_cpu_ms"] for r in runs), median(r["ingest_total_cpu_ms"] for r in runs)
     return {
         "setup": setup.label,
         "backend": setup.backend,
@@ -196,6 +216,9 @@ def measure_on(
         "passthrough_per_s": round(pass_rate, 1),
         "ingest_per_s": round(ingest_rate, 1),
         "ratio": round(ingest_rate / pass_rate, 3),
+        "ratio_runs": [round(r["ingest_per_s"] / r["passthrough_per_s"], 3) for r in runs],
+        "total_cpu_ms_per_message": {"passthrough": round(pass_cpu, 2), "ingest": round(ingest_cpu, 2)},
+        "cpu_ratio": round(pass_cpu / ingest_cpu, 3),
         "server_cpu_ms_per_update": round(median(r["cpu_ms"] for r in runs), 2),
         "db_cpu_ms_per_update": round(median(r["db_cpu_ms"] for r in runs), 2) if setup.backend == "postgres" else None,
         "load_1m": round(median(r["load"] for r in runs), 2),
@@ -207,7 +230,7 @@ def measure_on(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--updates", type=int, default=400, help="updates per run")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="160 updates, 1 repeat")
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest_scaling.json")
     a = ap.parse_args()
@@ -225,13 +248,14 @@ def main() -> None:
     goal = {
         "goal": "ingest with 2 processes >= 50% of the broker's pass-through for the same payloads",
         "ratio_2_processes": two["ratio"],
+        "cpu_ratio_2_processes": two["cpu_ratio"],
         "met": two["ratio"] >= 0.5,
     }
     loads = tuple(round(x, 2) for x in load_before)
     print(f"\ningest scaling: {n} updates per run from 16 clients via {rows[0]['broker']} (a fresh one per setup), "
           f"median of {repeats}; host cpus {os.cpu_count()}, load (1, 5, 15 min) at start {loads}")  # fmt: skip
-    cols = ["setup", "passthrough_per_s", "ingest_per_s", "ratio", "server_cpu_ms_per_update", "db_cpu_ms_per_update"]
-    cols.append("load_1m")
+    cols = ["setup", "passthrough_per_s", "ingest_per_s", "ratio", "cpu_ratio", "server_cpu_ms_per_update"]
+    cols += ["db_cpu_ms_per_update", "load_1m"]
     print(table(rows, cols))
     print(f"\ngoal: {goal['goal']}: {two['ratio']:.0%} -> {'met' if goal['met'] else 'NOT met'}")
     result = {
