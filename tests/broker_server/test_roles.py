@@ -20,9 +20,8 @@ from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_up
 from fedhft.protocol import decode_model, encode_update, load_public_key
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.tensor_names import a_name, b_name
-from tests.broker_server.test_service import db_rows
 from tests.support import ROOT
-from tests.support.server import SHA, Hub, ServerProcess, update_message, update_tensors, wait_until
+from tests.support.server import SHA, Hub, ServerProcess, db_rows, update_message, update_tensors, wait_until
 
 TASK = "roles"
 
