@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
+from fedhft.broker_server.roles import role_problem
 from fedhft.broker_server.state_dir import StateError
 from fedhft.broker_server.state_pg import PgStateStore
 from fedhft.broker_server.state_schema import StagedUpdate
@@ -217,3 +218,15 @@ def test_a_single_server_and_ingest_processes_refuse_each_other(postgres_url: st
         assert "\n" not in str(exc.value)
     finally:
         single.close()
+
+
+def test_which_options_each_role_takes() -> None:
+    pg = "postgresql://u@127.0.0.1:5432/db"
+    assert role_problem("all", "dir", standby=False, virtual_time=True) is None  # the single process, unchanged
+    assert role_problem("aggregator", pg, standby=True, virtual_time=False) is None
+    assert role_problem("ingest", pg, standby=False, virtual_time=False) is None
+    assert "single-process" in (role_problem("aggregator", "dir", standby=False, virtual_time=False) or "")
+    assert "--role all" in (role_problem("aggregator", pg, standby=False, virtual_time=True) or "")
+    assert "--role must be one of all, ingest, aggregator" in (
+        role_problem("x", pg, standby=False, virtual_time=False) or ""
+    )
