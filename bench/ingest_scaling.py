@@ -20,7 +20,9 @@ PostgreSQL backends serving them (this host's server, read from /proc). The host
 recorded beside each figure: the host may be shared (cores: os.cpu_count()). On a host whose cores every process
 shares (as this one's 2), the rates follow the CPU each message costs: ``cpu_ratio`` is the CPU of one message
 passed through (publisher, broker, subscriber) over the CPU of one update ingested (the same, plus the servers and
-their database backends), the ratio the work alone allows whatever the load. Writes
+their database backends), the ratio the work alone allows whatever the load. Last, the database side alone: 1, 2
+and 4 processes storing the same payloads as ingest processes do (PgStateStore shared: the registry read and one
+commit per batch of 16), without MQTT or validation, to show whether the database limits ingest. Writes
 bench/results/ingest_scaling.json and prints a table. Run: `nice -n 10 .venv/bin/python bench/ingest_scaling.py
 [--quick]`.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -228,6 +231,48 @@ def measure_on(
     }
 
 
+def store_writer(url: str, writer: int, batches: int, payload_bytes: int, out: multiprocessing.Queue) -> None:
+    """One process storing ``batches`` commits of 16 updates as an ingest process does; puts (start, end)."""
+    from fedhft.broker_server.state_pg import PgStateStore
+    from fedhft.broker_server.state_schema import StagedUpdate
+
+    payload = np.random.default_rng(writer).bytes(payload_bytes)
+    store = PgStateStore(url, TASK, "f" * 64, None, role="ingest")
+    ids = [f"w{writer}-{c}" for c in range(16)]
+    for cid in ids:
+        store.upsert_client(cid, PROFILE, "ab" * 32, {})
+    t0 = time.time()
+    for b in range(batches):
+        store.latest_version_number()
+        store.registrations(ids)
+        store.commit_updates([StagedUpdate(c, b + 1, 0, 32, 0.7, time.time(), 1.0, payload, {}) for c in ids])
+    out.put((t0, time.time()))
+    store.close()
+
+
+def store_scaling(payload_bytes: int, total_batches: int = 48) -> list[dict]:
+    """Updates/s that 1, 2 and 4 processes store together, each on a fresh database."""
+    from fedhft.broker_server.state_pg import PgStateStore
+
+    rows = []
+    for k in (1, 2, 4):
+        with fresh_database() as url:
+            PgStateStore(url, TASK, "f" * 64, None, role="ingest").close()  # the schema, before the writers race
+            out: multiprocessing.Queue = multiprocessing.Queue()
+            procs = [
+                multiprocessing.Process(target=store_writer, args=(url, w, total_batches // k, payload_bytes, out))
+                for w in range(k)
+            ]
+            for proc in procs:
+                proc.start()
+            spans = [out.get(timeout=300) for _ in procs]
+            for proc in procs:
+                proc.join()
+            rate = k * (total_batches // k) * 16 / (max(e for _, e in spans) - min(s for s, _ in spans))
+            rows.append({"processes": k, "stored_per_s": round(rate, 1), "load_1m": round(os.getloadavg()[0], 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--updates", type=int, default=400, help="updates per run")
@@ -243,6 +288,8 @@ def main() -> None:
         pool = [random_update_tensors(rng, spec, cplan) for _ in range(8)]
         load_before = os.getloadavg()
         rows = [measure_setup(s, work, mdir, plan, pool, n, repeats) for s in SETUPS]
+        payload_bytes = len(update_payloads(pool, ["phone000"], 1, 0, deflate=False)[0][1])
+        store_rows = store_scaling(payload_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     two = next(r for r in rows if r["role"] == "ingest" and r["processes"] == 2 and not r["aggregator_running"])
@@ -258,6 +305,8 @@ def main() -> None:
     cols = ["setup", "passthrough_per_s", "ingest_per_s", "ratio", "cpu_ratio", "server_cpu_ms_per_update"]
     cols += ["db_cpu_ms_per_update", "load_1m"]
     print(table(rows, cols))
+    print(f"\nthe database alone ({payload_bytes} B payloads, 16 per commit, as ingest processes store them):")
+    print(table(store_rows, ["processes", "stored_per_s", "load_1m"]))
     print(f"\ngoal: {goal['goal']}: {two['ratio']:.0%} -> {'met' if goal['met'] else 'NOT met'}")
     result = {
         "model": "MiniLM-L6-H384 shapes (6 layers, hidden 384, intermediate 1536, 5 labels, seq 128, batch 8)",
@@ -269,7 +318,9 @@ def main() -> None:
         "broker": rows[0]["broker"],
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "load_at_start": load_before},
         "sqlite_note": "roles need --state postgresql://...: a SQLite state dir is single-process (one row)",
+        "payload_bytes": payload_bytes,
         "rows": rows,
+        "store_only": store_rows,
         "goal": goal,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
