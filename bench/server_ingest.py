@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 
@@ -146,18 +147,27 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def start_server(
-    broker_url: str, workdir: Path, mdir: Path, n: int, profile: Path | None = None
+    broker_url: str,
+    workdir: Path,
+    mdir: Path,
+    n: int,
+    profile: Path | None = None,
+    state: str | None = None,
+    extra: Sequence[str] = (),
+    name: str = "server",
 ) -> tuple[subprocess.Popen, int]:
-    """`fedhft server run` as a child (under bench/profile_threads.py when ``profile`` names its output)."""
+    """`fedhft server run` as a child (under bench/profile_threads.py when ``profile`` names its output), with
+    aggregation held off; ``state`` defaults to ``workdir/state``, ``extra`` adds options (``--role ...``)."""
     metrics_port = _free_port()
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed when the process is reaped
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed when the process is reaped
     launcher = ["-m", "fedhft.cli"] if profile is None else [str(ROOT / "bench" / "profile_threads.py"), str(profile)]
     server = subprocess.Popen(
         [
             sys.executable, *launcher, "server", "run",
-            "--broker", broker_url, "--task", TASK, "--state", str(workdir / "state"),
+            "--broker", broker_url, "--task", TASK, "--state", state or str(workdir / "state"),
             "--manifest", str(mdir), "--buffer-size", str(100 * n), "--window-seconds", "1e6",
-            "--max-staleness", "1000", "--metrics-port", str(metrics_port),
+            "--max-staleness", "1000", "--metrics-port", str(metrics_port), *extra,
         ],
         stderr=log,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
@@ -165,21 +175,44 @@ def start_server(
     deadline = time.time() + 30
     while scrape(metrics_port).get("fedhft_ready") != 1.0:
         if time.time() > deadline or server.poll() is not None:
-            raise RuntimeError(f"server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"{name} did not start: {log_path.read_text()[-2000:]}")
         time.sleep(0.1)
     return server, metrics_port
 
 
-def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: Path | None = None) -> list[dict]:
-    """Median pass-through and ingest rates (and the server's CPU ms per update), for deflated payloads and stored
-    ones (what encoders send when zlib saves < 15%, as it does for these tensors)."""
+def bench_manifest(workdir: Path) -> tuple[Path, dict, GlobalSpec, ClientPlan]:
+    """The phone-midrange-6gb plan on MiniLM shapes: its manifest dir (written), plan, spec and client plan."""
     plan = plan_lora(SHAPE, load_profile(PROFILE)).to_dict()
     manifest = shapes_manifest(plan, PROFILE)
     mdir = workdir / "manifest"
     mdir.mkdir()
     write_manifest(manifest, mdir)
     spec = GlobalSpec.from_manifest(manifest)
-    cplan = ClientPlan.from_plan(plan, spec)
+    return mdir, plan, spec, ClientPlan.from_plan(plan, spec)
+
+
+def say_hello(pub: mqtt.Client, ids: Sequence[str], plan: dict) -> None:
+    for cid in ids:
+        hello = HelloMessage(TASK, cid, PROFILE, SHA, plan, time.time())
+        pub.publish(f"fedhft/v1/{TASK}/hello/{cid}", encode_hello(hello), qos=1).wait_for_publish(10)
+
+
+def update_payloads(
+    pool: Sequence[dict], ids: Sequence[str], n: int, seq0: int, deflate: bool
+) -> list[tuple[str, bytes]]:
+    """``n`` updates (topic, payload) round-robin over ``ids`` with seqs from ``seq0 + 1``, tensors from ``pool``."""
+    out = []
+    for j in range(n):
+        cid, seq = ids[j % len(ids)], seq0 + j // len(ids) + 1
+        msg = UpdateMessage(TASK, cid, seq, 0, 32, 0.7, {}, PROFILE, SHA, time.time(), pool[j % len(pool)])
+        out.append((f"fedhft/v1/{TASK}/update/{cid}", rewrapped(encode_update(msg, "fp16"), deflate=deflate)))
+    return out
+
+
+def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: Path | None = None) -> list[dict]:
+    """Median pass-through and ingest rates (and the server's CPU ms per update), for deflated payloads and stored
+    ones (what encoders send when zlib saves < 15%, as it does for these tensors)."""
+    mdir, plan, spec, cplan = bench_manifest(workdir)
     rng = np.random.default_rng(0)
     pool = [random_update_tensors(rng, spec, cplan) for _ in range(8)]
     ids = [f"phone{i:03d}" for i in range(clients)]
@@ -189,26 +222,14 @@ def measure_ingest(n: int, clients: int, repeats: int, workdir: Path, profile: P
         pub = publisher(broker.port)
         server, metrics_port = start_server(broker.url, workdir, mdir, n, profile)
         try:
-            for cid in ids:
-                hello = HelloMessage(TASK, cid, PROFILE, SHA, plan, time.time())
-                pub.publish(f"fedhft/v1/{TASK}/hello/{cid}", encode_hello(hello), qos=1).wait_for_publish(10)
+            say_hello(pub, ids, plan)
             seq0 = 0
             for variant in ("deflated (zlib forced)", "stored (as encoders send: zlib saves < 15%)"):
                 rates: list[tuple[float, float]] = []
                 cpu_ms: list[float] = []
                 size = 0
                 for _ in range(repeats):
-                    updates: list[tuple[str, bytes]] = []
-                    for j in range(n):
-                        cid, seq = ids[j % clients], seq0 + j // clients + 1
-                        msg = UpdateMessage(TASK, cid, seq, 0, 32, 0.7, {}, PROFILE, SHA, time.time(), pool[j % 8])
-                        payload = encode_update(msg, "fp16")
-                        updates.append(
-                            (
-                                f"fedhft/v1/{TASK}/update/{cid}",
-                                rewrapped(payload, deflate="deflated" in variant),
-                            )
-                        )
+                    updates = update_payloads(pool, ids, n, seq0, deflate="deflated" in variant)
                     seq0 += per_client
                     size = len(updates[0][1])
                     counter = start_counter(broker.port, "bench/pass/+", n, 300)

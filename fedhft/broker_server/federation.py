@@ -268,6 +268,11 @@ class Federation:
         """The client's latest head (the source of its clustering signature)."""
         self.heads[client_id] = {k: np.asarray(v, dtype=np.float64) for k, v in head.items()}
 
+    def follow(self, version: int) -> None:
+        """Take the version another process committed: an ingest process's federation only checks updates
+        (roles.py), against the version the aggregator last committed."""
+        self.version = int(version)
+
     def check_update(self, tensors: Mapping[str, np.ndarray]) -> None:
         """UpdateRejected (reason ``wrong_training``) when the update's kind (LoRA or dense deltas) is not the
         strategy's, or (``masked``) when a dense-only strategy gets an update without every row."""

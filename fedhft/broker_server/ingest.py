@@ -5,6 +5,10 @@ soon as it arrives (:meth:`Ingest.prepare`). The verdicts are given in arrival o
 seq and replays, then the decode result); the accepted ones of a batch share one durable group commit, and
 only then does each update get its ack message and its MQTT PUBACK. A replayed seq that was already stored
 gets a "duplicate" ack and is never aggregated twice.
+
+In an ingest process (``--role ingest``, roles.py) the same code runs without aggregating: ``sync`` reads the
+registry entries and the version from the database before each batch and hello, stored updates are left there
+for the aggregator (``on_stored``), and there is no publisher (the aggregator publishes a new client's model).
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class Ingest:
         registry: dict[str, ClientInfo],
         metrics: Metrics,
         out: Outbound,
-        publisher: Publisher,
+        publisher: Publisher | None,
         *,
         clip_norm: float | None,
         max_staleness: int,
@@ -132,11 +136,13 @@ class Ingest:
         self.publisher = publisher
         self.clip_norm = clip_norm
         self.max_staleness = max_staleness
-        # On a simulated fleet's clock (virtual_pacing.py): registrations and refused updates are reported, and
-        # accepted updates are held there until their virtual time comes instead of entering the buffer at once.
+        # Where a stored update goes: the federation's buffer; on a simulated fleet's clock (virtual_pacing.py) it
+        # is held until its virtual time comes, and registrations and refused updates are reported there.
+        self.on_stored: Callable[[PendingUpdate], None] = federation.add_pending
         self.on_registered: Callable[[str], None] | None = None
         self.on_refused: Callable[[str, int], None] | None = None
-        self.hold: Callable[[PendingUpdate], None] | None = None
+        # An ingest process (roles.py): brings the registry entries of these clients and the version up to date.
+        self.sync: Callable[[Sequence[str]], None] | None = None
 
     def handle_batch(self, batch: Sequence[Inbound]) -> None:
         """Process messages in arrival order; consecutive updates share one durable commit."""
@@ -169,6 +175,8 @@ class Ingest:
             self.metrics.inc("fedhft_hellos_total", {"status": "rejected", "reason": type(exc).__name__})
             event(log, "hello rejected", logging.WARNING, client=topic_client, error=exc)
             return
+        if self.sync is not None:
+            self.sync([hello.client_id])
         known = self.registry.get(hello.client_id)
         changed = known is None or (known.plan, known.manifest_sha256, known.profile) != (
             plan,
@@ -188,8 +196,8 @@ class Ingest:
         self.metrics.inc("fedhft_hellos_total", {"status": "accepted", "reason": ""})
         event(log, "client registered", client=hello.client_id, profile=hello.profile, modules=len(plan.ranks))
         refresh_gauges(self.metrics, self.federation)
-        if changed:  # its model of the current version, at its ranks (version 0: ΔW = 0, LoRA-initialized A)
-            self.publisher.publish([self.federation.client_model(hello.client_id)])
+        if changed and self.publisher is not None:  # its model of the current version, at its ranks (version 0:
+            self.publisher.publish([self.federation.client_model(hello.client_id)])  # ΔW = 0, LoRA-initialized A)
         if self.on_registered is not None:
             self.on_registered(hello.client_id)
 
@@ -269,6 +277,8 @@ class Ingest:
         return Verdict("accepted", "", "", topic_client, seq, staged, clipped=prep.scale < 1.0)
 
     def _handle_updates(self, run: Sequence[Inbound]) -> None:
+        if self.sync is not None:
+            self.sync(sorted({parse_topic(m.topic)[2] for m in run}))
         batch_seq: dict[str, int] = {}
         batch_keys: set[tuple[str, int]] = set()
         verdicts: list[Verdict] = []
@@ -282,7 +292,8 @@ class Ingest:
                 batch_seq[v.client_id] = v.seq
                 batch_keys.add((v.client_id, v.seq))
             verdicts.append(v)
-        staged = [v.staged for v in verdicts if v.staged is not None]
+        accepted = [v for v in verdicts if v.staged is not None]
+        staged = [v.staged for v in accepted if v.staged is not None]
         heads = {
             s.client_id: {k: s.tensors[k] for k in (HEAD_WEIGHT, HEAD_BIAS)}
             for s in staged
@@ -298,9 +309,12 @@ class Ingest:
                 self.metrics.inc("fedhft_updates_total", {"status": "error", "reason": level}, len(staged))
                 event(log, "could not store updates; not acknowledged", logging.ERROR, count=len(staged), error=exc)
             else:
-                for s, row in zip(staged, stored, strict=True):
+                for v, s, row in zip(accepted, staged, stored, strict=True):
                     self.registry[s.client_id].last_seq = max(self.registry[s.client_id].last_seq, s.seq)
-                    (self.hold or self.federation.add_pending)(
+                    if row.id == 0:  # another ingest process stored this (client, seq) first
+                        v.status, v.reason, v.detail = "duplicate", REPLAY, f"seq {s.seq} was already accepted"
+                        continue
+                    self.on_stored(
                         PendingUpdate(
                             row.id,
                             s.client_id,

@@ -11,12 +11,14 @@ marked rejected ("lost").
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fedhft.broker_server import sim_time
 from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
 from fedhft.broker_server.ingest import ClientInfo
 from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError
+from fedhft.broker_server.state_schema import ClientRow, StoredUpdate
 from fedhft.broker_server.strategies import get_strategy
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
 from fedhft.broker_server.version_history import PastVersion
@@ -51,6 +53,50 @@ def past_versions(store: StateBackend, max_staleness: int) -> list[PastVersion]:
     return out
 
 
+def client_info(row: ClientRow, spec: GlobalSpec) -> ClientInfo | None:
+    """The registry's entry for a stored client; None (logged) when its plan no longer fits the manifest."""
+    try:
+        plan = ClientPlan.from_plan(row.plan, spec)
+    except PlanRejected as exc:
+        event(
+            log, "dropping a stored client whose plan no longer fits", logging.WARNING, client=row.client_id, error=exc
+        )
+        return None
+    return ClientInfo(plan, row.profile, row.manifest_sha256, row.last_seq)
+
+
+def decode_pending(
+    store: StateBackend, spec: GlobalSpec, rows: Sequence[StoredUpdate]
+) -> tuple[list[PendingUpdate], list[int]]:
+    """Stored pending updates decoded again from their payloads (scaled as when accepted), and the ids of those
+    that cannot be read (for the caller to mark rejected, "lost")."""
+    pending: list[PendingUpdate] = []
+    lost: list[int] = []
+    for stored in rows:
+        try:
+            payload = store.load_payload(stored)
+            decoded = decode_update(payload, max_bytes=RESTORE_MAX_BYTES)
+            tensors = scale_update(decoded.tensors, stored.clip_scale)
+            to_client_update(stored.client_id, stored.num_samples, stored.base_version, tensors, spec)
+        except (StateError, FedHFTError, KeyError) as exc:
+            event(log, "a stored update cannot be read", logging.ERROR, id=stored.id, error=exc)
+            lost.append(stored.id)
+            continue
+        pending.append(
+            PendingUpdate(
+                stored.id,
+                stored.client_id,
+                stored.seq,
+                stored.base_version,
+                stored.num_samples,
+                stored.received_at,
+                tensors,
+                sim_time.sent_at(decoded),
+            )
+        )
+    return pending, lost
+
+
 def restore(
     store: StateBackend, spec: GlobalSpec, config: FederationConfig
 ) -> tuple[Federation, dict[str, ClientInfo]]:
@@ -73,38 +119,16 @@ def restore(
         history=past_versions(store, config.max_staleness) if latest and needs_history else (),
     )
     for cid, row in rows.items():
-        try:
-            plan = ClientPlan.from_plan(row.plan, spec)
-        except PlanRejected as exc:
-            event(log, "dropping a stored client whose plan no longer fits", logging.WARNING, client=cid, error=exc)
+        info = client_info(row, spec)
+        if info is None:
             continue
-        registry[cid] = ClientInfo(plan, row.profile, row.manifest_sha256, row.last_seq)
-        federation.register(cid, plan)
+        registry[cid] = info
+        federation.register(cid, info.plan)
         if row.head:
             federation.set_head(cid, row.head)
-    lost = []
-    for stored in store.load_pending():
-        try:
-            payload = store.load_payload(stored)
-            decoded = decode_update(payload, max_bytes=RESTORE_MAX_BYTES)
-            tensors = scale_update(decoded.tensors, stored.clip_scale)
-            to_client_update(stored.client_id, stored.num_samples, stored.base_version, tensors, spec)
-        except (StateError, FedHFTError, KeyError) as exc:
-            event(log, "a stored update cannot be read", logging.ERROR, id=stored.id, error=exc)
-            lost.append(stored.id)
-            continue
-        federation.add_pending(
-            PendingUpdate(
-                stored.id,
-                stored.client_id,
-                stored.seq,
-                stored.base_version,
-                stored.num_samples,
-                stored.received_at,
-                tensors,
-                sim_time.sent_at(decoded),
-            )
-        )
+    pending, lost = decode_pending(store, spec, store.load_pending())
+    for p in pending:
+        federation.add_pending(p)
     store.mark_rejected(lost, "lost")
     event(
         log,

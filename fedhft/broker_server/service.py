@@ -13,6 +13,10 @@ out, updates processed in virtual-time order).
 The broker session is persistent (clean_start=False, session expiry), so updates that reached the broker
 while the server was down, or before their PUBACK, are delivered again after a restart; a replayed seq
 that was already stored gets a "duplicate" ack and is never aggregated twice.
+
+``--role ingest`` and ``--role aggregator`` split this process in two over a PostgreSQL state (roles.py): ingest
+processes run the ingest half (no coordinator, no publisher, no key), the aggregator the rest (no subscriptions;
+its inputs come from the database).
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import ctypes
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -38,6 +44,7 @@ from fedhft.broker_server.ingest import Inbound, Ingest
 from fedhft.broker_server.metrics import Metrics, MetricsServer, refresh_gauges
 from fedhft.broker_server.publisher import Outbound, Publisher
 from fedhft.broker_server.restore import restore
+from fedhft.broker_server.roles import AggregatorFeed, IngestView, leave_to_aggregator, role_problem
 from fedhft.broker_server.state_backend import open_state
 from fedhft.broker_server.state_dir import state_label
 from fedhft.broker_server.validation import GlobalSpec
@@ -130,6 +137,7 @@ class ServerConfig:
     virtual_fleet: int = 0  # process nothing before this many devices said hello
     key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
     standby: bool = False  # postgresql:// only: wait for the running server's lock, then take over
+    role: str = "all"  # all | ingest | aggregator (postgresql:// only): roles.py
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
@@ -147,16 +155,29 @@ class Server:
         self.task = validate_id(config.task, "task", ServiceError)
         validate_id(config.group, "share group", ServiceError)
         self.address = parse_broker_url(config.broker, ServiceError, scheme_optional=True)
+        problem = role_problem(config.role, config.state_dir, standby=config.standby, virtual_time=config.virtual_time)
+        if problem:
+            raise ServiceError(problem)
+        self.role = config.role
         rule = config.flush_rule()
         self.spec = GlobalSpec.from_manifest(load_manifest(config.manifest))
         self.metrics = Metrics()
         standby = (stop or threading.Event()) if config.standby else None
-        self.store = open_state(config.state_dir, self.task, self.spec.fingerprint(), config.key_dir, standby)
+        fingerprint, ingest_only = self.spec.fingerprint(), self.role == "ingest"
+        self.store = open_state(config.state_dir, self.task, fingerprint, config.key_dir, standby, self.role)
+        self.view: IngestView | None = None
+        pg: Any = self.store  # the roles' PostgreSQL store (role_problem refused any other state for them)
         try:
-            self.key = self.store.signing_key()
-            self.key_chain = self.store.key_chain(self.key)
             self._check_aggregator()
-            self.federation, self.registry = restore(self.store, self.spec, config.federation)
+            if ingest_only:
+                self.view = IngestView(pg, self.spec, config.federation)
+                self.federation, self.registry = self.view.federation, self.view.registry
+            else:
+                self.key = self.store.signing_key()
+                self.key_chain = self.store.key_chain(self.key)
+                if self.role == "aggregator":
+                    pg.listen_clients()  # before restoring: no registration falls in between
+                self.federation, self.registry = restore(self.store, self.spec, config.federation)
         except BaseException:
             self.store.close()
             raise
@@ -172,15 +193,19 @@ class Server:
             if config.decode_threads > 1
             else None
         )
-        self.publisher = Publisher(
-            self.task,
-            self.key,
-            self.key_chain,
-            self.federation,
-            self.metrics,
-            self.out,
-            config.model_encoding,
-            self._pool,
+        self.publisher = (
+            None
+            if ingest_only
+            else Publisher(
+                self.task,
+                self.key,
+                self.key_chain,
+                self.federation,
+                self.metrics,
+                self.out,
+                config.model_encoding,
+                self._pool,
+            )
         )
         self.ingest = Ingest(
             self.task,
@@ -194,17 +219,26 @@ class Server:
             clip_norm=config.clip_norm,
             max_staleness=config.federation.max_staleness,
         )
-        self.coordinator = Coordinator(
-            self.federation,
-            self.store,
-            self.metrics,
-            self.publisher,
-            aggregator=config.federation.aggregator,
-            keep_versions=max(config.keep_versions, self.federation.history.depth),  # a restart rebuilds the history
-            rule=rule,
-        )
+        self.coordinator: Coordinator | None = None
+        self.feed: AggregatorFeed | None = None
+        if self.view is not None:
+            self.ingest.sync, self.ingest.on_stored = self.view.sync, leave_to_aggregator
+        else:
+            assert self.publisher is not None
+            self.coordinator = Coordinator(
+                self.federation,
+                self.store,
+                self.metrics,
+                self.publisher,
+                aggregator=config.federation.aggregator,
+                keep_versions=max(config.keep_versions, self.federation.history.depth),  # a restart rebuilds them
+                rule=rule,
+            )
+        if self.role == "aggregator":
+            assert self.publisher is not None
+            self.feed = AggregatorFeed(pg, self.spec, self.federation, self.registry, self.publisher, self.metrics)
         self.pacing: VirtualPacing | None = None
-        if config.virtual_time:
+        if config.virtual_time and self.coordinator is not None:
             self.pacing = VirtualPacing(
                 self.task,
                 self.federation,
@@ -217,7 +251,7 @@ class Server:
                 config.virtual_fleet,
             )
             self.ingest.on_registered = self.pacing.registered
-            self.ingest.hold = self.pacing.hold
+            self.ingest.on_stored = self.pacing.hold
             self.ingest.on_refused = self.pacing.refused
             self.pacing.resume(list(self.registry))  # a restarted server reschedules the devices it knows
         refresh_gauges(self.metrics, self.federation)
@@ -232,9 +266,21 @@ class Server:
                 "pass the same --aggregator or use a fresh --state"
             )
 
+    def _client_id(self) -> tuple[str, int]:
+        """The MQTT client id and session expiry: an ingest process without ``--client-id`` takes a fresh id
+        whose session (and share of the subscription) ends with its connection; the devices send again what it
+        did not acknowledge."""
+        cfg = self.config
+        if cfg.client_id:
+            return cfg.client_id, cfg.session_expiry
+        if self.role == "ingest":
+            return f"fedhft-ingest-{self.task}-{cfg.group}-{socket.gethostname()}-{os.getpid()}", 0
+        name = "aggregator" if self.role == "aggregator" else "server"
+        return f"fedhft-{name}-{self.task}-{cfg.group}", cfg.session_expiry
+
     def _connect(self) -> None:
         cfg = self.config
-        client_id = cfg.client_id or f"fedhft-server-{self.task}-{cfg.group}"
+        client_id, session_expiry = self._client_id()
         client = make_client(
             client_id,
             username=cfg.username or None,
@@ -252,7 +298,7 @@ class Server:
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
-        props = session_properties(cfg.session_expiry)
+        props = session_properties(session_expiry)
         self.out.client = client
         client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False, properties=props)
         client.loop_start()
@@ -268,6 +314,10 @@ class Server:
                 self._fatal = f"the broker refused the server's credentials ({reason})"
             return
         event(log, "connected to the broker", session_present=getattr(flags, "session_present", None))
+        if self.role == "aggregator":  # publishes only: its inputs come from the database
+            self._ready.set()
+            self.metrics.set("fedhft_ready", 1)
+            return
         opts = SubscribeOptions(qos=1)
         # one share name per filter: rumqttd (iotcore) keys shared subscriptions by name alone
         group = self.config.group
@@ -315,14 +365,15 @@ class Server:
             "server started",
             task=self.task,
             broker=f"{self.address.host}:{self.address.port}",
-            key_id=key_id(self.key),
+            role=self.role,
+            key_id=key_id(self.key) if self.publisher is not None else None,
             version=self.federation.version,
         )
         try:
             while not stop.is_set():
                 if self._fatal:
                     raise ServiceError(self._fatal)
-                if self._ready.is_set() and not self._initial_published:
+                if self._ready.is_set() and not self._initial_published and self.publisher is not None:
                     self._initial_published = True
                     self.publisher.publish_key_chain()  # before the models: a device adopts the key, then takes them
                     self.publisher.publish_models()  # idempotent: covers a crash between commit and publish
@@ -331,6 +382,16 @@ class Server:
             self.shutdown()
 
     def _step(self, now: float) -> None:
+        if self.coordinator is None:  # an ingest process
+            batch = self._drain(POLL_SECONDS)
+            if batch:
+                self.handle_batch(batch)
+            return
+        if self.feed is not None:  # the aggregator: its inputs come from the database
+            self.feed.wait(self.coordinator.wait_seconds(now))
+            self.feed.sync()
+            self.coordinator.flush_if_due(time.time())
+            return
         # on virtual time nothing is due on the wall clock: wait for messages (and look at timeouts) each poll
         batch = self._drain(POLL_SECONDS if self.pacing is not None else self.coordinator.wait_seconds(now))
         if batch:
@@ -353,6 +414,7 @@ class Server:
 
     def aggregate_and_publish(self) -> bool:
         """One flush now (coordinator.py); False when it could not be committed."""
+        assert self.coordinator is not None, "an ingest process does not aggregate"
         return self.coordinator.aggregate_and_publish()
 
     def _drain(self, timeout: float) -> list[Inbound]:
@@ -371,7 +433,7 @@ class Server:
     def shutdown(self) -> None:
         """Disconnect, stop threads, close the store (idempotent)."""
         if self.out.client is not None:
-            if self.publisher.last_publish is not None:
+            if self.publisher is not None and self.publisher.last_publish is not None:
                 try:
                     self.publisher.last_publish.wait_for_publish(timeout=5)
                 except (RuntimeError, ValueError):
@@ -384,5 +446,7 @@ class Server:
             self.metrics_server = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            self._pool = self.publisher.pool = None
+            self._pool = None
+            if self.publisher is not None:
+                self.publisher.pool = None
         self.store.close()

@@ -82,16 +82,22 @@ def open_state(
     spec_fingerprint: str,
     key_dir: str | os.PathLike[str] | None = None,
     standby: threading.Event | None = None,
+    role: str = "all",
 ) -> StateBackend:
     """The state named by ``--state``: a PostgreSQL database for ``postgresql://...`` (its signing key in
     ``key_dir``, required), else the SQLite state directory (which holds its own key; ``key_dir`` must be unset).
-    ``standby`` (the server's stop event; PostgreSQL only) waits for another server's lock instead of refusing."""
+    ``standby`` (the server's stop event; PostgreSQL only) waits for another server's lock instead of refusing.
+    ``role`` (roles.py; not "all": PostgreSQL only): "ingest" shares the database without lock or key."""
     if is_postgres(spec):
-        if key_dir is None:
+        if key_dir is None and role != "ingest":
             raise StateError("--state postgresql://... needs --key-dir DIR: the signing key stays a local file")
         from fedhft.broker_server.state_pg import PgStateStore  # psycopg is loaded only for PostgreSQL
 
-        return PgStateStore(str(spec), task, spec_fingerprint, Path(key_dir), standby)
+        return PgStateStore(
+            str(spec), task, spec_fingerprint, Path(key_dir) if role != "ingest" and key_dir else None, standby, role
+        )
+    if role != "all":
+        raise StateError(f"--role {role} needs --state postgresql://...: a SQLite state directory is single-process")
     if standby is not None:
         raise StateError("--standby needs --state postgresql://...: a state directory has no standby")
     if key_dir is not None and Path(key_dir) != Path(spec):

@@ -15,6 +15,13 @@ A standby (``--standby``) waits for the lock instead of being refused, then rest
 serves: a hot spare that takes over within about a second of the holder's death (its session, and so its lock,
 ends when its connection does: at once for a killed process, after TCP keepalive for a lost machine).
 
+Ingest processes (``--role ingest``, roles.py) open the store shared (``role="ingest"``): without the lock, any
+number of them beside the one lock holder, the aggregator (a ``--role all`` server and ingest processes refuse
+each other: it would not see the updates they store until its restart). They store clients and updates only;
+two of them storing the same (client, seq) is settled by the UNIQUE key (the second gets id 0 back: a
+duplicate), a registration is announced to the aggregator by NOTIFY on CLIENTS_CHANNEL, and migrations and the
+first meta rows are written under SETUP_LOCK_KEY, so processes starting together on a fresh database do not race.
+
 The signing key stays a local file in ``--key-dir`` (locked as a state dir is, so `fedhft server rotate-key
 --state KEYDIR` refuses while the server runs); the public halves of its chain are kept in ``server_keys``.
 One connection, used by the server's main thread only (as the SQLite store is).
@@ -71,6 +78,8 @@ log = logging.getLogger("fedhft.server")
 
 STANDBY_POLL = 0.25  # seconds between a standby's tries for the lock
 LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database advisory lock (per database)
+SETUP_LOCK_KEY = LOCK_KEY + 1  # held while migrating and writing the first meta rows (any process)
+CLIENTS_CHANNEL = "fedhft_clients"  # NOTIFY on registering or changing a client; the payload is its id
 _LOCK_HI, _LOCK_LO = LOCK_KEY >> 32, LOCK_KEY & 0xFFFF_FFFF  # how pg_locks shows a bigint key
 _HELD = (
     "SELECT l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -78,6 +87,9 @@ _HELD = (
     "AND l.objid::bigint = %s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 _VERSION_COLUMNS = "version, created_at, state_dir, state_files, num_updates, clusters"
+_REGISTRATIONS = (  # CLIENTS_QUERY's columns without the membership and head an ingest process does not use
+    "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, NULL, NULL FROM clients WHERE client_id = ANY(%s)"
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -92,27 +104,39 @@ class PgStateStore:
         url: str,
         task: str,
         spec_fingerprint: str,
-        key_dir: Path,
+        key_dir: Path | None,
         standby: threading.Event | None = None,
+        role: str = "all",
     ) -> None:
         """Connect and take the lock: refused when another server holds it, or, with ``standby`` (the
         server's stop event), waited for until the holder is gone (StandbyStopped when ``standby`` is set first).
-        Then the key dir's lock (a standby on the same machine shares the leader's key dir)."""
+        Then the key dir's lock (a standby on the same machine shares the leader's key dir). ``role`` (roles.py)
+        "ingest": neither lock, and no key."""
         self.url = url
         self.where = state_label(url)
-        self.key_dir = Path(key_dir)
+        exclusive = role != "ingest"
+        if exclusive and key_dir is None:
+            raise StateError("a PostgreSQL state's lock holder needs its key dir")
+        self.role, self.exclusive = role, exclusive
+        self.key_dir = Path(key_dir) if key_dir is not None else Path()
         self._key_lock = -1
         self.db: psycopg.Connection | None = None
         try:
             self.db = self._connect()
-            self._acquire_lock() if standby is None else self._wait_for_lock(standby)
+            if exclusive:
+                self._acquire_lock() if standby is None else self._wait_for_lock(standby)
+                try:
+                    self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
+                self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
+            self._check_roles()
+            self.db.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK_KEY,))
             try:
-                self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StateError(f"key dir {self.key_dir}: cannot create it ({exc.strerror or exc})") from exc
-            self._key_lock = lock_state_dir(self.key_dir)  # rotate-key on it refuses while we run
-            migrate(self.db, self.where)
-            self._check_meta(task, spec_fingerprint)
+                migrate(self.db, self.where)
+                self._check_meta(task, spec_fingerprint)
+            finally:
+                self.db.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK_KEY,))
         except psycopg.Error as exc:
             self.close()
             raise StateError(f"{self.where}: database error ({_first_line(exc)})") from exc
@@ -122,7 +146,8 @@ class PgStateStore:
 
     # ---- connection and lock ----------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection:
-        app = f"fedhft-server PID {os.getpid()} on {socket.gethostname()}"[:63]
+        name = "server" if self.role == "all" else self.role
+        app = f"fedhft-{name} PID {os.getpid()} on {socket.gethostname()}"[:63]
         try:
             db = psycopg.connect(self.url, autocommit=True, application_name=app, connect_timeout=10)
         except psycopg.Error as exc:
@@ -161,6 +186,29 @@ class PgStateStore:
         raise StateLocked(
             f"{self.where} is in use by another fedhft server ({name}); stop it or choose another --state"
         )
+
+    def _check_roles(self) -> None:
+        """A ``--role all`` server and ingest processes refuse to share a database: the server would not see
+        the updates the ingest processes store (until its restart)."""
+        assert self.db is not None
+        if self.role == "ingest":
+            holder = self.db.execute(_HELD, (_LOCK_HI, _LOCK_LO)).fetchone()
+            if holder and str(holder[1] or "").startswith("fedhft-server "):
+                raise StateError(
+                    f"{self.where} is served by a --role all server ({self._holder()}), which would not see the "
+                    "updates an ingest process stores; run it as --role aggregator"
+                )
+        elif self.role == "all":
+            rows = self.db.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'fedhft-ingest %%' ORDER BY pid LIMIT 3"
+            ).fetchall()
+            if rows:
+                names = ", ".join(str(r[0]).removeprefix("fedhft-") for r in rows)
+                raise StateError(
+                    f"{self.where} has ingest processes ({names}): a --role all server would not see the updates "
+                    "they store; run --role aggregator beside them"
+                )
 
     def holds_lock(self) -> bool:
         """Whether this connection still holds the server's advisory lock."""
@@ -233,6 +281,8 @@ class PgStateStore:
     # ---- signing key --------------------------------------------------------------------------------------
     def signing_key(self) -> Ed25519PrivateKey:
         """The Ed25519 key of ``--key-dir`` (generated there on first start, as in a state dir)."""
+        if not self.exclusive:
+            raise StateError(f"{self.where}: an ingest process's store has no signing key")
         return load_server_key(self.key_dir)
 
     def key_chain(self, key: Ed25519PrivateKey) -> tuple[KeyLink, ...]:
@@ -255,9 +305,36 @@ class PgStateStore:
         return chain
 
     # ---- clients --------------------------------------------------------------------------------------------
-    def load_clients(self) -> dict[str, ClientRow]:
-        rows = self._query(CLIENTS_QUERY)
+    def load_clients(self, ids: Sequence[str] | None = None) -> dict[str, ClientRow]:
+        """Every client, or those of ``ids`` that are registered."""
+        rows = (
+            self._query(CLIENTS_QUERY)
+            if ids is None
+            else self._query(f"{CLIENTS_QUERY} WHERE client_id = ANY(%s)", (list(ids),))
+        )
         return {r[0]: client_from_row(r) for r in rows}
+
+    def registrations(self, ids: Sequence[str]) -> dict[str, ClientRow]:
+        """The registered clients of ``ids`` without their memberships and heads (what validation needs)."""
+        return {r[0]: client_from_row(r) for r in self._query(_REGISTRATIONS, (list(ids),))}
+
+    def listen_clients(self) -> None:
+        """Receive a notification (:meth:`changed_clients`) whenever a client is registered or changed."""
+        with self._transaction("listen for registrations") as db:
+            db.execute(f"LISTEN {CLIENTS_CHANNEL}")
+
+    def changed_clients(self, timeout: float) -> set[str]:
+        """The clients registered or changed since the last call (after :meth:`listen_clients`); waits up to
+        ``timeout`` seconds for the first one."""
+        changed: set[str] = set()
+        try:
+            for n in self._conn.notifies(timeout=timeout, stop_after=1):
+                changed.add(n.payload)
+            for n in self._conn.notifies(timeout=0):
+                changed.add(n.payload)
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc, "wait for notifications") from exc
+        return changed
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
@@ -270,6 +347,7 @@ class PgStateStore:
                 "updated_at = excluded.updated_at",
                 (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
             )
+            db.execute("SELECT pg_notify(%s, %s)", (CLIENTS_CHANNEL, client_id))  # sent when this commits
 
     # ---- updates ----------------------------------------------------------------------------------------------
     def update_status(self, client_id: str, seq: int) -> str | None:
@@ -282,6 +360,7 @@ class PgStateStore:
         heads: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> list[StoredUpdate]:
         """Store a batch in ONE transaction (rows with their payloads, seqs, heads); returns once it committed.
+        An update whose (client, seq) another ingest process stored first is left alone and comes back with id 0.
 
         Raises StorageFull / StateError with nothing stored."""
         params = [
@@ -293,7 +372,8 @@ class PgStateStore:
             if params:
                 cur.executemany(
                     "INSERT INTO updates (client_id, seq, base_version, num_samples, loss, received_at, payload, "
-                    "status, clip_scale) VALUES (%s, %s, %s, %s, %s, %s, %b, 'pending', %s) RETURNING id",
+                    "status, clip_scale) VALUES (%s, %s, %s, %s, %s, %s, %b, 'pending', %s) "
+                    "ON CONFLICT (client_id, seq) DO NOTHING RETURNING id",
                     params,
                     returning=True,
                 )
@@ -324,6 +404,11 @@ class PgStateStore:
             "FROM updates WHERE status = 'pending' ORDER BY id"
         )
         return [StoredUpdate(*r) for r in rows]
+
+    def latest_version_number(self) -> int:
+        """The newest committed version (0 before the first)."""
+        rows = self._query("SELECT COALESCE(MAX(version), 0) FROM versions")
+        return int(rows[0][0])
 
     def load_payload(self, update: StoredUpdate) -> bytes:
         """The stored payload of one pending update, exactly as received."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from fedhft.cli.signals import stop_on_signals
 
 ROBUST_CHOICES = ("none", "trimmed-mean", "median")  # = robust.ROBUST_RULES (light import)
 SIGNATURE_CHOICES = ("head", "delta", "both")  # = reclustering.SIGNATURES (light import)
+ROLE_CHOICES = ("all", "ingest", "aggregator")  # = roles.ROLES (light import)
 
 
 def _clusters(value: str) -> int | None:
@@ -39,6 +41,16 @@ def _clusters(value: str) -> int | None:
     "--standby",
     is_flag=True,
     help="With --state postgresql://...: wait while another server holds the database, take over when it dies.",
+)
+@click.option(
+    "--role",
+    type=click.Choice(ROLE_CHOICES),
+    default="all",
+    show_default=True,
+    help="all: this process ingests, aggregates and publishes. With --state postgresql://... the work splits: "
+    "ingest (any number, any machine) validates, stores and acks updates through the shared subscription; "
+    "aggregator (one, holding the database's lock; --standby ones wait) aggregates the stored updates and "
+    "publishes models.",
 )
 @click.option(
     "--key-dir",
@@ -209,6 +221,7 @@ def server_run_command(
     task: str,
     state_dir: str,
     standby: bool,
+    role: str,
     key_dir: Path | None,
     manifest: Path,
     clusters: str,
@@ -251,9 +264,15 @@ def server_run_command(
     """Run the federated server: validate and durably store updates, aggregate (FedBuff or sync rounds),
     publish models."""
     from fedhft.broker_server.federation import FederationConfig
+    from fedhft.broker_server.roles import role_problem
     from fedhft.broker_server.service import Server, ServerConfig
     from fedhft.broker_server.state_dir import StandbyStopped, is_postgres, state_label
     from fedhft.credentials import resolve_password
+
+    problem = role_problem(role, state_dir, standby=standby, virtual_time=virtual_time)
+    if problem:  # a usage error: one line, exit status 2
+        click.echo(f"error: {problem}", err=True)
+        sys.exit(2)
 
     password = resolve_password(password, password_file)
 
@@ -284,6 +303,7 @@ def server_run_command(
         state_dir=state_dir if is_postgres(state_dir) else Path(state_dir),
         key_dir=key_dir,
         standby=standby,
+        role=role,
         manifest=manifest,
         federation=fed,
         clip_norm=clip_norm,
@@ -309,9 +329,10 @@ def server_run_command(
         except StandbyStopped:
             click.echo("fedhft server: the standby stopped before it took over", err=True)
             return
+        key = f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}" if role != "ingest" else "no key"
         click.echo(
-            f"fedhft server: task {task}, {state_label(state_dir)}, version {server.federation.version}, "
-            f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}",
+            f"fedhft server ({role}): task {task}, {state_label(state_dir)}, version {server.federation.version}, "
+            f"{key}",
             err=True,
         )
         server.run(stop)

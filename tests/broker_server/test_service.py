@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from tests.support import ROOT
 from tests.support.server import (
     Hub,
     ServerProcess,
+    db_rows,
     encode_unchecked,
     plan_dict,
     update_message,
@@ -65,17 +65,6 @@ def env(mosquitto, tiny_export: Path, tmp_path: Path, request: pytest.FixtureReq
 def version_of(hub: Hub, target: str) -> int | None:
     payload = hub.latest_model(target)
     return None if payload is None else decode_model(payload).version
-
-
-def db_rows(state: Path | str, sql: str) -> list[tuple]:
-    """Rows of ``sql`` (no parameters) from a stopped server's state: its SQLite file, or its database."""
-    if is_postgres(state):
-        import psycopg
-
-        with psycopg.connect(str(state)) as db:
-            return [tuple(r) for r in db.execute(sql).fetchall()]  # type: ignore[arg-type]
-    with sqlite3.connect(Path(state) / "state.sqlite3") as db:
-        return db.execute(sql).fetchall()
 
 
 def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from fedhft.broker_server.metrics import parse_metrics
+from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, ModuleSpec
 from fedhft.procs import stop_process
 from fedhft.protocol import (
@@ -168,6 +170,17 @@ class Hub:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def db_rows(state: Path | str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` (no parameters) from a stopped server's state: its SQLite file, or its database."""
+    if is_postgres(state):
+        import psycopg
+
+        with psycopg.connect(str(state)) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]  # type: ignore[arg-type]
+    with sqlite3.connect(Path(state) / "state.sqlite3") as db:
+        return db.execute(sql).fetchall()
 
 
 class ServerProcess:
