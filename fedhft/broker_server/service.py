@@ -138,6 +138,7 @@ class ServerConfig:
     key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
     standby: bool = False  # postgresql:// only: wait for the running server's lock, then take over
     role: str = "all"  # all | ingest | aggregator (postgresql:// only): roles.py
+    db_reconnect_timeout: float = 60.0  # postgresql:// only: seconds a lost connection is retried (state_pg.py)
 
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
@@ -164,7 +165,9 @@ class Server:
         self.metrics = Metrics()
         standby = (stop or threading.Event()) if config.standby else None
         fingerprint, ingest_only = self.spec.fingerprint(), self.role == "ingest"
-        self.store = open_state(config.state_dir, self.task, fingerprint, config.key_dir, standby, self.role)
+        self.store = open_state(
+            config.state_dir, self.task, fingerprint, config.key_dir, standby, self.role, config.db_reconnect_timeout
+        )
         self.view: IngestView | None = None
         pg: Any = self.store  # the roles' PostgreSQL store (role_problem refused any other state for them)
         try:

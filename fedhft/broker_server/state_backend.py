@@ -83,19 +83,20 @@ def open_state(
     key_dir: str | os.PathLike[str] | None = None,
     standby: threading.Event | None = None,
     role: str = "all",
+    reconnect_timeout: float = 60.0,
 ) -> StateBackend:
     """The state named by ``--state``: a PostgreSQL database for ``postgresql://...`` (its signing key in
     ``key_dir``, required), else the SQLite state directory (which holds its own key; ``key_dir`` must be unset).
     ``standby`` (the server's stop event; PostgreSQL only) waits for another server's lock instead of refusing.
-    ``role`` (roles.py; not "all": PostgreSQL only): "ingest" shares the database without lock or key."""
+    ``role`` (roles.py; not "all": PostgreSQL only): "ingest" shares the database without lock or key.
+    ``reconnect_timeout``: seconds a PostgreSQL store retries a lost connection before it gives up."""
     if is_postgres(spec):
         if key_dir is None and role != "ingest":
             raise StateError("--state postgresql://... needs --key-dir DIR: the signing key stays a local file")
         from fedhft.broker_server.state_pg import PgStateStore  # psycopg is loaded only for PostgreSQL
 
-        return PgStateStore(
-            str(spec), task, spec_fingerprint, Path(key_dir) if role != "ingest" and key_dir else None, standby, role
-        )
+        keys = Path(key_dir) if role != "ingest" and key_dir else None
+        return PgStateStore(str(spec), task, spec_fingerprint, keys, standby, role, reconnect_timeout)
     if role != "all":
         raise StateError(f"--role {role} needs --state postgresql://...: a SQLite state directory is single-process")
     if standby is not None:

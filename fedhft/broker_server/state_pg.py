@@ -6,9 +6,14 @@
   commit together: an update is never aggregated twice.
 - One server per database: the store holds a session advisory lock (pg_try_advisory_lock) on its one
   connection; a second server is refused naming the holder, and a version commit checks, inside its
-  transaction, that this connection still holds the lock. A lost connection loses the lock: the store
-  raises StateLost and the server stops (no reconnect: whether the last commit happened is unknown; a
-  restart rebuilds from what committed).
+  transaction, that this connection still holds the lock.
+- A lost connection (a database restart, a failover, a network cut) is ridden through (:meth:`PgStateStore._run`,
+  the one reconnect policy): reconnect with backoff (:func:`reconnect_delay`) for up to ``reconnect_timeout``
+  seconds, end the old backend if it still runs, take the lock again (stepping down, StateLost, when another
+  server took it or committed a version meanwhile), LISTEN again; then a read is run again, and a transaction
+  whose COMMIT may have happened is looked up by its transaction id (pg_xact_status): done when it committed,
+  run again when it did not, StateError (nothing acknowledged; the device sends again) when that is unknown.
+  Past the timeout the store raises StateLost and the server stops.
 - The schema is created and migrated by the server (state_pg_schema.py, table ``schema_migrations``).
 
 A standby (``--standby``) waits for the lock instead of being refused, then restores from what committed and
@@ -36,10 +41,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -77,6 +82,8 @@ from fedhft.protocol import KeyLink
 log = logging.getLogger("fedhft.server")
 
 STANDBY_POLL = 0.25  # seconds between a standby's tries for the lock
+RECONNECT_TIMEOUT = 60.0  # seconds a lost connection is retried before the server stops (--db-reconnect-timeout)
+T = TypeVar("T")
 LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database advisory lock (per database)
 SETUP_LOCK_KEY = LOCK_KEY + 1  # held while migrating and writing the first meta rows (any process)
 CLIENTS_CHANNEL = "fedhft_clients"  # NOTIFY on registering or changing a client; the payload is its id
@@ -86,6 +93,7 @@ _HELD = (
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s "
     "AND l.objid::bigint = %s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
+_META_INSERT = "INSERT INTO meta (key, value) VALUES (%s, %s)"
 _VERSION_COLUMNS = "version, created_at, state_dir, state_files, num_updates, clusters"
 _REGISTRATIONS = (  # CLIENTS_QUERY's columns without the membership and head an ingest process does not use
     "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, NULL, NULL FROM clients WHERE client_id = ANY(%s)"
@@ -94,6 +102,12 @@ _REGISTRATIONS = (  # CLIENTS_QUERY's columns without the membership and head an
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def reconnect_delay(attempt: int) -> float:
+    """Seconds before reconnect try ``attempt`` (0 first): 1, 2, 4, then 5 each. The first waits a second so a
+    standby (polling every STANDBY_POLL) takes a freed lock before its old holder comes back."""
+    return min(2.0**attempt, 5.0)
 
 
 class PgStateStore:
@@ -107,12 +121,18 @@ class PgStateStore:
         key_dir: Path | None,
         standby: threading.Event | None = None,
         role: str = "all",
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         """Connect and take the lock: refused when another server holds it, or, with ``standby`` (the
         server's stop event), waited for until the holder is gone (StandbyStopped when ``standby`` is set first).
         Then the key dir's lock (a standby on the same machine shares the leader's key dir). ``role`` (roles.py)
-        "ingest": neither lock, and no key."""
+        "ingest": neither lock, and no key. Once open, a lost connection is retried for ``reconnect_timeout``
+        seconds (0: stop at once)."""
         self.url = url
+        self.reconnect_timeout = reconnect_timeout
+        self.address = "?"  # HOST:PORT of the database, once connected
+        self._serving = self._locked = self._listening = self._missed = False
+        self._newest = self._committing = 0  # the newest version read or committed here; the one being committed
         self.where = state_label(url)
         exclusive = role != "ingest"
         if exclusive and key_dir is None:
@@ -125,6 +145,7 @@ class PgStateStore:
             self.db = self._connect()
             if exclusive:
                 self._acquire_lock() if standby is None else self._wait_for_lock(standby)
+                self._locked = True
                 try:
                     self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 except OSError as exc:
@@ -137,6 +158,7 @@ class PgStateStore:
                 self._check_meta(task, spec_fingerprint)
             finally:
                 self.db.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK_KEY,))
+            self._serving = True
         except psycopg.Error as exc:
             self.close()
             raise StateError(f"{self.where}: database error ({_first_line(exc)})") from exc
@@ -145,13 +167,14 @@ class PgStateStore:
             raise
 
     # ---- connection and lock ----------------------------------------------------------------------------
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self, timeout: int = 10) -> psycopg.Connection:
         name = "server" if self.role == "all" else self.role
-        app = f"fedhft-{name} PID {os.getpid()} on {socket.gethostname()}"[:63]
+        self._app = f"fedhft-{name} PID {os.getpid()} on {socket.gethostname()}"[:63]
         try:
-            db = psycopg.connect(self.url, autocommit=True, application_name=app, connect_timeout=10)
+            db = psycopg.connect(self.url, autocommit=True, application_name=self._app, connect_timeout=timeout)
         except psycopg.Error as exc:
             raise StateError(f"{self.where}: cannot connect ({_first_line(exc)})") from exc
+        self.address, self._pid = f"{db.info.host}:{db.info.port}", db.info.backend_pid
         db.execute("SET synchronous_commit = on")  # a COMMIT returns after its WAL is flushed
         fsync = db.execute("SHOW fsync").fetchone()
         if fsync and fsync[0] != "on":
@@ -233,45 +256,108 @@ class PgStateStore:
             raise StateError(f"{self.where}: the store is closed")
         return self.db
 
-    @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[psycopg.Connection]:
-        """One transaction; psycopg errors become StorageFull (disk full) or StateError, nothing committed."""
-        db = self._conn
-        try:
-            with db.transaction():
-                yield db
-        except psycopg.errors.DiskFull as exc:  # an OperationalError too: first
-            why = _first_line(exc)
-            raise StorageFull(f"{self.where}: disk full, could not {what} ({why}); nothing was stored") from exc
-        except psycopg.OperationalError as exc:
-            raise self._lost(exc, what) from exc
-        except psycopg.Error as exc:
-            raise StateError(f"{self.where}: could not {what} ({_first_line(exc)})") from exc
+    def _run(self, what: str, work: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
+        """``work`` on the connection, in one transaction unless ``transaction`` is False. psycopg errors become
+        StorageFull (disk full) or StateError, nothing committed; a lost connection is reconnected
+        (:meth:`_reconnect`, StateLost when that fails), then a read or an uncommitted transaction runs again
+        and a transaction that committed (its id looked up: :meth:`_committed`) returns what it returned."""
+        while True:
+            db, xid, done, result = self._conn, None, False, None
+            try:
+                if not transaction:
+                    return work(db)
+                with db.transaction():
+                    xid = db.execute("SELECT pg_current_xact_id()::text").fetchone()
+                    result, done = work(db), True
+                return result  # type: ignore[return-value]
+            except psycopg.errors.DiskFull as exc:  # an OperationalError too: first
+                why = _first_line(exc)
+                raise StorageFull(f"{self.where}: disk full, could not {what} ({why}); nothing was stored") from exc
+            except psycopg.OperationalError as exc:
+                if not (db.broken or db.closed) or not self._serving:
+                    raise StateError(f"{self.where}: could not {what} ({_first_line(exc)})") from exc
+                self._reconnect(exc, what)
+                if done and xid is not None and self._committed(str(xid[0]), what):
+                    return result  # type: ignore[return-value]
+            except psycopg.Error as exc:
+                raise StateError(f"{self.where}: could not {what} ({_first_line(exc)})") from exc
 
-    def _lost(self, exc: psycopg.OperationalError, what: str) -> StateError | StateLost:
-        """StateLost when the connection is gone (the lock went with it), else a StateError to retry."""
-        if self.db is not None and (self.db.broken or self.db.closed):
-            return StateLost(
-                f"{self.where}: lost the database connection, and with it the server's lock, while trying to "
-                f"{what} ({_first_line(exc)}); stopping: restart the server"
+    def _reconnect(self, exc: BaseException, what: str) -> None:
+        """Connect again, retrying with backoff for ``reconnect_timeout`` seconds, then :meth:`_resume`.
+        StateLost when the time is up or the server must step down."""
+        old_pid, reason, t0 = self._pid, _first_line(exc), time.monotonic()
+        with contextlib.suppress(psycopg.Error):
+            self._conn.close()
+        self.db = None
+        lost = f"{self.where}: lost the connection to PostgreSQL {self.address} while trying to {what}"
+        if self.reconnect_timeout <= 0:
+            raise StateLost(f"{lost} ({reason}); stopping (--db-reconnect-timeout 0)")
+        delay = reconnect_delay(0)
+        event(log, f"lost connection to PostgreSQL {self.address}: {reason}; reconnecting in {delay:g} s",
+              logging.WARNING)  # fmt: skip
+        for attempt in range(1, 1_000_000):
+            left = t0 + self.reconnect_timeout - time.monotonic()
+            if left <= 0:
+                raise StateLost(
+                    f"{lost} and could not reconnect within {self.reconnect_timeout:g} s ({reason}); stopping "
+                    "(--db-reconnect-timeout)"
+                )
+            time.sleep(min(delay, left))
+            try:
+                self.db = self._connect(timeout=max(2, int(left - min(delay, left))))
+                self._resume(old_pid)
+                break
+            except (StateError, psycopg.Error) as err:
+                reason, delay = _first_line(err.__cause__ or err), reconnect_delay(attempt)
+                if self.db is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self.db.close()
+                    self.db = None
+        event(log, f"reconnected to PostgreSQL {self.address}", outage_s=round(time.monotonic() - t0, 2))
+
+    def _resume(self, old_pid: int) -> None:
+        """On a new connection: end the old one's backend if it still runs (a network cut: its transaction then
+        ends, and its lock is freed), take the lock again, LISTEN again."""
+        db = self._conn
+        db.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE pid = %s AND application_name = %s",
+            (old_pid, self._app),
+        )
+        if self._locked:
+            if not self._try_lock():
+                raise StateLost(
+                    f"{self.where}: another server ({self._holder()}) took the database's lock while this one was "
+                    "reconnecting; stepping down"
+                )
+            newest = self._newest_in(db)
+            if newest > max(self._newest, self._committing):
+                raise StateLost(
+                    f"{self.where}: another server committed version {newest} while this one was reconnecting; "
+                    "stepping down (a restart restores from it)"
+                )
+        if self._listening:
+            db.execute(f"LISTEN {CLIENTS_CHANNEL}")
+            self._missed = True  # notifications sent while disconnected are lost
+
+    def _committed(self, xid: str, what: str) -> bool:
+        """Whether the transaction ``xid`` of the lost connection committed; StateError when that is unknown."""
+        status = self._conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+        if status is None or status[0] not in ("committed", "aborted"):
+            raise StateError(
+                f"{self.where}: the connection was lost while trying to {what}, and whether it committed is "
+                "unknown; nothing is acknowledged"
             )
-        return StateError(f"{self.where}: could not {what} ({_first_line(exc)})")
+        return bool(status[0] == "committed")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-        except psycopg.OperationalError as exc:
-            raise self._lost(exc, "read") from exc
-        except psycopg.Error as exc:
-            raise StateError(f"{self.where}: could not read ({_first_line(exc)})") from exc
+        return self._run("read", lambda db: db.execute(sql, params).fetchall(), transaction=False)  # type: ignore[arg-type]
 
     # ---- meta ---------------------------------------------------------------------------------------------
     def _check_meta(self, task: str, fingerprint: str) -> None:
         meta = self.meta()
         if not meta:
             rows = [r for r in first_meta(task, fingerprint) if r[0] != "schema_version"]  # schema_migrations has it
-            with self._transaction("initialise the state") as db, db.cursor() as cur:
-                cur.executemany("INSERT INTO meta (key, value) VALUES (%s, %s)", rows)
+            self._run("initialise the state", lambda db: db.cursor().executemany(_META_INSERT, rows))
             return
         check_meta(meta, self.where, task, fingerprint, None)
 
@@ -298,10 +384,8 @@ class PgStateStore:
                 )
         new = [(link.index, link.key_id, link.public_key, json.dumps(asdict(link))) for link in chain[len(stored) :]]
         if new:
-            with self._transaction("store the key chain") as db, db.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO server_keys (idx, key_id, public_key, link_json) VALUES (%s, %s, %s, %s)", new
-                )
+            sql = "INSERT INTO server_keys (idx, key_id, public_key, link_json) VALUES (%s, %s, %s, %s)"
+            self._run("store the key chain", lambda db: db.cursor().executemany(sql, new))
         return chain
 
     # ---- clients --------------------------------------------------------------------------------------------
@@ -320,26 +404,29 @@ class PgStateStore:
 
     def listen_clients(self) -> None:
         """Receive a notification (:meth:`changed_clients`) whenever a client is registered or changed."""
-        with self._transaction("listen for registrations") as db:
-            db.execute(f"LISTEN {CLIENTS_CHANNEL}")
+        self._run("listen for registrations", lambda db: db.execute(f"LISTEN {CLIENTS_CHANNEL}"))
+        self._listening = True
 
     def changed_clients(self, timeout: float) -> set[str]:
         """The clients registered or changed since the last call (after :meth:`listen_clients`); waits up to
-        ``timeout`` seconds for the first one."""
-        changed: set[str] = set()
-        try:
-            for n in self._conn.notifies(timeout=timeout, stop_after=1):
-                changed.add(n.payload)
-            for n in self._conn.notifies(timeout=0):
-                changed.add(n.payload)
-        except psycopg.OperationalError as exc:
-            raise self._lost(exc, "wait for notifications") from exc
+        ``timeout`` seconds for the first one. After a reconnect every client counts as changed (the
+        notifications sent while disconnected are lost)."""
+
+        def wait(db: psycopg.Connection) -> set[str]:
+            first = {n.payload for n in db.notifies(timeout=timeout, stop_after=1)}
+            return first | {n.payload for n in db.notifies(timeout=0)}
+
+        changed = self._run("wait for notifications", wait, transaction=False)
+        if self._missed:
+            self._missed = False
+            changed |= {str(r[0]) for r in self._query("SELECT client_id FROM clients")}
         return changed
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
         now = time.time()
-        with self._transaction("register a client") as db:
+
+        def upsert(db: psycopg.Connection) -> None:
             db.execute(
                 "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (client_id) DO UPDATE SET profile = excluded.profile, "
@@ -348,6 +435,8 @@ class PgStateStore:
                 (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
             )
             db.execute("SELECT pg_notify(%s, %s)", (CLIENTS_CHANNEL, client_id))  # sent when this commits
+
+        self._run("register a client", upsert)
 
     # ---- updates ----------------------------------------------------------------------------------------------
     def update_status(self, client_id: str, seq: int) -> str | None:
@@ -367,30 +456,35 @@ class PgStateStore:
             (u.client_id, u.seq, u.base_version, u.num_samples, u.loss, u.received_at, u.payload, u.clip_scale)
             for u in accepted
         ]
-        ids: list[int] = []
-        with self._transaction("store updates") as db, db.cursor() as cur:
-            if params:
-                cur.executemany(
-                    "INSERT INTO updates (client_id, seq, base_version, num_samples, loss, received_at, payload, "
-                    "status, clip_scale) VALUES (%s, %s, %s, %s, %s, %s, %b, 'pending', %s) "
-                    "ON CONFLICT (client_id, seq) DO NOTHING RETURNING id",
-                    params,
-                    returning=True,
-                )
-                while True:
-                    row = cur.fetchone()
-                    ids.append(int(row[0]) if row else 0)
-                    if not cur.nextset():
-                        break
-                cur.executemany(
-                    "UPDATE clients SET last_seq = GREATEST(last_seq, %s) WHERE client_id = %s",
-                    [(u.seq, u.client_id) for u in accepted],
-                )
-            if heads:
-                cur.executemany(
-                    "UPDATE clients SET head = %b WHERE client_id = %s",
-                    [(head_to_blob(h), cid) for cid, h in heads.items()],
-                )
+
+        def store(db: psycopg.Connection) -> list[int]:
+            ids: list[int] = []
+            with db.cursor() as cur:
+                if params:
+                    cur.executemany(
+                        "INSERT INTO updates (client_id, seq, base_version, num_samples, loss, received_at, payload, "
+                        "status, clip_scale) VALUES (%s, %s, %s, %s, %s, %s, %b, 'pending', %s) "
+                        "ON CONFLICT (client_id, seq) DO NOTHING RETURNING id",
+                        params,
+                        returning=True,
+                    )
+                    while True:
+                        row = cur.fetchone()
+                        ids.append(int(row[0]) if row else 0)
+                        if not cur.nextset():
+                            break
+                    cur.executemany(
+                        "UPDATE clients SET last_seq = GREATEST(last_seq, %s) WHERE client_id = %s",
+                        [(u.seq, u.client_id) for u in accepted],
+                    )
+                if heads:
+                    cur.executemany(
+                        "UPDATE clients SET head = %b WHERE client_id = %s",
+                        [(head_to_blob(h), cid) for cid, h in heads.items()],
+                    )
+            return ids
+
+        ids = self._run("store updates", store)
         return [
             StoredUpdate(
                 i, u.client_id, u.seq, u.base_version, u.num_samples, u.loss, u.received_at, None, u.clip_scale
@@ -407,8 +501,14 @@ class PgStateStore:
 
     def latest_version_number(self) -> int:
         """The newest committed version (0 before the first)."""
-        rows = self._query("SELECT COALESCE(MAX(version), 0) FROM versions")
-        return int(rows[0][0])
+        newest = self._run("read", self._newest_in, transaction=False)
+        self._newest = max(self._newest, newest)
+        return newest
+
+    @staticmethod
+    def _newest_in(db: psycopg.Connection) -> int:
+        row = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()
+        return int(row[0]) if row else 0
 
     def load_payload(self, update: StoredUpdate) -> bytes:
         """The stored payload of one pending update, exactly as received."""
@@ -421,12 +521,11 @@ class PgStateStore:
         """Move pending updates to rejected (e.g. too stale when their turn came) and drop their payloads."""
         if not ids:
             return
-        with self._transaction("reject updates") as db:
-            db.execute(
-                "UPDATE updates SET status = 'rejected', reason = %s, payload = NULL "
-                "WHERE id = ANY(%s) AND status = 'pending'",
-                (reason, list(ids)),
-            )
+        sql = (
+            "UPDATE updates SET status = 'rejected', reason = %s, payload = NULL "
+            "WHERE id = ANY(%s) AND status = 'pending'"
+        )
+        self._run("reject updates", lambda db: db.execute(sql, (reason, list(ids))))
 
     # ---- versions ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -435,6 +534,8 @@ class PgStateStore:
 
     def latest_version(self) -> VersionRecord | None:
         rows = self._query(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version DESC LIMIT 1")
+        if rows:
+            self._newest = max(self._newest, int(rows[0][0]))
         return self._record(rows[0]) if rows else None
 
     def versions(self) -> list[VersionRecord]:
@@ -473,9 +574,14 @@ class PgStateStore:
         record = VersionRecord(version, time.time(), f"v{version:08d}", files, len(aggregated_ids), len(states))
         members = {cid: [float(x) for x in p] for cid, p in memberships.items()}
         blobs = [state_to_bytes(s) for s in states]
-        with self._transaction(f"commit version {version}") as db, db.cursor() as cur:
+
+        def insert(db: psycopg.Connection) -> None:
             if not self.holds_lock():
                 raise StateLost(f"{self.where}: this server no longer holds the database's lock; not committing")
+            newest = self._newest_in(db)
+            if newest >= version:  # we hold the lock: another server made it while this one was reconnecting
+                raise StateLost(f"{self.where}: another server committed version {newest}; stepping down")
+            cur = db.cursor()
             cur.execute(
                 f"INSERT INTO versions ({_VERSION_COLUMNS}, memberships_json) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (version, record.created_at, record.state_dir, json.dumps(files), record.num_updates, len(states),
@@ -507,6 +613,13 @@ class PgStateStore:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     list(meta.items()),
                 )
+
+        self._committing = version  # a commit lost with the connection may have made it (_resume)
+        try:
+            self._run(f"commit version {version}", insert)
+        finally:
+            self._committing = 0
+        self._newest = max(self._newest, version)
         self.prune_states(keep_versions)
         return record
 
@@ -514,10 +627,13 @@ class PgStateStore:
         """Drop the states and memberships of all but the newest ``keep_versions`` versions (rows stay)."""
         oldest_kept = "(SELECT version FROM versions ORDER BY version DESC OFFSET %s LIMIT 1)"
         keep = max(1, keep_versions) - 1
-        with self._transaction("prune old versions") as db:
+
+        def prune(db: psycopg.Connection) -> None:
             db.execute(f"DELETE FROM version_states WHERE version < {oldest_kept}", (keep,))
             db.execute(
                 f"UPDATE versions SET memberships_json = NULL WHERE version < {oldest_kept} "
                 "AND memberships_json IS NOT NULL",
                 (keep,),
             )
+
+        self._run("prune old versions", prune)

@@ -53,6 +53,14 @@ def _clusters(value: str) -> int | None:
     "publishes models.",
 )
 @click.option(
+    "--db-reconnect-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="With --state postgresql://...: seconds a lost database connection is retried (with backoff) before the "
+    "server stops; 0 stops at once.",
+)
+@click.option(
     "--key-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -222,6 +230,7 @@ def server_run_command(
     state_dir: str,
     standby: bool,
     role: str,
+    db_reconnect_timeout: float,
     key_dir: Path | None,
     manifest: Path,
     clusters: str,
@@ -304,6 +313,7 @@ def server_run_command(
         key_dir=key_dir,
         standby=standby,
         role=role,
+        db_reconnect_timeout=db_reconnect_timeout,
         manifest=manifest,
         federation=fed,
         clip_norm=clip_norm,
