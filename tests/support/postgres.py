@@ -65,3 +65,25 @@ def fresh_database() -> Iterator[str]:
         with connect_admin(admin) as conn:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def terminate_backends(url: str, application_like: str) -> int:
+    """End the backends of ``url``'s database whose application_name is LIKE ``application_like`` (what a database
+    restart or failover does to a server's session); how many were ended."""
+    name = conninfo_to_dict(url)["dbname"]
+    with connect_admin(admin_url()) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name LIKE %s",
+            (name, application_like),
+        ).fetchall()
+    return len(rows)
+
+
+def allow_connections(url: str, allowed: bool) -> None:
+    """Let new connections into ``url``'s database or refuse them (a database that is down, for its clients)."""
+    name = conninfo_to_dict(url)["dbname"]
+    with connect_admin(admin_url()) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(sql.Identifier(name), sql.Literal(allowed))
+        )
