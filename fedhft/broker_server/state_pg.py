@@ -131,7 +131,7 @@ class PgStateStore:
         self.url = url
         self.reconnect_timeout = reconnect_timeout
         self.address = "?"  # HOST:PORT of the database, once connected
-        self._serving = self._locked = self._listening = self._missed = False
+        self._serving = self._locked = self._listening = self._missed = False  # _serving: reconnect when lost
         self._newest = self._committing = 0  # the newest version read or committed here; the one being committed
         self.where = state_label(url)
         exclusive = role != "ingest"
@@ -193,11 +193,17 @@ class PgStateStore:
         return str(name).removeprefix("fedhft-server ")
 
     def _wait_for_lock(self, stop: threading.Event) -> None:
-        """Standby: poll for the lock every STANDBY_POLL seconds until the holder's session ends."""
+        """Standby: poll for the lock every STANDBY_POLL seconds until the holder's session ends; a lost
+        connection is reconnected meanwhile (a database restart ends the standby's session too)."""
         t0 = time.monotonic()
-        if not self._try_lock():
+        self._serving = True  # reconnects (_run)
+
+        def poll() -> bool:
+            return self._run("wait for the lock", lambda _db: self._try_lock(), transaction=False)
+
+        if not poll():
             event(log, "standby: waiting for the server holding the database's lock", holder=self._holder())
-            while not self._try_lock():
+            while not poll():
                 if stop.wait(STANDBY_POLL):
                     raise StandbyStopped(f"{self.where}: the standby was stopped before it took over")
             event(log, "standby: took over the database's lock", waited_s=round(time.monotonic() - t0, 2))

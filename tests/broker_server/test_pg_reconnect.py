@@ -112,6 +112,11 @@ def test_a_store_whose_lock_a_standby_took_meanwhile_steps_down(postgres_url: st
     try:
         waiting.start()
         assert wait_until(lambda: len(db_rows(postgres_url, WAITING)) == 2, 10)
+        with psycopg.connect(postgres_url, autocommit=True) as other:  # the standby rides through a lost connection
+            other.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                          ([pid for (pid,) in db_rows(postgres_url, WAITING) if pid != leader._pid],))  # fmt: skip
+        time.sleep(0.5)
+        assert wait_until(lambda: len(db_rows(postgres_url, WAITING)) == 2, 10) and waiting.is_alive()
         with psycopg.connect(postgres_url, autocommit=True) as other:
             other.execute("SELECT pg_terminate_backend(%s, 5000)", (leader._pid,))  # the leader's session ends
         waiting.join(10)
