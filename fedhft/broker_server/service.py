@@ -389,6 +389,8 @@ class Server:
             batch = self._drain(POLL_SECONDS)
             if batch:
                 self.handle_batch(batch)
+            else:
+                self.store.ping()
             return
         if self.feed is not None:  # the aggregator: its inputs come from the database
             self.feed.wait(self.coordinator.wait_seconds(now))
@@ -399,6 +401,8 @@ class Server:
         batch = self._drain(POLL_SECONDS if self.pacing is not None else self.coordinator.wait_seconds(now))
         if batch:
             self.handle_batch(batch)
+        else:
+            self.store.ping()
         if self.pacing is None:
             self.coordinator.flush_if_due(time.time())
         elif not batch:

@@ -32,6 +32,9 @@ class StateBackend(Protocol):
 
     def close(self) -> None: ...
 
+    def ping(self) -> None:
+        """Called while idle: notice a lost database connection (and reconnect) before the next update needs it."""
+
     def meta(self) -> dict[str, str]: ...
 
     def signing_key(self) -> Ed25519PrivateKey: ...

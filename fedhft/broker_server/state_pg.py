@@ -82,6 +82,7 @@ from fedhft.protocol import KeyLink
 log = logging.getLogger("fedhft.server")
 
 STANDBY_POLL = 0.25  # seconds between a standby's tries for the lock
+PING_SECONDS = 1.0  # an idle server looks at its connection this often (ping)
 RECONNECT_TIMEOUT = 60.0  # seconds a lost connection is retried before the server stops (--db-reconnect-timeout)
 T = TypeVar("T")
 LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database advisory lock (per database)
@@ -132,6 +133,7 @@ class PgStateStore:
         self.reconnect_timeout = reconnect_timeout
         self.address = "?"  # HOST:PORT of the database, once connected
         self._serving = self._locked = self._listening = self._missed = False  # _serving: reconnect when lost
+        self._pinged = 0.0
         self._newest = self._committing = 0  # the newest version read or committed here; the one being committed
         self.where = state_label(url)
         exclusive = role != "ingest"
@@ -255,6 +257,14 @@ class PgStateStore:
         if self._key_lock >= 0:
             unlock_state_dir(self._key_lock)
             self._key_lock = -1
+
+    def ping(self) -> None:
+        """At most every PING_SECONDS: a round trip, so an idle server notices a lost connection (and reconnects,
+        or steps down) before an update needs it."""
+        now = time.monotonic()
+        if now - self._pinged >= PING_SECONDS:
+            self._pinged = now
+            self._query("SELECT 1")
 
     @property
     def _conn(self) -> psycopg.Connection:

@@ -129,6 +129,9 @@ class StateStore:
             self.db.close()
         self._release_lock()
 
+    def ping(self) -> None:
+        """Nothing to check: a file does not drop its connection."""
+
     # ---- meta ---------------------------------------------------------------------------------------
     def _check_meta(self, task: str, fingerprint: str) -> None:
         meta = self.meta()

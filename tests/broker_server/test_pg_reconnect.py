@@ -9,14 +9,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
 from fedhft.broker_server.state_dir import StateLost
 from fedhft.broker_server.state_pg import PgStateStore, reconnect_delay
 from fedhft.broker_server.state_schema import StagedUpdate
+from fedhft.broker_server.validation import ClientPlan, GlobalSpec
+from fedhft.protocol import decode_model, encode_update
+from fedhft.protocol.manifest import load_manifest
 from tests.support.postgres import allow_connections, terminate_backends
-from tests.support.server import SHA, db_rows, wait_until
+from tests.support.server import SHA, Hub, ServerProcess, db_rows, update_message, update_tensors, wait_until
 
 TASK = "reconnect"
 WAITING = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'fedhft-aggregator %'"
@@ -151,3 +155,143 @@ def test_a_store_gives_up_after_its_reconnect_timeout_in_one_line(postgres_url: 
     finally:
         store.close()
         allow_connections(postgres_url, True)
+
+
+# ---- servers (subprocesses on a real Mosquitto) ------------------------------------------------------------------
+@pytest.fixture
+def fleet(mosquitto, tiny_export: Path, tmp_path: Path, postgres_url: str):  # noqa: ANN001, ANN201
+    """(hub, spec, plan, start(*args) -> ServerProcess) on one PostgreSQL database."""
+    manifest = load_manifest(tiny_export)
+    hub = Hub(mosquitto.port, TASK)
+    servers: list[ServerProcess] = []
+
+    def start(*extra: str, wait_ready: bool = True) -> ServerProcess:
+        keys = () if "ingest" in extra else ("--key-dir", str(tmp_path / "keys"))
+        proc = ServerProcess(mosquitto.url, TASK, postgres_url, tiny_export, *keys, *extra, log_dir=tmp_path)
+        servers.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    try:
+        spec = GlobalSpec.from_manifest(manifest)
+        yield hub, spec, ClientPlan.from_plan(dict(manifest.plan), spec), dict(manifest.plan), start
+    finally:
+        for s in servers:
+            s.stop()
+        hub.close()
+
+
+def stream(hub: Hub, spec: GlobalSpec, plan: ClientPlan, clients: list[str], rounds: int, mid_stream) -> set:  # noqa: ANN001
+    """Send ``rounds`` rounds of updates (one per client each, not waiting for acks); ``mid_stream()`` after half."""
+    rng = np.random.default_rng(3)
+    sent = set()
+    for seq in range(1, rounds + 1):
+        for cid in clients:
+            payload = encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
+            hub.client.publish(f"fedhft/v1/{TASK}/update/{cid}", payload, qos=1)
+            sent.add((cid, seq))
+        if seq == rounds // 2:
+            mid_stream()
+        time.sleep(0.2)
+    return sent
+
+
+def check_stored_once(url: str, sent: set) -> list[tuple[int, int]]:
+    """Every sent update stored once, aggregated at most once; versions 1..N each counting its updates."""
+    rows = {
+        (c, s): (st, v)
+        for c, s, st, v in db_rows(url, "SELECT client_id, seq, status, aggregated_version FROM updates")
+    }
+    assert set(rows) == sent
+    versions = db_rows(url, "SELECT version, num_updates FROM versions ORDER BY version")
+    assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
+    aggregated = [v for st, v in rows.values() if st == "aggregated"]
+    assert {v: aggregated.count(v) for v in set(aggregated)} == dict(versions)  # none in two versions
+    assert len(aggregated) + sum(st == "pending" for st, _ in rows.values()) == len(sent)  # none lost
+    return versions
+
+
+def test_a_server_rides_through_a_database_outage_mid_stream(fleet, postgres_url: str) -> None:  # noqa: ANN001
+    hub, spec, plan, plan_dict_, start = fleet
+    server = start("--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
+    clients = [f"dev{i}" for i in range(4)]
+    for cid in clients:
+        hub.hello(cid, plan_dict_)
+    assert wait_until(lambda: all(hub.latest_model(f"client/{c}") for c in clients), 15), server.log_text()[-2000:]
+    at_outage: list[int] = []
+
+    def restart_database() -> None:
+        at_outage.append(max([v for (v,) in db_rows(postgres_url, "SELECT version FROM versions")], default=0))
+        outage(postgres_url, "fedhft-server %", 3.0).join()
+
+    sent = stream(hub, spec, plan, clients, 8, restart_database)
+    assert wait_until(lambda: all(hub.ack_status(*k) == "accepted" for k in sent), 30), server.log_text()[-3000:]
+    assert wait_until(lambda: (server.metric("fedhft_model_version") or 0) == 8, 20), server.log_text()[-3000:]
+    log = server.log_text()
+    assert "lost connection to PostgreSQL 127.0.0.1:" in log and "reconnected to PostgreSQL" in log, log[-3000:]
+    assert server.stop() == 0
+    versions = check_stored_once(postgres_url, sent)
+    assert len(versions) == 8 > at_outage[0] and sum(n for _, n in versions) == len(sent)  # versions continued
+    for topic, got in hub.models.items():
+        seen = [decode_model(p).version for p in got]
+        assert seen == sorted(seen), topic
+
+
+def test_an_aggregator_whose_lock_a_standby_took_steps_down(fleet, postgres_url: str) -> None:  # noqa: ANN001
+    hub, spec, plan, plan_dict_, start = fleet
+    extra = ("--role", "aggregator", "--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
+    leader = start(*extra)
+    standby = start(*extra, "--standby", wait_ready=False)
+    ingest = [start("--role", "ingest"), start("--role", "ingest")]
+    assert wait_until(lambda: "standby: waiting" in standby.log_text(), 20), standby.log_text()[-2000:]
+    clients = [f"dev{i}" for i in range(4)]
+    for cid in clients:
+        hub.hello(cid, plan_dict_)
+    assert wait_until(lambda: all(hub.latest_model(f"client/{c}") for c in clients), 15), leader.log_text()[-2000:]
+
+    def cut_leader_and_ingest() -> None:  # the leader's session ends (its lock with it), and the ingest processes'
+        assert leader.proc is not None
+        terminate_backends(postgres_url, f"fedhft-aggregator PID {leader.proc.pid} %")
+        terminate_backends(postgres_url, "fedhft-ingest %")
+
+    sent = stream(hub, spec, plan, clients, 8, cut_leader_and_ingest)
+    assert wait_until(lambda: all(hub.ack_status(*k) == "accepted" for k in sent), 30), ingest[0].log_text()[-3000:]
+    assert leader.proc is not None and leader.proc.wait(20) != 0  # stepped down, never published beside the standby
+    last = leader.log_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"error: .*another server \(fedhft-aggregator PID \d+ .*\) took the database's lock while this "
+                        r"one was reconnecting; stepping down", last), last  # fmt: skip
+    assert wait_until(lambda: standby.metric("fedhft_ready") == 1.0, 20), standby.log_text()[-3000:]
+    assert wait_until(lambda: (standby.metric("fedhft_model_version") or 0) == 8, 20), standby.log_text()[-3000:]
+    for p in (standby, *ingest):
+        assert p.stop() == 0
+    assert all("reconnected to PostgreSQL" in p.log_text() for p in ingest)
+    assert len(check_stored_once(postgres_url, sent)) == 8
+    for topic, got in hub.models.items():
+        seen = [decode_model(p).version for p in got]
+        assert seen == sorted(seen), topic  # one publisher at a time: versions never go back
+
+
+def test_a_server_whose_database_never_comes_back_stops_in_one_line(fleet, postgres_url: str) -> None:  # noqa: ANN001
+    _hub, _spec, _plan, _plan_dict, start = fleet
+    server = start("--db-reconnect-timeout", "3")
+    allow_connections(postgres_url, False)
+    try:
+        terminate_backends(postgres_url, "fedhft-server %")
+        assert server.proc is not None
+        t0 = time.monotonic()
+        assert server.proc.wait(30) == 1
+        assert 3 <= time.monotonic() - t0 < 15
+    finally:
+        allow_connections(postgres_url, True)
+    lines = server.log_text().strip().splitlines()
+    lost = next(ln for ln in lines if "lost conn" in ln)
+    assert re.search(
+        r"lost connection to PostgreSQL 127\.0\.0\.1:\d+: terminating connection due to administrator command; "
+        r"reconnecting in 1 s",
+        lost,
+    ), lost
+    assert re.fullmatch(
+        r"error: state postgresql://\S+: lost the connection to PostgreSQL 127\.0\.0\.1:\d+ while trying to .* and "
+        r"could not reconnect within 3 s \(.*not currently accepting connections\); stopping "
+        r"\(--db-reconnect-timeout\)",
+        lines[-1],
+    ), lines[-1]
