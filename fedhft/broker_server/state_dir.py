@@ -42,10 +42,10 @@ class StandbyStopped(FedHFTError):
 
 
 class StateLost(FedHFTError):
-    """The server lost its hold on the state (its database connection, and with it the lock): it must stop.
+    """The server lost its hold on the state: its database connection could not be brought back within
+    ``--db-reconnect-timeout``, or another server took the lock (or committed a version) meanwhile. It must stop.
 
-    Not a StateError, which the server survives (it retries): after this, whether the last transaction
-    committed is unknown, and a restart rebuilds the server from what did."""
+    Not a StateError, which the server survives (it retries); a restart rebuilds the server from what committed."""
 
 
 def lock_state_dir(directory: Path) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from fedhft.broker_server.state_dir import StateLost
 from fedhft.broker_server.state_pg import PgStateStore, reconnect_delay
@@ -20,6 +21,7 @@ from fedhft.broker_server.state_schema import StagedUpdate
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec
 from fedhft.protocol import decode_model, encode_update
 from fedhft.protocol.manifest import load_manifest
+from tests.support.pg_cut import CommitCut
 from tests.support.postgres import allow_connections, terminate_backends
 from tests.support.server import SHA, Hub, ServerProcess, db_rows, update_message, update_tensors, wait_until
 
@@ -303,3 +305,27 @@ def test_a_server_whose_database_never_comes_back_stops_in_one_line(fleet, postg
         r"\(--db-reconnect-timeout\)",
         lines[-1],
     ), lines[-1]
+
+
+def test_an_update_whose_commit_reply_was_lost_is_found_committed_and_stored_once(postgres_url: str) -> None:
+    """The connection dies after the server got COMMIT, before its reply came (a network cut): the store cannot
+    know whether the batch committed until it reconnects and looks its transaction up."""
+    params = conninfo_to_dict(postgres_url)
+    cut = CommitCut(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    url = f"postgresql://{params['user']}@127.0.0.1:{cut.port}/{params['dbname']}?sslmode=disable&gssencmode=disable"
+    store = PgStateStore(url, TASK, "f" * 64, None, role="ingest", reconnect_timeout=20)
+    try:
+        store.upsert_client("a", "p", SHA, {"layers": []})
+        cut.arm()
+        (stored,) = store.commit_updates([staged(1)])
+        assert cut.cut.is_set()  # the reply was lost, the old backend still ran (the store ended it)
+        assert stored.id > 0  # stored by this batch, so acknowledged as accepted (not "duplicate", not unacked)
+        assert db_rows(postgres_url, "SELECT id, seq FROM updates") == [(stored.id, 1)]
+        (again,) = store.commit_updates([staged(1)])  # the device's resend: a duplicate, stored once
+        assert again.id == 0 and len(db_rows(postgres_url, "SELECT id FROM updates")) == 1
+        assert (
+            len(db_rows(postgres_url, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'fedhft-%'")) == 1
+        )
+    finally:
+        store.close()
+        cut.close()
