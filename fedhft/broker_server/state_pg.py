@@ -35,6 +35,7 @@ One connection, used by the server's main thread only (as the SQLite store is).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -311,7 +312,7 @@ class PgStateStore:
         delay = reconnect_delay(0)
         event(log, f"lost connection to PostgreSQL {self.address}: {reason}; reconnecting in {delay:g} s",
               logging.WARNING)  # fmt: skip
-        for attempt in range(1, 1_000_000):
+        for attempt in itertools.count(1):
             left = t0 + self.reconnect_timeout - time.monotonic()
             if left <= 0:
                 raise StateLost(
@@ -357,7 +358,10 @@ class PgStateStore:
 
     def _committed(self, xid: str, what: str) -> bool:
         """Whether the transaction ``xid`` of the lost connection committed; StateError when that is unknown."""
-        status = self._conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+        try:
+            status = self._conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+        except psycopg.Error:
+            status = None
         if status is None or status[0] not in ("committed", "aborted"):
             raise StateError(
                 f"{self.where}: the connection was lost while trying to {what}, and whether it committed is "
