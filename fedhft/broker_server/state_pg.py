@@ -90,6 +90,7 @@ LOCK_KEY = 0x6665_6468_6674_0001  # "fedhft" + 1: the one-server-per-database ad
 SETUP_LOCK_KEY = LOCK_KEY + 1  # held while migrating and writing the first meta rows (any process)
 CLIENTS_CHANNEL = "fedhft_clients"  # NOTIFY on registering or changing a client; the payload is its id
 _LOCK_HI, _LOCK_LO = LOCK_KEY >> 32, LOCK_KEY & 0xFFFF_FFFF  # how pg_locks shows a bigint key
+INGEST_EXIT_GRACE_S = 3.0  # seconds a closed ingest connection may still show in pg_stat_activity
 _HELD = (
     "SELECT l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s "
@@ -231,10 +232,15 @@ class PgStateStore:
                     "updates an ingest process stores; run it as --role aggregator"
                 )
         elif self.role == "all":
-            rows = self.db.execute(
+            query = (
                 "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
                 "AND application_name LIKE 'fedhft-ingest %%' ORDER BY pid LIMIT 3"
-            ).fetchall()
+            )
+            rows = self.db.execute(query).fetchall()
+            settle = time.monotonic() + INGEST_EXIT_GRACE_S
+            while rows and time.monotonic() < settle:  # a just-closed connection's backend lingers a moment
+                time.sleep(0.1)
+                rows = self.db.execute(query).fetchall()
             if rows:
                 names = ", ".join(str(r[0]).removeprefix("fedhft-") for r in rows)
                 raise StateError(
