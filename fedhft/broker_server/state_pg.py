@@ -13,7 +13,8 @@
   server took it or committed a version meanwhile), LISTEN again; then a read is run again, and a transaction
   whose COMMIT may have happened is looked up by its transaction id (pg_xact_status): done when it committed,
   run again when it did not, StateError (nothing acknowledged; the device sends again) when that is unknown.
-  Past the timeout the store raises StateLost and the server stops.
+  Past the timeout the store raises StateLost and the server stops. An idle server calls :meth:`PgStateStore.ping`
+  (a round trip at most every PING_SECONDS), so it notices a loss before an update needs the connection.
 - The schema is created and migrated by the server (state_pg_schema.py, table ``schema_migrations``).
 
 A standby (``--standby``) waits for the lock instead of being refused, then restores from what committed and
