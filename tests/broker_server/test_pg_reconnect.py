@@ -255,10 +255,15 @@ def test_an_aggregator_whose_lock_a_standby_took_steps_down(fleet, postgres_url:
     at_cut: list[int] = []
 
     def cut_leader_and_ingest() -> None:  # the leader's session ends (its lock with it), and the ingest processes'
-        assert leader.proc is not None
+        assert leader.proc is not None and standby.proc is not None
         at_cut.append(max([v for (v,) in db_rows(postgres_url, "SELECT version FROM versions")], default=0))
-        terminate_backends(postgres_url, f"fedhft-aggregator PID {leader.proc.pid} %")
-        terminate_backends(postgres_url, "fedhft-ingest %")
+        allow_connections(postgres_url, False)  # the outage lasts until the standby holds the lock, however loaded
+        try:
+            terminate_backends(postgres_url, f"fedhft-aggregator PID {leader.proc.pid} %")
+            terminate_backends(postgres_url, "fedhft-ingest %")
+            assert wait_until(lambda: "took over" in standby.log_text(), 30), standby.log_text()[-2000:]
+        finally:
+            allow_connections(postgres_url, True)
 
     sent = stream(hub, spec, plan, clients, 8, cut_leader_and_ingest)
     assert wait_until(lambda: all(hub.ack_status(*k) == "accepted" for k in sent), 30), ingest[0].log_text()[-3000:]

@@ -293,12 +293,16 @@ def test_service_clusters_planted_groups(env) -> None:  # noqa: ANN001
     assert all(f'fedhft_rank_collapse_ratio{{cluster="{c}"}}' in metrics for c in range(k))
 
 
-def test_a_server_that_loses_its_database_stops_and_a_restart_loses_nothing(env, postgres_url: str) -> None:  # noqa: ANN001
+def test_a_server_told_not_to_reconnect_stops_on_a_lost_database_and_a_restart_loses_nothing(  # noqa: ANN001
+    env, postgres_url: str
+) -> None:
+    """--db-reconnect-timeout 0: the lost connection stops the server at once (test_pg_reconnect covers riding
+    through); what it never acknowledged the broker delivers again to the restarted server."""
     import psycopg
 
     hub, spec, tiny_plan, start = env
     extra = ("--buffer-size", "100", "--window-seconds", "600")
-    server = start(*extra, state=postgres_url)
+    server = start(*extra, "--db-reconnect-timeout", "0", state=postgres_url)
     plan = ClientPlan.from_plan(tiny_plan, spec)
     rng = np.random.default_rng(4)
     hub.hello("a", tiny_plan)
@@ -313,7 +317,8 @@ def test_a_server_that_loses_its_database_stops_and_a_restart_loses_nothing(env,
     second = update_message(TASK, "a", 2, update_tensors(rng, spec, plan))
     hub.update(second)
     assert wait_until(lambda: server.proc.poll() is not None, 15), server.log_text()[-2000:]
-    assert server.proc.returncode == 1 and "lost the database connection" in server.log_text()
+    assert server.proc.returncode == 1 and "lost the connection to PostgreSQL" in server.log_text()
+    assert "--db-reconnect-timeout 0" in server.log_text()
     assert hub.ack_status("a", 2) is None  # never acknowledged
     server = start(*extra, state=postgres_url)  # its broker session still holds seq 2: delivered again
     assert wait_until(lambda: hub.ack_status("a", 2) == "accepted", 15), server.log_text()[-2000:]
