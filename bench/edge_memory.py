@@ -127,6 +127,16 @@ def ensure_full_ft(art: Path) -> Path:
     return d
 
 
+def await_package(d: Path, seconds: float) -> bool:
+    """Whether `d/manifest.json` exists within `seconds` (a package another process exports and moves in whole)."""
+    end = time.monotonic() + seconds
+    while not (d / "manifest.json").exists():
+        if time.monotonic() > end:
+            return False
+        time.sleep(5)
+    return True
+
+
 def package_at(rev: str, tmp: Path) -> Path:
     """The `fedhft` package as it was at git revision `rev`, unpacked under `tmp` (a PYTHONPATH root)."""
     root = tmp / f"rev-{rev[:12]}"
@@ -411,7 +421,15 @@ def main() -> None:
     ap.add_argument(
         "--memory-plans",
         default="none",
-        help="Profiles whose `--objective memory` plan is also exported and measured (`edge run`), or none.",
+        help="PROFILE[:BACKEND] keys whose `--objective memory` plan is also exported and measured (`edge run`), "
+        "or none.",
+    )
+    ap.add_argument(
+        "--await-exports",
+        type=float,
+        default=0,
+        help="Wait up to this many seconds for a missing package to appear in --artifacts (exported by another "
+        "process, moved in whole) before exporting it here.",
     )
     ap.add_argument("--keep-measured", action="store_true", help="Reuse --out's successful rows; measure the rest.")
     ap.add_argument("--timeout", type=float, default=1800, help="Seconds one command may take.")
@@ -467,10 +485,15 @@ def main() -> None:
                     partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout),
                 )
             )
-        memory_plans = [] if a.memory_plans == "none" else a.memory_plans.split(",")
-        plans = [(p, DEFAULT_OBJECTIVE) for p in profiles] + [(p, "memory") for p in memory_plans]
-        for p, objective in plans:
-            for b in backends:
+        memory_plans = [] if a.memory_plans == "none" else [k.split(":") for k in a.memory_plans.split(",")]
+        plans = [(p, DEFAULT_OBJECTIVE, backends) for p in profiles]
+        plans += [(k[0], "memory", k[1:] or backends) for k in memory_plans]
+        for p, objective, plan_backends in plans:
+            if a.await_exports:
+                await_package(art / package_name(p, objective), a.await_exports)
+            if not a.no_export:  # all formats in one export: adding one later re-exports the package
+                ensure_export(art, p, tuple(BACKEND_FORMAT[b] for b in plan_backends), objective)
+            for b in plan_backends:
                 fmt = BACKEND_FORMAT[b]
                 d = art / package_name(p, objective)
                 has = (d / "manifest.json").exists() and fmt in load_manifest(d).artifacts
