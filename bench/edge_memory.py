@@ -24,11 +24,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -127,14 +128,18 @@ def ensure_full_ft(art: Path) -> Path:
     return d
 
 
-def await_package(d: Path, seconds: float) -> bool:
-    """Whether `d/manifest.json` exists within `seconds` (a package another process exports and moves in whole)."""
-    end = time.monotonic() + seconds
-    while not (d / "manifest.json").exists():
-        if time.monotonic() > end:
-            return False
-        time.sleep(5)
-    return True
+def as_exported(plans: list[tuple], art: Path, seconds: float) -> Iterator[tuple]:
+    """`plans` (profile, objective, backends), each as soon as its package is in `art` (exported by another process
+    and moved in whole), in their order among those ready; after `seconds` the rest in order (exported here)."""
+    pending, end = list(plans), time.monotonic() + seconds
+    while pending:
+        late = time.monotonic() > end
+        ready = [x for x in pending if late or (art / package_name(x[0], x[1]) / "manifest.json").exists()]
+        for x in ready:
+            pending.remove(x)
+            yield x
+        if not ready:
+            time.sleep(5)
 
 
 def package_at(rev: str, tmp: Path) -> Path:
@@ -449,13 +454,28 @@ def main() -> None:
         jobs: list[tuple[str, str, str, str, str, dict, Callable[[], TreePeak]]] = []
         kept = kept_rows(a.out) if a.keep_measured else {}
         pool = ThreadPoolExecutor(a.jobs)
-        futures = {}
+        done: dict[tuple, dict] = {}
+        lock = threading.Lock()
+
+        def record(job: tuple, fut: Future) -> None:
+            """A finished measurement's row; the JSON is rewritten with all rows so far (in `jobs` order)."""
+            try:
+                r = row(*job[:5], fut.result(), **job[5])
+            except Exception as e:  # a measurement that raised: said, and the run goes on
+                print(f"  {job[:5]} raised {e!r}", file=sys.stderr)
+                return
+            with lock:
+                done[job[:5]] = r
+                write_json([done[j[:5]] for j in jobs if j[:5] in done], a, complete=False)
 
         def add(job: tuple[str, str, str, str, str, dict, Callable[[], TreePeak]]) -> None:
             """Queue a measurement now (unless kept), so that measuring overlaps the exports still to come."""
             jobs.append(job)
-            if job[:5] not in kept:
-                futures[job[:5]] = pool.submit(job[-1])
+            if job[:5] in kept:
+                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
+                done[job[:5]] = {**kept[job[:5]], **job[5]}
+            else:
+                pool.submit(job[-1]).add_done_callback(partial(record, job))
 
         torch_cmd = [sys.executable, "-c", TORCH_FULL_FT, str(train), str(a.steps)]
         add(
@@ -488,9 +508,7 @@ def main() -> None:
         memory_plans = [] if a.memory_plans == "none" else [k.split(":") for k in a.memory_plans.split(",")]
         plans = [(p, DEFAULT_OBJECTIVE, backends) for p in profiles]
         plans += [(k[0], "memory", k[1:] or backends) for k in memory_plans]
-        for p, objective, plan_backends in plans:
-            if a.await_exports:
-                await_package(art / package_name(p, objective), a.await_exports)
+        for p, objective, plan_backends in as_exported(plans, art, a.await_exports):
             if not a.no_export:  # all formats in one export: adding one later re-exports the package
                 ensure_export(art, p, tuple(BACKEND_FORMAT[b] for b in plan_backends), objective)
             for b in plan_backends:
@@ -524,14 +542,9 @@ def main() -> None:
                         a.timeout,
                     )
                     add(("edge-run", p, b, code, objective, extra, run))
-        print(f"{len(futures)} measurements ({len(jobs) - len(futures)} kept), {a.jobs} at a time", file=sys.stderr)
-        with pool:
-            rows = []
-            for job in jobs:
-                fut = futures.get(job[:5])
-                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
-                rows.append({**kept[job[:5]], **job[5]} if fut is None else row(*job[:5], fut.result(), **job[5]))
-                write_json(rows, a, done=len(rows) == len(jobs))
+        pool.shutdown(wait=True)
+        rows = [done[j[:5]] for j in jobs if j[:5] in done]
+        write_json(rows, a, complete=len(rows) == len(jobs))
     print_table(rows)
     if not plot(rows, a.out.with_suffix(".png")):
         print("matplotlib is not installed: no PNG", file=sys.stderr)
@@ -556,7 +569,7 @@ def chosen(spec: str, key: str) -> bool:
     return spec == "all" or key in spec.split(",")
 
 
-def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
+def write_json(rows: list[dict], a: argparse.Namespace, complete: bool) -> None:
     """The results so far (rewritten after each measurement, so a cut run keeps what it measured)."""
     summary = goals(rows)
     out = {
@@ -577,7 +590,7 @@ def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
         and any(r["kind"] == "ort-full" and not r.get("kept") for r in rows),
         "goals": summary,
         "command": "python " + " ".join(sys.argv),
-        "complete": done,
+        "complete": complete,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
