@@ -9,7 +9,12 @@ in the same way: a PyTorch full fine-tuning script (AdamW) and ORT full fine-tun
 on a full fine-tuning export). `--before REV` also runs the package as it was at git revision REV (same
 artifacts, same data), so a change's effect is measured in the same run.
 
-Writes bench/results/edge_memory.json and edge_memory.png, and prints a table. RSS does not depend on host load;
+`--memory-plans PROFILE[:BACKEND],...` also measures those profiles' `--objective memory` plans. The JSON's goals
+say per profile, plan and backend: peak, planner estimate and its error, the two ratios, and whether the goal
+(<= 1/5 of PyTorch and <= 1/3 of ORT full FT) is met on a backend the profile runs. Each package is measured as soon
+as it is exported (`--await-exports` waits for packages other processes export into --artifacts); `--keep-measured`
+merges an earlier run's rows (marked kept). Writes bench/results/edge_memory.json and edge_memory.png, and prints a
+table. RSS does not depend on host load;
 the seconds do. Run: `.venv/bin/python bench/edge_memory.py [--profiles rpi4-4gb,phone-lowend-3gb]`.
 """
 
