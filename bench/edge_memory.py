@@ -9,7 +9,12 @@ in the same way: a PyTorch full fine-tuning script (AdamW) and ORT full fine-tun
 on a full fine-tuning export). `--before REV` also runs the package as it was at git revision REV (same
 artifacts, same data), so a change's effect is measured in the same run.
 
-Writes bench/results/edge_memory.json and edge_memory.png, and prints a table. RSS does not depend on host load;
+`--memory-plans PROFILE[:BACKEND],...` also measures those profiles' `--objective memory` plans. The JSON's goals
+say per profile, plan and backend: peak, planner estimate and its error, the two ratios, and whether the goal
+(<= 1/5 of PyTorch and <= 1/3 of ORT full FT) is met on a backend the profile runs. Each package is measured as soon
+as it is exported (`--await-exports` waits for packages other processes export into --artifacts); `--keep-measured`
+merges an earlier run's rows (marked kept). Writes bench/results/edge_memory.json and edge_memory.png, and prints a
+table. RSS does not depend on host load;
 the seconds do. Run: `.venv/bin/python bench/edge_memory.py [--profiles rpi4-4gb,phone-lowend-3gb]`.
 """
 
@@ -24,16 +29,18 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 from bench.tree_rss import TreePeak, run_measured
 from fedhft.datasets import load_bbc_news
+from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE
 from fedhft.device_profiles.profile import load_profile, shipped_profile_names
 from fedhft.procs import stop_process
 from fedhft.protocol.manifest import load_manifest
@@ -81,9 +88,16 @@ def write_data(tmp: Path, n_train: int, n_eval: int) -> tuple[Path, Path, list[s
     return paths[0], paths[1], ds.label_names
 
 
-def ensure_export(art: Path, profile: str, formats: tuple[str, ...]) -> Path:
-    """`art/<profile>` with `formats` (exported now when missing; an existing package is reused as it is)."""
-    d = art / profile
+def package_name(profile: str, objective: str) -> str:
+    """`profile` for the default (capacity) plan, else `profile-objective`."""
+    return profile if objective == DEFAULT_OBJECTIVE else f"{profile}-{objective}"
+
+
+def ensure_export(art: Path, profile: str, formats: tuple[str, ...], objective: str = DEFAULT_OBJECTIVE) -> Path:
+    """`art/<package_name>` with `formats`, planned for `objective` (exported now when missing; an existing
+    package is reused as it is)."""
+    name = package_name(profile, objective)
+    d = art / name
     have = set(load_manifest(d).artifacts) if (d / "manifest.json").exists() else set()
     missing = tuple(f for f in formats if f not in have)
     if missing:
@@ -95,9 +109,10 @@ def ensure_export(art: Path, profile: str, formats: tuple[str, ...]) -> Path:
             load_profile(profile),
             art,
             formats=tuple(sorted(have | set(missing))),
-            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ),
+            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ, objective=objective),
+            name=name,
         )
-        print(f"  exported {profile} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(f"  exported {name} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return d
 
 
@@ -116,6 +131,20 @@ def ensure_full_ft(art: Path) -> Path:
             name="full-ft",
         )
     return d
+
+
+def as_exported(plans: list[tuple], art: Path, seconds: float) -> Iterator[tuple]:
+    """`plans` (profile, objective, backends), each as soon as its package is in `art` (exported by another process
+    and moved in whole), in their order among those ready; after `seconds` the rest in order (exported here)."""
+    pending, end = list(plans), time.monotonic() + seconds
+    while pending:
+        late = time.monotonic() > end
+        ready = [x for x in pending if late or (art / package_name(x[0], x[1]) / "manifest.json").exists()]
+        for x in ready:
+            pending.remove(x)
+            yield x
+        if not ready:
+            time.sleep(5)
 
 
 def package_at(rev: str, tmp: Path) -> Path:
@@ -282,7 +311,7 @@ def train_seconds(stdout: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def row(kind: str, profile: str, backend: str, code: str, m: TreePeak, **extra: object) -> dict:
+def row(kind: str, profile: str, backend: str, code: str, objective: str, m: TreePeak, **extra: object) -> dict:
     ok = m.returncode == 0
     if kind != "edge-run":
         extra["train_s"] = train_seconds(m.stdout)
@@ -291,41 +320,58 @@ def row(kind: str, profile: str, backend: str, code: str, m: TreePeak, **extra: 
         "profile": profile,
         "backend": backend,
         "code": code,
+        "objective": objective,
         "ok": ok,
         "peak_mb": m.peak_sum_mb,
         "hwm_sum_mb": m.hwm_sum_mb,
         "processes": m.peak_by_process_mb,
         "seconds": m.seconds,
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 1),
         **extra,
     }
     if not ok:
         r["error"] = (m.stderr or m.stdout).strip()[-800:]
     print(
-        f"  {kind:10} {profile:22} {backend:6} {code:6} peak {m.peak_sum_mb:7.1f} MB (hwm sum {m.hwm_sum_mb:7.1f}) "
-        f"{m.seconds:5.1f} s{'' if ok else ' FAILED'}",
+        f"  {kind:10} {profile:22} {objective[:3]:3} {backend:6} {code:6} peak {m.peak_sum_mb:7.1f} MB "
+        f"(hwm sum {m.hwm_sum_mb:7.1f}) {m.seconds:5.1f} s{'' if ok else ' FAILED'}",
         file=sys.stderr,
     )
     return r
 
 
 def goals(rows: list[dict]) -> list[dict]:
-    """Per profile: the best `edge run` peak (current code) against 1/5 of PyTorch and 1/3 of ORT full FT."""
+    """Per profile and plan objective: each backend's `edge run` peak (current code) against 1/5 of PyTorch and
+    1/3 of ORT full FT, and the planner's error. The goal is met on a backend the profile runs (its `runtimes`)."""
     base = {r["kind"]: r["peak_mb"] for r in rows if r["kind"] in ("torch-full", "ort-full") and r["code"] == "now"}
+    if "torch-full" not in base or "ort-full" not in base:
+        return []
     out = []
-    for p in sorted({r["profile"] for r in rows if r["kind"] == "edge-run"}):
-        runs = [r for r in rows if r["kind"] == "edge-run" and r["profile"] == p and r["code"] == "now" and r["ok"]]
-        if not runs or "torch-full" not in base or "ort-full" not in base:
-            continue
-        best = min(runs, key=lambda r: r["peak_mb"])
-        g = {
-            "profile": p,
-            "best_backend": best["backend"],
-            "edge_run_peak_mb": best["peak_mb"],
-            "vs_torch_full": round(base["torch-full"] / best["peak_mb"], 2),
-            "vs_ort_full": round(base["ort-full"] / best["peak_mb"], 2),
-        }
-        g["met"] = g["vs_torch_full"] >= 5 and g["vs_ort_full"] >= 3
-        out.append(g)
+    runs = [r for r in rows if r["kind"] == "edge-run" and r["code"] == "now" and r["ok"]]
+    for p, objective in sorted({(r["profile"], r["objective"]) for r in runs}):
+        runtimes = load_profile(p).runtimes
+        by = {}
+        for r in (r for r in runs if r["profile"] == p and r["objective"] == objective):
+            g = {
+                "peak_mb": r["peak_mb"],
+                "estimate_mb": r["estimate_mb"],
+                "estimate_error_pct": round(100 * (r["estimate_mb"] - r["peak_mb"]) / r["peak_mb"], 1),
+                "vs_torch_full": round(base["torch-full"] / r["peak_mb"], 2),
+                "vs_ort_full": round(base["ort-full"] / r["peak_mb"], 2),
+                "profile_runs_it": BACKEND_FORMAT[r["backend"]] in runtimes,
+            }
+            g["met"] = 5 * r["peak_mb"] <= base["torch-full"] and 3 * r["peak_mb"] <= base["ort-full"]
+            by[r["backend"]] = g
+        met_on = [b for b, g in by.items() if g["met"] and g["profile_runs_it"]]
+        out.append(
+            {
+                "profile": p,
+                "objective": objective,
+                "depth": next(r["depth"] for r in runs if r["profile"] == p and r["objective"] == objective),
+                "backends": by,
+                "met_on": met_on,
+                "met": bool(met_on),
+            }
+        )
     return out
 
 
@@ -341,11 +387,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     labels = [
         f"full FT {r['backend']} ({r['code']})"
         if r["kind"] != "edge-run"
-        else f"{r['profile']}\n{r['backend']} ({r['code']})"
+        else f"{r['profile']} {r['objective']}\n{r['backend']} ({r['code']})"
         for r in sel
     ]
     colors = [
-        "#999999" if r["kind"] != "edge-run" else ("#d9a441" if r["code"] == "before" else "#3a7bd5") for r in sel
+        "#999999"
+        if r["kind"] != "edge-run"
+        else "#d9a441"
+        if r["code"] == "before"
+        else ("#3a7bd5" if r["objective"] == DEFAULT_OBJECTIVE else "#2ca25f")
+        for r in sel
     ]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 4.5))
     ax.bar(range(len(sel)), [r["peak_mb"] for r in sel], color=colors)
@@ -376,6 +427,19 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="Also measure the fedhft package at this git revision.")
     ap.add_argument("--edge-train", default="all", help="PROFILE:BACKEND keys that also run `edge train` (or all).")
     ap.add_argument("--before-for", default="all", help="PROFILE:BACKEND keys (full:ort: the baseline) for --before.")
+    ap.add_argument(
+        "--memory-plans",
+        default="none",
+        help="PROFILE[:BACKEND] keys whose `--objective memory` plan is also exported and measured (`edge run`), "
+        "or none.",
+    )
+    ap.add_argument(
+        "--await-exports",
+        type=float,
+        default=0,
+        help="Wait up to this many seconds for a missing package to appear in --artifacts (exported by another "
+        "process, moved in whole) before exporting it here.",
+    )
     ap.add_argument("--keep-measured", action="store_true", help="Reuse --out's successful rows; measure the rest.")
     ap.add_argument("--timeout", type=float, default=1800, help="Seconds one command may take.")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -391,14 +455,40 @@ def main() -> None:
             codes["before"] = package_at(a.before, tmp)
         # `python -m` puts the working directory first on sys.path: each code's commands run from its own root
         envs = {c: dict(os.environ, PYTHONPATH=str(p), HF_HUB_OFFLINE="1") for c, p in codes.items()}
-        jobs: list[tuple[str, str, str, str, dict, Callable[[], TreePeak]]] = []
+        jobs: list[tuple[str, str, str, str, str, dict, Callable[[], TreePeak]]] = []
+        kept = kept_rows(a.out) if a.keep_measured else {}
+        pool = ThreadPoolExecutor(a.jobs)
+        done: dict[tuple, dict] = {}
+        lock = threading.Lock()
+
+        def record(job: tuple, fut: Future) -> None:
+            """A finished measurement's row; the JSON is rewritten with all rows so far (in `jobs` order)."""
+            try:
+                r = row(*job[:5], fut.result(), **job[5])
+            except Exception as e:  # a measurement that raised: said, and the run goes on
+                print(f"  {job[:5]} raised {e!r}", file=sys.stderr)
+                return
+            with lock:
+                done[job[:5]] = r
+                write_json([done[j[:5]] for j in jobs if j[:5] in done], a, complete=False)
+
+        def add(job: tuple[str, str, str, str, str, dict, Callable[[], TreePeak]]) -> None:
+            """Queue a measurement now (unless kept), so that measuring overlaps the exports still to come."""
+            jobs.append(job)
+            if job[:5] in kept:
+                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
+                done[job[:5]] = {**kept[job[:5]], **job[5]}
+            else:
+                pool.submit(job[-1]).add_done_callback(partial(record, job))
+
         torch_cmd = [sys.executable, "-c", TORCH_FULL_FT, str(train), str(a.steps)]
-        jobs.append(
+        add(
             (
                 "torch-full",
                 "-",
                 "torch",
                 "now",
+                "-",
                 {},
                 partial(run_measured, torch_cmd, env=envs["now"], cwd=ROOT, timeout=a.timeout),
             )
@@ -408,33 +498,39 @@ def main() -> None:
             if code == "before" and not chosen(a.before_for, "full:ort"):
                 continue
             cmd = edge_train(full, "ort", train, labels, a.steps)
-            jobs.append(
+            add(
                 (
                     "ort-full",
                     "-",
                     "ort",
                     code,
+                    "-",
                     {},
                     partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout),
                 )
             )
-        for p in profiles:
-            for b in backends:
+        memory_plans = [] if a.memory_plans == "none" else [k.split(":") for k in a.memory_plans.split(",")]
+        plans = [(p, DEFAULT_OBJECTIVE, backends) for p in profiles]
+        plans += [(k[0], "memory", k[1:] or backends) for k in memory_plans]
+        for p, objective, plan_backends in as_exported(plans, art, a.await_exports):
+            if not a.no_export:  # all formats in one export: adding one later re-exports the package
+                ensure_export(art, p, tuple(BACKEND_FORMAT[b] for b in plan_backends), objective)
+            for b in plan_backends:
                 fmt = BACKEND_FORMAT[b]
-                d = art / p
+                d = art / package_name(p, objective)
                 has = (d / "manifest.json").exists() and fmt in load_manifest(d).artifacts
                 if not has and a.no_export:
-                    print(f"  {p} {b}: no {fmt} artifacts, skipped", file=sys.stderr)
+                    print(f"  {d.name} {b}: no {fmt} artifacts, skipped", file=sys.stderr)
                     continue
-                pkg = ensure_export(art, p, (fmt,))
+                pkg = ensure_export(art, p, (fmt,), objective)
                 extra = plan_facts(pkg, p, b)
                 for code, env in envs.items():
                     if code == "before" and not chosen(a.before_for, f"{p}:{b}"):
                         continue
                     cmd = edge_train(pkg, b, train, labels, a.steps)
-                    if chosen(a.edge_train, f"{p}:{b}"):
+                    if chosen(a.edge_train, f"{p}:{b}") and objective == DEFAULT_OBJECTIVE:
                         train_job = partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout)
-                        jobs.append(("edge-train", p, b, code, extra, train_job))
+                        add(("edge-train", p, b, code, objective, extra, train_job))
                     run = partial(
                         edge_run_round,
                         pkg,
@@ -449,29 +545,27 @@ def main() -> None:
                         tmp,
                         a.timeout,
                     )
-                    jobs.append(("edge-run", p, b, code, extra, run))
-        kept = kept_rows(a.out) if a.keep_measured else {}
-        todo = [job for job in jobs if job[:4] not in kept]
-        print(f"{len(todo)} measurements ({len(jobs) - len(todo)} kept), {a.jobs} at a time", file=sys.stderr)
-        with ThreadPoolExecutor(a.jobs) as pool:
-            futures = {job[:4]: pool.submit(job[-1]) for job in todo}
-            rows = []
-            for job in jobs:
-                fut = futures.get(job[:4])
-                # a kept row takes this run's plan facts (the planner's estimate may have changed since)
-                rows.append({**kept[job[:4]], **job[4]} if fut is None else row(*job[:4], fut.result(), **job[4]))
-                write_json(rows, a, done=len(rows) == len(jobs))
+                    add(("edge-run", p, b, code, objective, extra, run))
+        pool.shutdown(wait=True)
+        rows = [done[j[:5]] for j in jobs if j[:5] in done]
+        write_json(rows, a, complete=len(rows) == len(jobs))
     print_table(rows)
     if not plot(rows, a.out.with_suffix(".png")):
         print("matplotlib is not installed: no PNG", file=sys.stderr)
 
 
 def kept_rows(path: Path) -> dict[tuple, dict]:
-    """Successful rows of an earlier run's JSON, by (kind, profile, backend, code): `--keep-measured` reuses them."""
+    """Successful rows of an earlier run's JSON, by (kind, profile, backend, code, objective): `--keep-measured`
+    reuses them (marked `"kept": true`: measured in an earlier run, not this one)."""
     if not path.exists():
         return {}
     rows = json.loads(path.read_text())["rows"]
-    return {(r["kind"], r["profile"], r["backend"], r["code"]): r for r in rows if r["ok"]}
+    default = {"edge-run": DEFAULT_OBJECTIVE, "edge-train": DEFAULT_OBJECTIVE}
+    kept = {}
+    for r in (r for r in rows if r["ok"]):
+        key = (r["kind"], r["profile"], r["backend"], r["code"], r.get("objective", default.get(r["kind"], "-")))
+        kept[key] = {**r, "objective": key[4], "kept": True}
+    return kept
 
 
 def chosen(spec: str, key: str) -> bool:
@@ -479,7 +573,7 @@ def chosen(spec: str, key: str) -> bool:
     return spec == "all" or key in spec.split(",")
 
 
-def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
+def write_json(rows: list[dict], a: argparse.Namespace, complete: bool) -> None:
     """The results so far (rewritten after each measurement, so a cut run keeps what it measured)."""
     summary = goals(rows)
     out = {
@@ -495,23 +589,42 @@ def write_json(rows: list[dict], a: argparse.Namespace, done: bool) -> None:
             "load_avg_at_end": os.getloadavg(),
         },
         "rows": rows,
+        "kept_rows": "rows with kept: true were measured by an earlier run (--keep-measured), the others by this one",
+        "baselines_in_this_run": any(r["kind"] == "torch-full" and not r.get("kept") for r in rows)
+        and any(r["kind"] == "ort-full" and not r.get("kept") for r in rows),
         "goals": summary,
         "command": "python " + " ".join(sys.argv),
-        "complete": done,
+        "complete": complete,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'kind':10} {'profile':22} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} {'s':>6}")
+    print(
+        f"{'kind':10} {'profile':22} {'plan':8} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} "
+        f"{'s':>6} {'load':>5}"
+    )
     for r in rows:
         est = r.get("estimate_mb")
         print(
-            f"{r['kind']:10} {r['profile']:22} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} {r['hwm_sum_mb']:>8} "
-            f"{est if est is not None else '-':>7} {r['seconds']:>6}{'' if r['ok'] else ' FAILED'}"
+            f"{r['kind']:10} {r['profile']:22} {r['objective']:8} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} "
+            f"{r['hwm_sum_mb']:>8} {est if est is not None else '-':>7} {r['seconds']:>6} "
+            f"{r.get('load_avg_1m_at_end', '-'):>5}{' (kept)' if r.get('kept') else ''}{'' if r['ok'] else ' FAILED'}"
         )
-    print(json.dumps(goals(rows)))
+    print()
+    print(
+        f"{'profile':22} {'plan':8} {'backend':7} {'peak MB':>8} {'est MB':>7} {'err %':>6} {'torch/x':>7} "
+        f"{'ort/x':>6} {'goal':>5}"
+    )
+    for g in goals(rows):
+        for b, v in g["backends"].items():
+            met = ("yes" if v["met"] else "no") + ("" if v["profile_runs_it"] else "*")
+            print(
+                f"{g['profile']:22} {g['objective']:8} {b:7} {v['peak_mb']:>8} {v['estimate_mb']:>7} "
+                f"{v['estimate_error_pct']:>6} {v['vs_torch_full']:>7} {v['vs_ort_full']:>6} {met:>5}"
+            )
+    print("goal: peak <= 1/5 of PyTorch and <= 1/3 of ORT full FT; * = a backend the profile does not run")
 
 
 if __name__ == "__main__":
