@@ -62,7 +62,10 @@ def fmt(entry: dict | None, name: str) -> str:
         return "-"
     scale = 1e-6 if name.startswith("bytes") else 1.0
     m, s = entry[name]["mean"] * scale, (entry[name]["std"] or 0.0) * scale
-    return f"{m:.3f}±{s:.3f}" if scale == 1.0 and m < 2 else f"{m:.2f}±{s:.2f}"
+    digits = 3 if scale == 1.0 and m < 2 else 2
+    if len(entry[name]["by_seed"]) == 1:  # one seed: no spread to show
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f}±{s:.{digits}f}"
 
 
 def table(runs: dict[str, list[dict]]) -> str:
