@@ -22,7 +22,16 @@ from fedhft.protocol import decode_model, encode_update, load_public_key
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.tensor_names import a_name, b_name
 from tests.support import ROOT
-from tests.support.server import SHA, Hub, ServerProcess, db_rows, update_message, update_tensors, wait_until
+from tests.support.server import (
+    SHA,
+    Hub,
+    ServerProcess,
+    db_rows,
+    update_message,
+    update_tensors,
+    version_of,
+    wait_until,
+)
 
 TASK = "roles"
 
@@ -47,11 +56,6 @@ def roles(mosquitto, tiny_export: Path, tmp_path: Path, postgres_url: str):  # n
         for s in servers:
             s.stop()
         hub.close()
-
-
-def version_of(hub: Hub, target: str) -> int | None:
-    payload = hub.latest_model(target)
-    return None if payload is None else decode_model(payload).version
 
 
 def accepted_by(server: ServerProcess) -> float:

@@ -28,6 +28,7 @@ from tests.support.server import (
     plan_dict,
     update_message,
     update_tensors,
+    version_of,
     wait_until,
 )
 
@@ -60,11 +61,6 @@ def env(mosquitto, tiny_export: Path, tmp_path: Path, request: pytest.FixtureReq
         for s in servers:
             s.stop()
         hub.close()
-
-
-def version_of(hub: Hub, target: str) -> int | None:
-    payload = hub.latest_model(target)
-    return None if payload is None else decode_model(payload).version
 
 
 def test_heterogeneous_clients_get_signed_versioned_models_of_their_planned_shapes(

@@ -29,6 +29,7 @@ from fedhft.protocol import (
     HelloMessage,
     UpdateMessage,
     decode_ack,
+    decode_model,
     encode_hello,
     encode_update,
     hello_topic,
@@ -284,3 +285,9 @@ class ServerRunCapture:
     def config(self) -> Any:
         """The ServerConfig of the last successful run."""
         return self.configs[-1]
+
+
+def version_of(hub: Hub, target: str) -> int | None:
+    """The version of the newest model the hub received on ``target`` (None: none yet)."""
+    payload = hub.latest_model(target)
+    return None if payload is None else decode_model(payload).version
