@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from fedhft.cli.export import OBJECTIVE_HELP
+from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES
+
 
 class MethodOption(click.Option):
     """--method, whose help lists every method `fedhft simulate` accepts (read when help is shown)."""
@@ -89,6 +92,14 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="--mode sync: virtual seconds a round waits for stragglers (default: the server's).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default=DEFAULT_OBJECTIVE,
+    show_default=True,
+    help="The LEGEND planner's objective for fedhft and its ablations (the baselines' planners are fixed): "
+    + OBJECTIVE_HELP,
 )
 @click.option(
     "--buffer-size",
@@ -184,6 +195,7 @@ def simulate(
     virtual_time: bool,
     mode: str | None,
     round_deadline: float | None,
+    objective: str,
     buffer_size: int | None,
     server_lr: float | None,
     staleness_exponent: float | None,
@@ -238,6 +250,7 @@ def simulate(
         virtual_time=virtual_time,
         mode=mode,
         round_deadline=round_deadline,
+        objective=objective,
         buffer_size=buffer_size,
         server_lr=server_lr,
         staleness_exponent=staleness_exponent,
@@ -278,6 +291,8 @@ def simulate(
     # FedBuff's knobs enter the configuration only when set, so reports from before them stay comparable
     asked = {"buffer_size": buffer_size, "server_lr": server_lr, "staleness_exponent": staleness_exponent}
     config |= {k: v for k, v in asked.items() if v is not None}
+    if objective != DEFAULT_OBJECTIVE:  # likewise: reports from before the option read as capacity
+        config["objective"] = objective
     path = write_report(out, results, config)
     click.echo(table(load_report(path)))
     click.echo(f"report: {path}")

@@ -40,6 +40,7 @@ class SimConfig:
     virtual_time: bool = True  # order the fleet by its devices' clocks (server and edges --virtual-time)
     mode: str | None = None  # "async" | "sync"; None: the method's own (sync for synchronous baselines)
     round_deadline: float | None = None  # sync: virtual seconds a round waits for stragglers (server's default)
+    objective: str = "capacity"  # the LEGEND planner's objective (capacity | memory) for fedhft-type methods
     buffer_size: int | None = None  # async: updates per flush (FedBuff's K); None: half the active fleet
     server_lr: float | None = None  # async: FedBuff server learning rate; None: the server's (1.0)
     staleness_exponent: float | None = None  # async: (1 + tau) ** -a; None: 0.5 (0 under sync)

@@ -15,6 +15,7 @@ from pathlib import Path
 from fedhft.device_profiles.fleet_plans import budget_rank, common_layers, device_shape, every_layer
 from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
+    DEFAULT_OBJECTIVE,
     MASK_RATIO_BY_LEVEL,
     LoraPlan,
     PlanError,
@@ -38,11 +39,16 @@ def _cache_key(*parts: object) -> str:
 
 
 def method_plans(
-    planner: str, shape: ModelShape, profiles: dict[str, DeviceProfile], max_rank: int = 16
+    planner: str,
+    shape: ModelShape,
+    profiles: dict[str, DeviceProfile],
+    max_rank: int = 16,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> dict[str, LoraPlan | None]:
     """Each device's plan under the method's planner (methods.PLANNERS), from the same budgets; None: the
     exporter's own (full fine-tuning). PlanError when a device (or, for one shared plan, all at once) holds none:
-    for full fine-tuning, when the planner's estimate of what the edge holds exceeds its memory budget."""
+    for full fine-tuning, when the planner's estimate of what the edge holds exceeds its memory budget.
+    ``objective`` is the LEGEND planner's (capacity or memory); the baselines' fixed planners have none."""
     if planner == "full":
         for p in profiles.values():
             full = full_finetune_plan(device_shape(shape, p), p, runtime=planned_runtime(p))
@@ -51,7 +57,7 @@ def method_plans(
         return {name: None for name in profiles}
     if planner == "legend":
         return {
-            n: plan_lora(device_shape(shape, p), p, max_rank=max_rank, runtime=planned_runtime(p))
+            n: plan_lora(device_shape(shape, p), p, max_rank=max_rank, runtime=planned_runtime(p), objective=objective)
             for n, p in profiles.items()
         }
     if planner == "common":
@@ -106,14 +112,14 @@ def export_packages(cfg: SimConfig, profiles: dict[str, DeviceProfile], num_labe
     usable: dict[str, DeviceProfile] = {}
     for name, prof in profiles.items():  # a device that cannot hold the method even alone stays out
         try:
-            method_plans(m.planner, shape, {name: prof}, opts.max_rank)
+            method_plans(m.planner, shape, {name: prof}, opts.max_rank, cfg.objective)
             usable[name] = prof
         except PlanError as e:
             unable[name] = str(e)
     if not usable:
         raise SimulationError(f"no profile can take part: {unable}")
     try:
-        planned = method_plans(m.planner, shape, usable, opts.max_rank)
+        planned = method_plans(m.planner, shape, usable, opts.max_rank, cfg.objective)
     except PlanError as e:
         raise SimulationError(str(e)) from e
     for name, prof in profiles.items():

@@ -86,3 +86,17 @@ def test_method_plans_refuse_full_finetuning_on_the_low_end_phone() -> None:
     with pytest.raises(PlanError, match=r"^profile phone-lowend-3gb cannot hold full fine-tuning: .* budget of 768 MB"):
         method_plans("full", shape, profiles)
     assert method_plans("full", shape, {"laptop-x86-16gb": profiles["laptop-x86-16gb"]}) == {"laptop-x86-16gb": None}
+
+
+def test_the_memory_objective_reaches_the_legend_plans_and_lowers_their_estimated_peak() -> None:
+    shape = ModelShape(6, 384, 1536, 12, 30522, 512, 5, 128, 8)  # MiniLM-L6, seq 128
+    profiles = {n: load_profile(n) for n in ("laptop-x86-16gb", "phone-midrange-6gb")}
+    capacity = method_plans("legend", shape, profiles)
+    memory = method_plans("legend", shape, profiles, objective="memory")
+    for name in profiles:
+        cap, mem = capacity[name], memory[name]
+        assert cap is not None and mem is not None
+        assert (cap.objective, mem.objective) == ("capacity", "memory")
+        assert mem.estimate.memory_mb < cap.estimate.memory_mb and len(mem.layers) < len(cap.layers)
+    # the baselines' fixed planners take no objective: the same plans either way
+    assert method_plans("uniform", shape, profiles, objective="memory") == method_plans("uniform", shape, profiles)
