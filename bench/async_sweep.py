@@ -5,7 +5,8 @@ Every point is a real `fedhft simulate` of fedhft on a small heterogeneous fleet
 profile, BBC News at alpha 0.3, 60 virtual seconds) on the devices' virtual clock, so the figures do not depend
 on host load. Each finished (point, seed) is kept in bench/results/async_sweep.json at once (the bench resumes);
 the table gives mean ± std over seeds and every seed's global macro-F1. One more point uploads int8 instead of
-fp16 (halves the bytes; the default only if accuracy holds).
+fp16 (halves the bytes; the default only if accuracy holds), and one trains the planner's `--objective memory` plans
+(what the shallower, lower-peak plans cost in accuracy).
 
 Usage: `python bench/async_sweep.py [--seeds 0,1] [--points base,k1,...] [--dry-run]`.
 """
@@ -39,6 +40,7 @@ POINTS: dict[str, tuple[str, dict[str, float | str]]] = {
     "a=1": ("fedhft", {"staleness_exponent": 1.0}),
     "sync": ("fedhft-sync", {}),
     "int8": ("fedhft", {"encoding": "int8"}),  # uploads in int8 instead of fp16 (the edge's default)
+    "memory plans": ("fedhft", {"objective": "memory"}),  # the planner's --objective memory: shallower plans
 }
 FIGURES = (
     ("final_global_accuracy", "global acc"),
