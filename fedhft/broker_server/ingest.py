@@ -208,10 +208,12 @@ class Ingest:
                 self.store.upsert_clients(
                     [ClientRegistration(cid, h.profile, h.manifest_sha256, h.plan) for cid, (h, _) in changed.items()]
                 )
-            except StateError as exc:
-                self.metrics.inc("fedhft_hellos_total", {"status": "error", "reason": "storage"}, len(hellos))
-                event(log, "could not store hellos", logging.ERROR, count=len(hellos), error=exc)
-                return
+            except StateError as exc:  # the changed registrations are not taken; unchanged ones stand
+                failed = [hello.client_id for hello, _ in hellos if hello.client_id in changed]
+                self.metrics.inc("fedhft_hellos_total", {"status": "error", "reason": "storage"}, len(failed))
+                event(log, "could not store hellos", logging.ERROR, count=len(changed), error=exc)
+                hellos = [(hello, plan) for hello, plan in hellos if hello.client_id not in changed]
+                changed = {}
             for cid, (hello, plan) in changed.items():
                 known = self.registry.get(cid)
                 last_seq = known.last_seq if known else -1

@@ -288,3 +288,31 @@ def test_a_run_of_hellos_is_one_commit_before_any_model_or_puback_and_a_bad_one_
     server, _ = make_server()
     assert sorted(server.ingest.registry) == [f"d{i}" for i in range(5)]
     assert sorted(r[0] for r in query(server, "SELECT client_id FROM clients")) == [f"d{i}" for i in range(5)]
+
+
+def test_hellos_that_could_not_be_stored_are_not_registered_and_unchanged_ones_stand(
+    make_server: Callable, tiny: tuple, state_spec: str | Path
+) -> None:
+    server, _ = make_server()
+    server.handle_batch([hello("old", tiny[1])])
+    published: list[str] = []
+    server.out.publish = lambda topic, payload, retain=False: published.append(topic)  # type: ignore[method-assign]
+    batch = [hello("old", tiny[1]), hello("new1", tiny[1]), hello("new2", tiny[1])]
+    if is_postgres(state_spec):
+        import psycopg
+
+        with psycopg.connect(str(state_spec), autocommit=True) as other:
+            other.execute("ALTER TABLE clients ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+            server.handle_batch(batch)
+            other.execute("ALTER TABLE clients DROP CONSTRAINT refuse_all")
+    else:
+        db = server.store.db  # type: ignore[attr-defined]
+        db.execute("CREATE TRIGGER refuse_all BEFORE INSERT ON clients BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        server.handle_batch(batch)
+        db.execute("DROP TRIGGER refuse_all")
+    assert sorted(server.ingest.registry) == ["old"] and published == []
+    m = server.metrics
+    assert m.get("fedhft_hellos_total", {"status": "error", "reason": "storage"}) == 2
+    assert m.get("fedhft_hellos_total", {"status": "accepted", "reason": ""}) == 2  # "old": its first and again
+    server.handle_batch(batch[1:])  # the devices say hello again
+    assert sorted(server.ingest.registry) == ["new1", "new2", "old"] and len(published) == 2
