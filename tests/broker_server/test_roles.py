@@ -18,7 +18,7 @@ from fedhft.broker_server.state_dir import StateError
 from fedhft.broker_server.state_pg import PgStateStore
 from fedhft.broker_server.state_schema import StagedUpdate
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
-from fedhft.protocol import decode_model, encode_update, load_public_key
+from fedhft.protocol import decode_model, load_public_key
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.tensor_names import a_name, b_name
 from tests.support import ROOT
@@ -28,6 +28,7 @@ from tests.support.server import (
     ServerProcess,
     db_rows,
     update_message,
+    update_payloads,
     update_tensors,
     version_of,
     wait_until,
@@ -115,12 +116,7 @@ def test_a_standby_aggregator_takes_over_from_a_killed_one_losing_and_doubling_n
     for cid in clients:
         hub.hello(cid, tiny_plan)
     assert wait_until(lambda: all(version_of(hub, f"client/{c}") == 0 for c in clients), 15)
-    rng = np.random.default_rng(5)
-    payloads = {
-        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
-        for seq in range(1, 11)
-        for cid in clients
-    }
+    payloads = update_payloads(TASK, spec, plan, clients, 10, seed=5)
     topic = f"fedhft/v1/{TASK}/update/"
     version_at_kill, killed = 0, 0.0
     for seq in range(1, 11):  # a stream of rounds, one update per device each; the leader dies in the middle

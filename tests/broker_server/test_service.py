@@ -16,7 +16,7 @@ from fedhft.broker_server.aggregation import ClusterState, aggregate_buffer
 from fedhft.broker_server.clustering import adjusted_rand_index
 from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, to_client_update
-from fedhft.protocol import BadSignature, decode_model, encode_update, generate_keypair, load_public_key
+from fedhft.protocol import BadSignature, decode_model, generate_keypair, load_public_key
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.tensor_names import a_name, b_name, b_rows_name, rows_name
 from tests.support import ROOT
@@ -27,6 +27,7 @@ from tests.support.server import (
     encode_unchecked,
     plan_dict,
     update_message,
+    update_payloads,
     update_tensors,
     version_of,
     wait_until,
@@ -158,12 +159,7 @@ def test_kill_9_mid_burst_loses_no_acknowledged_update_and_aggregates_none_twice
     clients = [f"dev{i}" for i in range(8)]
     for cid in clients:
         hub.hello(cid, tiny_plan)
-    rng = np.random.default_rng(1)
-    payloads = {
-        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
-        for seq in range(1, 21)
-        for cid in clients
-    }
+    payloads = update_payloads(TASK, spec, plan, clients, 20, seed=1)
     topic = f"fedhft/v1/{TASK}/update/"
     infos = [hub.client.publish(topic + cid, p, qos=1) for (cid, _), p in payloads.items()]  # one burst
     assert wait_until(lambda: sum(hub.ack_status(*k) == "accepted" for k in payloads) >= 20, 10, interval=0.005)
@@ -336,12 +332,7 @@ def test_a_standby_takes_over_from_a_killed_leader_losing_and_doubling_nothing(e
     clients = [f"dev{i}" for i in range(6)]
     for cid in clients:
         hub.hello(cid, tiny_plan)
-    rng = np.random.default_rng(5)
-    payloads = {
-        (cid, seq): encode_update(update_message(TASK, cid, seq, update_tensors(rng, spec, plan)))
-        for seq in range(1, 13)
-        for cid in clients
-    }
+    payloads = update_payloads(TASK, spec, plan, clients, 12, seed=5)
     topic = f"fedhft/v1/{TASK}/update/"
     infos = [hub.client.publish(topic + cid, p, qos=1) for (cid, _), p in payloads.items()]
     assert wait_until(lambda: sum(hub.ack_status(*k) == "accepted" for k in payloads) >= 12, 15, interval=0.005)

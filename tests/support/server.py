@@ -291,3 +291,15 @@ def version_of(hub: Hub, target: str) -> int | None:
     """The version of the newest model the hub received on ``target`` (None: none yet)."""
     payload = hub.latest_model(target)
     return None if payload is None else decode_model(payload).version
+
+
+def update_payloads(
+    task: str, spec: GlobalSpec, plan: ClientPlan, clients: list[str], rounds: int, seed: int
+) -> dict[tuple[str, int], bytes]:
+    """Encoded updates of seq 1..rounds for each client, in round order: {(client, seq): payload}."""
+    rng = np.random.default_rng(seed)
+    return {
+        (cid, seq): encode_update(update_message(task, cid, seq, update_tensors(rng, spec, plan)))
+        for seq in range(1, rounds + 1)
+        for cid in clients
+    }
