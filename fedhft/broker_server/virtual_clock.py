@@ -15,7 +15,8 @@ the :class:`~fedhft.broker_server.flush_rules.FlushRule`:
   straggler's late update goes into the next round's buffer and the straggler restarts at its arrival time.
 When the whole fleet has been silent for ``timeout`` wall seconds (no hello, promise or update came and no event
 was processed), every promise still waiting for its update and every schedule still waiting for its promise that
-is older than that is dropped: those devices leave until they say hello again. That is the only wall-clock
+is older than that is dropped: those devices leave until they say hello again or an update of theirs arrives
+(a late one, say one a broker restart lost and the device sent again). That is the only wall-clock
 decision; a slow host (many devices training one after another) drops nobody while updates keep coming.
 With ``fleet`` N, nothing is processed before N devices have said hello: a simulation's first round then does
 not depend on which device process started first.
@@ -24,6 +25,7 @@ not depend on which device process started first.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -142,12 +144,15 @@ class VirtualClock(Generic[Item]):
     def hello(self, client_id: str, wall: float) -> None:
         """A device (re)registered: a new or dropped one starts now; a scheduled one hears its schedule again."""
         self._activity = max(self._activity, wall)
-        self.registered.add(client_id)
         c = self.clients.get(client_id)
         if c is None:
             if self.rule.sync and self.now == self.round_start:
                 self.expected.add(client_id)
-            self._schedule(client_id, self.now, wall)
+            if client_id in self.registered:
+                self._rejoin(client_id, wall)
+            else:
+                self._schedule(client_id, self.now, wall)
+            self.registered.add(client_id)
         elif c.state == SCHEDULED:
             c.since = wall
             self._emit(Schedule(client_id, c.start_at, c.version))
@@ -173,14 +178,43 @@ class VirtualClock(Generic[Item]):
 
     def arrive(self, client_id: str, seq: int, item: Item | None, wall: float) -> None:
         """An accepted update (``item``), or None for one the server refused (its promised time still comes,
-        with nothing to buffer): held until its promise's turn (an update may overtake its promise)."""
+        with nothing to buffer): held until its promise's turn (an update may overtake its promise). A dropped
+        device's update (a late one, or refused) shows it is alive: it is scheduled now."""
         self._activity = max(self._activity, wall)
         c = self.clients.get(client_id)
+        if c is None and client_id in self.registered:
+            self._rejoin(client_id, wall)
+            c = self.clients[client_id]
         if c is None or c.state == DELIVERED:
             if item is not None:
                 self._discards.append(item)
         else:
             self.arrived[(client_id, seq)] = item
+
+    def resume(
+        self, client_ids: Sequence[str], delivered: Mapping[str, float], buffered: Sequence[float], wall: float
+    ) -> None:
+        """A restarted server's fleet (the clock is new, at the restored version and time). ``buffered``: the
+        virtual times of the restored, not yet aggregated updates (already in the buffer); a device in
+        ``delivered`` (the time of its latest one) waits to be scheduled from there, as if the old process had
+        just processed it. Every other device rejoins (the old process may have taken, and lost, its promise for a
+        round starting now)."""
+        self._activity = max(self._activity, wall)
+        self.buffered = sorted(max(t, self.now) for t in buffered)
+        sync = self.rule.sync
+        for cid in sorted(client_ids):
+            self.registered.add(cid)
+            if sync:
+                self.expected.add(cid)
+            at = delivered.get(cid)
+            if at is None:
+                self._rejoin(cid, wall)
+                continue
+            self.clients[cid] = _Client(
+                DELIVERED, at, self.version, wall, finish_at=None if sync else max(at, self.now)
+            )
+            if sync:
+                self.delivered.add(cid)
 
     # ---- processing -----------------------------------------------------------------------------------
     def advance(self, wall: float, sink: Sink[Item]) -> list[Action]:
@@ -314,6 +348,11 @@ class VirtualClock(Generic[Item]):
             if not (t < upcoming and t <= self._min_start()):
                 break
             self._schedule(cid, t, wall)
+
+    def _rejoin(self, client_id: str, wall: float) -> None:
+        """A device the clock dropped (or a restarted server's) starts a new round just after now: the device
+        never runs a schedule it acted on twice, and it may have acted on one at (now, version) already."""
+        self._schedule(client_id, math.nextafter(self.now, math.inf), wall)
 
     def _schedule(self, client_id: str, start_at: float, wall: float) -> None:
         self.clients[client_id] = _Client(SCHEDULED, start_at, self.version, wall)

@@ -65,11 +65,13 @@ class VirtualPacing:
 
     def resume(self, client_ids: Sequence[str]) -> None:
         """After a restart the clock starts empty: the devices the state knows start again at the restored
-        virtual time, so none waits for a schedule that died with the old process (a promise queued for the
-        old process counts for the new schedule)."""
-        now = time.time()
-        for client_id in sorted(client_ids):
-            self.clock.hello(client_id, now)
+        virtual time (VirtualClock.resume), except those with a restored, not yet aggregated update, which are
+        scheduled at its time."""
+        pending = [p for p in self.federation.pending if p.virtual_time > 0]
+        delivered: dict[str, float] = {}
+        for p in pending:
+            delivered[p.client_id] = max(delivered.get(p.client_id, 0.0), p.virtual_time)
+        self.clock.resume(client_ids, delivered, [p.virtual_time for p in pending], time.time())
 
     def hold(self, pending: PendingUpdate) -> None:
         """Ingest accepted and stored an update: it waits for its promised time."""

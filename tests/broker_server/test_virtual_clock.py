@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -205,8 +206,8 @@ def test_a_dropped_promise_frees_the_clock_and_a_new_hello_reschedules() -> None
         Schedule("a", 3.0, 1),
     ]
     assert clock.dropped == 1
-    clock.hello("b", 16.0)  # b restarted
-    assert clock.advance(16.0, sink) == [Schedule("b", 3.0, 1)]
+    clock.hello("b", 16.0)  # b restarted: a new round just after now (it may have acted on one at (3.0, 1))
+    assert clock.advance(16.0, sink) == [Schedule("b", math.nextafter(3.0, math.inf), 1)]
     clock.arrive("b", 1, ("b", 1), 0.0)  # its old update from an outbox: held (an update may overtake its promise)
     clock.promise("b", 2, 1, 6.0, 16.0)  # ... until its next promise shows no promise will claim it
     clock.arrive("b", 2, ("b", 2), 0.0)
@@ -327,3 +328,62 @@ def test_sync_round_counts_a_refused_update_as_delivered(b_refused: bool) -> Non
         Schedule("a", 5.0, version),
         Schedule("b", 5.0, version),
     ]
+
+
+def test_a_restarted_servers_clock_reschedules_just_after_now_and_counts_restored_updates() -> None:
+    """The old process scheduled a and b at (3.0, 1) and took (then lost, with its death) their promises; c's
+    update was stored before the crash. The new clock must not send (3.0, 1) again: a device never runs a
+    schedule it acted on twice, so it would wait for ever."""
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 2), version=1, now=3.0, timeout=10.0)
+    sink = Buffer(version=1)
+    clock.resume(["a", "b", "c"], {"c": 4.0}, [4.0], 0.0)
+    after = math.nextafter(3.0, math.inf)
+    assert clock.advance(0.0, sink) == [Schedule("a", after, 1), Schedule("b", after, 1)]
+    clock.promise("a", 2, 1, 5.0, 1.0)  # a trains its new round (its update 1 from the old one is let go)
+    clock.arrive("a", 2, ("a", 2), 1.0)
+    clock.promise("b", 2, 1, 9.0, 1.0)
+    assert clock.advance(1.0, sink) == [Schedule("c", 4.0, 1)]  # c waits for its restored update's time
+    assert clock.blocked_on() == "a promise from c (scheduled at 4.0)"
+    clock.promise("c", 7, 1, 7.0, 2.0)
+    assert clock.advance(2.0, sink) == [  # a's update and c's restored one make K = 2
+        Processed("a", 2, 5.0),
+        Flushed(5.0, 2, 2),
+        Schedule("a", 5.0, 2),
+    ]
+
+
+def test_a_sync_restart_waits_for_the_restored_round() -> None:
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("sync"), version=2, now=6.0)
+    sink = Buffer(version=2)
+    clock.resume(["a", "b"], {"b": 8.0}, [8.0], 0.0)  # b delivered in this round before the crash
+    assert clock.advance(0.0, sink) == [Schedule("a", math.nextafter(6.0, math.inf), 2)]
+    clock.promise("a", 5, 2, 9.0, 0.0)
+    clock.arrive("a", 5, ("a", 5), 0.0)
+    assert clock.advance(0.0, sink) == [
+        Processed("a", 5, 9.0),
+        Flushed(9.0, 3, 2),  # b's restored update and a's
+        Schedule("a", 9.0, 3),
+        Schedule("b", 9.0, 3),
+    ]
+
+
+@pytest.mark.parametrize("late", [("b", 1), None])
+def test_a_dropped_devices_late_update_brings_it_back(late: tuple[str, int] | None) -> None:
+    """A broker restart lost b's update; the device sends it again after its ack timeout, long after the clock
+    dropped it. Accepted (``late``) or refused (None), the update shows b is alive: it gets a new round."""
+    clock: VirtualClock[tuple[str, int]] = VirtualClock(FlushRule("async", 1), timeout=10.0)
+    sink = Buffer()
+    clock.hello("a", 0.0)
+    clock.hello("b", 0.0)
+    clock.advance(0.0, sink)
+    clock.promise("b", 1, 0, 2.0, 0.0)
+    clock.promise("a", 1, 0, 3.0, 0.0)
+    clock.arrive("a", 1, ("a", 1), 0.0)
+    assert clock.advance(11.0, sink)[:1] == [Dropped("b", 1, "no update 1 within 10 s of its promise")]
+    clock.arrive("b", 1, late, 60.0)
+    assert clock.advance(60.0, sink) == [Schedule("b", math.nextafter(3.0, math.inf), 1)]
+    clock.promise("b", 2, 1, 4.0, 61.0)  # its new round: the late update is let go
+    clock.arrive("b", 2, ("b", 2), 61.0)
+    clock.promise("a", 2, 1, 6.0, 61.0)
+    assert Processed("b", 2, 4.0) in clock.advance(61.0, sink)
+    assert sink.discarded == ([] if late is None else [("b", 1)])

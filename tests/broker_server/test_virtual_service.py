@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -234,12 +236,34 @@ def test_virtual_time_a_restarted_server_reschedules_the_devices_it_knows(
         server.kill9()  # the clock's schedules and promise die with the process
         server.start()  # nobody says hello again: the fleet would wait forever for schedules
         assert wait_until(lambda: len(listener.schedules()) == 4, 15), server.log_text()[-3000:]
-        assert sorted(listener.schedules()[2:]) == [("a", 0.0, 0), ("b", 0.0, 0)]
+        after = math.nextafter(0.0, math.inf)  # never (0.0, 0) again: a may have acted on it (its promise died)
+        assert sorted(listener.schedules()[2:]) == [("a", after, 0), ("b", after, 0)]
         assert server.stop() == 0
     finally:
         server.stop()
         hub.close()
         listener.close()
+
+
+def test_virtual_time_a_restored_update_schedules_its_device_at_its_time(make_server: Callable, tiny: tuple) -> None:
+    rng = np.random.default_rng(2)
+    first, _ = make_server(virtual_time=True, fed={"buffer_size": 2})
+    first.handle_batch([hello(tiny, "a"), hello(tiny, "b"), promise("a", 1, 0, 3.0)])  # a's promise dies below
+    late = update_message(TASK, "b", 1, update_tensors(rng, tiny[0], tiny[2]))
+    late = dataclasses.replace(late, metrics={"virtual_time": 6.0})  # b's update overtook its promise
+    first.handle_batch([Inbound(update_topic(TASK, "b"), encode_update(late), 0, 0, time.time())])
+    assert first.federation.version == 0 and not first.federation.pending  # stored, held by the clock
+    first.shutdown()  # the process dies: its clock (a's promise, b's held update) with it
+    server, sent = make_server(virtual_time=True, fed={"buffer_size": 2})
+    assert [p.client_id for p in server.federation.pending] == ["b"]
+    assert server.pacing is not None
+    server.pacing.advance(time.time())  # what its first idle step does
+    assert schedules(sent) == [("a", math.nextafter(0.0, math.inf), 0)]  # b waits for its update's time
+    server.handle_batch([promise("a", 2, 0, 4.0), update(tiny, "a", 2, 0, rng)])
+    assert server.federation.version == 1  # a's update and b's restored one make the buffer of 2
+    assert schedules(sent)[1:] == [("a", 4.0, 1)]
+    server.handle_batch([promise("a", 3, 1, 7.0)])
+    assert schedules(sent)[2:] == [("b", 6.0, 1)]
 
 
 def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
