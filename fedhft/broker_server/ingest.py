@@ -26,7 +26,7 @@ from fedhft.broker_server.metrics import Metrics, refresh_gauges
 from fedhft.broker_server.publisher import Outbound, Publisher
 from fedhft.broker_server.state_backend import StateBackend
 from fedhft.broker_server.state_dir import StateError, StorageFull
-from fedhft.broker_server.state_schema import StagedUpdate
+from fedhft.broker_server.state_schema import ClientRegistration, StagedUpdate
 from fedhft.broker_server.validation import (
     MALFORMED,
     MANIFEST_MISMATCH,
@@ -48,6 +48,7 @@ from fedhft.protocol import (
     HEAD_BIAS,
     HEAD_WEIGHT,
     AckMessage,
+    HelloMessage,
     ProtocolError,
     UpdateMessage,
     ack_topic,
@@ -145,61 +146,89 @@ class Ingest:
         self.sync: Callable[[Sequence[str]], None] | None = None
 
     def handle_batch(self, batch: Sequence[Inbound]) -> None:
-        """Process messages in arrival order; consecutive updates share one durable commit."""
+        """Process messages in arrival order; consecutive updates share one durable commit, consecutive hellos
+        another."""
         run: list[Inbound] = []
+        run_kind = ""
         for msg in batch:
             try:
                 task, kind, _ = parse_topic(msg.topic)
             except ProtocolError:
                 task, kind = "", ""
-            if task == self.task and kind == "update":
-                run.append(msg)
-                continue
-            if run:
-                self._handle_updates(run)
+            kind = kind if task == self.task and kind in ("update", "hello") else ""
+            if run and kind != run_kind:
+                self._handle_run(run_kind, run)
                 run = []
-            if task == self.task and kind == "hello":
-                self._handle_hello(msg)
-            self.out.ack(msg.mid, msg.qos)
+            if kind:
+                run.append(msg)
+                run_kind = kind
+            else:
+                self.out.ack(msg.mid, msg.qos)
         if run:
-            self._handle_updates(run)
+            self._handle_run(run_kind, run)
 
-    def _handle_hello(self, msg: Inbound) -> None:
+    def _handle_run(self, kind: str, run: Sequence[Inbound]) -> None:
+        if kind == "update":
+            self._handle_updates(run)
+            return
+        self._handle_hellos(run)
+        for msg in run:
+            self.out.ack(msg.mid, msg.qos)
+
+    def _decode_hello(self, msg: Inbound) -> tuple[HelloMessage, ClientPlan] | None:
+        """The hello and its checked plan; None (counted, one line naming the client) for a bad one."""
         _, _, topic_client = parse_topic(msg.topic)
         try:
             hello = decode_hello(msg.payload, HELLO_MAX_BYTES, expected_task=self.task)
             if hello.client_id != topic_client:
                 raise PlanRejected(f"hello names client {hello.client_id!r} on the topic of {topic_client!r}")
-            plan = ClientPlan.from_plan(hello.plan, self.spec)
+            return hello, ClientPlan.from_plan(hello.plan, self.spec)
         except (ProtocolError, PlanRejected) as exc:
             self.metrics.inc("fedhft_hellos_total", {"status": "rejected", "reason": type(exc).__name__})
             event(log, "hello rejected", logging.WARNING, client=topic_client, error=exc)
+            return None
+
+    def _handle_hellos(self, run: Sequence[Inbound]) -> None:
+        """Register consecutive hellos: the changed registrations in ONE transaction, committed before any of
+        them is registered in memory or sent its model (a client's last hello in the run wins)."""
+        hellos = [h for h in map(self._decode_hello, run) if h is not None]
+        if not hellos:
             return
         if self.sync is not None:
-            self.sync([hello.client_id])
-        known = self.registry.get(hello.client_id)
-        changed = known is None or (known.plan, known.manifest_sha256, known.profile) != (
-            plan,
-            hello.manifest_sha256,
-            hello.profile,
-        )
+            self.sync(sorted({hello.client_id for hello, _ in hellos}))
+        latest = {hello.client_id: (hello, plan) for hello, plan in hellos}
+        changed = {
+            cid: (hello, plan)
+            for cid, (hello, plan) in latest.items()
+            if (known := self.registry.get(cid)) is None
+            or (known.plan, known.manifest_sha256, known.profile) != (plan, hello.manifest_sha256, hello.profile)
+        }
         if changed:
             try:
-                self.store.upsert_client(hello.client_id, hello.profile, hello.manifest_sha256, hello.plan)
-            except StateError as exc:
-                self.metrics.inc("fedhft_hellos_total", {"status": "error", "reason": "storage"})
-                event(log, "could not store a hello", logging.ERROR, client=hello.client_id, error=exc)
-                return
-            last_seq = known.last_seq if known else -1
-            self.registry[hello.client_id] = ClientInfo(plan, hello.profile, hello.manifest_sha256, last_seq)
-            self.federation.register(hello.client_id, plan)
-        self.metrics.inc("fedhft_hellos_total", {"status": "accepted", "reason": ""})
-        event(log, "client registered", client=hello.client_id, profile=hello.profile, modules=len(plan.ranks))
+                self.store.upsert_clients(
+                    [ClientRegistration(cid, h.profile, h.manifest_sha256, h.plan) for cid, (h, _) in changed.items()]
+                )
+            except StateError as exc:  # the changed registrations are not taken; unchanged ones stand
+                failed = [hello.client_id for hello, _ in hellos if hello.client_id in changed]
+                self.metrics.inc("fedhft_hellos_total", {"status": "error", "reason": "storage"}, len(failed))
+                event(log, "could not store hellos", logging.ERROR, count=len(changed), error=exc)
+                hellos = [(hello, plan) for hello, plan in hellos if hello.client_id not in changed]
+                changed = {}
+            for cid, (hello, plan) in changed.items():
+                known = self.registry.get(cid)
+                last_seq = known.last_seq if known else -1
+                self.registry[cid] = ClientInfo(plan, hello.profile, hello.manifest_sha256, last_seq)
+                self.federation.register(cid, plan)
+        for hello, plan in hellos:
+            self.metrics.inc("fedhft_hellos_total", {"status": "accepted", "reason": ""})
+            event(log, "client registered", client=hello.client_id, profile=hello.profile, modules=len(plan.ranks))
         refresh_gauges(self.metrics, self.federation)
-        if changed and self.publisher is not None:  # its model of the current version, at its ranks (version 0:
-            self.publisher.publish([self.federation.client_model(hello.client_id)])  # ΔW = 0, LoRA-initialized A)
+        if changed and self.publisher is not None:  # their models of the current version, at their ranks (version
+            # 0: ΔW = 0, LoRA-initialized A), encoded and signed per client (the target is in the signed payload)
+            self.publisher.publish([self.federation.client_model(cid) for cid in changed])
         if self.on_registered is not None:
-            self.on_registered(hello.client_id)
+            for hello, _ in hellos:
+                self.on_registered(hello.client_id)
 
     def prepare(self, msg: Inbound) -> Prepared:
         """The expensive, order-free part of validating an update (runs in the decode pool): for a

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedhft.broker_server.aggregation import ClusterState
 from fedhft.broker_server.state_dir import StateError, is_postgres
-from fedhft.broker_server.state_schema import ClientRow, StagedUpdate, StoredUpdate, VersionRecord
+from fedhft.broker_server.state_schema import ClientRegistration, ClientRow, StagedUpdate, StoredUpdate, VersionRecord
 from fedhft.protocol import KeyLink
 
 
@@ -44,6 +44,9 @@ class StateBackend(Protocol):
     def load_clients(self) -> dict[str, ClientRow]: ...
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None: ...
+
+    def upsert_clients(self, clients: Sequence[ClientRegistration]) -> None:
+        """Register a batch of clients (or replace their profile/manifest/plan) in one transaction."""
 
     def update_status(self, client_id: str, seq: int) -> str | None: ...
 

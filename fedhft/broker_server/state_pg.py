@@ -69,12 +69,14 @@ from fedhft.broker_server.state_files import head_to_blob, state_from_bytes, sta
 from fedhft.broker_server.state_pg_schema import migrate
 from fedhft.broker_server.state_schema import (
     CLIENTS_QUERY,
+    ClientRegistration,
     ClientRow,
     StagedUpdate,
     StoredUpdate,
     VersionRecord,
     check_meta,
     client_from_row,
+    client_params,
     first_meta,
     memberships_from_json,
 )
@@ -451,19 +453,26 @@ class PgStateStore:
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
-        now = time.time()
+        self.upsert_clients([ClientRegistration(client_id, profile, manifest_sha256, plan)])
+
+    def upsert_clients(self, clients: Sequence[ClientRegistration]) -> None:
+        """:meth:`upsert_client` for a batch of hellos in ONE transaction (one commit)."""
+        rows = client_params(clients, time.time())
 
         def upsert(db: psycopg.Connection) -> None:
-            db.execute(
-                "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (client_id) DO UPDATE SET profile = excluded.profile, "
-                "manifest_sha256 = excluded.manifest_sha256, plan_json = excluded.plan_json, "
-                "updated_at = excluded.updated_at",
-                (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
-            )
-            db.execute("SELECT pg_notify(%s, %s)", (CLIENTS_CHANNEL, client_id))  # sent when this commits
+            with db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (client_id) DO UPDATE SET profile = "
+                    "excluded.profile, manifest_sha256 = excluded.manifest_sha256, plan_json = excluded.plan_json, "
+                    "updated_at = excluded.updated_at",
+                    rows,
+                )
+                cur.executemany(  # sent when this commits
+                    "SELECT pg_notify(%s, %s)", [(CLIENTS_CHANNEL, c.client_id) for c in clients]
+                )
 
-        self._run("register a client", upsert)
+        self._run("register clients", upsert)
 
     # ---- updates ----------------------------------------------------------------------------------------------
     def update_status(self, client_id: str, seq: int) -> str | None:

@@ -80,6 +80,16 @@ class StagedUpdate:
     virtual_time: float = 0.0  # from the update's metrics; recovered from the payload after a restart
 
 
+@dataclass(frozen=True)
+class ClientRegistration:
+    """What a hello stores of a client: its profile, manifest and plan."""
+
+    client_id: str
+    profile: str
+    manifest_sha256: str
+    plan: Mapping[str, Any]
+
+
 @dataclass
 class ClientRow:
     """A registered client as stored."""
@@ -94,6 +104,11 @@ class ClientRow:
 
 
 CLIENTS_QUERY = "SELECT client_id, profile, manifest_sha256, plan_json, last_seq, membership_json, head FROM clients"
+
+
+def client_params(clients: Sequence[ClientRegistration], now: float) -> list[tuple[Any, ...]]:
+    """The INSERT parameters of clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at)."""
+    return [(c.client_id, c.profile, c.manifest_sha256, json.dumps(c.plan, sort_keys=True), now, now) for c in clients]
 
 
 def client_from_row(r: Sequence[Any]) -> ClientRow:

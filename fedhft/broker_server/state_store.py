@@ -71,12 +71,14 @@ from fedhft.broker_server.state_files import (
 from fedhft.broker_server.state_schema import (
     CLIENTS_QUERY,
     SCHEMA_VERSION,
+    ClientRegistration,
     ClientRow,
     StagedUpdate,
     StoredUpdate,
     VersionRecord,
     check_meta,
     client_from_row,
+    client_params,
     first_meta,
     memberships_from_json,
     open_database,
@@ -183,14 +185,18 @@ class StateStore:
 
     def upsert_client(self, client_id: str, profile: str, manifest_sha256: str, plan: Mapping[str, Any]) -> None:
         """Register a client or replace its profile/manifest/plan (its seq, membership and head stay)."""
-        now = time.time()
+        self.upsert_clients([ClientRegistration(client_id, profile, manifest_sha256, plan)])
+
+    def upsert_clients(self, clients: Sequence[ClientRegistration]) -> None:
+        """:meth:`upsert_client` for a batch of hellos in ONE transaction (one commit, one fsync)."""
+        rows = client_params(clients, time.time())
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO clients (client_id, profile, manifest_sha256, plan_json, registered_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET profile=excluded.profile, "
                 "manifest_sha256=excluded.manifest_sha256, plan_json=excluded.plan_json, "
                 "updated_at=excluded.updated_at",
-                (client_id, profile, manifest_sha256, json.dumps(plan, sort_keys=True), now, now),
+                rows,
             )
 
     # ---- updates ----------------------------------------------------------------------------------------

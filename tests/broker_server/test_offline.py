@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from fedhft.broker_server.ingest import Inbound
 from fedhft.broker_server.service import Server, ServerConfig
 from fedhft.broker_server.state_dir import is_postgres
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, delta_norm
-from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, update_topic
+from fedhft.protocol import HelloMessage, encode_hello, encode_update, hello_topic, model_topic, update_topic
 from fedhft.protocol.manifest import load_manifest
 from fedhft.protocol.tensor_names import a_name, b_rows_name
 from tests.support.server import SHA, encode_unchecked, update_message, update_tensors
@@ -234,3 +236,83 @@ def test_oversized_norms_are_clipped_and_counted(make_server: Callable, tiny: tu
     server.shutdown()
     server, _ = make_server(clip_norm=0.5)  # after a restart the stored payload is clipped the same way
     assert delta_norm(server.federation.pending[0].tensors) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_a_run_of_hellos_is_one_commit_before_any_model_or_puback_and_a_bad_one_is_refused_alone(
+    make_server: Callable, tiny: tuple, state_spec: str | Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = make_server()
+    events: list[str] = []
+    store, out = server.store, server.out
+    if is_postgres(state_spec):  # every write transaction of either backend goes through one method
+        run = store._run  # type: ignore[attr-defined]
+
+        def counted_run(what: str, work: Callable, transaction: bool = True) -> object:
+            result = run(what, work, transaction)
+            events.append("commit" if transaction else "read")
+            return result
+
+        store._run = counted_run  # type: ignore[attr-defined]
+    else:
+        transaction = store.transaction  # type: ignore[attr-defined]
+
+        @contextlib.contextmanager
+        def counted_transaction() -> Iterator[object]:
+            with transaction() as db:
+                yield db
+            events.append("commit")
+
+        store.transaction = counted_transaction  # type: ignore[attr-defined]
+    out.publish = lambda topic, payload, retain=False: events.append(f"publish {topic}")  # type: ignore[method-assign]
+    out.ack = lambda mid, qos: events.append(f"puback {mid}")  # type: ignore[method-assign]
+    batch = [hello(f"d{i}", tiny[1]) for i in range(5)]
+    bad = Inbound(hello_topic(TASK, "broken"), b"not a hello", 0, 0, time.time())
+    batch.insert(2, bad)
+    for i, msg in enumerate(batch):
+        msg.mid = i + 1
+    with caplog.at_level(logging.WARNING, logger="fedhft.server"):
+        server.handle_batch(batch)
+    assert events.count("commit") == 1 and events[0] == "commit"  # one transaction, before any model or PUBACK
+    assert sorted(e for e in events if e.startswith("publish")) == sorted(
+        f"publish {model_topic(TASK, f'client/d{i}')}" for i in range(5)
+    )
+    assert [e for e in events if e.startswith("puback")] == [f"puback {i}" for i in range(1, 7)]
+    rejected = [r.fields for r in caplog.records if r.getMessage() == "hello rejected"]  # type: ignore[attr-defined]
+    assert len(rejected) == 1 and rejected[0]["client"] == "broken"
+    assert server.metrics.get("fedhft_hellos_total", {"status": "accepted", "reason": ""}) == 5
+    assert sorted(server.ingest.registry) == [f"d{i}" for i in range(5)]
+    server.handle_batch([hello(f"d{i}", tiny[1]) for i in range(5)])  # said again, unchanged: nothing to store
+    assert events.count("commit") == 1
+    server.shutdown()  # as after kill -9: what was acknowledged is in the state
+
+    server, _ = make_server()
+    assert sorted(server.ingest.registry) == [f"d{i}" for i in range(5)]
+    assert sorted(r[0] for r in query(server, "SELECT client_id FROM clients")) == [f"d{i}" for i in range(5)]
+
+
+def test_hellos_that_could_not_be_stored_are_not_registered_and_unchanged_ones_stand(
+    make_server: Callable, tiny: tuple, state_spec: str | Path
+) -> None:
+    server, _ = make_server()
+    server.handle_batch([hello("old", tiny[1])])
+    published: list[str] = []
+    server.out.publish = lambda topic, payload, retain=False: published.append(topic)  # type: ignore[method-assign]
+    batch = [hello("old", tiny[1]), hello("new1", tiny[1]), hello("new2", tiny[1])]
+    if is_postgres(state_spec):
+        import psycopg
+
+        with psycopg.connect(str(state_spec), autocommit=True) as other:
+            other.execute("ALTER TABLE clients ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+            server.handle_batch(batch)
+            other.execute("ALTER TABLE clients DROP CONSTRAINT refuse_all")
+    else:
+        db = server.store.db  # type: ignore[attr-defined]
+        db.execute("CREATE TRIGGER refuse_all BEFORE INSERT ON clients BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        server.handle_batch(batch)
+        db.execute("DROP TRIGGER refuse_all")
+    assert sorted(server.ingest.registry) == ["old"] and published == []
+    m = server.metrics
+    assert m.get("fedhft_hellos_total", {"status": "error", "reason": "storage"}) == 2
+    assert m.get("fedhft_hellos_total", {"status": "accepted", "reason": ""}) == 2  # "old": its first and again
+    server.handle_batch(batch[1:])  # the devices say hello again
+    assert sorted(server.ingest.registry) == ["new1", "new2", "old"] and len(published) == 2
