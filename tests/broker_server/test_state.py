@@ -293,7 +293,7 @@ def test_a_postgres_standby_waits_for_the_lock_and_takes_over_when_the_holder_go
     assert standby.is_alive() and not got  # waiting, on the same key dir as the leader
     leader.upsert_client("a", "p", "ab" * 32, PLAN)
     leader.close()  # the holder's session ends (as when its process is killed)
-    standby.join(10)
+    standby.join(30)  # polls every 0.25 s; a generous bound for a loaded 2-core host
     assert got and got[0].load_clients().keys() == {"a"}
     got[0].close()
     with pytest.raises(StateError, match="--standby needs --state postgresql"):
