@@ -248,6 +248,15 @@ def activation_bytes_per_layer(shape: ModelShape, cm: CostModel) -> float:
     return 4.0 * (tokens * per_token + maps)
 
 
+def lora_input_bytes(shape: ModelShape, layers: tuple[LayerPlan, ...]) -> float:
+    """Inputs that LoRA factors keep for their gradients and the frozen model does not keep already: the
+    attention context (attn_out), the FFN's input (ffn_in) and its activated intermediate (ffn_out). q/k/v read
+    the layer input, which the fitted per-layer activations count."""
+    tokens = shape.batch_size * shape.seq_len
+    width = {"attn_out": shape.hidden_size, "ffn_in": shape.hidden_size, "ffn_out": shape.intermediate_size}
+    return 4.0 * tokens * sum(width.get(k, 0) for lp in layers for k in lp.targets)
+
+
 def estimate(
     shape: ModelShape,
     profile: DeviceProfile,
@@ -266,6 +275,8 @@ def estimate(
     # a time), fp32 ones are the stored weights already counted in `base`.
     kept = 4.0 * shape.layer_linear_params if int8 and depth else 0.0
     act = depth * activation_bytes_per_layer(shape, cm)
+    if not full_finetune:
+        act += lora_input_bytes(shape, layers)
     transient = cm.transient_factor * activation_bytes_per_layer(shape, cm)
     if full_finetune:
         params = shape.total_params + shape.num_labels * (shape.hidden_size + 1)
