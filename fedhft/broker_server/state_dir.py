@@ -48,6 +48,11 @@ class StateLost(FedHFTError):
     Not a StateError, which the server survives (it retries); a restart rebuilds the server from what committed."""
 
 
+class SteppedDown(StateLost):
+    """Another server took the lock, or committed a version, while this one was reconnecting: a server started
+    with ``--standby`` waits for the lock again instead of stopping."""
+
+
 def lock_state_dir(directory: Path) -> int:
     """flock ``directory/lock`` and write our PID into it; StateLocked naming the holder's PID otherwise."""
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

@@ -60,6 +60,7 @@ from fedhft.broker_server.state_dir import (
     StateError,
     StateLocked,
     StateLost,
+    SteppedDown,
     StorageFull,
     lock_state_dir,
     state_label,
@@ -351,13 +352,13 @@ class PgStateStore:
         )
         if self._locked:
             if not self._try_lock():
-                raise StateLost(
+                raise SteppedDown(
                     f"{self.where}: another server ({self._holder()}) took the database's lock while this one was "
                     "reconnecting; stepping down"
                 )
             newest = self._newest_in(db)
             if newest > max(self._newest, self._committing):
-                raise StateLost(
+                raise SteppedDown(
                     f"{self.where}: another server committed version {newest} while this one was reconnecting; "
                     "stepping down (a restart restores from it)"
                 )
@@ -616,7 +617,7 @@ class PgStateStore:
                 raise StateLost(f"{self.where}: this server no longer holds the database's lock; not committing")
             newest = self._newest_in(db)
             if newest >= version:  # we hold the lock: another server made it while this one was reconnecting
-                raise StateLost(f"{self.where}: another server committed version {newest}; stepping down")
+                raise SteppedDown(f"{self.where}: another server committed version {newest}; stepping down")
             cur = db.cursor()
             cur.execute(
                 f"INSERT INTO versions ({_VERSION_COLUMNS}, memberships_json) VALUES (%s, %s, %s, %s, %s, %s, %s)",

@@ -40,7 +40,8 @@ def _clusters(value: str) -> int | None:
 @click.option(
     "--standby",
     is_flag=True,
-    help="With --state postgresql://...: wait while another server holds the database, take over when it dies.",
+    help="With --state postgresql://...: wait while another server holds the database, take over when it dies; "
+    "a --standby server that has to step down (another took over while it reconnected) waits again.",
 )
 @click.option(
     "--role",
@@ -275,7 +276,7 @@ def server_run_command(
     from fedhft.broker_server.federation import FederationConfig
     from fedhft.broker_server.roles import role_problem
     from fedhft.broker_server.service import Server, ServerConfig
-    from fedhft.broker_server.state_dir import StandbyStopped, is_postgres, state_label
+    from fedhft.broker_server.state_dir import StandbyStopped, SteppedDown, is_postgres, state_label
     from fedhft.credentials import resolve_password
 
     problem = role_problem(role, state_dir, standby=standby, virtual_time=virtual_time)
@@ -334,18 +335,25 @@ def server_run_command(
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),
     )
     with stop_on_signals() as stop:
-        try:
-            server = Server(config, stop)
-        except StandbyStopped:
-            click.echo("fedhft server: the standby stopped before it took over", err=True)
-            return
-        key = f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}" if role != "ingest" else "no key"
-        click.echo(
-            f"fedhft server ({role}): task {task}, {state_label(state_dir)}, version {server.federation.version}, "
-            f"{key}",
-            err=True,
-        )
-        server.run(stop)
+        while True:
+            try:
+                server = Server(config, stop)
+            except StandbyStopped:
+                click.echo("fedhft server: the standby stopped before it took over", err=True)
+                return
+            key = f"public key {(key_dir or Path(state_dir)) / 'server_key.pub'}" if role != "ingest" else "no key"
+            click.echo(
+                f"fedhft server ({role}): task {task}, {state_label(state_dir)}, version "
+                f"{server.federation.version}, {key}",
+                err=True,
+            )
+            try:
+                server.run(stop)
+                return
+            except SteppedDown as exc:
+                if not standby or stop.is_set():
+                    raise
+                click.echo(f"fedhft server: {exc}; waiting for the lock again (--standby)", err=True)
 
 
 def _refuse_database(state_dir: Path) -> None:

@@ -239,10 +239,15 @@ def test_a_server_rides_through_a_database_outage_mid_stream(fleet, postgres_url
         assert seen == sorted(seen), topic
 
 
-def test_an_aggregator_whose_lock_a_standby_took_steps_down(fleet, postgres_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("leader_standby", [False, True], ids=["leader", "leader-standby"])
+def test_an_aggregator_whose_lock_a_standby_took_steps_down(
+    fleet, postgres_url: str, tmp_path: Path, leader_standby: bool
+) -> None:  # noqa: ANN001
+    """Without --standby the stepped-down leader stops (exit 1, one line); with it, it waits for the lock again
+    and takes over when the server that took it goes."""
     hub, spec, plan, plan_dict_, start = fleet
     extra = ("--role", "aggregator", "--buffer-size", "4", "--window-seconds", "60", "--max-staleness", "1000")
-    leader = start(*extra)
+    leader = start(*extra, *(("--standby",) if leader_standby else ()))
     shutil.copytree(tmp_path / "keys", tmp_path / "standby-keys")  # the same key, on the standby's machine
     standby = start(*extra, "--standby", "--key-dir", str(tmp_path / "standby-keys"), wait_ready=False)
     ingest = [start("--role", "ingest"), start("--role", "ingest")]
@@ -268,15 +273,27 @@ def test_an_aggregator_whose_lock_a_standby_took_steps_down(fleet, postgres_url:
     sent = stream(hub, spec, plan, clients, 8, cut_leader_and_ingest)
     assert wait_until(lambda: all(hub.ack_status(*k) == "accepted" for k in sent), 30), ingest[0].log_text()[-3000:]
     assert leader.proc is not None
-    assert wait_until(lambda: leader.proc.poll() is not None, 20), leader.log_text()[-3000:]
-    assert leader.proc.returncode == 1  # stepped down, never published beside the standby
-    last = leader.log_text().strip().splitlines()[-1]
-    assert re.fullmatch(r"error: .*another server \(fedhft-aggregator PID \d+ .*\) took the database's lock while this "
-                        r"one was reconnecting; stepping down", last), last  # fmt: skip
+    step_down = (r".*another server \(fedhft-aggregator PID \d+ .*\) took the database's lock while this one was "
+                 r"reconnecting; stepping down")  # fmt: skip
+    if leader_standby:
+        waiting = "; waiting for the lock again (--standby)"
+        assert wait_until(lambda: waiting in leader.log_text(), 20), leader.log_text()[-3000:]
+        line = next(x for x in leader.log_text().splitlines() if waiting in x)
+        assert re.fullmatch("fedhft server: " + step_down + re.escape(waiting), line), line
+        assert leader.proc.poll() is None  # it waits, never publishing beside the new leader
+    else:
+        assert wait_until(lambda: leader.proc.poll() is not None, 20), leader.log_text()[-3000:]
+        assert leader.proc.returncode == 1  # stepped down, never published beside the standby
+        last = leader.log_text().strip().splitlines()[-1]
+        assert re.fullmatch("error: " + step_down, last), last
     assert wait_until(lambda: standby.metric("fedhft_ready") == 1.0, 20), standby.log_text()[-3000:]
     assert wait_until(lambda: standby.metric("fedhft_pending_updates") == 0.0, 20), standby.log_text()[-3000:]
     for p in (standby, *ingest):
         assert p.stop() == 0
+    if leader_standby:  # the new leader went: the old one takes the lock back
+        assert wait_until(lambda: leader.log_text().count("took over") >= 1, 30), leader.log_text()[-3000:]
+        assert wait_until(lambda: leader.metric("fedhft_ready") == 1.0, 20), leader.log_text()[-3000:]
+        assert leader.stop() == 0
     assert all("reconnected to PostgreSQL" in p.log_text() for p in ingest)
     versions = check_stored_once(postgres_url, sent)
     assert len(versions) > at_cut[0] and sum(n for _, n in versions) == len(sent)  # the standby aggregated the rest
