@@ -17,7 +17,7 @@ from fedhft.broker_server import sim_time
 from fedhft.broker_server.federation import Federation, FederationConfig, PendingUpdate
 from fedhft.broker_server.ingest import ClientInfo
 from fedhft.broker_server.state_backend import StateBackend
-from fedhft.broker_server.state_dir import StateError
+from fedhft.broker_server.state_dir import StateError, StateLost
 from fedhft.broker_server.state_schema import ClientRow, StoredUpdate
 from fedhft.broker_server.strategies import get_strategy
 from fedhft.broker_server.validation import ClientPlan, GlobalSpec, PlanRejected, scale_update, to_client_update
@@ -78,6 +78,8 @@ def decode_pending(
             decoded = decode_update(payload, max_bytes=RESTORE_MAX_BYTES)
             tensors = scale_update(decoded.tensors, stored.clip_scale)
             to_client_update(stored.client_id, stored.num_samples, stored.base_version, tensors, spec)
+        except StateLost:
+            raise  # the server lost the state (or must step down): nothing here is lost, and it must stop
         except (StateError, FedHFTError, KeyError) as exc:
             event(log, "a stored update cannot be read", logging.ERROR, id=stored.id, error=exc)
             lost.append(stored.id)
