@@ -9,7 +9,7 @@
   transaction, that this connection still holds the lock.
 - A lost connection (a database restart, a failover, a network cut) is ridden through (:meth:`PgStateStore._run`,
   the one reconnect policy): reconnect with backoff (:func:`reconnect_delay`) for up to ``reconnect_timeout``
-  seconds, end the old backend if it still runs, take the lock again (stepping down, StateLost, when another
+  seconds, end the old backend if it still runs, take the lock again (stepping down, SteppedDown, when another
   server took it or committed a version meanwhile), LISTEN again; then a read is run again, and a transaction
   whose COMMIT may have happened is looked up by its transaction id (pg_xact_status): done when it committed,
   run again when it did not, StateError (nothing acknowledged; the device sends again) when that is unknown.
