@@ -64,9 +64,9 @@ class VirtualPacing:
         self.clock.hello(client_id, time.time())
 
     def resume(self, client_ids: Sequence[str]) -> None:
-        """After a restart the clock starts empty: the devices the state knows start again at the restored
-        virtual time (VirtualClock.resume), except those with a restored, not yet aggregated update, which are
-        scheduled at its time."""
+        """After a restart the clock starts empty: the devices the state knows start again just after the
+        restored virtual time (VirtualClock.resume), except those with a restored, not yet aggregated update,
+        which are scheduled at its time."""
         pending = [p for p in self.federation.pending if p.virtual_time > 0]
         delivered: dict[str, float] = {}
         for p in pending:
