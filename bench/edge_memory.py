@@ -88,15 +88,22 @@ def write_data(tmp: Path, n_train: int, n_eval: int) -> tuple[Path, Path, list[s
     return paths[0], paths[1], ds.label_names
 
 
-def package_name(profile: str, objective: str) -> str:
-    """`profile` for the default (capacity) plan, else `profile-objective`."""
-    return profile if objective == DEFAULT_OBJECTIVE else f"{profile}-{objective}"
+def package_name(profile: str, variant: str) -> str:
+    """`profile` for the default (capacity) plan, else `profile-variant` (variant: objective[/recompute-MODE])."""
+    return profile if variant == DEFAULT_OBJECTIVE else f"{profile}-{variant.replace('/', '-')}"
 
 
-def ensure_export(art: Path, profile: str, formats: tuple[str, ...], objective: str = DEFAULT_OBJECTIVE) -> Path:
-    """`art/<package_name>` with `formats`, planned for `objective` (exported now when missing; an existing
-    package is reused as it is)."""
-    name = package_name(profile, objective)
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """(objective, recompute mode or None for the planner's) of a variant label such as capacity/recompute-none."""
+    objective, _, mode = variant.partition("/recompute-")
+    return objective, mode or None
+
+
+def ensure_export(art: Path, profile: str, formats: tuple[str, ...], variant: str = DEFAULT_OBJECTIVE) -> Path:
+    """`art/<package_name>` with `formats`, planned for the variant's objective and recompute mode (exported now
+    when missing; an existing package is reused as it is)."""
+    name = package_name(profile, variant)
+    objective, recompute = split_variant(variant)
     d = art / name
     have = set(load_manifest(d).artifacts) if (d / "manifest.json").exists() else set()
     missing = tuple(f for f in formats if f not in have)
@@ -109,7 +116,7 @@ def ensure_export(art: Path, profile: str, formats: tuple[str, ...], objective: 
             load_profile(profile),
             art,
             formats=tuple(sorted(have | set(missing))),
-            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ, objective=objective),
+            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ, objective=objective, recompute=recompute),
             name=name,
         )
         print(f"  exported {name} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -294,12 +301,14 @@ def plan_facts(pkg: Path, profile: str, backend: str) -> dict:
     plan = LoraPlan.from_dict(load_manifest(pkg).plan)
     shape = read_model(None).shape(LABELS, SEQ, BATCH)
     runtime = BACKEND_FORMAT[backend]
-    est = estimate(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, runtime)
+    est = estimate(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, runtime, recompute=plan.recompute)
     return {
         "budget_mb": prof.memory_budget_mb,
         "depth": plan.depth,
         "ranks": [lp.rank for lp in plan.layers],
+        "recompute": plan.recompute if runtime == "executorch" else "none",
         "estimate_mb": est.memory_mb,
+        "estimate_step_s": est.step_seconds,
     }
 
 
@@ -512,6 +521,8 @@ def main() -> None:
         memory_plans = [] if a.memory_plans == "none" else [k.split(":") for k in a.memory_plans.split(",")]
         plans = [(p, DEFAULT_OBJECTIVE, backends) for p in profiles]
         plans += [(k[0], "memory", k[1:] or backends) for k in memory_plans]
+        variants = [] if a.recompute_variants == "none" else [k.split(":") for k in a.recompute_variants.split(",")]
+        plans += [(k[0], f"{DEFAULT_OBJECTIVE}/recompute-{k[1]}", k[2:] or ["native"]) for k in variants]
         for p, objective, plan_backends in as_exported(plans, art, a.await_exports):
             if not a.no_export:  # all formats in one export: adding one later re-exports the package
                 ensure_export(art, p, tuple(BACKEND_FORMAT[b] for b in plan_backends), objective)
@@ -528,7 +539,7 @@ def main() -> None:
                     if code == "before" and not chosen(a.before_for, f"{p}:{b}"):
                         continue
                     cmd = edge_train(pkg, b, train, labels, a.steps)
-                    if chosen(a.edge_train, f"{p}:{b}") and objective == DEFAULT_OBJECTIVE:
+                    if chosen(a.edge_train, f"{p}:{b}") and split_variant(objective)[0] == DEFAULT_OBJECTIVE:
                         train_job = partial(run_measured, cmd, env=env, cwd=codes[code], timeout=a.timeout)
                         add(("edge-train", p, b, code, objective, extra, train_job))
                     run = partial(
@@ -602,26 +613,26 @@ def write_json(rows: list[dict], a: argparse.Namespace, complete: bool) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'kind':10} {'profile':22} {'plan':8} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} {'est MB':>7} "
-        f"{'s':>6} {'load':>5}"
+        f"{'kind':10} {'profile':22} {'plan':28} {'backend':7} {'code':6} {'peak MB':>8} {'hwm sum':>8} "
+        f"{'est MB':>7} {'s':>6} {'train s':>7} {'load':>5}"
     )
     for r in rows:
         est = r.get("estimate_mb")
         print(
-            f"{r['kind']:10} {r['profile']:22} {r['objective']:8} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} "
-            f"{r['hwm_sum_mb']:>8} {est if est is not None else '-':>7} {r['seconds']:>6} "
+            f"{r['kind']:10} {r['profile']:22} {r['objective']:28} {r['backend']:7} {r['code']:6} {r['peak_mb']:>8} "
+            f"{r['hwm_sum_mb']:>8} {est if est is not None else '-':>7} {r['seconds']:>6} {r.get('train_s') or '-':>7} "
             f"{r.get('load_avg_1m_at_end', '-'):>5}{' (kept)' if r.get('kept') else ''}{'' if r['ok'] else ' FAILED'}"
         )
     print()
     print(
-        f"{'profile':22} {'plan':8} {'backend':7} {'peak MB':>8} {'est MB':>7} {'err %':>6} {'torch/x':>7} "
+        f"{'profile':22} {'plan':28} {'backend':7} {'peak MB':>8} {'est MB':>7} {'err %':>6} {'torch/x':>7} "
         f"{'ort/x':>6} {'goal':>5}"
     )
     for g in goals(rows):
         for b, v in g["backends"].items():
             met = ("yes" if v["met"] else "no") + ("" if v["profile_runs_it"] else "*")
             print(
-                f"{g['profile']:22} {g['objective']:8} {b:7} {v['peak_mb']:>8} {v['estimate_mb']:>7} "
+                f"{g['profile']:22} {g['objective']:28} {b:7} {v['peak_mb']:>8} {v['estimate_mb']:>7} "
                 f"{v['estimate_error_pct']:>6} {v['vs_torch_full']:>7} {v['vs_ort_full']:>6} {met:>5}"
             )
     print("goal: peak <= 1/5 of PyTorch and <= 1/3 of ORT full FT; * = a backend the profile does not run")

@@ -12,7 +12,7 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.numbers import dumps_rounded
-from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES  # torch-free, stdlib only
+from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES, RECOMPUTE_MODES  # torch-free, stdlib
 from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW
 
 UPLOAD_WINDOW_HELP = (
@@ -29,6 +29,15 @@ OBJECTIVE_HELP = (
 )
 objective_option = click.option(
     "--objective", type=click.Choice(OBJECTIVES), default=DEFAULT_OBJECTIVE, show_default=True, help=OBJECTIVE_HELP
+)
+recompute_option = click.option(
+    "--recompute",
+    type=click.Choice(["auto", *RECOMPUTE_MODES]),
+    default="auto",
+    show_default=True,
+    help="What ExecuTorch programs recompute in backward instead of keeping: selective (all but the linear "
+    "layers' outputs), full (all but each adapted layer's input); auto: the most saving whose step time meets "
+    "the profile's target.",
 )
 
 
@@ -77,6 +86,7 @@ def profiles_show(name: str) -> None:
 @click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 @objective_option
+@recompute_option
 def plan(
     model: str | None,
     profile_name: str,
@@ -88,6 +98,7 @@ def plan(
     upload_window: float,
     min_compression: float,
     objective: str,
+    recompute: str,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.model_shape import read_model
@@ -105,6 +116,7 @@ def plan(
         upload_window=upload_window or None,
         min_compression=min_compression or None,
         objective=objective,
+        recompute=None if recompute == "auto" else recompute,
     )
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))  # exact: equal to the manifest's plan
@@ -118,6 +130,7 @@ def plan(
     click.echo(
         f"depth {p.depth}: layers {p.layers[0].layer}..{p.layers[-1].layer}, ranks "
         f"{[lp.rank for lp in p.layers]}, targets {list(p.layers[0].targets)}, mask ratio {p.mask_ratio}"
+        + (f", recompute {p.recompute}" if p.recompute != "none" else "")
     )
     click.echo(
         f"memory ~{e.memory_mb:.0f} MB (base {e.base_weights_mb}, activations {e.activations_mb}, "
@@ -149,6 +162,7 @@ def plan(
 @click.option("--upload-window", default=UPLOAD_WINDOW, show_default=True, help=UPLOAD_WINDOW_HELP)
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 @objective_option
+@recompute_option
 def export(
     model: str | None,
     profiles_arg: str,
@@ -163,6 +177,7 @@ def export(
     upload_window: float,
     min_compression: float,
     objective: str,
+    recompute: str,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
     from fedhft.device_profiles.model_shape import read_model
@@ -189,6 +204,7 @@ def export(
         upload_window=upload_window or None,
         min_compression=min_compression or None,
         objective=objective,
+        recompute=None if recompute == "auto" else recompute,
     )
     for i, prof in enumerate(profs, 1):
         click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)
@@ -198,7 +214,8 @@ def export(
         sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in r.artifact_bytes.items())
         click.echo(
             f"{r.profile}: depth {r.plan.depth} ranks {[lp.rank for lp in r.plan.layers]} "
-            f"targets {list(r.plan.layers[0].targets)} mask {r.plan.mask_ratio} | {r.plan.objective}: "
+            f"targets {list(r.plan.layers[0].targets)} mask {r.plan.mask_ratio}"
+            f"{'' if r.plan.recompute == 'none' else ' recompute ' + r.plan.recompute} | {r.plan.objective}: "
             f"est {e.memory_mb:.0f} MB, "
             f"{e.step_seconds:.2f} s/step, upload {e.upload_bytes / 1e3:.0f} kB | {sizes} | "
             f"{r.directory} ({r.seconds:.0f} s)"

@@ -42,6 +42,9 @@ DEFAULT_MIN_COMPRESSION: float | None = None
 # that keeps MEMORY_CAPACITY_FLOOR of the capacity plan's depth and trainable parameters, see capacity_floor).
 OBJECTIVES: tuple[str, ...] = ("capacity", "memory")
 DEFAULT_OBJECTIVE = "capacity"
+# What backward recomputes instead of keeping from the forward pass, least memory saved first: none; selective
+# (everything but the linear layers' outputs: cheap ops); full (everything but each adapted layer's input).
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 MEMORY_CAPACITY_FLOOR = 0.5
 
 
@@ -66,6 +69,17 @@ class CostModel:
     act_attention_maps: float = 2.0
     # Working set of the forward through one frozen layer (freed after it), as a share of one layer's above.
     transient_factor: float = 0.45
+    # Runtimes whose programs recompute activations in backward when a plan asks for it (RECOMPUTE_MODES,
+    # fedhft.export.recompute); fitted to bench/edge_memory.py's native peaks and `edge train` step times.
+    # full: one layer's activations at a time, plus this much per adapted layer across the passes, in hidden_size
+    # fp32 values per token (its input, 1, and what the ExecuTorch memory planner does not pack);
+    # selective: this share of every adapted layer's activations (the linear layers' outputs).
+    recompute_runtimes: tuple[str, ...] = ("executorch",)
+    recompute_full_hidden_per_token: float = 4.5
+    recompute_selective_share: float = 0.6
+    # Extra compute, in forwards of one adapted layer per adapted layer (full: its forward again, which costs less
+    # than the backward's; selective: the attention maps, softmax, GELU and layer norms only).
+    recompute_flop: dict[str, float] = field(default_factory=lambda: {"full": 0.64, "selective": 0.1})
     # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight besides the trainer's weights,
     # gradients and AdamW moments (bench/full_ft_memory.py, phases_mb in its JSON). The edge's own copies in a
     # round (edge_runtime/client.py, full_update.py): the exported values Δθ is added to, the received model's Δθ,
@@ -123,6 +137,8 @@ class LoraPlan:
     memory_budget_mb: float
     estimate: CostEstimate
     objective: str = DEFAULT_OBJECTIVE  # what the planner optimized (OBJECTIVES); recorded in the manifest
+    # What backward recomputes (RECOMPUTE_MODES) in ExecuTorch programs; ORT artifacts ignore it.
+    recompute: str = "none"
 
     @property
     def depth(self) -> int:
@@ -152,9 +168,10 @@ class LoraPlan:
     def from_dict(cls, d: dict[str, Any]) -> LoraPlan:
         layers = tuple(LayerPlan(int(x["layer"]), int(x["rank"]), tuple(x["targets"])) for x in d["layers"])
         est = CostEstimate(**d["estimate"])
-        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate", "objective"}
+        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate", "objective", "recompute"}
         kw = {k: d[k] for k in keys}
         kw["objective"] = d.get("objective", DEFAULT_OBJECTIVE)  # manifests before the objective was recorded
+        kw["recompute"] = d.get("recompute", "none")  # likewise before recomputation
         return cls(layers=layers, estimate=est, **kw)
 
 
@@ -266,17 +283,29 @@ def estimate(
     runtime: str,
     cm: CostModel | None = None,
     full_finetune: bool = False,
+    recompute: str = "none",
 ) -> CostEstimate:
-    """Memory, compute and traffic of training `layers` on `profile` (full_finetune: every weight trains)."""
+    """Memory, compute and traffic of training `layers` on `profile` (full_finetune: every weight trains;
+    recompute: what backward recomputes, RECOMPUTE_MODES, on the runtimes that do)."""
     cm = cm or CostModel()
+    check_recompute(recompute)
     depth = shape.num_layers if full_finetune else len(layers)
+    if runtime not in cm.recompute_runtimes or full_finetune or not depth:
+        recompute = "none"
     base = base_weight_bytes(shape, int8 and not full_finetune)
     # Weights of adapted layers are needed again in backward: int8 ones are dequantized then (one layer at
     # a time), fp32 ones are the stored weights already counted in `base`.
     kept = 4.0 * shape.layer_linear_params if int8 and depth else 0.0
-    act = depth * activation_bytes_per_layer(shape, cm)
-    if not full_finetune:
+    if recompute == "full":  # one layer's activations at a time, and per adapted layer what lives across
+        act = activation_bytes_per_layer(shape, cm) + max(lora_input_bytes(shape, (lp,)) for lp in layers)
+        act += depth * 4.0 * shape.batch_size * shape.seq_len * shape.hidden_size * cm.recompute_full_hidden_per_token
+    elif recompute == "selective":
+        act = depth * activation_bytes_per_layer(shape, cm) * cm.recompute_selective_share
         act += lora_input_bytes(shape, layers)
+    else:
+        act = depth * activation_bytes_per_layer(shape, cm)
+        if not full_finetune:
+            act += lora_input_bytes(shape, layers)
     transient = cm.transient_factor * activation_bytes_per_layer(shape, cm)
     if full_finetune:
         params = shape.total_params + shape.num_labels * (shape.hidden_size + 1)
@@ -294,6 +323,7 @@ def estimate(
     # Backward through an adapted layer costs about one forward (input gradients; frozen weights need no
     # weight gradients), twice that when its weights train; LoRA factors add little.
     bwd = depth * layer_forward_flop(shape) * (2.0 if full_finetune else 1.0)
+    bwd += depth * layer_forward_flop(shape) * cm.recompute_flop.get(recompute, 0.0)
     lora = 6.0 * shape.batch_size * shape.seq_len * params if not full_finetune else 0.0
     gflop = (fwd + bwd + lora) / 1e9
     step_s = gflop / (profile.fp32_gflops * cm.efficiency)
@@ -373,6 +403,32 @@ def _no_plan(shape: ModelShape, profile: DeviceProfile, runtime: str, int8: bool
     )
 
 
+def check_recompute(mode: str) -> None:
+    if mode not in RECOMPUTE_MODES:
+        raise PlanError(f"recompute {mode!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+
+
+def recompute_mode(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    layers: tuple[LayerPlan, ...],
+    mask_ratio: float,
+    int8: bool,
+    cm: CostModel,
+) -> str:
+    """What an ExecuTorch program of `layers` recomputes by default on `profile`: the mode with the least
+    estimated peak (ties to the cheaper in time) whose step time on every recomputing runtime the profile runs
+    still meets the profile's targets; none where it runs none."""
+    runtimes = [r for r in cm.recompute_runtimes if r in profile.runtimes]
+    best, best_mb = "none", math.inf
+    for mode in RECOMPUTE_MODES:
+        ests = [estimate(shape, profile, layers, mask_ratio, int8, r, cm, recompute=mode) for r in runtimes]
+        mb = max((e.memory_mb for e in ests), default=math.inf)
+        if ests and all(fits(e, profile) for e in ests) and mb < best_mb:
+            best, best_mb = mode, mb
+    return best
+
+
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
         raise PlanError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -416,6 +472,7 @@ def plan_lora(
     upload_window: float | None = DEFAULT_UPLOAD_WINDOW,
     min_compression: float | None = DEFAULT_MIN_COMPRESSION,
     objective: str = DEFAULT_OBJECTIVE,
+    recompute: str | None = None,
     cm: CostModel | None = None,
 ) -> LoraPlan:
     """The LEGEND plan that `objective` picks (:func:`choose`) among those that fit the profile's memory,
@@ -425,8 +482,9 @@ def plan_lora(
     capacity (default): the largest (by :func:`size_key`: deepest, then highest top rank, then most parameters);
     depth buys the most accuracy and sets backward cost; ranks halve every two layers down. memory: the least
     estimated peak that keeps half the capacity plan's depth and trainable parameters (:func:`capacity_floor`).
-    `fixed_depth` forces one depth (``fedhft export --depth``). Raises PlanError when even depth 1, rank 1, q/v
-    does not fit, or for an unknown objective.
+    `fixed_depth` forces one depth (``fedhft export --depth``). `recompute` (RECOMPUTE_MODES) is what ExecuTorch
+    programs of the plan recompute in backward; None: per candidate, :func:`recompute_mode`. Raises PlanError
+    when even depth 1, rank 1, q/v does not fit, or for an unknown objective or recompute mode.
     """
     cm = cm or CostModel()
     check_objective(objective)
@@ -436,13 +494,18 @@ def plan_lora(
         raise PlanError(f"depth {fixed_depth} is outside 1..{shape.num_layers}")
     depths = [fixed_depth] if fixed_depth else range(1, shape.num_layers + 1)
     budget = upload_budget(shape, profile, upload_window, min_compression)
+    if recompute is not None:
+        check_recompute(recompute)
     feasible: list[tuple[tuple[LayerPlan, ...], CostEstimate]] = []
+    recomputed: dict[tuple[LayerPlan, ...], str] = {}
     for layers in candidates(shape, max_rank, depths):
         if adapter_bytes(shape, layers, cm) > budget:
             continue
-        est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm)
+        mode = recompute or recompute_mode(shape, profile, layers, mask_ratio, int8, cm)
+        est = estimate(shape, profile, layers, mask_ratio, int8, runtime, cm, recompute=mode)
         if fits(est, profile):
             feasible.append((layers, est))
+            recomputed[layers] = mode
     if not feasible:
         raise _no_plan(shape, profile, runtime, int8, budget)
     layers, est = choose(shape, feasible, objective)
@@ -460,6 +523,7 @@ def plan_lora(
         memory_budget_mb=profile.memory_budget_mb,
         estimate=est,
         objective=objective,
+        recompute=recomputed[layers],
     )
 
 

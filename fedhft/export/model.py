@@ -139,8 +139,10 @@ def _unshare_albert_layers(encoder: nn.Module) -> None:
     c.num_hidden_groups = c.num_hidden_layers
 
 
-def _layers_of(encoder: nn.Module, layout: str) -> list[nn.Module]:
-    """The encoder's layers in order, one module per depth (ALBERT's shared layers are unshared first)."""
+def encoder_layers(encoder: nn.Module, layout: str | None = None) -> list[nn.Module]:
+    """The encoder's layers in order, one module per depth (ALBERT's shared layers are unshared first); the
+    layout defaults to the encoder's family's."""
+    layout = layout or FAMILIES[encoder.config.model_type].layout
     if layout == "distilbert":
         return list(encoder.transformer.layer)
     if layout == "albert":
@@ -177,7 +179,7 @@ def build_training_model(
     _freeze_linears(encoder, int8)
     adapted = {(lp.layer, k): lp.rank for lp in plan.layers for k in lp.targets}
     loras: list[tuple[str, LoraLinear]] = []
-    for li, layer in enumerate(_layers_of(encoder, layout)):
+    for li, layer in enumerate(encoder_layers(encoder, layout)):
         for kind, path in MODULE_PATHS[layout].items():
             rank = adapted.get((li, kind))
             if rank is None:

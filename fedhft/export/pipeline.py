@@ -66,6 +66,7 @@ class ExportOptions:
     upload_window: float | None = DEFAULT_UPLOAD_WINDOW  # seconds of the device's uplink its adapter may take
     min_compression: float | None = DEFAULT_MIN_COMPRESSION  # optional cap: full model bytes / this
     objective: str = DEFAULT_OBJECTIVE  # what the planner optimizes: "capacity" or "memory" (planner.OBJECTIVES)
+    recompute: str | None = None  # what ExecuTorch backward recomputes (planner.RECOMPUTE_MODES; None: planner's)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def export_profile(
             upload_window=opts.upload_window,
             min_compression=opts.min_compression,
             objective=opts.objective,
+            recompute=opts.recompute,
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))
     try:
@@ -187,6 +189,7 @@ def export_profile(
                 max_batch=max(profile.batch_size, 1),
                 max_seq_len=opts.max_seq_len,
                 pad_token_id=spec.pad_token_id,
+                recompute=plan.recompute,
             )
             artifacts["executorch"] = {
                 role: ArtifactFile(str(p.relative_to(tmp)), sha256_file(p), p.stat().st_size)
