@@ -443,6 +443,12 @@ def main() -> None:
         "or none.",
     )
     ap.add_argument(
+        "--recompute-variants",
+        default="none",
+        help="PROFILE:MODE[:BACKEND] keys whose default plan is also exported with that recompute mode (none, "
+        "selective, full) and measured (`edge run` and `edge train`), or none.",
+    )
+    ap.add_argument(
         "--await-exports",
         type=float,
         default=0,
