@@ -351,7 +351,10 @@ def row(kind: str, profile: str, backend: str, code: str, objective: str, m: Tre
 def goals(rows: list[dict]) -> list[dict]:
     """Per profile and plan objective: each backend's `edge run` peak (current code) against 1/5 of PyTorch and
     1/3 of ORT full FT, and the planner's error. The goal is met on a backend the profile runs (its `runtimes`)."""
-    base = {r["kind"]: r["peak_mb"] for r in rows if r["kind"] in ("torch-full", "ort-full") and r["code"] == "now"}
+    # Goal figures are each side's worst case: a baseline is one process, whose kernel high-water mark is its
+    # exact peak (sampling every 20 ms missed up to 100 MB of PyTorch's transient peak: 1141-1239 sampled,
+    # 1230-1242 high-water, in four runs); an edge tree's summed high-water marks bound its peak from above.
+    base = {r["kind"]: r["hwm_sum_mb"] for r in rows if r["kind"] in ("torch-full", "ort-full") and r["code"] == "now"}
     if "torch-full" not in base or "ort-full" not in base:
         return []
     out = []
@@ -360,15 +363,17 @@ def goals(rows: list[dict]) -> list[dict]:
         runtimes = load_profile(p).runtimes
         by = {}
         for r in (r for r in runs if r["profile"] == p and r["objective"] == objective):
+            worst = max(r["peak_mb"], r["hwm_sum_mb"])
             g = {
                 "peak_mb": r["peak_mb"],
+                "hwm_sum_mb": r["hwm_sum_mb"],
                 "estimate_mb": r["estimate_mb"],
                 "estimate_error_pct": round(100 * (r["estimate_mb"] - r["peak_mb"]) / r["peak_mb"], 1),
-                "vs_torch_full": round(base["torch-full"] / r["peak_mb"], 2),
-                "vs_ort_full": round(base["ort-full"] / r["peak_mb"], 2),
+                "vs_torch_full": round(base["torch-full"] / worst, 2),
+                "vs_ort_full": round(base["ort-full"] / worst, 2),
                 "profile_runs_it": BACKEND_FORMAT[r["backend"]] in runtimes,
             }
-            g["met"] = 5 * r["peak_mb"] <= base["torch-full"] and 3 * r["peak_mb"] <= base["ort-full"]
+            g["met"] = 5 * worst <= base["torch-full"] and 3 * worst <= base["ort-full"]
             by[r["backend"]] = g
         met_on = [b for b, g in by.items() if g["met"] and g["profile_runs_it"]]
         out.append(
@@ -408,9 +413,10 @@ def plot(rows: list[dict], path: Path) -> bool:
         for r in sel
     ]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 4.5))
-    ax.bar(range(len(sel)), [r["peak_mb"] for r in sel], color=colors)
-    torch_full = next((r["peak_mb"] for r in sel if r["kind"] == "torch-full" and r["code"] == "now"), None)
-    ort_full = next((r["peak_mb"] for r in sel if r["kind"] == "ort-full" and r["code"] == "now"), None)
+    worst = [max(r["peak_mb"], r["hwm_sum_mb"]) for r in sel]  # what goals() compares
+    ax.bar(range(len(sel)), worst, color=colors)
+    base = {r["kind"]: w for w, r in zip(worst, sel, strict=True) if r["code"] == "now"}
+    torch_full, ort_full = base.get("torch-full"), base.get("ort-full")
     if torch_full:
         ax.axhline(torch_full / 5, color="red", linestyle="--", label="1/5 of PyTorch full FT")
     if ort_full:
@@ -418,7 +424,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     if torch_full or ort_full:
         ax.legend()
     ax.set_xticks(range(len(sel)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("peak RSS of the process tree (MB)")
+    ax.set_ylabel("peak RSS, high-water mark (MB; summed over a tree)")
     ax.set_title(f"MiniLM-L6, batch {BATCH}, seq {SEQ}: edge run (one round) vs full fine-tuning")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,91 @@
+"""The planner's recompute knob: what each mode costs, what auto picks, and that it never costs depth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedhft.device_profiles.planner import (
+    RECOMPUTE_MODES,
+    CostModel,
+    LoraPlan,
+    PlanError,
+    estimate,
+    make_layers,
+    plan_lora,
+    planned_runtime,
+    recompute_mode,
+)
+from fedhft.device_profiles.profile import list_profiles, load_profile
+from tests.device_profiles.test_planner import MINILM
+
+QV = ("query", "value")
+
+
+def test_each_mode_trades_memory_for_step_time_on_executorch_only() -> None:
+    prof = load_profile("laptop-x86-16gb")
+    layers = make_layers(MINILM, 6, 16, QV)
+    et = {m: estimate(MINILM, prof, layers, 1.0, True, "executorch", recompute=m) for m in RECOMPUTE_MODES}
+    assert et["full"].memory_mb < et["selective"].memory_mb < et["none"].memory_mb
+    assert et["none"].step_seconds < et["selective"].step_seconds < et["full"].step_seconds
+    ort = {m: estimate(MINILM, prof, layers, 1.0, True, "ort", recompute=m) for m in RECOMPUTE_MODES}
+    assert len({e for e in ort.values()}) == 1  # ORT artifacts do not recompute: same estimate
+
+
+def test_auto_takes_the_most_saving_mode_whose_step_time_meets_the_target() -> None:
+    cm = CostModel()
+    rpi5 = load_profile("rpi5-8gb")
+    deep = make_layers(MINILM, 5, 8, QV)  # rpi5's capacity plan: full recomputation would miss its 3.0 s target
+    full = estimate(MINILM, rpi5, deep, 0.5, True, "executorch", cm, recompute="full")
+    assert full.step_seconds > rpi5.target_step_seconds
+    assert recompute_mode(MINILM, rpi5, deep, 0.5, True, cm) == "selective"
+    assert recompute_mode(MINILM, rpi5, make_layers(MINILM, 3, 8, QV), 0.5, True, cm) == "full"
+    # one layer: full recomputation keeps more than it saves, so selective is the least memory
+    assert recompute_mode(MINILM, rpi5, make_layers(MINILM, 1, 8, QV), 0.5, True, cm) == "selective"
+    ort_only = dataclasses.replace(rpi5, runtimes=("ort",), default_runtime="ort")
+    assert recompute_mode(MINILM, ort_only, deep, 0.5, True, cm) == "none"
+
+
+@pytest.mark.parametrize("seq", [64, 128])
+def test_auto_recompute_never_changes_a_shipped_capacity_plan(seq: int) -> None:
+    shape = dataclasses.replace(MINILM, seq_len=seq)
+    for prof in list_profiles():
+        runtime = planned_runtime(prof)
+        auto = plan_lora(shape, prof, runtime=runtime)
+        plain = plan_lora(shape, prof, runtime=runtime, recompute="none")
+        assert auto.layers == plain.layers, prof.name
+        assert auto.recompute in ("selective", "full"), prof.name  # every shipped profile runs ExecuTorch
+        assert plain.recompute == "none"
+
+
+def test_the_plan_records_its_mode_and_old_manifests_read_as_none() -> None:
+    plan = plan_lora(MINILM, load_profile("rpi5-8gb"))
+    assert plan.recompute == "selective"
+    d = plan.to_dict()
+    assert d["recompute"] == "selective" and LoraPlan.from_dict(d) == plan
+    del d["recompute"]
+    assert LoraPlan.from_dict(d).recompute == "none"
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(PlanError, match="recompute 'half' is not one of none, selective, full"):
+        plan_lora(MINILM, load_profile("rpi5-8gb"), recompute="half")
+
+
+def test_plan_command_takes_the_recompute_mode_and_records_it() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from fedhft.cli import main
+
+    args = ["plan", "--profile", "rpi5-8gb", "--num-labels", "5", "--max-seq-len", "128"]
+    auto = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    none = json.loads(CliRunner().invoke(main, [*args, "--json", "--recompute", "none"]).output)
+    assert (auto["recompute"], none["recompute"]) == ("selective", "none")
+    assert auto["layers"] == none["layers"]
+    assert auto["estimate"]["memory_mb"] < none["estimate"]["memory_mb"]
+    assert "recompute selective" in CliRunner().invoke(main, args).output
+    bad = CliRunner().invoke(main, [*args, "--recompute", "half"])
+    assert bad.exit_code != 0 and "'half' is not one of 'auto', 'none', 'selective', 'full'" in bad.output
