@@ -77,9 +77,10 @@ class CostModel:
     recompute_runtimes: tuple[str, ...] = ("executorch",)
     recompute_full_hidden_per_token: float = 4.5
     recompute_selective_share: float = 0.6
-    # Extra compute, in forwards of one adapted layer per adapted layer (full: its forward again, which costs less
-    # than the backward's; selective: the attention maps, softmax, GELU and layer norms only).
-    recompute_flop: dict[str, float] = field(default_factory=lambda: {"full": 0.64, "selective": 0.1})
+    # Extra compute, in forwards of one adapted layer per adapted layer (full: the layer's forward again; selective:
+    # the attention maps, softmax, GELU, layer norms and weight dequantization). Native `edge train` at depth 5-6,
+    # interleaved runs (bench/results/recompute_time.json): full +31..39%, selective -2..+12% (mean +7%).
+    recompute_flop: dict[str, float] = field(default_factory=lambda: {"full": 0.7, "selective": 0.15})
     # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight besides the trainer's weights,
     # gradients and AdamW moments (bench/full_ft_memory.py, phases_mb in its JSON). The edge's own copies in a
     # round (edge_runtime/client.py, full_update.py): the exported values Δθ is added to, the received model's Δθ,
