@@ -9,9 +9,11 @@ in the same way: a PyTorch full fine-tuning script (AdamW) and ORT full fine-tun
 on a full fine-tuning export). `--before REV` also runs the package as it was at git revision REV (same
 artifacts, same data), so a change's effect is measured in the same run.
 
-`--memory-plans PROFILE[:BACKEND],...` also measures those profiles' `--objective memory` plans. The JSON's goals
+`--memory-plans PROFILE[:BACKEND],...` also measures those profiles' `--objective memory` plans, and
+`--recompute-variants PROFILE:MODE,...` their default plans with that recompute mode forced. The JSON's goals
 say per profile, plan and backend: peak, planner estimate and its error, the two ratios, and whether the goal
-(<= 1/5 of PyTorch and <= 1/3 of ORT full FT) is met on a backend the profile runs. Each package is measured as soon
+(<= 1/5 of PyTorch and <= 1/3 of ORT full FT, high-water marks compared: see goals()) is met on a backend the
+profile runs. Each package is measured as soon
 as it is exported (`--await-exports` waits for packages other processes export into --artifacts); `--keep-measured`
 merges an earlier run's rows (marked kept). Writes bench/results/edge_memory.json and edge_memory.png, and prints a
 table. RSS does not depend on host load;
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -40,8 +43,8 @@ from pathlib import Path
 
 from bench.tree_rss import TreePeak, run_measured
 from fedhft.datasets import load_bbc_news
-from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE
-from fedhft.device_profiles.profile import load_profile, shipped_profile_names
+from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, LoraPlan
+from fedhft.device_profiles.profile import DeviceProfile, load_profile, shipped_profile_names
 from fedhft.procs import stop_process
 from fedhft.protocol.manifest import load_manifest
 
@@ -100,8 +103,9 @@ def split_variant(variant: str) -> tuple[str, str | None]:
 
 
 def ensure_export(art: Path, profile: str, formats: tuple[str, ...], variant: str = DEFAULT_OBJECTIVE) -> Path:
-    """`art/<package_name>` with `formats`, planned for the variant's objective and recompute mode (exported now
-    when missing; an existing package is reused as it is)."""
+    """`art/<package_name>` with `formats`: the plan of the variant's objective, its recompute mode forced when the
+    variant names one (same depth and ranks, whatever the step-time target says). Exported now when missing; an
+    existing package is reused as it is."""
     name = package_name(profile, variant)
     objective, recompute = split_variant(variant)
     d = art / name
@@ -110,17 +114,30 @@ def ensure_export(art: Path, profile: str, formats: tuple[str, ...], variant: st
     if missing:
         from fedhft.export.pipeline import ExportOptions, export_profile
 
+        prof = load_profile(profile)
         t = time.perf_counter()
         export_profile(
             None,
-            load_profile(profile),
+            prof,
             art,
             formats=tuple(sorted(have | set(missing))),
-            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ, objective=objective, recompute=recompute),
+            opts=ExportOptions(num_labels=LABELS, max_seq_len=SEQ, objective=objective),
+            plan=forced_plan(prof, objective, recompute) if recompute else None,
             name=name,
         )
         print(f"  exported {name} {missing} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return d
+
+
+def forced_plan(prof: DeviceProfile, objective: str, recompute: str) -> LoraPlan:
+    """`prof`'s `objective` plan with `recompute` in place of the planner's mode, estimate to match."""
+    from fedhft.device_profiles.model_shape import read_model
+    from fedhft.device_profiles.planner import estimate, plan_lora, planned_runtime
+
+    shape = read_model(None).shape(LABELS, SEQ, prof.batch_size)
+    plan = plan_lora(shape, prof, runtime=planned_runtime(prof), objective=objective)
+    est = estimate(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, plan.runtime, recompute=recompute)
+    return dataclasses.replace(plan, recompute=recompute, estimate=est)
 
 
 def ensure_full_ft(art: Path) -> Path:
@@ -451,8 +468,8 @@ def main() -> None:
     ap.add_argument(
         "--recompute-variants",
         default="none",
-        help="PROFILE:MODE[:BACKEND] keys whose default plan is also exported with that recompute mode (none, "
-        "selective, full) and measured (`edge run` and `edge train`), or none.",
+        help="PROFILE:MODE[:BACKEND] keys whose default plan is also exported with that recompute mode forced "
+        "(none, selective, full; same depth and ranks) and measured (`edge run` and `edge train`), or none.",
     )
     ap.add_argument(
         "--await-exports",
