@@ -153,8 +153,8 @@ def split_addmm(gm: torch.fx.GraphModule) -> int:
 
 def sink_constant_ops(gm: torch.fx.GraphModule) -> int:
     """Move every op that reads only graph inputs and constants (or such ops) to just before its first user;
-    return how many moved. Lowering to XNNPACK re-sorts the graph breadth-first, which hoists the fp32 casts
-    of all int8 weights to the start, where the memory planner keeps them all alive at once."""
+    return how many moved. Lowering to XNNPACK reorders the graph and hoists the fp32 casts of all int8 weights
+    to its start, where the memory planner keeps them all alive at once."""
     const: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
