@@ -79,7 +79,7 @@ class CostModel:
     recompute_selective_share: float = 0.6
     # Extra compute, in forwards of one adapted layer per adapted layer (full: the layer's forward again; selective:
     # the attention maps, softmax, GELU, layer norms and weight dequantization). Native `edge train` at depth 5-6,
-    # interleaved runs (bench/results/recompute_time.json): full +31..39%, selective -2..+12% (mean +7%).
+    # interleaved runs (bench/results/recompute_time.json): full +39%, selective -2..+12% (mean +7%).
     recompute_flop: dict[str, float] = field(default_factory=lambda: {"full": 0.7, "selective": 0.15})
     # Full fine-tuning (fedavg-full) on the edge, in fp32 copies of every weight besides the trainer's weights,
     # gradients and AdamW moments (bench/full_ft_memory.py, phases_mb in its JSON). The edge's own copies in a

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedhft.device_profiles.planner import RECOMPUTE_MODES
 from fedhft.errors import FedHFTError
 from fedhft.export.layers import FrozenLinear
 from fedhft.export.model import SequenceClassifier, TrainableTensorInfo, encoder_layers
@@ -223,6 +224,8 @@ def export_executorch(
     The three files are written into a temporary sibling and renamed into place together.
     """
     batch_b, seq_b = _bounds(max_batch, max_seq_len)
+    if recompute not in RECOMPUTE_MODES:
+        raise ExecuTorchExportError(f"recompute {recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
     graph_to_name = {i.graph_name: i.name for i in infos}
     shapes = {i.name: tuple(i.shape) for i in infos}
     unknown_ops = sorted(set(xnnpack) - set(_XNNPACK_CONFIGS))

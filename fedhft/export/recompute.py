@@ -64,7 +64,7 @@ def mark_layer_inputs(layers: list[nn.Module]) -> Iterator[None]:
 
 
 def _is_mark(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and str(getattr(node.target, "name", lambda: "")()) == MARK
+    return node.op == "call_function" and node.target is torch.ops.fedhft.layer_input.default
 
 
 def _tensor_valued(node: torch.fx.Node) -> bool:

@@ -89,3 +89,11 @@ def test_the_program_records_what_it_recomputes(programs: dict) -> None:
         else:
             assert len(passes) == 1 and passes[0].startswith(f"recompute {mode} x")
             assert int(passes[0].rsplit("x", 1)[1]) > 0
+
+
+def test_an_unknown_mode_is_refused_before_exporting(tmp_path: Path) -> None:
+    from fedhft.export.executorch_export import ExecuTorchExportError, export_executorch
+
+    with pytest.raises(ExecuTorchExportError, match="recompute 'half' is not one of none, selective, full"):
+        export_executorch(None, [], tmp_path / "et", max_seq_len=16, recompute="half")  # type: ignore[arg-type]
+    assert not (tmp_path / "et").exists()
