@@ -333,7 +333,7 @@ def _compile(
             warnings.simplefilter("ignore")
             logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner").setLevel(logging.ERROR)
             edge = edge.to_backend(_xnnpack_partitioner(xnnpack))
-    if recompute != "none":  # without it the greedy planner packs the unsunk order better (232.7 vs 222.3 MB)
+    if recompute != "none":  # without recomputation the memory planner packed the unsunk order tighter (one run)
         sink_constant_ops(edge.exported_program().graph_module)
     return edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True)), n_split, n_clones
 
