@@ -3,7 +3,8 @@
 `/usr/bin/time -v` and ru_maxrss report one process; a device's `fedhft edge train --backend native` is two
 (the Python wrapper and the C++ trainer). `run_measured` starts a command, polls /proc every `interval` seconds,
 and reports the largest sum of the tree's VmRSS seen at one instant (what the device must hold at once) and,
-as an upper bound that no short spike escapes, the sum of each process's own peak (VmHWM). Linux only.
+as an upper bound that no short spike escapes, the sum of each process's own peak (VmHWM). A child that still
+runs its parent's image (forked, or vforked before its exec) is not counted: its pages are its parent's. Linux only.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def parents_image(status: Mapping[str, str], parent: Mapping[str, str] | None) -> bool:
+    """Whether a process still runs its parent's image: forked (or vforked, sharing the parent's memory) and
+    not yet exec'd or grown, so its VmRSS and VmHWM count the parent's pages again. Same name and VmSize."""
+    return (
+        parent is not None and status.get("Name") == parent.get("Name") and status.get("VmSize") == parent.get("VmSize")
+    )
+
+
 class TreeSampler:
     """Polls the tree under one pid in a background thread until `stop()`."""
 
@@ -97,9 +106,9 @@ class TreeSampler:
 
     def sample(self) -> None:
         total = 0
-        for pid in tree_pids(self.root):
-            st = _status(pid)
-            if not st:
+        statuses = {pid: st for pid in tree_pids(self.root) if (st := _status(pid))}
+        for pid, st in statuses.items():
+            if parents_image(st, statuses.get(int(st.get("PPid", "0")))):
                 continue
             total += _kb(st.get("VmRSS"))
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), _kb(st.get("VmHWM")))

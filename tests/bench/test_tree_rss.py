@@ -26,6 +26,26 @@ def test_the_peak_sums_the_parent_and_its_child() -> None:
     assert m.hwm_sum_mb >= m.peak_sum_mb
 
 
+# A parent holding 150 MB forks; the child, which holds the same pages copy-on-write, sleeps without exec.
+FORK_WITHOUT_EXEC = """
+import os, time
+held = b"x" * (150 << 20)
+pid = os.fork()
+if pid == 0:
+    time.sleep(1.0)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_that_has_not_exec_d_is_not_counted_twice() -> None:
+    m = run_measured([sys.executable, "-c", FORK_WITHOUT_EXEC], interval=0.01)
+    assert m.returncode == 0, m.stderr
+    assert m.samples > 20
+    assert 150 <= m.peak_sum_mb < 200, m  # counted twice: >= 300
+    assert 150 <= m.hwm_sum_mb < 200, m
+
+
 def test_tree_pids_finds_this_process() -> None:
     import os
 
