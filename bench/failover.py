@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support (throwaway database, server children), bench helpers
 
+from bench.loadgen import load_average  # noqa: E402
 from bench.server_ingest import PROFILE, bench_manifest  # noqa: E402
 from fedhft.broker_server.broker.embedded import EmbeddedBroker  # noqa: E402
 from fedhft.protocol import decode_model, encode_update  # noqa: E402
@@ -43,10 +44,6 @@ from tests.support.server import Hub, ServerProcess, db_rows, update_message, wa
 
 RESULTS = ROOT / "bench" / "results"
 TASK = "failover"
-
-
-def load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def record_model_arrivals(hub: Hub) -> list[tuple[float, str, bytes]]:
