@@ -109,9 +109,21 @@ def simulate(d: dict) -> str:
             f"{pm(s.get('bytes_up_per_client_round'), '.1f', 1e3)} | "
             f"{pm(s.get('simulated_seconds_to_target'), '.0f')} | {pm(s.get('bytes_up_to_target'), '.2f', 1e6)} |"
         )
+    ref = d.get("reference")
+    if ref:
+        lines.append(
+            f"| *no model: majority label* | {len(ref['seeds'])} | {pm(ref['global_accuracy'])} | "
+            f"{pm(ref['global_macro_f1'])} | - | {pm(ref['personalized_accuracy'])} | "
+            f"{pm(ref['personalized_macro_f1'])} | - | - | - |"
+        )
     target = d["methods"][0].get("target_accuracy")
     unable = {r["method"]: r["unable_to_participate"] for r in d["methods"] if r.get("unable_to_participate")}
     lines += ["", f"Target accuracy {target}; '-' where a figure is missing (e.g. a seed never reached the target)."]
+    if ref:
+        lines[-1] += (
+            " *No model* answers the fleet's most frequent training label (global) or each client's own (personalized)"
+            " on the same test sets: what a method must beat to have learned anything."
+        )
     if len(seeds) > 1:
         lines += ["", "Every seed (global acc / global F1 / personalized acc):", ""]
         for s in d["summary"]:

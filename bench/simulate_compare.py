@@ -24,11 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedhft.simulate.config import DEFAULT_ENCODING
+from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig
+from fedhft.simulate.data import load_dataset
 from fedhft.simulate.methods import METHODS
 from fedhft.simulate.plots import plot
+from fedhft.simulate.reference import reference
 from fedhft.simulate.report import build_report, table
 from fedhft.simulate.resume import merge, pending
+from fedhft.simulate.runner import make_split
 from fedhft.simulate.seeds import parse_encodings, parse_seeds
 
 RESULTS = Path(__file__).parent / "results"
@@ -109,6 +112,36 @@ def plan_calls(
     ]
 
 
+def add_references(report: dict, args: list[str]) -> int:
+    """Give runs from before the no-model reference their seed's (from the seed's split; nothing is rerun).
+    Returns how many runs got one."""
+    c = report["config"]
+    missing = [r for r in report["methods"] if "reference" not in r]
+    if not missing:
+        return 0
+    data = load_dataset(c["dataset"])
+    max_test = int(args[args.index("--max-test") + 1]) if "--max-test" in args else SimConfig.max_test
+    refs: dict[int, dict] = {}
+    for r in missing:
+        seed = int(r.get("seed", c.get("seed", 0)))
+        if seed not in refs:
+            cfg = SimConfig(
+                clients=c["clients"],
+                profiles=c["profiles"],
+                dataset=c["dataset"],
+                alpha=c["alpha"],
+                rounds=0,
+                method=METHODS["fedhft"],
+                out=Path("."),
+                seed=seed,
+                split=c.get("split", "dirichlet"),
+                max_test=max_test,
+            )
+            refs[seed] = reference(data.labels, make_split(data, cfg))
+        r["reference"] = refs[seed]
+    return len(missing)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="bbc")
@@ -136,6 +169,10 @@ def main() -> None:
         print(f"  seed {seed}: {run_name(m, enc)}")
     if a.dry_run:
         return
+    if report is not None and calls == [] and add_references(report, preset["args"]):
+        report = build_report(report["methods"], report["config"])
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        plot(results, report)
     command = "python bench/simulate_compare.py" + (f" --preset {name}" if name != "bbc" else "")
     for seed, enc, m in calls:
         with tempfile.TemporaryDirectory(prefix="fedhft-compare-") as tmp:
@@ -146,6 +183,7 @@ def main() -> None:
             new = json.loads((out / "report.json").read_text())
         new["config"].update(command=command, bench_args=preset["args"])
         merged = merge(report, new, ALL.split(","))
+        add_references(merged, preset["args"])
         report = build_report(merged["methods"], merged["config"])
         results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")  # a finished call is never lost

@@ -17,7 +17,7 @@ from fedhft.errors import FedHFTError
 from fedhft.simulate.curve import at_budget, by_version, bytes_before, bytes_to, last_k_mean, time_to
 from fedhft.simulate.goals import goals
 from fedhft.simulate.metrics import weighted_mean
-from fedhft.simulate.summary import summarize
+from fedhft.simulate.summary import summarize, summarize_reference
 
 REPORT = "report.json"
 LAST_K = 3
@@ -160,7 +160,11 @@ def build_report(runs: list[dict], config: dict) -> dict:
     """report.json's content: config, runs (re-read with the config's last k and budget), summary, goals."""
     last_k, budget = int(config.get("last_k") or LAST_K), config.get("time_budget")
     runs = [readings(r, last_k, budget) for r in runs]
-    report = {"config": config, "methods": runs, "summary": summarize(runs, int(config.get("seed", 0)))}
+    seed = int(config.get("seed", 0))
+    report = {"config": config, "methods": runs, "summary": summarize(runs, seed)}
+    ref = summarize_reference(runs, seed)
+    if ref is not None:
+        report["reference"] = ref
     report["goals"] = goals(report)
     return report
 
@@ -255,6 +259,9 @@ def table(report: dict) -> str:
             rows.append(f"  {tag}: unable to participate: {r['unable_to_participate']}")
         if r.get("chaos"):
             rows.append(f"  {tag}: " + chaos_line(r["chaos"]))
+    ref = report.get("reference") or summarize_reference(report["methods"], int(c.get("seed", 0)))
+    if ref is not None:
+        rows.append(reference_line(ref))
     k, budget = c.get("last_k", LAST_K), c.get("time_budget")
     rows.append(
         f"final = mean of the last {k} global versions; acc@budget = newest version at virtual time "
@@ -264,6 +271,16 @@ def table(report: dict) -> str:
         measured = "-" if g["measured"] is None else g["measured"]
         rows.append(f"goal: {g['goal']}: {measured} (need >= {g['need']}) {'met' if g['met'] else 'NOT met'}")
     return "\n".join(rows)
+
+
+def reference_line(ref: dict[str, Any]) -> str:
+    """One line of the no-model reference: what a method must beat to have learned anything."""
+    n = len(ref["seeds"])
+    return (
+        f"no model ({n} seed{'s' if n > 1 else ''}): the fleet's majority label scores global acc "
+        f"{pm(ref['global_accuracy'])}, macro-F1 {pm(ref['global_macro_f1'])}; each client's own majority label "
+        f"scores personalized acc {pm(ref['personalized_accuracy'])}, macro-F1 {pm(ref['personalized_macro_f1'])}"
+    )
 
 
 def chaos_line(c: dict[str, Any]) -> str:

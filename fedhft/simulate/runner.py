@@ -32,6 +32,7 @@ from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig, SimulationError,
 from fedhft.simulate.data import FederatedSplit, cap_test_sets, dirichlet_split, load_dataset, natural_split
 from fedhft.simulate.fleet import Fleet, peak_rss_mb
 from fedhft.simulate.packages import edge_backend, export_packages
+from fedhft.simulate.reference import reference
 
 log = logging.getLogger("fedhft.simulate")
 PROGRESS_EVERY = 30.0  # seconds between progress lines when nothing changed
@@ -178,6 +179,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         result["hosts"] = hosts
         result["peak_rss_mb_by_host"] = {h: round(mb, 1) for h, mb in sorted(peaks.items()) if h in fleet.members}
     result["backend_by_profile"] = {prof: edge_backend(cfg, profiles[prof]) for prof in dirs}
+    result["reference"] = reference(labels, split)
     if chaos is not None:
         from fedhft.simulate.chaos import state_accounting
 

@@ -72,3 +72,18 @@ def paired_means(a: dict | None, b: dict | None, name: str) -> tuple[float | Non
     if not common:
         return None, None, []
     return mean_std(va[s] for s in common)[0], mean_std(vb[s] for s in common)[0], [int(s) for s in common]
+
+
+REFERENCE_FIGURES = ("global_accuracy", "global_macro_f1", "personalized_accuracy", "personalized_macro_f1")
+
+
+def summarize_reference(runs: Sequence[dict], default_seed: int = 0) -> dict[str, Any] | None:
+    """The no-model reference (fedhft.simulate.reference) across the seeds whose runs carry one: per figure,
+    mean, std and by_seed; None when no run carries one. A seed's runs share one split, so one run speaks for it."""
+    by_seed = {run_seed(r, default_seed): r["reference"] for r in runs if isinstance(r.get("reference"), dict)}
+    if not by_seed:
+        return None
+    out: dict[str, Any] = {"seeds": sorted(by_seed)}
+    for name in REFERENCE_FIGURES:
+        out[name] = figure({s: ref.get(name) for s, ref in by_seed.items()})
+    return out

@@ -95,6 +95,7 @@ def test_bench_keeps_each_finished_run_and_resumes_after_an_interruption(
         name = arg["--method"] + ("" if arg["--encoding"] == "fp16" else "+" + arg["--encoding"])
         curve = [{"version": 1, "accuracy": 0.8, "macro_f1": 0.7, "virtual_time": 10.0, "wall_time": 1.0}]
         run = {"method": name, "seed": int(arg["--seed"]), "encoding": arg["--encoding"], "accuracy_curve": curve}
+        run["reference"] = {"global_accuracy": 0.5, "personalized_accuracy": 0.6}  # as `fedhft simulate` gives
         config = {"dataset": "d", "seed": int(arg["--seed"]), "seeds": [int(arg["--seed"])]}
         Path(arg["--out"], "report.json").write_text(json.dumps({"config": config, "methods": [run]}))
 
@@ -119,3 +120,22 @@ def test_bench_keeps_each_finished_run_and_resumes_after_an_interruption(
     calls.clear()
     bench.main()
     assert calls == [] and "8 of 8 runs finished" in capsys.readouterr().out
+
+
+def test_bench_gives_older_runs_their_seeds_reference_without_running_them() -> None:
+    bench = _bench()
+    config = {"dataset": "bbc-news", "clients": 6, "profiles": {"rpi4-4gb": 6}, "alpha": 0.3, "seed": 0}
+    runs = [{"method": "fedhft", "seed": 1}, {"method": "fedavg-lora", "seed": 1}, {"method": "fedhft", "seed": 0}]
+    report = {"config": config, "methods": runs}
+    assert bench.add_references(report, ["--max-test", "300"]) == 3
+    assert runs[0]["reference"] == runs[1]["reference"] != runs[2]["reference"]  # a seed's runs share its split
+    from fedhft.simulate.config import SimConfig
+    from fedhft.simulate.data import load_dataset
+    from fedhft.simulate.methods import METHODS
+    from fedhft.simulate.reference import reference
+    from fedhft.simulate.runner import make_split
+
+    data = load_dataset("bbc-news")
+    cfg = SimConfig(6, {"rpi4-4gb": 6}, "bbc-news", 0.3, 0, METHODS["fedhft"], Path("."), seed=1, max_test=300)
+    assert runs[0]["reference"] == reference(data.labels, make_split(data, cfg))
+    assert bench.add_references(report, []) == 0  # nothing missing: nothing recomputed
