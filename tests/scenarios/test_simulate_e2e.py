@@ -113,8 +113,11 @@ def test_simulate_tiny_end_to_end(
     assert res["final_global_accuracy"] is not None and res["final_global_accuracy"] > 0.4, res["accuracy_curve"]
     assert res["bytes_up"] == sniffer.bytes["update"], (res["bytes_up"], sniffer.bytes)
     assert res["bytes_up_per_client_round"] > 0 and res["bytes_down"] > 0
+    ref = res["reference"]  # what answering without a model scores on the same test sets
+    assert 0 < ref["global_accuracy"] < 1 and ref["personalized_accuracy"] is not None
+    assert report["reference"]["seeds"] == [0]
     out = CliRunner().invoke(main, ["report", str(tmp_path / "out")])
-    assert out.exit_code == 0 and "fedhft" in out.output
+    assert out.exit_code == 0 and "fedhft" in out.output and "no model (1 seed)" in out.output
 
 
 @pytest.mark.slow
