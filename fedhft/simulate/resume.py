@@ -3,7 +3,7 @@ new partial report into an older one of the same configuration (pure; the bench 
 
 Two reports are of the same configuration when their configs agree on everything but the seeds, the encodings
 run, the reading options (last k, time budget), the command that made them and how the devices were hosted
-(--hosts: the same numbers either way).
+(--hosts: the same numbers either way), in the config and in the bench arguments it records.
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ from collections.abc import Sequence
 from fedhft.simulate.summary import run_seed
 
 NOT_CONFIG = ("seed", "seeds", "encodings", "command", "last_k", "time_budget", "hosts")
+NOT_CONFIG_ARGS = ("--last-k", "--time-budget", "--hosts")  # bench arguments of NOT_CONFIG options
+
+
+def run_args(args: Sequence[str]) -> list[str]:
+    """A bench's `fedhft simulate` arguments without NOT_CONFIG_ARGS and their values."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in NOT_CONFIG_ARGS:
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def run_key(run: dict, default_seed: int = 0) -> tuple[str, int]:
@@ -22,6 +36,9 @@ def run_key(run: dict, default_seed: int = 0) -> tuple[str, int]:
 def same_config(a: dict, b: dict) -> bool:
     """Same configuration (runs from before `--backend` existed used ORT on every device)."""
     norm = [{"backend": "ort", **{k: v for k, v in c.items() if k not in NOT_CONFIG}} for c in (a, b)]
+    for c in norm:
+        if "bench_args" in c:
+            c["bench_args"] = run_args(c["bench_args"])
     return norm[0] == norm[1]
 
 

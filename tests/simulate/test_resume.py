@@ -51,6 +51,10 @@ def test_merge_keeps_other_pairs_replaces_the_same_pair_and_lists_every_seed() -
 def test_same_config_ignores_seeds_reading_options_and_command() -> None:
     assert same_config(CONFIG, dict(CONFIG, seed=3, seeds=[3, 4], last_k=5, time_budget=60.0, command="y"))
     assert not same_config(CONFIG, dict(CONFIG, clients=50))
+    # a bench that adds a reading option (or hosts the fleet otherwise) keeps its finished runs
+    assert same_config(CONFIG, dict(CONFIG, bench_args=["--a", "--time-budget", "75", "--last-k", "2"]))
+    assert same_config(dict(CONFIG, bench_args=["--hosts", "2", "--a"]), CONFIG)
+    assert not same_config(CONFIG, dict(CONFIG, bench_args=["--a", "--rounds", "20"]))
 
 
 def _bench() -> object:
