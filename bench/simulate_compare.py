@@ -54,7 +54,7 @@ PRESETS: dict[str, dict] = {
         # equal virtual time: 10 async versions take fedhft ~60-80 virtual s, 10 synchronous rounds ~374 s
         + ["--time-budget", "75"],
         "methods": "fedhft,fedavg-lora",
-        "seeds": "1",
+        "seeds": "3",
     },
     "clothing": {
         "dir": "simulate-clothing",
