@@ -31,6 +31,7 @@ from fedhft.simulate.commands import edge_options, server_command
 from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig, SimulationError, host_count
 from fedhft.simulate.data import FederatedSplit, cap_test_sets, dirichlet_split, load_dataset, natural_split
 from fedhft.simulate.fleet import Fleet, peak_rss_mb
+from fedhft.simulate.flush_mix import profile_shares, read_flushes
 from fedhft.simulate.packages import edge_backend, export_packages
 from fedhft.simulate.reference import reference
 
@@ -180,6 +181,9 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         result["peak_rss_mb_by_host"] = {h: round(mb, 1) for h, mb in sorted(peaks.items()) if h in fleet.members}
     result["backend_by_profile"] = {prof: edge_backend(cfg, profiles[prof]) for prof in dirs}
     result["reference"] = reference(labels, split)
+    profile_of = {f"c{i:03d}": p for i, p in enumerate(assignment)}
+    result["flushes"] = read_flushes(state / "state.sqlite3", profile_of)
+    result["updates_by_profile"] = profile_shares(result["flushes"])
     if chaos is not None:
         from fedhft.simulate.chaos import state_accounting
 

@@ -116,6 +116,9 @@ def test_simulate_tiny_end_to_end(
     ref = res["reference"]  # what answering without a model scores on the same test sets
     assert 0 < ref["global_accuracy"] < 1 and ref["personalized_accuracy"] is not None
     assert report["reference"]["seeds"] == [0]
+    # every aggregated update is counted in its version's mix, all from the one profile
+    assert sum(n for f in res["flushes"].values() for n in f["updates"].values()) >= 6
+    assert list(res["updates_by_profile"].values()) == [1.0]
     out = CliRunner().invoke(main, ["report", str(tmp_path / "out")])
     assert out.exit_code == 0 and "fedhft" in out.output and "no model (1 seed)" in out.output
 
