@@ -114,14 +114,17 @@ def plan_calls(
     ]
 
 
+def arg_value(args: list[str], name: str) -> str | None:
+    """The value that follows option `name` in a preset's arguments (None when it is not there)."""
+    return args[args.index(name) + 1] if name in args else None
+
+
 def reading_options(args: list[str]) -> dict[str, float | int]:
     """The report's reading options (last k, time budget) that the preset's arguments set."""
-    out: dict[str, float | int] = {}
-    if "--time-budget" in args:
-        out["time_budget"] = float(args[args.index("--time-budget") + 1])
-    if "--last-k" in args:
-        out["last_k"] = int(args[args.index("--last-k") + 1])
-    return out
+    budget, last_k = arg_value(args, "--time-budget"), arg_value(args, "--last-k")
+    return ({} if budget is None else {"time_budget": float(budget)}) | (
+        {} if last_k is None else {"last_k": int(last_k)}
+    )
 
 
 def add_references(report: dict, args: list[str]) -> int:
@@ -132,7 +135,7 @@ def add_references(report: dict, args: list[str]) -> int:
     if not missing:
         return 0
     data = load_dataset(c["dataset"])
-    max_test = int(args[args.index("--max-test") + 1]) if "--max-test" in args else SimConfig.max_test
+    max_test = int(arg_value(args, "--max-test") or SimConfig.max_test)
     refs: dict[int, dict] = {}
     for r in missing:
         seed = int(r.get("seed", c.get("seed", 0)))
