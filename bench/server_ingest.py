@@ -82,9 +82,12 @@ c.loop_start()
 c.subscribe(topic_filter, qos=1)
 subscribed.wait(10)
 print("ready", flush=True)
+cpu0 = time.process_time()  # what it costs from here on is the messages', not the interpreter's start
 done.wait(timeout)
+cpu = time.process_time() - cpu0
 c.loop_stop()
-print(json.dumps({"count": len(times), "first": times[0] if times else None, "last": times[-1] if times else None}))
+print(json.dumps({"count": len(times), "first": times[0] if times else None, "last": times[-1] if times else None,
+                  "cpu": cpu}))
 """
 
 
@@ -131,11 +134,17 @@ def publish_all(c: mqtt.Client, items: list[tuple[str, bytes]]) -> float:
 
 
 def finish(counter: subprocess.Popen, n: int, t0: float) -> float:
+    """The rate at which the counter's ``n`` messages arrived since ``t0``."""
+    return finish_counted(counter, n, t0)[0]
+
+
+def finish_counted(counter: subprocess.Popen, n: int, t0: float) -> tuple[float, float]:
+    """(rate since ``t0``, CPU seconds the counter spent once subscribed: its start-up excluded)."""
     out, _ = counter.communicate(timeout=300)
     got = json.loads(out.strip().splitlines()[-1])
     if got["count"] < n:
         raise RuntimeError(f"only {got['count']} of {n} messages arrived")
-    return n / (got["last"] - t0)
+    return n / (got["last"] - t0), got["cpu"]
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -5,6 +5,9 @@ clock (virtual_clock.py) a simulated fleet's seconds.
 - async (FedBuff): flush when ``buffer_size`` updates are buffered, or ``window`` seconds after the oldest one.
 - sync (rounds): flush when every expected device of the round has delivered, or ``round_deadline`` seconds
   after the round started (None: no deadline, the round waits for everyone).
+
+``rounds_per_version`` (async on the virtual clock, 0: no cap) bounds how many updates one device contributes
+from one version: after that many rounds on it, the device waits for the next flush instead of training again.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ class FlushRuleError(FedHFTError):
 
 @dataclass(frozen=True)
 class FlushRule:
-    """The mode and its thresholds (``--mode``, ``--buffer-size``, ``--window-seconds``, ``--round-deadline``)."""
+    """The mode and its thresholds (``--mode``, ``--buffer-size``, ``--window-seconds``, ``--round-deadline``,
+    ``--max-rounds-per-version``)."""
 
     mode: str = "async"
     buffer_size: int = 8
     window: float = 30.0
     round_deadline: float | None = None
+    rounds_per_version: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -41,6 +46,8 @@ class FlushRule:
             raise FlushRuleError(f"window must be > 0 seconds, got {self.window}")
         if self.round_deadline is not None and not (math.isfinite(self.round_deadline) and self.round_deadline > 0):
             raise FlushRuleError(f"round deadline must be > 0 seconds, got {self.round_deadline}")
+        if self.rounds_per_version < 0:
+            raise FlushRuleError(f"rounds per version must be >= 0 (0: no cap), got {self.rounds_per_version}")
 
     @property
     def sync(self) -> bool:
@@ -55,6 +62,11 @@ class FlushRule:
     def window_closes_at(self, oldest_at: float | None) -> float | None:
         """When the window of the oldest buffered update expires (None with nothing buffered)."""
         return None if oldest_at is None else oldest_at + self.window
+
+    def waits_for_flush(self, rounds_on_version: int) -> bool:
+        """Async: a device that has delivered ``rounds_on_version`` updates trained from the current version
+        waits for the next one (True) or trains again at once (False)."""
+        return not self.sync and 0 < self.rounds_per_version <= rounds_on_version
 
     # ---- sync (rounds) ----------------------------------------------------------------------------------
     def round_due(

@@ -133,6 +133,7 @@ class ServerConfig:
     mode: str = "async"  # async (FedBuff) | sync (rounds): flush_rules.py
     round_deadline: float | None = None  # sync: seconds (virtual ones with virtual_time) a round waits at most
     virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
+    rounds_per_version: int = 0  # virtual time, async: a device's updates from one version (0: no cap)
     virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
     virtual_fleet: int = 0  # process nothing before this many devices said hello
     key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
@@ -143,7 +144,7 @@ class ServerConfig:
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
         fed = self.federation
-        return FlushRule(self.mode, fed.buffer_size, fed.window_seconds, self.round_deadline)
+        return FlushRule(self.mode, fed.buffer_size, fed.window_seconds, self.round_deadline, self.rounds_per_version)
 
 
 class Server:

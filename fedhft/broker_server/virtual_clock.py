@@ -10,7 +10,8 @@ scheduled start), so the order never depends on which message the broker deliver
 Processing hands the update to a :class:`Sink` (the federation's buffer) at its virtual time and flushes by
 the :class:`~fedhft.broker_server.flush_rules.FlushRule`:
 - async (FedBuff): a device that delivered at T starts again at T, from the version current once every event
-  at times <= T is processed (it keeps training instead of idling);
+  at times <= T is processed (it keeps training instead of idling), unless the rule's ``rounds_per_version``
+  cap says it has contributed enough from that version: then it waits and starts at the next flush;
 - sync (rounds): the devices of a round wait and are all scheduled at the flush, from the new version; a
   straggler's late update goes into the next round's buffer and the straggler restarts at its arrival time.
 When the whole fleet has been silent for ``timeout`` wall seconds (no hello, promise or update came and no event
@@ -134,6 +135,7 @@ class VirtualClock(Generic[Item]):
         self.round_start = now
         self.expected: set[str] = set()  # sync: the devices the current round waits for
         self.delivered: set[str] = set()
+        self.rounds_on: dict[str, int] = {}  # async: updates each device delivered trained from this version
         self.dropped = 0
         self._activity = -math.inf  # wall time of the latest input or processed event
         self._out: list[Action] = []
@@ -307,6 +309,12 @@ class VirtualClock(Generic[Item]):
             c.finish_at = t
             if self.buffered and self.rule.buffer_due(len(self.buffered), self.buffered[0], t):
                 self._flush(t, wall, sink)
+            elif c.version == self.version:  # trained from the current version: counts against the cap
+                self.rounds_on[cid] = self.rounds_on.get(cid, 0) + 1
+                if self.rule.waits_for_flush(self.rounds_on[cid]):
+                    c.finish_at = None  # scheduled by the next flush
+                    if not self._anyone_training():
+                        self._flush(t, wall, sink)  # every device waits: nothing else can come first
             return
         if cid in self.expected or c.base_version == self.version:  # trained on this round's model: waits
             c.finish_at = None
@@ -321,16 +329,22 @@ class VirtualClock(Generic[Item]):
         return self.rule.sync and bool(self.buffered or self.delivered) and self.expected <= self.delivered
 
     def _flush(self, t: float, wall: float, sink: Sink[Item]) -> None:
-        """Flush what is buffered; a sync round then ends, its waiting devices start the next one at ``t``."""
+        """Flush what is buffered; the devices waiting for it (a sync round's, or async ones at their cap) start
+        their next round at ``t``, and a sync round ends."""
         updates, self.buffered = len(self.buffered), []
         if updates:
             self.version = sink.flush(t)
             self._emit(Flushed(t, self.version, updates))
+        waiting = sorted(cid for cid, c in self.clients.items() if c.state == DELIVERED and c.finish_at is None)
+        for cid in waiting:
+            self._schedule(cid, t, wall)
+        self.rounds_on.clear()
         if self.rule.sync:
-            waiting = sorted(cid for cid, c in self.clients.items() if c.state == DELIVERED and c.finish_at is None)
-            for cid in waiting:
-                self._schedule(cid, t, wall)
             self._new_round(t, set(waiting))
+
+    def _anyone_training(self) -> bool:
+        """Some device is scheduled, promised, or delivered and about to start again."""
+        return any(c.state != DELIVERED or c.finish_at is not None for c in self.clients.values())
 
     def _new_round(self, t: float, expected: set[str]) -> None:
         self.round_start, self.expected, self.delivered = t, expected, set()

@@ -131,6 +131,15 @@ def _clusters(value: str) -> int | None:
     "each device when (virtual time) and from which version to train, so results do not depend on host load.",
 )
 @click.option(
+    "--max-rounds-per-version",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--virtual-time, --mode async: a device trains at most N rounds from one version, then waits for the "
+    "next flush, so fast devices cannot fill a flush alone (0: no cap; on the wall clock each edge caps itself "
+    "with its own --max-rounds-per-version).",
+)
+@click.option(
     "--virtual-fleet",
     type=click.IntRange(min=0),
     default=0,
@@ -245,6 +254,7 @@ def server_run_command(
     window_seconds: float,
     round_deadline: float | None,
     virtual_time: bool,
+    max_rounds_per_version: int,
     virtual_fleet: int,
     virtual_timeout: float,
     staleness_exponent: float,
@@ -284,6 +294,10 @@ def server_run_command(
         click.echo(f"error: {problem}", err=True)
         sys.exit(2)
 
+    if max_rounds_per_version and not (virtual_time and mode == "async"):
+        click.echo("error: --max-rounds-per-version needs --virtual-time and --mode async (on the wall clock each "
+                   "edge caps its own rounds: fedhft edge run --max-rounds-per-version)", err=True)  # fmt: skip
+        sys.exit(2)
     password = resolve_password(password, password_file)
 
     fed = FederationConfig(
@@ -330,6 +344,7 @@ def server_run_command(
         mode=mode,
         round_deadline=round_deadline,
         virtual_time=virtual_time,
+        rounds_per_version=max_rounds_per_version,
         virtual_timeout=virtual_timeout,
         virtual_fleet=virtual_fleet,
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),

@@ -120,6 +120,13 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     help="--mode async: an update tau versions old counts (1 + tau) ** -a (default 0.5).",
 )
 @click.option(
+    "--max-rounds-per-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--mode async: a device trains at most N rounds from one model version, then waits for the next "
+    "(default: no cap, a device that delivers trains again at once).",
+)
+@click.option(
     "--virtual-budget",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -199,6 +206,7 @@ def simulate(
     buffer_size: int | None,
     server_lr: float | None,
     staleness_exponent: float | None,
+    max_rounds_per_version: int | None,
     virtual_budget: float | None,
     virtual_timeout: float | None,
     time_scale: float,
@@ -254,6 +262,7 @@ def simulate(
         buffer_size=buffer_size,
         server_lr=server_lr,
         staleness_exponent=staleness_exponent,
+        rounds_per_version=max_rounds_per_version,
         virtual_budget=virtual_budget,
         virtual_timeout=virtual_timeout,
         clusters=clusters,
@@ -289,7 +298,8 @@ def simulate(
         "hosts": hosts,
     }
     # FedBuff's knobs enter the configuration only when set, so reports from before them stay comparable
-    asked = {"buffer_size": buffer_size, "server_lr": server_lr, "staleness_exponent": staleness_exponent}
+    asked = {"buffer_size": buffer_size, "server_lr": server_lr, "staleness_exponent": staleness_exponent,
+             "max_rounds_per_version": max_rounds_per_version}  # fmt: skip
     config |= {k: v for k, v in asked.items() if v is not None}
     if objective != DEFAULT_OBJECTIVE:  # likewise: reports from before the option read as capacity
         config["objective"] = objective

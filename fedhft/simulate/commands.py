@@ -25,6 +25,7 @@ def fedhft_cli() -> list[str]:
 def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: Path, n_active: int) -> list[str]:
     m = cfg.method
     sync = run_mode(cfg) == "sync"
+    virtual = cfg.virtual_time and not sync  # the server caps rounds per version on the virtual clock
     buffer = n_active if sync else cfg.buffer_size or max(2, n_active // 2)
     exponent = 0.0 if sync else (0.5 if cfg.staleness_exponent is None else cfg.staleness_exponent)
     window = 3600.0 if sync else 20.0
@@ -51,6 +52,7 @@ def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: P
         "--staleness-exponent",
         str(exponent),
         *(["--server-lr", str(cfg.server_lr)] if cfg.server_lr is not None and not sync else []),
+        *(["--max-rounds-per-version", str(cfg.rounds_per_version)] if cfg.rounds_per_version and virtual else []),
         "--seed",
         str(cfg.seed),
         "--aggregator",
@@ -141,6 +143,8 @@ def edge_options(
         opts |= {"rounds": cfg.rounds, "sim-time-scale": cfg.time_scale}
         if run_mode(cfg) == "sync":  # one update per client and round: no second round on the same model
             opts["max-rounds-per-version"] = 1
+        elif cfg.rounds_per_version:  # on the wall clock each edge caps its own rounds
+            opts["max-rounds-per-version"] = cfg.rounds_per_version
     if not cfg.method.mask and cfg.method.planner != "full":
         opts["mask-ratio"] = "1.0"
     return opts

@@ -137,6 +137,36 @@ def test_async_window_flushes_at_its_virtual_expiry() -> None:
     assert ("a", 6.0, 0) in schedules(decisions) and ("c", 7.0, 1) in schedules(decisions)
 
 
+def test_a_rounds_per_version_cap_makes_a_fast_device_wait_for_the_next_flush() -> None:
+    fast = {"a": 1.0, "b": 5.0, "c": 7.0}
+    _, free = run(FlushRule("async", buffer_size=3, window=100.0), fast)
+    assert ["".join(c for c, _, _ in b) for _, b in free.flushes][:2] == ["aaa", "aab"]  # a fills flushes alone
+    decisions, capped = run(FlushRule("async", buffer_size=3, window=100.0, rounds_per_version=1), fast)
+    assert [(t, "".join(c for c, _, _ in b)) for t, b in capped.flushes] == [(7, "abc"), (14, "abc"), (21, "abc")]
+    assert schedules(decisions) == [
+        ("a", 0, 0),
+        ("b", 0, 0),
+        ("c", 0, 0),
+        ("a", 7, 1),  # delivered at 1 from version 0, then waited for the flush that made version 1
+        ("b", 7, 1),
+        ("c", 7, 1),  # its own update made the flush: it starts again at once
+        ("a", 14, 2),
+        ("b", 14, 2),
+        ("c", 14, 2),
+        ("a", 21, 3),
+        ("b", 21, 3),
+        ("c", 21, 3),
+    ]
+    _, twice = run(FlushRule("async", buffer_size=3, window=100.0, rounds_per_version=2), fast)
+    assert "".join(c for c, _, _ in twice.flushes[0][1]) == "aab"  # two rounds of a's from version 0, then b's
+
+
+def test_a_capped_fleet_that_all_waits_flushes_at_once_instead_of_at_the_window() -> None:
+    decisions, sink = run(FlushRule("async", buffer_size=5, window=100.0, rounds_per_version=1), SPEEDS)
+    assert [(d.time, d.updates) for d in decisions if isinstance(d, Flushed)][0] == (7.0, 3)  # not at 3 + 100
+    assert ("a", 7.0, 1) in schedules(decisions)
+
+
 def test_sync_rounds_wait_for_everyone_or_the_deadline_and_a_straggler_counts_next_round() -> None:
     decisions, sink = run(FlushRule("sync", round_deadline=6.0), SPEEDS)
     flushes = [(d.time, d.version, d.updates) for d in decisions if isinstance(d, Flushed)]
@@ -290,9 +320,15 @@ def test_flush_rules() -> None:
     assert sync.round_due({"a", "b"}, {"a", "b"}, 2, 0.0, 3.0)
     assert not sync.round_due({"a", "b"}, {"a"}, 1, 0.0, 5.0) and sync.round_due({"a", "b"}, {"a"}, 1, 0.0, 6.0)
     assert not sync.round_due({"a"}, {"a"}, 0, 0.0, 9.0)  # nothing buffered: nothing to flush
+    assert not rule.waits_for_flush(5)  # no cap by default
+    capped = FlushRule("async", rounds_per_version=2)
+    assert not capped.waits_for_flush(1) and capped.waits_for_flush(2)
+    assert not FlushRule("sync", rounds_per_version=1).waits_for_flush(3)  # a sync round waits anyway
     for bad in ({"mode": "rounds"}, {"buffer_size": 0}, {"window": 0.0}, {"round_deadline": -1.0}):
         with pytest.raises(FlushRuleError):
             FlushRule(**bad)
+    with pytest.raises(FlushRuleError, match="rounds per version"):
+        FlushRule(rounds_per_version=-1)
 
 
 def test_a_refused_update_still_takes_its_turn_and_its_device_goes_on() -> None:

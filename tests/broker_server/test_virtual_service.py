@@ -286,5 +286,10 @@ def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tm
     assert config.flush_rule().round_closes_at(10.0) == 50.0 and config.virtual_fleet == 8
     res = run.invoke("--mode", "rounds")
     assert res.exit_code == 2 and "rounds" in res.output
+    res = run.invoke("--virtual-time", "--max-rounds-per-version", "2")
+    assert res.exit_code == 0, res.output
+    assert run.config.flush_rule().rounds_per_version == 2
+    res = run.invoke("--max-rounds-per-version", "1")  # the wall clock: each edge caps its own rounds
+    assert res.exit_code == 2 and "needs --virtual-time" in res.output
     res = run.invoke("--round-deadline", "0")
     assert res.exit_code == 2 and "round-deadline" in res.output

@@ -85,3 +85,13 @@ def test_fedbuff_knobs_reach_the_async_server_and_sync_ignores_them() -> None:
         "0.0",
         False,
     )
+
+
+def test_a_rounds_per_version_cap_goes_to_the_virtual_server_or_to_each_wall_clock_edge() -> None:
+    capped = _cfg(rounds_per_version=1)
+    assert _opt(_server(capped), "--max-rounds-per-version") == "1"  # the server schedules on the virtual clock
+    assert "--max-rounds-per-version" not in _edge(capped)
+    assert "--max-rounds-per-version" not in _server(_cfg())  # no cap by default
+    assert "--max-rounds-per-version" not in _server(replace(capped, mode="sync"))  # rounds cap themselves
+    wall = replace(capped, virtual_time=False, time_scale=0.02)
+    assert "--max-rounds-per-version" not in _server(wall) and _opt(_edge(wall), "--max-rounds-per-version") == "1"
