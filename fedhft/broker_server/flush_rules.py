@@ -6,8 +6,11 @@ clock (virtual_clock.py) a simulated fleet's seconds.
 - sync (rounds): flush when every expected device of the round has delivered, or ``round_deadline`` seconds
   after the round started (None: no deadline, the round waits for everyone).
 
-``rounds_per_version`` (async on the virtual clock, 0: no cap) bounds how many updates one device contributes
-from one version: after that many rounds on it, the device waits for the next flush instead of training again.
+Two caps on what one device contributes (async on the virtual clock, 0: no cap); a device at either waits for
+the next flush instead of training again:
+- ``rounds_per_version``: updates trained from the current version (an older update landing after a flush does
+  not count, so a fast device can still put an older and a current update into one buffer);
+- ``updates_per_flush``: updates in the current buffer, whatever version they were trained from.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ class FlushRuleError(FedHFTError):
 @dataclass(frozen=True)
 class FlushRule:
     """The mode and its thresholds (``--mode``, ``--buffer-size``, ``--window-seconds``, ``--round-deadline``,
-    ``--max-rounds-per-version``)."""
+    ``--max-rounds-per-version``, ``--max-updates-per-flush``)."""
 
     mode: str = "async"
     buffer_size: int = 8
     window: float = 30.0
     round_deadline: float | None = None
     rounds_per_version: int = 0
+    updates_per_flush: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -48,6 +52,8 @@ class FlushRule:
             raise FlushRuleError(f"round deadline must be > 0 seconds, got {self.round_deadline}")
         if self.rounds_per_version < 0:
             raise FlushRuleError(f"rounds per version must be >= 0 (0: no cap), got {self.rounds_per_version}")
+        if self.updates_per_flush < 0:
+            raise FlushRuleError(f"updates per flush must be >= 0 (0: no cap), got {self.updates_per_flush}")
 
     @property
     def sync(self) -> bool:
@@ -63,10 +69,12 @@ class FlushRule:
         """When the window of the oldest buffered update expires (None with nothing buffered)."""
         return None if oldest_at is None else oldest_at + self.window
 
-    def waits_for_flush(self, rounds_on_version: int) -> bool:
-        """Async: a device that has delivered ``rounds_on_version`` updates trained from the current version
-        waits for the next one (True) or trains again at once (False)."""
-        return not self.sync and 0 < self.rounds_per_version <= rounds_on_version
+    def waits_for_flush(self, rounds_on_version: int, in_buffer: int = 0) -> bool:
+        """Async: a device that has delivered ``rounds_on_version`` updates trained from the current version, and
+        has ``in_buffer`` updates in the buffer, waits for the next flush (True) or trains again at once (False)."""
+        if self.sync:
+            return False
+        return 0 < self.rounds_per_version <= rounds_on_version or 0 < self.updates_per_flush <= in_buffer
 
     # ---- sync (rounds) ----------------------------------------------------------------------------------
     def round_due(

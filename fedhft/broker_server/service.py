@@ -134,6 +134,7 @@ class ServerConfig:
     round_deadline: float | None = None  # sync: seconds (virtual ones with virtual_time) a round waits at most
     virtual_time: bool = False  # order updates by a simulated fleet's promised times (`fedhft simulate`)
     rounds_per_version: int = 0  # virtual time, async: a device's updates from one version (0: no cap)
+    updates_per_flush: int = 0  # virtual time, async: a device's updates in one buffer (0: no cap)
     virtual_timeout: float = 300.0  # wall seconds of fleet-wide silence before owing devices are dropped
     virtual_fleet: int = 0  # process nothing before this many devices said hello
     key_dir: Path | None = None  # the signing key's directory, with a postgresql:// state
@@ -144,7 +145,14 @@ class ServerConfig:
     def flush_rule(self) -> FlushRule:
         """The flush rule; ``--window-seconds`` counts virtual seconds with ``virtual_time``."""
         fed = self.federation
-        return FlushRule(self.mode, fed.buffer_size, fed.window_seconds, self.round_deadline, self.rounds_per_version)
+        return FlushRule(
+            self.mode,
+            fed.buffer_size,
+            fed.window_seconds,
+            self.round_deadline,
+            self.rounds_per_version,
+            self.updates_per_flush,
+        )
 
 
 class Server:

@@ -11,8 +11,8 @@ Processing hands the update to a :class:`Sink` (the federation's buffer) at its 
 the :class:`~fedhft.broker_server.flush_rules.FlushRule`:
 - async (FedBuff): a device that delivered at T starts again at T, from the version current once every event
   at times <= T is processed (it keeps training instead of idling), unless the rule's ``rounds_per_version``
-  cap says it has contributed enough from that version: then it waits and starts at the next flush (a restarted
-  server's clock starts the counts afresh);
+  caps (``rounds_per_version``, ``updates_per_flush``) say it has contributed enough: then it waits and starts at
+  the next flush (a restarted server's clock starts the counts afresh);
 - sync (rounds): the devices of a round wait and are all scheduled at the flush, from the new version; a
   straggler's late update goes into the next round's buffer and the straggler restarts at its arrival time.
 When the whole fleet has been silent for ``timeout`` wall seconds (no hello, promise or update came and no event
@@ -137,6 +137,7 @@ class VirtualClock(Generic[Item]):
         self.expected: set[str] = set()  # sync: the devices the current round waits for
         self.delivered: set[str] = set()
         self.rounds_on: dict[str, int] = {}  # async: updates each device delivered trained from this version
+        self.in_buffer: dict[str, int] = {}  # updates of each device in the buffer
         self.dropped = 0
         self._activity = -math.inf  # wall time of the latest input or processed event
         self._out: list[Action] = []
@@ -303,6 +304,7 @@ class VirtualClock(Generic[Item]):
         if item is not None:
             sink.process(item, t)
             self.buffered.append(t)
+            self.in_buffer[cid] = self.in_buffer.get(cid, 0) + 1
         self._emit(Processed(cid, c.seq, t))
         self._discard_held(cid, below=c.seq)
         c.state = DELIVERED
@@ -310,12 +312,13 @@ class VirtualClock(Generic[Item]):
             c.finish_at = t
             if self.buffered and self.rule.buffer_due(len(self.buffered), self.buffered[0], t):
                 self._flush(t, wall, sink)
-            elif c.version == self.version:  # trained from the current version: counts against the cap
+                return
+            if c.version == self.version:  # trained from the current version: counts against its cap
                 self.rounds_on[cid] = self.rounds_on.get(cid, 0) + 1
-                if self.rule.waits_for_flush(self.rounds_on[cid]):
-                    c.finish_at = None  # scheduled by the next flush
-                    if not self._anyone_training():
-                        self._flush(t, wall, sink)  # every device waits: nothing else can come first
+            if self.rule.waits_for_flush(self.rounds_on.get(cid, 0), self.in_buffer.get(cid, 0)):
+                c.finish_at = None  # scheduled by the next flush
+                if not self._anyone_training():
+                    self._flush(t, wall, sink)  # every device waits: nothing else can come first
             return
         if cid in self.expected or c.base_version == self.version:  # trained on this round's model: waits
             c.finish_at = None
@@ -340,6 +343,7 @@ class VirtualClock(Generic[Item]):
         for cid in waiting:
             self._schedule(cid, t, wall)
         self.rounds_on.clear()
+        self.in_buffer.clear()
         if self.rule.sync:
             self._new_round(t, set(waiting))
 

@@ -140,6 +140,14 @@ def _clusters(value: str) -> int | None:
     "with its own --max-rounds-per-version).",
 )
 @click.option(
+    "--max-updates-per-flush",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--virtual-time, --mode async: a device with N updates in the buffer (trained from any version) waits "
+    "for the flush before it trains again (0: no cap).",
+)
+@click.option(
     "--virtual-fleet",
     type=click.IntRange(min=0),
     default=0,
@@ -255,6 +263,7 @@ def server_run_command(
     round_deadline: float | None,
     virtual_time: bool,
     max_rounds_per_version: int,
+    max_updates_per_flush: int,
     virtual_fleet: int,
     virtual_timeout: float,
     staleness_exponent: float,
@@ -297,6 +306,9 @@ def server_run_command(
     if max_rounds_per_version and not (virtual_time and mode == "async"):
         click.echo("error: --max-rounds-per-version needs --virtual-time and --mode async (on the wall clock each "
                    "edge caps its own rounds: fedhft edge run --max-rounds-per-version)", err=True)  # fmt: skip
+        sys.exit(2)
+    if max_updates_per_flush and not (virtual_time and mode == "async"):
+        click.echo("error: --max-updates-per-flush needs --virtual-time and --mode async", err=True)
         sys.exit(2)
     password = resolve_password(password, password_file)
 
@@ -345,6 +357,7 @@ def server_run_command(
         round_deadline=round_deadline,
         virtual_time=virtual_time,
         rounds_per_version=max_rounds_per_version,
+        updates_per_flush=max_updates_per_flush,
         virtual_timeout=virtual_timeout,
         virtual_fleet=virtual_fleet,
         **({} if decode_threads is None else {"decode_threads": max(1, decode_threads)}),

@@ -127,6 +127,13 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     "(default: no cap, a device that delivers trains again at once).",
 )
 @click.option(
+    "--max-updates-per-flush",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Virtual time, --mode async: a device with N updates in the server's buffer waits for the flush before "
+    "it trains again (default: no cap).",
+)
+@click.option(
     "--virtual-budget",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -207,6 +214,7 @@ def simulate(
     server_lr: float | None,
     staleness_exponent: float | None,
     max_rounds_per_version: int | None,
+    max_updates_per_flush: int | None,
     virtual_budget: float | None,
     virtual_timeout: float | None,
     time_scale: float,
@@ -221,11 +229,14 @@ def simulate(
     hosts: int | None,
 ) -> None:
     """The whole system on one machine: export, broker, server, N edge runtimes, evaluation, report."""
-    from fedhft.simulate.config import SimConfig, host_count, parse_profile_mix
+    from fedhft.simulate.config import SimConfig, SimulationError, host_count, parse_profile_mix
     from fedhft.simulate.methods import MethodError, method_spec
     from fedhft.simulate.report import load_report, table, write_report
     from fedhft.simulate.seeds import parse_encodings, parse_seeds, run_seeds
 
+    if max_updates_per_flush and not virtual_time:
+        raise SimulationError("--max-updates-per-flush needs virtual time: on the wall clock (--wall-clock) no edge "
+                              "sees the server's buffer; use --max-rounds-per-version")  # fmt: skip
     mix = parse_profile_mix(profiles_arg)
     specs = [method_spec(m.strip(), no_clustering, no_planner) for m in methods.split(",") if m.strip()]
     if not specs:
@@ -263,6 +274,7 @@ def simulate(
         server_lr=server_lr,
         staleness_exponent=staleness_exponent,
         rounds_per_version=max_rounds_per_version,
+        updates_per_flush=max_updates_per_flush,
         virtual_budget=virtual_budget,
         virtual_timeout=virtual_timeout,
         clusters=clusters,
@@ -299,7 +311,8 @@ def simulate(
     }
     # FedBuff's knobs enter the configuration only when set, so reports from before them stay comparable
     asked = {"buffer_size": buffer_size, "server_lr": server_lr, "staleness_exponent": staleness_exponent,
-             "max_rounds_per_version": max_rounds_per_version}  # fmt: skip
+             "max_rounds_per_version": max_rounds_per_version,
+             "max_updates_per_flush": max_updates_per_flush}  # fmt: skip
     config |= {k: v for k, v in asked.items() if v is not None}
     if objective != DEFAULT_OBJECTIVE:  # likewise: reports from before the option read as capacity
         config["objective"] = objective

@@ -53,6 +53,7 @@ def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: P
         str(exponent),
         *(["--server-lr", str(cfg.server_lr)] if cfg.server_lr is not None and not sync else []),
         *(["--max-rounds-per-version", str(cfg.rounds_per_version)] if cfg.rounds_per_version and virtual else []),
+        *(["--max-updates-per-flush", str(cfg.updates_per_flush)] if cfg.updates_per_flush and virtual else []),
         "--seed",
         str(cfg.seed),
         "--aggregator",

@@ -45,6 +45,7 @@ class SimConfig:
     server_lr: float | None = None  # async: FedBuff server learning rate; None: the server's (1.0)
     staleness_exponent: float | None = None  # async: (1 + tau) ** -a; None: 0.5 (0 under sync)
     rounds_per_version: int | None = None  # async: a device's rounds from one version; None: no cap
+    updates_per_flush: int | None = None  # virtual time, async: a device's updates in one buffer; None: no cap
     virtual_budget: float | None = None  # virtual time: no round starts at or after this many virtual seconds
     virtual_timeout: float | None = None  # virtual time: the server's --virtual-timeout (its default when None)
     clusters: int = 2

@@ -161,6 +161,21 @@ def test_a_rounds_per_version_cap_makes_a_fast_device_wait_for_the_next_flush() 
     assert "".join(c for c, _, _ in twice.flushes[0][1]) == "aab"  # two rounds of a's from version 0, then b's
 
 
+def test_a_per_flush_cap_keeps_a_devices_older_and_current_update_out_of_one_buffer() -> None:
+    speeds = {"a": 1.5, "b": 2.0, "c": 4.0}
+
+    def flushes(**cap: int) -> list[tuple[float, str]]:
+        _, sink = run(FlushRule("async", buffer_size=2, window=100.0, **cap), speeds)
+        return [(t, "".join(c for c, _, _ in b)) for t, b in sink.flushes]
+
+    by_version = flushes(rounds_per_version=1)
+    # a's update from version 4 lands after version 5 is made: it does not count, a trains again from version 5
+    assert (10.0, "aa") in by_version
+    by_flush = flushes(updates_per_flush=1)
+    assert all(len(set(names)) == len(names) for _, names in by_flush)  # one update per device in any flush
+    assert by_flush[:3] == [(2.0, "ab"), (4.0, "ab"), (5.5, "ca")]
+
+
 def test_a_capped_fleet_that_all_waits_flushes_at_once_instead_of_at_the_window() -> None:
     decisions, sink = run(FlushRule("async", buffer_size=5, window=100.0, rounds_per_version=1), SPEEDS)
     assert [(d.time, d.updates) for d in decisions if isinstance(d, Flushed)][0] == (7.0, 3)  # not at 3 + 100
@@ -324,11 +339,15 @@ def test_flush_rules() -> None:
     capped = FlushRule("async", rounds_per_version=2)
     assert not capped.waits_for_flush(1) and capped.waits_for_flush(2)
     assert not FlushRule("sync", rounds_per_version=1).waits_for_flush(3)  # a sync round waits anyway
+    per_flush = FlushRule("async", updates_per_flush=1)
+    assert not per_flush.waits_for_flush(5, 0) and per_flush.waits_for_flush(0, 1)
     for bad in ({"mode": "rounds"}, {"buffer_size": 0}, {"window": 0.0}, {"round_deadline": -1.0}):
         with pytest.raises(FlushRuleError):
             FlushRule(**bad)
     with pytest.raises(FlushRuleError, match="rounds per version"):
         FlushRule(rounds_per_version=-1)
+    with pytest.raises(FlushRuleError, match="updates per flush"):
+        FlushRule(updates_per_flush=-1)
 
 
 def test_a_refused_update_still_takes_its_turn_and_its_device_goes_on() -> None:

@@ -291,5 +291,10 @@ def test_server_run_passes_the_flush_options(monkeypatch: pytest.MonkeyPatch, tm
     assert run.config.flush_rule().rounds_per_version == 2
     res = run.invoke("--max-rounds-per-version", "1")  # the wall clock: each edge caps its own rounds
     assert res.exit_code == 2 and "needs --virtual-time" in res.output
+    res = run.invoke("--virtual-time", "--max-updates-per-flush", "1")
+    assert res.exit_code == 0, res.output
+    assert run.config.flush_rule().updates_per_flush == 1
+    res = run.invoke("--virtual-time", "--mode", "sync", "--max-updates-per-flush", "1")
+    assert res.exit_code == 2 and "needs --virtual-time and --mode async" in res.output
     res = run.invoke("--round-deadline", "0")
     assert res.exit_code == 2 and "round-deadline" in res.output

@@ -95,3 +95,9 @@ def test_a_rounds_per_version_cap_goes_to_the_virtual_server_or_to_each_wall_clo
     assert "--max-rounds-per-version" not in _server(replace(capped, mode="sync"))  # rounds cap themselves
     wall = replace(capped, virtual_time=False, time_scale=0.02)
     assert "--max-rounds-per-version" not in _server(wall) and _opt(_edge(wall), "--max-rounds-per-version") == "1"
+
+
+def test_a_per_flush_cap_goes_to_the_virtual_async_server_only() -> None:
+    capped = _cfg(updates_per_flush=1)
+    assert _opt(_server(capped), "--max-updates-per-flush") == "1" and "--max-updates-per-flush" not in _edge(capped)
+    assert "--max-updates-per-flush" not in _server(replace(capped, mode="sync"))

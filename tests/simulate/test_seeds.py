@@ -103,3 +103,10 @@ def test_simulate_refuses_a_bad_seeds_value_in_one_line(tmp_path: Path) -> None:
         main, ["simulate", "--clients", "1", "--profiles", "p:1", "--seeds", "0", "--out", str(tmp_path)]
     )
     assert r.exit_code == 1 and r.output.startswith("error: --seeds"), r.output
+
+
+def test_simulate_refuses_a_per_flush_cap_on_the_wall_clock_in_one_line(tmp_path: Path) -> None:
+    args = ["simulate", "--clients", "1", "--profiles", "p:1", "--wall-clock", "--max-updates-per-flush", "1"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert r.exit_code == 1 and r.output.startswith("error: --max-updates-per-flush needs virtual time"), r.output
+    assert r.output.count("\n") == 1
