@@ -7,7 +7,8 @@ report, and the table is printed. A report of another configuration (other prese
 Presets (every method runs the same virtual-time budget): `bbc` (default: BBC News, Dirichlet alpha 0.3, 8
 heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server
 versions, in two `fedhft edge host` processes), `bbc50-capped` (bbc50's fedhft with every device capped at one
-update per server version: `--max-rounds-per-version 1`), `clothing` (Women's Clothing reviews, recommended or
+update per server version: `--max-rounds-per-version 1`), `bbc50-flushcap` (the same with at most one update
+of each device in any flush: `--max-updates-per-flush 1`), `clothing` (Women's Clothing reviews, recommended or
 not, split by department), `clothing-rating` (the same reviews' 1-5 star rating, 5 classes), `quick` (6 devices,
 60 virtual seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
@@ -63,6 +64,12 @@ PRESETS: dict[str, dict] = {
         "methods": "fedhft",
         "seeds": "3",
     },
+    "bbc50-flushcap": {  # bbc50's fedhft with at most one update of each device in any flush
+        "dir": "simulate-bbc50-flushcap",
+        "args": [],  # filled below: bbc50's arguments + --max-updates-per-flush 1
+        "methods": "fedhft",
+        "seeds": "3",
+    },
     "clothing": {
         "dir": "simulate-clothing",
         "args": ["--clients", "8", "--profiles", "rpi4-4gb:2,phone-lowend-3gb:2,phone-midrange-6gb:2,laptop-x86-16gb:2"]
@@ -102,6 +109,7 @@ PRESETS: dict[str, dict] = {
 
 
 PRESETS["bbc50-capped"]["args"] = [*PRESETS["bbc50"]["args"], "--max-rounds-per-version", "1"]
+PRESETS["bbc50-flushcap"]["args"] = [*PRESETS["bbc50"]["args"], "--max-updates-per-flush", "1"]
 
 
 def run_name(method: str, encoding: str, chaos: bool = False) -> str:
