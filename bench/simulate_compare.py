@@ -38,6 +38,15 @@ from fedhft.simulate.seeds import parse_encodings, parse_seeds
 
 RESULTS = Path(__file__).parent / "results"
 ALL = ",".join(METHODS)  # every built-in method, in the report's order
+BBC50_ARGS = (
+    ["--clients", "50"]
+    + ["--profiles", "rpi4-4gb:13,phone-lowend-3gb:12,phone-midrange-6gb:13,laptop-x86-16gb:12"]
+    + ["--dataset", "bbc-news", "--alpha", "0.5", "--rounds", "10", "--local-steps", "8"]  # 0.3: too few texts
+    + ["--target-accuracy", "0.7", "--backend", "ort", "--hosts", "2"]  # no --minutes: it stops at the target
+    # equal virtual time: 10 async versions take fedhft ~60-80 virtual s, 10 synchronous rounds ~374 s
+    + ["--time-budget", "75"]
+)
+
 PRESETS: dict[str, dict] = {
     "bbc": {
         "dir": "simulate",
@@ -49,24 +58,19 @@ PRESETS: dict[str, dict] = {
     },
     "bbc50": {  # paper scale: FedHFT's 50 devices, 10 server versions, one method and seed in < 30 minutes
         "dir": "simulate-bbc50",
-        "args": ["--clients", "50"]
-        + ["--profiles", "rpi4-4gb:13,phone-lowend-3gb:12,phone-midrange-6gb:13,laptop-x86-16gb:12"]
-        + ["--dataset", "bbc-news", "--alpha", "0.5", "--rounds", "10", "--local-steps", "8"]  # 0.3: too few texts
-        + ["--target-accuracy", "0.7", "--backend", "ort", "--hosts", "2"]  # no --minutes: it stops at the target
-        # equal virtual time: 10 async versions take fedhft ~60-80 virtual s, 10 synchronous rounds ~374 s
-        + ["--time-budget", "75"],
+        "args": BBC50_ARGS,
         "methods": "fedhft,fedavg-lora",
         "seeds": "3",
     },
     "bbc50-capped": {  # bbc50's fedhft with each device capped at one update per server version
         "dir": "simulate-bbc50-capped",
-        "args": [],  # filled below: bbc50's arguments + --max-rounds-per-version 1
+        "args": [*BBC50_ARGS, "--max-rounds-per-version", "1"],
         "methods": "fedhft",
         "seeds": "3",
     },
     "bbc50-flushcap": {  # bbc50's fedhft with at most one update of each device in any flush
         "dir": "simulate-bbc50-flushcap",
-        "args": [],  # filled below: bbc50's arguments + --max-updates-per-flush 1
+        "args": [*BBC50_ARGS, "--max-updates-per-flush", "1"],
         "methods": "fedhft",
         "seeds": "3",
     },
@@ -106,10 +110,6 @@ PRESETS: dict[str, dict] = {
         "seeds": "1",
     },
 }
-
-
-PRESETS["bbc50-capped"]["args"] = [*PRESETS["bbc50"]["args"], "--max-rounds-per-version", "1"]
-PRESETS["bbc50-flushcap"]["args"] = [*PRESETS["bbc50"]["args"], "--max-updates-per-flush", "1"]
 
 
 def run_name(method: str, encoding: str, chaos: bool = False) -> str:

@@ -10,9 +10,9 @@ scheduled start), so the order never depends on which message the broker deliver
 Processing hands the update to a :class:`Sink` (the federation's buffer) at its virtual time and flushes by
 the :class:`~fedhft.broker_server.flush_rules.FlushRule`:
 - async (FedBuff): a device that delivered at T starts again at T, from the version current once every event
-  at times <= T is processed (it keeps training instead of idling), unless the rule's ``rounds_per_version``
-  caps (``rounds_per_version``, ``updates_per_flush``) say it has contributed enough: then it waits and starts at
-  the next flush (a restarted server's clock starts the counts afresh);
+  at times <= T is processed (it keeps training instead of idling), unless the rule's caps
+  (``rounds_per_version``, ``updates_per_flush``) say it has contributed enough: then it waits and starts at the
+  next flush (a restarted server's clock starts the counts afresh);
 - sync (rounds): the devices of a round wait and are all scheduled at the flush, from the new version; a
   straggler's late update goes into the next round's buffer and the straggler restarts at its arrival time.
 When the whole fleet has been silent for ``timeout`` wall seconds (no hello, promise or update came and no event

@@ -136,8 +136,8 @@ def _clusters(value: str) -> int | None:
     default=0,
     show_default=True,
     help="--virtual-time, --mode async: a device trains at most N rounds from one version, then waits for the "
-    "next flush, so fast devices cannot fill a flush alone (0: no cap; on the wall clock each edge caps itself "
-    "with its own --max-rounds-per-version).",
+    "next flush (0: no cap; an older update landing after a flush does not count; on the wall clock each edge "
+    "caps itself with its own --max-rounds-per-version).",
 )
 @click.option(
     "--max-updates-per-flush",
@@ -303,12 +303,10 @@ def server_run_command(
         click.echo(f"error: {problem}", err=True)
         sys.exit(2)
 
-    if max_rounds_per_version and not (virtual_time and mode == "async"):
-        click.echo("error: --max-rounds-per-version needs --virtual-time and --mode async (on the wall clock each "
-                   "edge caps its own rounds: fedhft edge run --max-rounds-per-version)", err=True)  # fmt: skip
-        sys.exit(2)
-    if max_updates_per_flush and not (virtual_time and mode == "async"):
-        click.echo("error: --max-updates-per-flush needs --virtual-time and --mode async", err=True)
+    caps = {"--max-rounds-per-version": max_rounds_per_version, "--max-updates-per-flush": max_updates_per_flush}
+    for name in (n for n, value in caps.items() if value and not (virtual_time and mode == "async")):
+        click.echo(f"error: {name} needs --virtual-time and --mode async (on the wall clock each edge caps its own "
+                   "rounds: fedhft edge run --max-rounds-per-version)", err=True)  # fmt: skip
         sys.exit(2)
     password = resolve_password(password, password_file)
 

@@ -25,7 +25,7 @@ def fedhft_cli() -> list[str]:
 def server_command(cfg: SimConfig, url: str, task: str, state: Path, manifest: Path, n_active: int) -> list[str]:
     m = cfg.method
     sync = run_mode(cfg) == "sync"
-    virtual = cfg.virtual_time and not sync  # the server caps rounds per version on the virtual clock
+    virtual = cfg.virtual_time and not sync  # the server applies the per-device caps on the virtual clock
     buffer = n_active if sync else cfg.buffer_size or max(2, n_active // 2)
     exponent = 0.0 if sync else (0.5 if cfg.staleness_exponent is None else cfg.staleness_exponent)
     window = 3600.0 if sync else 20.0
