@@ -12,7 +12,12 @@ import click
 
 from fedhft.cli.errors import OneLineErrorGroup
 from fedhft.cli.numbers import dumps_rounded
-from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES, RECOMPUTE_MODES  # torch-free, stdlib
+from fedhft.device_profiles.planner import (  # torch-free, stdlib
+    DEFAULT_MEMORY_CEILING,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    RECOMPUTE_MODES,
+)
 from fedhft.device_profiles.planner import DEFAULT_UPLOAD_WINDOW as UPLOAD_WINDOW
 
 UPLOAD_WINDOW_HELP = (
@@ -38,6 +43,15 @@ recompute_option = click.option(
     help="What ExecuTorch programs recompute in backward instead of keeping: selective (all but the linear "
     "layers' outputs), full (all but each adapted layer's input); auto: the most saving whose step time meets "
     "the profile's target.",
+)
+
+memory_ceiling_option = click.option(
+    "--memory-ceiling",
+    type=click.FloatRange(0.0, 1.0),
+    default=round(DEFAULT_MEMORY_CEILING or 0.0, 4),
+    show_default=True,
+    help="Capacity objective: keep the plan's estimated peak, on the leanest runtime the profile runs, within this "
+    "share of fully fine-tuning the model at the same batch and sequence (0: no ceiling; recorded in the plan).",
 )
 
 
@@ -87,6 +101,7 @@ def profiles_show(name: str) -> None:
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 @objective_option
 @recompute_option
+@memory_ceiling_option
 def plan(
     model: str | None,
     profile_name: str,
@@ -99,10 +114,11 @@ def plan(
     min_compression: float,
     objective: str,
     recompute: str,
+    memory_ceiling: float,
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.model_shape import read_model
-    from fedhft.device_profiles.planner import adapter_bytes, plan_lora, planned_runtime, upload_budget
+    from fedhft.device_profiles.planner import adapter_bytes, estimate, plan_lora, planned_runtime, upload_budget
     from fedhft.device_profiles.profile import load_profile
 
     prof = load_profile(profile_name)
@@ -117,6 +133,7 @@ def plan(
         min_compression=min_compression or None,
         objective=objective,
         recompute=None if recompute == "auto" else recompute,
+        memory_ceiling=memory_ceiling or None,
     )
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))  # exact: equal to the manifest's plan
@@ -139,6 +156,16 @@ def plan(
         f"{adapter_bytes(shape, p.layers) / 1e3:.1f} kB of a {budget / 1e3:.0f} kB budget); "
         f"{e.adapter_params} trainable params"
     )
+    if p.memory_ceiling_mb is not None:
+        peaks = {
+            r: estimate(shape, prof, p.layers, p.mask_ratio, p.int8_base, r, recompute=p.recompute)
+            for r in prof.runtimes
+        }
+        lean = min(peaks, key=lambda r: peaks[r].memory_mb)
+        click.echo(
+            f"memory ceiling {p.memory_ceiling_mb:.0f} MB (a share of full fine-tuning's estimated peak): "
+            f"~{peaks[lean].memory_mb:.0f} MB on {lean}"
+        )
 
 
 @click.command()
@@ -163,6 +190,7 @@ def plan(
 @click.option("--min-compression", default=0.0, show_default=True, help=MIN_COMPRESSION_HELP)
 @objective_option
 @recompute_option
+@memory_ceiling_option
 def export(
     model: str | None,
     profiles_arg: str,
@@ -178,6 +206,7 @@ def export(
     min_compression: float,
     objective: str,
     recompute: str,
+    memory_ceiling: float,
 ) -> None:
     """Export per-profile training packages (int8 base + masked LoRA) from a local encoder."""
     from fedhft.device_profiles.model_shape import read_model
@@ -205,6 +234,7 @@ def export(
         min_compression=min_compression or None,
         objective=objective,
         recompute=None if recompute == "auto" else recompute,
+        memory_ceiling=memory_ceiling or None,
     )
     for i, prof in enumerate(profs, 1):
         click.echo(f"[{i}/{len(profs)}] exporting {prof.name} ...", err=True)

@@ -46,6 +46,11 @@ DEFAULT_OBJECTIVE = "capacity"
 # (everything but the linear layers' outputs: cheap ops); full (everything but each adapted layer's input).
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 MEMORY_CAPACITY_FLOOR = 0.5
+# The capacity objective's memory ceiling: a plan's estimated peak, on the leanest runtime its profile runs, at most
+# this share of fully fine-tuning the same model at the same batch and sequence (full_finetune_trainer_mb). An
+# adapter is worth training on a device only if it costs a fraction of full fine-tuning (issue #14's goal: a third
+# of ORT's, a fifth of PyTorch's); without it a roomy budget buys depth whose activations cost that much.
+DEFAULT_MEMORY_CEILING: float | None = 1 / 3
 
 
 class PlanError(FedHFTError):
@@ -140,6 +145,8 @@ class LoraPlan:
     objective: str = DEFAULT_OBJECTIVE  # what the planner optimized (OBJECTIVES); recorded in the manifest
     # What backward recomputes (RECOMPUTE_MODES) in ExecuTorch programs; ORT artifacts ignore it.
     recompute: str = "none"
+    # The memory ceiling the plan was held to (MB, least_peak_mb); None: none asked for, or no plan was under it.
+    memory_ceiling_mb: float | None = None
 
     @property
     def depth(self) -> int:
@@ -169,10 +176,10 @@ class LoraPlan:
     def from_dict(cls, d: dict[str, Any]) -> LoraPlan:
         layers = tuple(LayerPlan(int(x["layer"]), int(x["rank"]), tuple(x["targets"])) for x in d["layers"])
         est = CostEstimate(**d["estimate"])
-        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate", "objective", "recompute"}
+        optional = {"objective": DEFAULT_OBJECTIVE, "recompute": "none", "memory_ceiling_mb": None}
+        keys = {f for f in cls.__dataclass_fields__} - {"layers", "estimate", *optional}
         kw = {k: d[k] for k in keys}
-        kw["objective"] = d.get("objective", DEFAULT_OBJECTIVE)  # manifests before the objective was recorded
-        kw["recompute"] = d.get("recompute", "none")  # likewise before recomputation
+        kw.update({k: d.get(k, default) for k, default in optional.items()})  # manifests from before each field
         return cls(layers=layers, estimate=est, **kw)
 
 
@@ -352,6 +359,29 @@ def estimate(
     )
 
 
+def full_finetune_trainer_mb(shape: ModelShape, profile: DeviceProfile, cm: CostModel | None = None) -> float:
+    """Estimated peak of fully fine-tuning `shape` with ORT, the trainer alone (fp32 weights, gradients, AdamW
+    moments, activations, the runtime; not the edge's copies): what a memory ceiling is a share of."""
+    e = estimate(shape, profile, (), 1.0, False, "ort", cm, full_finetune=True)
+    return e.memory_mb - e.edge_copies_mb
+
+
+def least_peak_mb(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    layers: tuple[LayerPlan, ...],
+    mask_ratio: float,
+    int8: bool,
+    recompute: str,
+    cm: CostModel | None = None,
+) -> float:
+    """The estimated peak of `layers` on the leanest runtime `profile` runs (`recompute` where it recomputes)."""
+    return min(
+        estimate(shape, profile, layers, mask_ratio, int8, r, cm, recompute=recompute).memory_mb
+        for r in profile.runtimes
+    )
+
+
 def fits(est: CostEstimate, profile: DeviceProfile) -> bool:
     return (
         est.memory_mb <= profile.memory_budget_mb
@@ -474,6 +504,7 @@ def plan_lora(
     min_compression: float | None = DEFAULT_MIN_COMPRESSION,
     objective: str = DEFAULT_OBJECTIVE,
     recompute: str | None = None,
+    memory_ceiling: float | None = DEFAULT_MEMORY_CEILING,
     cm: CostModel | None = None,
 ) -> LoraPlan:
     """The LEGEND plan that `objective` picks (:func:`choose`) among those that fit the profile's memory,
@@ -484,8 +515,11 @@ def plan_lora(
     depth buys the most accuracy and sets backward cost; ranks halve every two layers down. memory: the least
     estimated peak that keeps half the capacity plan's depth and trainable parameters (:func:`capacity_floor`).
     `fixed_depth` forces one depth (``fedhft export --depth``). `recompute` (RECOMPUTE_MODES) is what ExecuTorch
-    programs of the plan recompute in backward; None: per candidate, :func:`recompute_mode`. Raises PlanError
-    when even depth 1, rank 1, q/v does not fit, or for an unknown objective or recompute mode.
+    programs of the plan recompute in backward; None: per candidate, :func:`recompute_mode`. `memory_ceiling`
+    (capacity only; None or 0: off) keeps the plans whose :func:`least_peak_mb` is at most that share of
+    :func:`full_finetune_trainer_mb`; where none is (a model so small that the runtime's own memory is most of
+    full fine-tuning) it is left out and the plan records no ceiling. Raises PlanError when even depth 1, rank 1,
+    q/v does not fit, or for an unknown objective or recompute mode.
     """
     cm = cm or CostModel()
     check_objective(objective)
@@ -509,6 +543,15 @@ def plan_lora(
             recomputed[layers] = mode
     if not feasible:
         raise _no_plan(shape, profile, runtime, int8, budget)
+    ceiling_mb = None
+    if memory_ceiling and objective == "capacity":
+        ceiling_mb = round(memory_ceiling * full_finetune_trainer_mb(shape, profile, cm), 1)
+        under = [
+            f
+            for f in feasible
+            if least_peak_mb(shape, profile, f[0], mask_ratio, int8, recomputed[f[0]], cm) <= ceiling_mb
+        ]
+        feasible, ceiling_mb = (under, ceiling_mb) if under else (feasible, None)
     layers, est = choose(shape, feasible, objective)
     return LoraPlan(
         profile=profile.name,
@@ -525,6 +568,7 @@ def plan_lora(
         estimate=est,
         objective=objective,
         recompute=recomputed[layers],
+        memory_ceiling_mb=ceiling_mb,
     )
 
 

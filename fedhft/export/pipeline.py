@@ -22,6 +22,7 @@ from fedhft.device_profiles.model_shape import (
     read_model,
 )
 from fedhft.device_profiles.planner import (
+    DEFAULT_MEMORY_CEILING,
     DEFAULT_MIN_COMPRESSION,
     DEFAULT_OBJECTIVE,
     DEFAULT_UPLOAD_WINDOW,
@@ -67,6 +68,7 @@ class ExportOptions:
     min_compression: float | None = DEFAULT_MIN_COMPRESSION  # optional cap: full model bytes / this
     objective: str = DEFAULT_OBJECTIVE  # what the planner optimizes: "capacity" or "memory" (planner.OBJECTIVES)
     recompute: str | None = None  # what ExecuTorch backward recomputes (planner.RECOMPUTE_MODES; None: planner's)
+    memory_ceiling: float | None = DEFAULT_MEMORY_CEILING  # capacity plans: share of full fine-tuning's peak
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ def export_profile(
             min_compression=opts.min_compression,
             objective=opts.objective,
             recompute=opts.recompute,
+            memory_ceiling=opts.memory_ceiling,
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.tmp-", dir=out))
     try:

@@ -71,7 +71,8 @@ def test_each_plan_has_legends_shape_and_fits_its_device(seq: int, profile) -> N
 
 
 def test_seq_128_varies_depth_too() -> None:
-    depths = {n: legend(128, n).depth for n in SIM_MIX}
+    # Over the shipped profiles: the memory ceiling holds the simulation's three small devices at depth 2 there.
+    depths = {p.name: legend(128, p.name).depth for p in list_profiles()}
     assert len(set(depths.values())) >= 3, depths
 
 

@@ -16,6 +16,7 @@ from fedhft.device_profiles.planner import (
     plan_lora,
     planned_runtime,
     recompute_mode,
+    size_key,
 )
 from fedhft.device_profiles.profile import list_profiles, load_profile
 from tests.device_profiles.test_planner import MINILM
@@ -52,14 +53,18 @@ def test_auto_takes_the_most_saving_mode_whose_step_time_meets_the_target() -> N
 
 
 @pytest.mark.parametrize("seq", [64, 128])
-def test_auto_recompute_never_changes_a_shipped_capacity_plan(seq: int) -> None:
+def test_auto_recompute_never_costs_a_shipped_capacity_plan_depth(seq: int) -> None:
     shape = dataclasses.replace(MINILM, seq_len=seq)
     for prof in list_profiles():
         runtime = planned_runtime(prof)
-        auto = plan_lora(shape, prof, runtime=runtime)
-        plain = plan_lora(shape, prof, runtime=runtime, recompute="none")
+        auto = plan_lora(shape, prof, runtime=runtime, memory_ceiling=None)
+        plain = plan_lora(shape, prof, runtime=runtime, recompute="none", memory_ceiling=None)
         assert auto.layers == plain.layers, prof.name
         assert plain.recompute == "none"
+        # Under the memory ceiling recomputation can only buy depth: what fits without it fits with it.
+        held = plan_lora(shape, prof, runtime=runtime)
+        held_plain = plan_lora(shape, prof, runtime=runtime, recompute="none")
+        assert size_key(shape, held.layers) >= size_key(shape, held_plain.layers), prof.name
         if auto.recompute == "none":  # no room in its step-time target for the extra compute
             shift = dataclasses.replace(prof, target_step_seconds=2 * prof.target_step_seconds)
             assert plan_lora(shape, shift, runtime=runtime, fixed_depth=auto.depth).recompute != "none"

@@ -90,7 +90,7 @@ def test_method_plans_refuse_full_finetuning_on_the_low_end_phone() -> None:
 
 def test_the_memory_objective_reaches_the_legend_plans_and_lowers_their_estimated_peak() -> None:
     shape = ModelShape(6, 384, 1536, 12, 30522, 512, 5, 128, 8)  # MiniLM-L6, seq 128
-    profiles = {n: load_profile(n) for n in ("laptop-x86-16gb", "phone-midrange-6gb")}
+    profiles = {n: load_profile(n) for n in ("laptop-x86-16gb", "jetson-orin-nano-8gb")}
     capacity = method_plans("legend", shape, profiles)
     memory = method_plans("legend", shape, profiles, objective="memory")
     for name in profiles:
