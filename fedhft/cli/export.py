@@ -48,7 +48,7 @@ recompute_option = click.option(
 memory_ceiling_option = click.option(
     "--memory-ceiling",
     type=click.FloatRange(0.0, 1.0),
-    default=round(DEFAULT_MEMORY_CEILING or 0.0, 4),
+    default=round(DEFAULT_MEMORY_CEILING, 4),
     show_default=True,
     help="Capacity objective: keep the plan's estimated peak, on the leanest runtime the profile runs, within this "
     "share of fully fine-tuning the model at the same batch and sequence (0: no ceiling; recorded in the plan).",
@@ -118,7 +118,7 @@ def plan(
 ) -> None:
     """Print the LEGEND plan (depth, ranks, targets, mask) for a model on a device, with its estimates."""
     from fedhft.device_profiles.model_shape import read_model
-    from fedhft.device_profiles.planner import adapter_bytes, estimate, plan_lora, planned_runtime, upload_budget
+    from fedhft.device_profiles.planner import adapter_bytes, leanest_runtime, plan_lora, planned_runtime, upload_budget
     from fedhft.device_profiles.profile import load_profile
 
     prof = load_profile(profile_name)
@@ -157,14 +157,10 @@ def plan(
         f"{e.adapter_params} trainable params"
     )
     if p.memory_ceiling_mb is not None:
-        peaks = {
-            r: estimate(shape, prof, p.layers, p.mask_ratio, p.int8_base, r, recompute=p.recompute)
-            for r in prof.runtimes
-        }
-        lean = min(peaks, key=lambda r: peaks[r].memory_mb)
+        lean, peak = leanest_runtime(shape, prof, p.layers, p.mask_ratio, p.int8_base, p.recompute)
         click.echo(
             f"memory ceiling {p.memory_ceiling_mb:.0f} MB (a share of full fine-tuning's estimated peak): "
-            f"~{peaks[lean].memory_mb:.0f} MB on {lean}"
+            f"~{peak:.0f} MB on {lean}"
         )
 
 

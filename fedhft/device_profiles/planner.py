@@ -50,7 +50,7 @@ MEMORY_CAPACITY_FLOOR = 0.5
 # this share of fully fine-tuning the same model at the same batch and sequence (full_finetune_trainer_mb). An
 # adapter is worth training on a device only if it costs a fraction of full fine-tuning (issue #14's goal: a third
 # of ORT's, a fifth of PyTorch's); without it a roomy budget buys depth whose activations cost that much.
-DEFAULT_MEMORY_CEILING: float | None = 1 / 3
+DEFAULT_MEMORY_CEILING = 1 / 3
 
 
 class PlanError(FedHFTError):
@@ -145,7 +145,7 @@ class LoraPlan:
     objective: str = DEFAULT_OBJECTIVE  # what the planner optimized (OBJECTIVES); recorded in the manifest
     # What backward recomputes (RECOMPUTE_MODES) in ExecuTorch programs; ORT artifacts ignore it.
     recompute: str = "none"
-    # The memory ceiling the plan was held to (MB, least_peak_mb); None: none asked for, or no plan was under it.
+    # The memory ceiling the plan was held to (MB, leanest_runtime); None: none asked for, or no plan was under it.
     memory_ceiling_mb: float | None = None
 
     @property
@@ -366,7 +366,7 @@ def full_finetune_trainer_mb(shape: ModelShape, profile: DeviceProfile, cm: Cost
     return e.memory_mb - e.edge_copies_mb
 
 
-def least_peak_mb(
+def leanest_runtime(
     shape: ModelShape,
     profile: DeviceProfile,
     layers: tuple[LayerPlan, ...],
@@ -374,12 +374,15 @@ def least_peak_mb(
     int8: bool,
     recompute: str,
     cm: CostModel | None = None,
-) -> float:
-    """The estimated peak of `layers` on the leanest runtime `profile` runs (`recompute` where it recomputes)."""
-    return min(
-        estimate(shape, profile, layers, mask_ratio, int8, r, cm, recompute=recompute).memory_mb
+) -> tuple[str, float]:
+    """(runtime, estimated peak MB) of `layers` on the leanest runtime `profile` runs (`recompute` where it
+    recomputes): what a memory ceiling holds."""
+    peaks = {
+        r: estimate(shape, profile, layers, mask_ratio, int8, r, cm, recompute=recompute).memory_mb
         for r in profile.runtimes
-    )
+    }
+    lean = min(peaks, key=peaks.__getitem__)
+    return lean, peaks[lean]
 
 
 def fits(est: CostEstimate, profile: DeviceProfile) -> bool:
@@ -516,7 +519,7 @@ def plan_lora(
     estimated peak that keeps half the capacity plan's depth and trainable parameters (:func:`capacity_floor`).
     `fixed_depth` forces one depth (``fedhft export --depth``). `recompute` (RECOMPUTE_MODES) is what ExecuTorch
     programs of the plan recompute in backward; None: per candidate, :func:`recompute_mode`. `memory_ceiling`
-    (capacity only; None or 0: off) keeps the plans whose :func:`least_peak_mb` is at most that share of
+    (capacity only; None or 0: off) keeps the plans whose :func:`leanest_runtime` peak is at most that share of
     :func:`full_finetune_trainer_mb`; where none is (a model so small that the runtime's own memory is most of
     full fine-tuning) it is left out and the plan records no ceiling. Raises PlanError when even depth 1, rank 1,
     q/v does not fit, or for an unknown objective or recompute mode.
@@ -549,7 +552,7 @@ def plan_lora(
         under = [
             f
             for f in feasible
-            if least_peak_mb(shape, profile, f[0], mask_ratio, int8, recomputed[f[0]], cm) <= ceiling_mb
+            if leanest_runtime(shape, profile, f[0], mask_ratio, int8, recomputed[f[0]], cm)[1] <= ceiling_mb
         ]
         feasible, ceiling_mb = (under, ceiling_mb) if under else (feasible, None)
     layers, est = choose(shape, feasible, objective)

@@ -12,15 +12,14 @@ from fedhft.cli import main
 from fedhft.device_profiles.model_shape import ModelShape
 from fedhft.device_profiles.planner import (
     DEFAULT_MEMORY_CEILING,
-    MASK_RATIO_BY_LEVEL,
     LoraPlan,
     full_finetune_trainer_mb,
-    least_peak_mb,
+    leanest_runtime,
     plan_lora,
     planned_runtime,
     size_key,
 )
-from fedhft.device_profiles.profile import list_profiles, load_profile, resource_level
+from fedhft.device_profiles.profile import list_profiles, load_profile
 from tests.device_profiles.test_planner import MINILM
 
 SEQS = pytest.mark.parametrize("seq", [64, 128])
@@ -28,8 +27,7 @@ SEQS = pytest.mark.parametrize("seq", [64, 128])
 
 def peak(shape: ModelShape, plan: LoraPlan) -> float:
     prof = load_profile(plan.profile)
-    mask = MASK_RATIO_BY_LEVEL[resource_level(prof)]
-    return least_peak_mb(shape, prof, plan.layers, mask, plan.int8_base, plan.recompute)
+    return leanest_runtime(shape, prof, plan.layers, plan.mask_ratio, plan.int8_base, plan.recompute)[1]
 
 
 @SEQS
@@ -76,7 +74,7 @@ def test_a_model_too_small_for_any_plan_under_it_plans_as_without_and_says_so() 
     plan = plan_lora(tiny, prof)
     assert plan.memory_ceiling_mb is None
     assert plan == plan_lora(tiny, prof, memory_ceiling=None)
-    assert least_peak_mb(tiny, prof, plan.layers[:1], 1.0, True, "none") > full_finetune_trainer_mb(tiny, prof) / 3
+    assert leanest_runtime(tiny, prof, plan.layers[:1], 1.0, True, "none")[1] > full_finetune_trainer_mb(tiny, prof) / 3
 
 
 def test_the_plan_records_the_ceiling_and_older_manifests_read_as_none() -> None:
