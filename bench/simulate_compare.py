@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedhft.cli.signals import StopRequested, raise_on_signals
 from fedhft.simulate.config import DEFAULT_ENCODING, SimConfig
 from fedhft.simulate.data import load_dataset
 from fedhft.simulate.methods import METHODS
@@ -175,6 +176,21 @@ def add_references(report: dict, args: list[str]) -> int:
     return len(missing)
 
 
+def run_simulate(cmd: list[str]) -> None:
+    """Run one `fedhft simulate` call; a SIGTERM/SIGINT to this bench is passed on to it, so it stops the
+    processes it started, and the bench exits after it."""
+    child = subprocess.Popen(cmd)
+    try:
+        with raise_on_signals():
+            rc = child.wait()
+    except StopRequested as stop:
+        child.send_signal(stop.signum)
+        child.wait(120)
+        sys.exit(128 + stop.signum)
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="bbc")
@@ -214,7 +230,7 @@ def main() -> None:
             out = Path(tmp)
             cmd = [sys.executable, "-m", "fedhft.cli", "simulate", *preset["args"], "--method", m]
             cmd += ["--seed", str(seed), "--encoding", enc, "--out", str(out)]
-            subprocess.run(cmd, check=True)
+            run_simulate(cmd)
             new = json.loads((out / "report.json").read_text())
         new["config"].update(command=command, bench_args=preset["args"])
         merged = merge(report, new, ALL.split(","))

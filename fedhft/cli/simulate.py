@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from fedhft.cli.export import OBJECTIVE_HELP
+from fedhft.cli.signals import StopRequested, raise_on_signals
 from fedhft.device_profiles.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
 
@@ -285,7 +287,12 @@ def simulate(
         hosts=hosts,
     )
     host_count(replace(base, chaos=chaos), clients)  # --hosts with --chaos fails before anything runs
-    results = run_seeds(base, specs, seeds, encs, chaos, progress=lambda line: click.echo(line, err=True))
+    try:
+        with raise_on_signals():  # a stop unwinds the run, which stops the processes it started
+            results = run_seeds(base, specs, seeds, encs, chaos, progress=lambda line: click.echo(line, err=True))
+    except StopRequested as stop:
+        click.echo(f"stopped by {stop}: the simulation's broker, server and edges were stopped", err=True)
+        sys.exit(128 + stop.signum)
     config = {
         "clients": clients,
         "profiles": mix,

@@ -224,3 +224,54 @@ def test_simulate_seeds_and_int8_uploads_end_to_end(
     acc = summary["fedhft"]["final_global_accuracy"]
     assert set(acc["by_seed"]) == {"0", "1"} and acc["mean"] is not None and acc["std"] is not None
     assert "final_global_accuracy by seed" in r.output
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_simulation_and_every_process_it_started(
+    tmp_path: Path, tiny_model_dir: Path, tiny_profile_path: Path
+) -> None:
+    """A supervisor's SIGTERM to `fedhft simulate` (its own broker) leaves no broker, server or edge behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.tree_rss import tree_pids
+
+    data = _dataset(tmp_path / "data.jsonl", n=200)
+    args = "simulate --clients 2 --alpha 1.0 --rounds 500 --local-steps 4 --max-seq-len 16 --minutes 10"
+    paths = ["--profiles", f"{tiny_profile_path}:2", "--dataset", str(data), "--model", str(tiny_model_dir)]
+    paths += ["--out", str(tmp_path / "out")]
+    env = {**os.environ, "FEDHFT_CACHE": str(tmp_path / "cache")}
+    log = tmp_path / "simulate.log"  # a file, not a pipe: processes left behind would hold a pipe open
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "fedhft.cli", *args.split(), *paths], env=env, stderr=stderr)
+    try:
+        deadline, started = time.monotonic() + 180, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            started = tree_pids(proc.pid)[1:]
+            if len(started) >= 4:  # broker, server and both edges (and the evaluator's helpers, if any)
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and len(started) >= 4, started
+        time.sleep(2.0)  # the fleet at work
+        started = tree_pids(proc.pid)[1:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "stopped by SIGTERM: the simulation's broker, server and edges were stopped"
+    ), err[-2000:]
+    alive = []
+    for pid in started:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"left running after SIGTERM: {alive}"
