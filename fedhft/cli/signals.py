@@ -43,7 +43,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
 @contextmanager
 def raise_on_signals() -> Iterator[None]:
     """The first SIGTERM/SIGINT while the block runs raises StopRequested in the main thread; later ones are
-    ignored while the block's cleanup runs (SIGKILL still ends it). The previous handlers come back after it."""
+    ignored while the block's cleanup runs (SIGKILL still ends it). The previous handlers come back after it.
+    Outside the main thread (e.g. a command invoked from a test's thread) it changes nothing."""
     raised = False
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -52,6 +53,9 @@ def raise_on_signals() -> Iterator[None]:
             raised = True
             raise StopRequested(signum)
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
