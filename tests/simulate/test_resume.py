@@ -91,7 +91,7 @@ def test_bench_keeps_each_finished_run_and_resumes_after_an_interruption(
     calls: list[tuple[str, int, str]] = []
     fail_at = {2}
 
-    def fake_simulate(cmd: list[str], check: bool) -> None:
+    def fake_simulate(cmd: list[str]) -> None:
         arg = {k: cmd[i + 1] for i, k in enumerate(cmd) if k.startswith("--") and i + 1 < len(cmd)}
         calls.append((arg["--method"], int(arg["--seed"]), arg["--encoding"]))
         if len(calls) in fail_at:
@@ -104,7 +104,7 @@ def test_bench_keeps_each_finished_run_and_resumes_after_an_interruption(
         Path(arg["--out"], "report.json").write_text(json.dumps({"config": config, "methods": [run]}))
 
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    monkeypatch.setattr(bench.subprocess, "run", fake_simulate)
+    monkeypatch.setattr(bench, "run_simulate", fake_simulate)
     argv = ["simulate_compare.py", "--preset", "clothing", "--seeds", "2", "--encoding", "fp16,int8"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(RuntimeError):
