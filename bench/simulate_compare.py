@@ -232,6 +232,11 @@ def main() -> None:
             cmd += ["--seed", str(seed), "--encoding", enc, "--out", str(out)]
             run_simulate(cmd)
             new = json.loads((out / "report.json").read_text())
+        cut = [r for r in new["methods"] if r.get("stopped_at_wall_limit")]
+        if cut:  # its figures would depend on how busy the host was: not kept, still to run
+            version = max((p["version"] for p in cut[0].get("accuracy_curve", [])), default=0)
+            print(f"seed {seed}: {run_name(m, enc)} stopped at the wall-time limit at version {version}; not kept")
+            continue
         new["config"].update(command=command, bench_args=preset["args"])
         merged = merge(report, new, ALL.split(","))
         add_references(merged, preset["args"])

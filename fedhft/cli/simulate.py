@@ -54,7 +54,13 @@ BUDGET_HELP = "Also report the newest global version stamped at or before this v
     show_default=True,
     help="Length of the run: server versions (virtual time), or local rounds per client (--wall-clock).",
 )
-@click.option("--minutes", type=float, default=None, help="Stop after this many minutes.")
+@click.option(
+    "--minutes",
+    type=float,
+    default=None,
+    help="Wall-time limit of each run (default 60 on the wall clock, 480 on the virtual clock, where a run ends at "
+    "--rounds or --virtual-budget); a run cut short by it is marked stopped_at_wall_limit in the report.",
+)
 @click.option(
     "--method",
     "methods",

@@ -259,6 +259,12 @@ def table(report: dict) -> str:
             rows.append(f"  {tag}: unable to participate: {r['unable_to_participate']}")
         if r.get("chaos"):
             rows.append(f"  {tag}: " + chaos_line(r["chaos"]))
+        if r.get("stopped_at_wall_limit"):
+            last = max((p["version"] for p in r.get("accuracy_curve", [])), default=0)
+            rows.append(
+                f"  {tag}: cut short at the {r.get('wall_limit_minutes', 0):g}-minute wall-time limit at version "
+                f"{last}: its figures depend on the host's speed (rerun with a larger --minutes)"
+            )
     ref = report.get("reference") or summarize_reference(report["methods"], int(c.get("seed", 0)))
     if ref is not None:
         rows.append(reference_line(ref))

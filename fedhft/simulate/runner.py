@@ -61,6 +61,14 @@ def write_client_data(out: Path, texts: list[str], labels: np.ndarray, idx: np.n
     return out
 
 
+def wall_limit_minutes(cfg: SimConfig) -> float:
+    """The wall-time limit of one run: --minutes, else 60 on the wall clock and 480 on the virtual clock, where a
+    run ends at its versions or virtual budget and the limit only guards against a hung fleet."""
+    if cfg.minutes:
+        return cfg.minutes
+    return 480.0 if cfg.virtual_time else 60.0
+
+
 def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run one method end to end and return its report entry (also written to OUT/<method>/result.json)."""
     from fedhft.broker_server.broker.embedded import EmbeddedBroker
@@ -95,6 +103,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
     traffic = evaluator = chaos = None
     peaks: dict[str, float] = {}
     t0 = time.monotonic()
+    stopped_at_limit = False
     try:
         traffic = TrafficCounter(url, task).start()
         fleet.start("server")
@@ -128,7 +137,7 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         if cfg.chaos:
             chaos = start_chaos(cfg, fleet, broker, url, task)
         chaos_t0 = time.monotonic()  # the fault schedule counts from here: the whole fleet is running
-        limit = (cfg.minutes or 60.0) * 60
+        limit = wall_limit_minutes(cfg) * 60
         shown, shown_at = None, 0.0  # the last progress line's state and time
         while fleet.edges_active() or (chaos is not None and fleet.restart_at):
             elapsed = time.monotonic() - t0
@@ -154,7 +163,8 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
                     f"down {snap['bytes'].get('model/client', 0) / 1e3:.0f} kB  active {now[1]}{faults}"
                 )
             if elapsed > limit:
-                event(log, "time limit reached", logging.WARNING, minutes=cfg.minutes)
+                stopped_at_limit = True
+                event(log, "wall-time limit reached: the run is cut short", logging.WARNING, minutes=limit / 60)
                 break
             if cfg.target_accuracy and acc is not None and acc >= cfg.target_accuracy and cfg.minutes:
                 break
@@ -175,6 +185,8 @@ def run(cfg: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
         cfg, run_dir, assignment, dirs, unable, evaluator, traffic, per_device, time.monotonic() - t0
     )
     result["method"] = label
+    result["wall_limit_minutes"] = wall_limit_minutes(cfg)
+    result["stopped_at_wall_limit"] = stopped_at_limit  # cut short by the host's speed, not by the run's end
     result["edges_failed"] = dict(fleet.failed)
     if hosts:
         result["hosts"] = hosts

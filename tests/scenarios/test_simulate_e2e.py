@@ -110,6 +110,7 @@ def test_simulate_tiny_end_to_end(
     for key in FIELDS:
         assert key in res, key
     assert res["updates"] >= 6, res["updates"]
+    assert res["stopped_at_wall_limit"] is False and res["wall_limit_minutes"] == 4  # it ended at its versions
     assert res["final_global_accuracy"] is not None and res["final_global_accuracy"] > 0.4, res["accuracy_curve"]
     assert res["bytes_up"] == sniffer.bytes["update"], (res["bytes_up"], sniffer.bytes)
     assert res["bytes_up_per_client_round"] > 0 and res["bytes_down"] > 0

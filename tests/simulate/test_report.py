@@ -4,6 +4,7 @@ re-reading with another k or budget, and one clear line for a missing or empty r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,22 @@ def test_report_command_rereads_with_last_k(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["report", str(tmp_path), "--last-k", "1", "--time-budget", "50"])
     assert out.exit_code == 0, out.output
     assert "mean of the last 1 global versions" in out.output and "virtual time 50 s" in out.output
+
+
+def test_a_run_cut_short_by_the_wall_time_limit_is_named_in_the_table() -> None:
+    runs = [run("fedhft", 0, [0.5, 0.8], {"c0": (0.9, 10)}, stopped_at_wall_limit=True, wall_limit_minutes=60.0)]
+    runs.append(run("fedhft", 1, [0.5, 0.8, 0.9], {"c0": (0.9, 10)}, stopped_at_wall_limit=False))
+    text = table(build_report(runs, {"seed": 0}))
+    assert "fedhft seed 0: cut short at the 60-minute wall-time limit at version 2" in text
+    assert "fedhft seed 1: cut short" not in text
+
+
+def test_the_wall_time_limit_guards_a_virtual_run_without_timing_it() -> None:
+    from fedhft.simulate.config import SimConfig
+    from fedhft.simulate.methods import METHODS
+    from fedhft.simulate.runner import wall_limit_minutes
+
+    base = SimConfig(2, {"p": 2}, "d", 1.0, 2, METHODS["fedhft"], out=Path("out"))
+    assert wall_limit_minutes(base) == 480.0  # virtual clock: a run ends at its versions or budget
+    assert wall_limit_minutes(replace(base, virtual_time=False)) == 60.0
+    assert wall_limit_minutes(replace(base, minutes=5.0)) == 5.0

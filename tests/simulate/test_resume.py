@@ -143,3 +143,33 @@ def test_bench_gives_older_runs_their_seeds_reference_without_running_them() -> 
     cfg = SimConfig(6, {"rpi4-4gb": 6}, "bbc-news", 0.3, 0, METHODS["fedhft"], Path("."), seed=1, max_test=300)
     assert runs[0]["reference"] == reference(data.labels, make_split(data, cfg))
     assert bench.add_references(report, []) == 0  # nothing missing: nothing recomputed
+
+
+def test_bench_keeps_no_run_cut_short_by_the_wall_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # noqa: ANN001
+    """A run the wall-time limit cut short depends on how busy the host was: the bench says so, keeps the rest,
+    and runs it again next time."""
+    bench = _bench()
+    cut_seed = 1
+
+    def fake_simulate(cmd: list[str]) -> None:
+        arg = {k: cmd[i + 1] for i, k in enumerate(cmd) if k.startswith("--") and i + 1 < len(cmd)}
+        seed = int(arg["--seed"])
+        curve = [{"version": v, "accuracy": 0.8, "macro_f1": 0.7, "virtual_time": 10.0 * v} for v in (1, 2, 3)]
+        run = {"method": arg["--method"], "seed": seed, "encoding": "fp16", "accuracy_curve": curve}
+        run |= {"stopped_at_wall_limit": seed == cut_seed, "wall_limit_minutes": 480.0}
+        run["reference"] = {"global_accuracy": 0.5, "personalized_accuracy": 0.6}
+        config = {"dataset": "d", "seed": seed, "seeds": [seed]}
+        Path(arg["--out"], "report.json").write_text(json.dumps({"config": config, "methods": [run]}))
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "run_simulate", fake_simulate)
+    monkeypatch.setattr(sys, "argv", ["simulate_compare.py", "--preset", "bbc50-capped", "--seeds", "2"])
+    bench.main()
+    assert "seed 1: fedhft stopped at the wall-time limit at version 3; not kept" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "simulate-bbc50-capped" / "report.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["methods"]] == [("fedhft", 0)]
+    monkeypatch.setattr(sys, "argv", ["simulate_compare.py", "--preset", "bbc50-capped", "--seeds", "2", "--dry-run"])
+    bench.main()
+    assert "1 of 2 runs finished; 1 `fedhft simulate` call(s) to go" in capsys.readouterr().out
