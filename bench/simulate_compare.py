@@ -8,7 +8,8 @@ Presets (every method runs the same virtual-time budget): `bbc` (default: BBC Ne
 heterogeneous devices, 150 virtual seconds), `bbc50` (the same data on 50 devices at alpha 0.5, 10 server
 versions, in two `fedhft edge host` processes), `bbc50-capped` (bbc50's fedhft with every device capped at one
 update per server version: `--max-rounds-per-version 1`), `bbc50-flushcap` (the same with at most one update
-of each device in any flush: `--max-updates-per-flush 1`), `clothing` (Women's Clothing reviews, recommended or
+of each device in any flush: `--max-updates-per-flush 1`), `bbc50-sync-flat` (bbc50 in synchronous rounds
+without clustering: `fedhft-no-clustering --mode sync`), `clothing` (Women's Clothing reviews, recommended or
 not, split by department), `clothing-rating` (the same reviews' 1-5 star rating, 5 classes), `quick` (6 devices,
 60 virtual seconds), `chaos` (fedhft clean and under faults).
 `--encoding fp16,int8` adds each method's int8-upload runs (named METHOD+int8) to the same report.
@@ -73,6 +74,12 @@ PRESETS: dict[str, dict] = {
         "dir": "simulate-bbc50-flushcap",
         "args": [*BBC50_ARGS, "--max-updates-per-flush", "1"],
         "methods": "fedhft",
+        "seeds": "3",
+    },
+    "bbc50-sync-flat": {  # bbc50 in FedHFT's synchronous rounds with one cluster: what K=2 costs at 50 devices
+        "dir": "simulate-bbc50-sync-flat",
+        "args": [*BBC50_ARGS, "--mode", "sync"],
+        "methods": "fedhft-no-clustering",
         "seeds": "3",
     },
     "clothing": {
