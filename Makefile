@@ -45,6 +45,7 @@ test: services install imports native
 
 bench: install native
 	$(PY) bench/ort_memory.py
+	$(PY) bench/ort_determinism.py
 	$(PY) bench/wire_bytes.py
 	$(PY) bench/server_ingest.py
 	$(PY) bench/backends.py
